@@ -1,0 +1,1 @@
+//! Rigid-body geometry: rotations, quaternions, rigid transforms, frames, superposition.

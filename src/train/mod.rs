@@ -1,0 +1,1 @@
+//! Training: optimiser, LR schedule, EMA, checkpoints, evaluation, MLPerf logging, the trainer loop.
