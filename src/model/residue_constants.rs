@@ -1,0 +1,1 @@
+//! Residue constants (in progress).
