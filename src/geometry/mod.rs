@@ -1,1 +1,4 @@
 //! Rigid-body geometry: rotations, quaternions, rigid transforms, frames, superposition.
+
+pub mod rigid;
+pub mod superimpose;

@@ -3,5 +3,6 @@
 
 pub mod heads;
 pub mod ipa;
+pub mod primitives;
 pub mod residue_constants;
 pub mod structure_module;

@@ -1,0 +1,1 @@
+//! Rigid transforms on tensors (in progress).

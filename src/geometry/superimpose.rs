@@ -1,0 +1,1 @@
+//! Kabsch superposition (in progress).

@@ -1,0 +1,259 @@
+//! Primitives shared by every AF2 module: `Linear` with the AF2 initialisation schemes, a
+//! differentiable `LayerNorm`, and a softmax with a correct backward.
+//!
+//! Parameter layout follows OpenFold/PyTorch: a linear weight is `[out, in]` and `y = x Wᵀ + b`, so
+//! OpenFold state dicts load unchanged.
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::Result;
+
+/// AF2 initialisation schemes (supplement section 1.11.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearInit {
+    /// LeCun normal: N(0, 1/fan_in).
+    Default,
+    /// He normal: N(0, 2/fan_in), for layers followed by ReLU.
+    Relu,
+    /// Glorot uniform (used for attention q/k/v projections in OpenFold).
+    Glorot,
+    /// Weight 0, bias 1 (gating layers: start fully open).
+    Gating,
+    /// Weight 0, bias 0 (last layer of each residual branch: blocks start as identity).
+    Final,
+}
+
+// DISCREPANCY: AF2 uses *truncated* normal initialisers; candle's `Init::Randn` is untruncated. Only
+// the fresh-init distribution differs; loaded weights and all numerics are unaffected.
+fn weight_init(init: LinearInit, fan_in: usize, fan_out: usize) -> Init {
+    let fan_in = fan_in.max(1) as f64;
+    match init {
+        LinearInit::Default => Init::Randn {
+            mean: 0.0,
+            stdev: (1.0 / fan_in).sqrt(),
+        },
+        LinearInit::Relu => Init::Randn {
+            mean: 0.0,
+            stdev: (2.0 / fan_in).sqrt(),
+        },
+        LinearInit::Glorot => {
+            let limit = (6.0 / (fan_in + fan_out as f64)).sqrt();
+            Init::Uniform {
+                lo: -limit,
+                up: limit,
+            }
+        }
+        LinearInit::Gating | LinearInit::Final => Init::Const(0.0),
+    }
+}
+
+/// `y = x Wᵀ + b` over the last dimension of any-rank input.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`
+    pub weight: Tensor,
+    /// `[out]`
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Build (or load) `vb.weight` `[c_out, c_in]` and, if `bias`, `vb.bias` `[c_out]`.
+    pub fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        bias: bool,
+        init: LinearInit,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((c_out, c_in), "weight", weight_init(init, c_in, c_out))?;
+        let bias = if bias {
+            let b0 = if init == LinearInit::Gating { 1.0 } else { 0.0 };
+            Some(vb.get_with_hints(c_out, "bias", Init::Const(b0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Output channels.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Apply to `x` `[*, c_in]` → `[*, c_out]`. Parameters are cast to `x`'s dtype (bf16 compute with
+    /// f32 master weights: the gradient flows back to the f32 parameter through the cast).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let c_in = *dims.last().unwrap_or(&0);
+        let c_out = self.out_dim();
+        let n: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let w = cast(&self.weight, x.dtype())?;
+        // Flatten to 2-D: matmul of rank >= 5 is not supported, and 2-D is the fastest path.
+        let x2 = x.reshape((n, c_in))?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&cast(b, x.dtype())?)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = c_out;
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Layer normalisation over the last dimension with a correct backward (candle's fused `LayerNorm`
+/// cuts gradients). Biased variance, eps = 1e-5 as in OpenFold. Statistics are computed in f32 (or
+/// f64 for f64 input) even for bf16 input.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// `vb.weight` (init 1) and `vb.bias` (init 0), both `[c]`.
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Self::with_eps(vb, c, 1e-5)
+    }
+
+    pub fn with_eps(vb: VarBuilder, c: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let stat_dtype = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let xs = cast(x, stat_dtype)?;
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let xc = xs.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = y
+            .broadcast_mul(&cast(&self.weight, stat_dtype)?)?
+            .broadcast_add(&cast(&self.bias, stat_dtype)?)?;
+        cast(&y, dtype)
+    }
+}
+
+/// Softmax over the last dimension, differentiable (never use `softmax_last_dim` in training).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Cast only when needed (keeps the graph small in the common case).
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        Ok(x.clone())
+    } else {
+        Ok(x.to_dtype(dtype)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn linear_matches_manual_and_inits() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+        let lin = Linear::new(vb.pp("l"), 3, 2, true, LinearInit::Gating).unwrap();
+        assert_eq!(
+            lin.weight.sum_all().unwrap().to_scalar::<f64>().unwrap(),
+            0.0
+        );
+        let b = lin.bias.as_ref().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(b, vec![1.0, 1.0]);
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+        let lin = Linear::new(vb.pp("l"), 3, 2, true, LinearInit::Default).unwrap();
+        let x = Tensor::arange(0.0f64, 24.0, &dev)
+            .unwrap()
+            .reshape((2, 2, 2, 3))
+            .unwrap();
+        let y = lin.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 2, 2, 2]);
+        let w = lin.weight.to_vec2::<f64>().unwrap();
+        let xv = x.flatten_to(2).unwrap().to_vec2::<f64>().unwrap();
+        let yv = y.flatten_to(2).unwrap().to_vec2::<f64>().unwrap();
+        for (xr, yr) in xv.iter().zip(&yv) {
+            for o in 0..2 {
+                let want: f64 = (0..3).map(|i| xr[i] * w[o][i]).sum::<f64>();
+                assert!((yr[o] - want).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_normalises_and_has_gradients() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+        let ln = LayerNorm::new(vb.pp("ln"), 4).unwrap();
+        let x = Var::from_tensor(
+            &Tensor::new(&[[1.0f64, 2.0, 3.0, 10.0], [0.5, -1.0, 2.0, 0.0]], &dev).unwrap(),
+        )
+        .unwrap();
+        let y = ln.forward(x.as_tensor()).unwrap();
+        let m = y
+            .mean_keepdim(D::Minus1)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(m.to_scalar::<f64>().unwrap() < 1e-12);
+        let g = Tensor::new(&[[0.3f64, -1.0, 2.0, 0.1], [1.0, 0.2, -0.5, 0.7]], &dev).unwrap();
+        let loss = (&y * &g).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in vm.data().lock().unwrap().iter() {
+            let gv = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no grad for {name}"));
+            assert!(
+                gv.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    > 0.0
+            );
+        }
+        // Finite differences on the input.
+        let gx = grads.get(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+        let base = x.as_tensor().to_vec2::<f64>().unwrap();
+        let f = |v: &Vec<Vec<f64>>| -> f64 {
+            let t = Tensor::new(v.clone(), &dev).unwrap();
+            (ln.forward(&t).unwrap() * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let h = 1e-6;
+        for r in 0..2 {
+            for c in 0..4 {
+                let mut p = base.clone();
+                p[r][c] += h;
+                let mut m = base.clone();
+                m[r][c] -= h;
+                let fd = (f(&p) - f(&m)) / (2.0 * h);
+                assert!((fd - gx[r][c]).abs() < 1e-6, "fd {fd} vs {}", gx[r][c]);
+            }
+        }
+    }
+}
