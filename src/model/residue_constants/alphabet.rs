@@ -10,19 +10,20 @@ pub const RESTYPE_NUM_WITH_X: usize = 21;
 
 /// The 20 standard amino acids in AF2 order (alphabetical by 3-letter name).
 pub const RESTYPES: [char; RESTYPE_NUM] = [
-    'A', 'R', 'N', 'D', 'C', 'Q', 'E', 'G', 'H', 'I', 'L', 'K', 'M', 'F', 'P', 'S', 'T', 'W', 'Y', 'V',
+    'A', 'R', 'N', 'D', 'C', 'Q', 'E', 'G', 'H', 'I', 'L', 'K', 'M', 'F', 'P', 'S', 'T', 'W', 'Y',
+    'V',
 ];
 
 /// [`RESTYPES`] followed by `X` (index 20).
 pub const RESTYPES_WITH_X: [char; RESTYPE_NUM_WITH_X] = [
-    'A', 'R', 'N', 'D', 'C', 'Q', 'E', 'G', 'H', 'I', 'L', 'K', 'M', 'F', 'P', 'S', 'T', 'W', 'Y', 'V',
-    'X',
+    'A', 'R', 'N', 'D', 'C', 'Q', 'E', 'G', 'H', 'I', 'L', 'K', 'M', 'F', 'P', 'S', 'T', 'W', 'Y',
+    'V', 'X',
 ];
 
 /// 3-letter names in restype order, `UNK` last (index 20).
 pub const RESNAMES: [&str; RESTYPE_NUM_WITH_X] = [
-    "ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET", "PHE",
-    "PRO", "SER", "THR", "TRP", "TYR", "VAL", "UNK",
+    "ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
+    "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "UNK",
 ];
 
 /// Index of a standard one-letter code (0..20); `None` for anything else (including `X`).
@@ -37,7 +38,10 @@ pub fn restype_order_with_x(c: char) -> usize {
 
 /// One-letter → three-letter name for the 20 standard residues and `X` → `UNK`.
 pub fn restype_1to3(c: char) -> Option<&'static str> {
-    RESTYPES_WITH_X.iter().position(|&r| r == c).map(|i| RESNAMES[i])
+    RESTYPES_WITH_X
+        .iter()
+        .position(|&r| r == c)
+        .map(|i| RESNAMES[i])
 }
 
 /// Three-letter → one-letter for the 20 standard residues and `UNK` → `X`.
@@ -95,8 +99,8 @@ pub fn resname_to_one_letter(name: &str) -> char {
 
 /// HHblits alphabet (index → letter): A=0, C=1, D=2, …, Y=19, X=20, gap `-`=21.
 pub const ID_TO_HHBLITS_AA: [char; 22] = [
-    'A', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'K', 'L', 'M', 'N', 'P', 'Q', 'R', 'S', 'T', 'V', 'W', 'Y',
-    'X', '-',
+    'A', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'K', 'L', 'M', 'N', 'P', 'Q', 'R', 'S', 'T', 'V', 'W',
+    'Y', 'X', '-',
 ];
 
 /// Gap token in the HHblits alphabet.

@@ -331,7 +331,11 @@ fn scale(a: [f64; 3], s: f64) -> [f64; 3] {
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
 }
 
 /// Rigid transform whose x axis points along `ex`, whose y axis lies in the plane of `ex` and `ey`
@@ -376,7 +380,8 @@ pub fn restype_rigid_group_default_frame() -> &'static DefaultFrames {
             frames[0] = identity4();
             frames[1] = identity4();
             frames[2] = frame_from_axes(sub(pos("N"), pos("CA")), [1.0, 0.0, 0.0], pos("N"));
-            frames[3] = frame_from_axes(sub(pos("C"), pos("CA")), sub(pos("CA"), pos("N")), pos("C"));
+            frames[3] =
+                frame_from_axes(sub(pos("C"), pos("CA")), sub(pos("CA"), pos("N")), pos("C"));
             let chis = CHI_ANGLES_ATOMS[r];
             if chi_mask[r][0] > 0.0 {
                 let [a0, a1, a2, _] = chis[0].map(pos);
@@ -471,7 +476,10 @@ mod tests {
         let m14 = restype_atom14_mask();
         let m37 = restype_atom37_mask();
         for (r, atoms) in RIGID_GROUP_ATOM_POSITIONS.iter().enumerate() {
-            let n_names = RESTYPE_ATOM14_NAMES[r].iter().filter(|n| !n.is_empty()).count();
+            let n_names = RESTYPE_ATOM14_NAMES[r]
+                .iter()
+                .filter(|n| !n.is_empty())
+                .count();
             assert_eq!(atoms.len(), n_names, "{}", RESNAMES[r]);
             for &(name, group, _) in atoms.iter() {
                 let i = atom14_index(r, name).unwrap();
@@ -479,7 +487,12 @@ mod tests {
                 assert_eq!(m37[r][atom_order(name).unwrap()], 1.0);
                 assert!(group < RIGID_GROUP_NUM);
                 if group >= 4 {
-                    assert_eq!(chi_angles_mask()[r][group - 4], 1.0, "{} {name}", RESNAMES[r]);
+                    assert_eq!(
+                        chi_angles_mask()[r][group - 4],
+                        1.0,
+                        "{} {name}",
+                        RESNAMES[r]
+                    );
                 }
             }
         }

@@ -15,11 +15,15 @@ use super::atoms::{
 };
 
 /// Van der Waals radii (Å) by element (first letter of the atom name).
-pub const VAN_DER_WAALS_RADIUS: [(char, f64); 4] = [('C', 1.7), ('N', 1.55), ('O', 1.52), ('S', 1.8)];
+pub const VAN_DER_WAALS_RADIUS: [(char, f64); 4] =
+    [('C', 1.7), ('N', 1.55), ('O', 1.52), ('S', 1.8)];
 
 /// Van der Waals radius of an element letter (`None` for elements outside C/N/O/S).
 pub fn van_der_waals_radius(element: char) -> Option<f64> {
-    VAN_DER_WAALS_RADIUS.iter().find(|(e, _)| *e == element).map(|&(_, r)| r)
+    VAN_DER_WAALS_RADIUS
+        .iter()
+        .find(|(e, _)| *e == element)
+        .map(|&(_, r)| r)
 }
 
 /// Peptide C–N bond length (Å): `[non-PRO, PRO]` (next residue PRO).
@@ -80,11 +84,16 @@ pub struct StereoChemicalProps {
 }
 
 fn parse_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
-    Error::Parse { path: path.to_path_buf(), line, msg: msg.into() }
+    Error::Parse {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.into(),
+    }
 }
 
 fn parse_f64(path: &Path, line: usize, s: &str) -> Result<f64> {
-    s.parse::<f64>().map_err(|e| parse_err(path, line, format!("bad number `{s}`: {e}")))
+    s.parse::<f64>()
+        .map_err(|e| parse_err(path, line, format!("bad number `{s}`: {e}")))
 }
 
 /// Parse the text of `stereo_chemical_props.txt`: a header line, `A-B RES mean stddev` bond rows
@@ -109,12 +118,16 @@ pub fn parse_stereo_chemical_props(text: &str, path: &Path) -> Result<StereoChem
         let Some((a1, a2)) = bond.split_once('-') else {
             return Err(parse_err(path, ln, format!("bad bond `{bond}`")));
         };
-        props.residue_bonds.entry(res.to_string()).or_default().push(Bond {
-            atom1: a1.to_string(),
-            atom2: a2.to_string(),
-            length: parse_f64(path, ln, len)?,
-            stddev: parse_f64(path, ln, sd)?,
-        });
+        props
+            .residue_bonds
+            .entry(res.to_string())
+            .or_default()
+            .push(Bond {
+                atom1: a1.to_string(),
+                atom2: a2.to_string(),
+                length: parse_f64(path, ln, len)?,
+                stddev: parse_f64(path, ln, sd)?,
+            });
     }
     if !closed {
         return Err(parse_err(path, 0, "bond section not terminated by `-`"));
@@ -136,13 +149,17 @@ pub fn parse_stereo_chemical_props(text: &str, path: &Path) -> Result<StereoChem
         let [a1, a2, a3] = names[..] else {
             return Err(parse_err(path, ln, format!("bad angle `{angle}`")));
         };
-        props.residue_bond_angles.entry(res.to_string()).or_default().push(BondAngle {
-            atom1: a1.to_string(),
-            atom2: a2.to_string(),
-            atom3: a3.to_string(),
-            angle_rad: parse_f64(path, ln, deg)? / 180.0 * std::f64::consts::PI,
-            stddev_rad: parse_f64(path, ln, sd_deg)? / 180.0 * std::f64::consts::PI,
-        });
+        props
+            .residue_bond_angles
+            .entry(res.to_string())
+            .or_default()
+            .push(BondAngle {
+                atom1: a1.to_string(),
+                atom2: a2.to_string(),
+                atom3: a3.to_string(),
+                angle_rad: parse_f64(path, ln, deg)? / 180.0 * std::f64::consts::PI,
+                stddev_rad: parse_f64(path, ln, sd_deg)? / 180.0 * std::f64::consts::PI,
+            });
     }
     if !closed {
         return Err(parse_err(path, 0, "angle section not terminated by `-`"));
@@ -156,16 +173,24 @@ pub fn parse_stereo_chemical_props(text: &str, path: &Path) -> Result<StereoChem
             .cloned()
     };
     for (res, angles) in &props.residue_bond_angles {
-        let bonds = props.residue_bonds.get(res).map(Vec::as_slice).unwrap_or(&[]);
+        let bonds = props
+            .residue_bonds
+            .get(res)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let mut virt = Vec::with_capacity(angles.len());
         for ba in angles {
-            let (Some(b1), Some(b2)) =
-                (find(bonds, &ba.atom1, &ba.atom2), find(bonds, &ba.atom2, &ba.atom3))
-            else {
+            let (Some(b1), Some(b2)) = (
+                find(bonds, &ba.atom1, &ba.atom2),
+                find(bonds, &ba.atom2, &ba.atom3),
+            ) else {
                 return Err(parse_err(
                     path,
                     0,
-                    format!("{res}: angle {}-{}-{} lacks a bond", ba.atom1, ba.atom2, ba.atom3),
+                    format!(
+                        "{res}: angle {}-{}-{} lacks a bond",
+                        ba.atom1, ba.atom2, ba.atom3
+                    ),
                 ));
             };
             let gamma = ba.angle_rad;
@@ -179,7 +204,12 @@ pub fn parse_stereo_chemical_props(text: &str, path: &Path) -> Result<StereoChem
                 + (dl_db1 * b1.stddev).powi(2)
                 + (dl_db2 * b2.stddev).powi(2))
             .sqrt();
-            virt.push(Bond { atom1: ba.atom1.clone(), atom2: ba.atom3.clone(), length, stddev });
+            virt.push(Bond {
+                atom1: ba.atom1.clone(),
+                atom2: ba.atom3.clone(),
+                length,
+                stddev,
+            });
         }
         props.residue_virtual_bonds.insert(res.clone(), virt);
     }
@@ -189,8 +219,10 @@ pub fn parse_stereo_chemical_props(text: &str, path: &Path) -> Result<StereoChem
 /// Read and parse `stereo_chemical_props.txt` from `path` (data-root relative paths are resolved
 /// by the caller).
 pub fn load_stereo_chemical_props(path: &Path) -> Result<StereoChemicalProps> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| Error::Io { path: path.to_path_buf(), err })?;
+    let text = std::fs::read_to_string(path).map_err(|err| Error::Io {
+        path: path.to_path_buf(),
+        err,
+    })?;
     parse_stereo_chemical_props(&text, path)
 }
 
@@ -222,7 +254,10 @@ pub fn make_atom14_dists_bounds(
         name.chars()
             .next()
             .and_then(van_der_waals_radius)
-            .ok_or_else(|| Error::Data { what: "stereochemistry".into(), msg: format!("no radius for `{name}`") })
+            .ok_or_else(|| Error::Data {
+                what: "stereochemistry".into(),
+                msg: format!("no radius for `{name}`"),
+            })
     };
     for r in 0..RESTYPE_NUM {
         let names = &RESTYPE_ATOM14_NAMES[r];
@@ -245,10 +280,13 @@ pub fn make_atom14_dists_bounds(
         let virt = props.residue_virtual_bonds.get(resname).unwrap_or(&empty);
         for b in bonds.iter().chain(virt.iter()) {
             let slot = |n: &str| {
-                names.iter().position(|x| *x == n).ok_or_else(|| Error::Data {
-                    what: "stereochemistry".into(),
-                    msg: format!("{resname}: bond atom `{n}` not in residue"),
-                })
+                names
+                    .iter()
+                    .position(|x| *x == n)
+                    .ok_or_else(|| Error::Data {
+                        what: "stereochemistry".into(),
+                        msg: format!("{resname}: bond atom `{n}` not in residue"),
+                    })
             };
             let (i, j) = (slot(&b.atom1)?, slot(&b.atom2)?);
             let lo = (b.length - bond_length_tolerance_factor * b.stddev) as f32;
@@ -261,7 +299,11 @@ pub fn make_atom14_dists_bounds(
             stddev[r][j][i] = b.stddev as f32;
         }
     }
-    Ok(Atom14DistsBounds { lower, upper, stddev })
+    Ok(Atom14DistsBounds {
+        lower,
+        upper,
+        stddev,
+    })
 }
 
 /// Van der Waals radius of each atom37 type (by its first letter), f64.
@@ -270,7 +312,11 @@ pub fn atomtype_radius() -> &'static [f64; ATOM_TYPE_NUM] {
     CELL.get_or_init(|| {
         let mut t = [0.0; ATOM_TYPE_NUM];
         for (v, name) in t.iter_mut().zip(ATOM_TYPES.iter()) {
-            *v = name.chars().next().and_then(van_der_waals_radius).unwrap_or(0.0);
+            *v = name
+                .chars()
+                .next()
+                .and_then(van_der_waals_radius)
+                .unwrap_or(0.0);
         }
         t
     })
