@@ -24,85 +24,48 @@ pub fn atom_order(name: &str) -> Option<usize> {
 }
 
 /// Per restype (UNK last, all empty) the atom names of the 14 atom14 slots; `""` = empty slot.
+#[rustfmt::skip]
 pub const RESTYPE_ATOM14_NAMES: [[&str; ATOM14_NUM]; RESTYPE_NUM_WITH_X] = [
     // ALA
-    [
-        "N", "CA", "C", "O", "CB", "", "", "", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "", "", "", "", "", "", "", "", ""],
     // ARG
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD", "NE", "CZ", "NH1", "NH2", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD", "NE", "CZ", "NH1", "NH2", "", "", ""],
     // ASN
-    [
-        "N", "CA", "C", "O", "CB", "CG", "OD1", "ND2", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "OD1", "ND2", "", "", "", "", "", ""],
     // ASP
-    [
-        "N", "CA", "C", "O", "CB", "CG", "OD1", "OD2", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "OD1", "OD2", "", "", "", "", "", ""],
     // CYS
-    [
-        "N", "CA", "C", "O", "CB", "SG", "", "", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "SG", "", "", "", "", "", "", "", ""],
     // GLN
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD", "OE1", "NE2", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD", "OE1", "NE2", "", "", "", "", ""],
     // GLU
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD", "OE1", "OE2", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD", "OE1", "OE2", "", "", "", "", ""],
     // GLY
     ["N", "CA", "C", "O", "", "", "", "", "", "", "", "", "", ""],
     // HIS
-    [
-        "N", "CA", "C", "O", "CB", "CG", "ND1", "CD2", "CE1", "NE2", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "ND1", "CD2", "CE1", "NE2", "", "", "", ""],
     // ILE
-    [
-        "N", "CA", "C", "O", "CB", "CG1", "CG2", "CD1", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG1", "CG2", "CD1", "", "", "", "", "", ""],
     // LEU
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "", "", "", "", "", ""],
     // LYS
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD", "CE", "NZ", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD", "CE", "NZ", "", "", "", "", ""],
     // MET
-    [
-        "N", "CA", "C", "O", "CB", "CG", "SD", "CE", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "SD", "CE", "", "", "", "", "", ""],
     // PHE
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "CE1", "CE2", "CZ", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "CE1", "CE2", "CZ", "", "", ""],
     // PRO
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD", "", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD", "", "", "", "", "", "", ""],
     // SER
-    [
-        "N", "CA", "C", "O", "CB", "OG", "", "", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "OG", "", "", "", "", "", "", "", ""],
     // THR
-    [
-        "N", "CA", "C", "O", "CB", "OG1", "CG2", "", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "OG1", "CG2", "", "", "", "", "", "", ""],
     // TRP
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "NE1", "CE2", "CE3", "CZ2", "CZ3", "CH2",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "NE1", "CE2", "CE3", "CZ2", "CZ3", "CH2"],
     // TYR
-    [
-        "N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "CE1", "CE2", "CZ", "OH", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "CE1", "CE2", "CZ", "OH", "", ""],
     // VAL
-    [
-        "N", "CA", "C", "O", "CB", "CG1", "CG2", "", "", "", "", "", "", "",
-    ],
+    ["N", "CA", "C", "O", "CB", "CG1", "CG2", "", "", "", "", "", "", ""],
     // UNK
     ["", "", "", "", "", "", "", "", "", "", "", "", "", ""],
 ];
@@ -119,16 +82,12 @@ pub fn atom14_index(restype: usize, name: &str) -> Option<usize> {
 }
 
 /// Chi-angle defining atoms (4 names per chi) for each restype; UNK has none.
+#[rustfmt::skip]
 pub const CHI_ANGLES_ATOMS: [&[[&str; 4]]; RESTYPE_NUM_WITH_X] = [
     // ALA
     &[],
     // ARG
-    &[
-        ["N", "CA", "CB", "CG"],
-        ["CA", "CB", "CG", "CD"],
-        ["CB", "CG", "CD", "NE"],
-        ["CG", "CD", "NE", "CZ"],
-    ],
+    &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "CD"], ["CB", "CG", "CD", "NE"], ["CG", "CD", "NE", "CZ"]],
     // ASN
     &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "OD1"]],
     // ASP
@@ -136,17 +95,9 @@ pub const CHI_ANGLES_ATOMS: [&[[&str; 4]]; RESTYPE_NUM_WITH_X] = [
     // CYS
     &[["N", "CA", "CB", "SG"]],
     // GLN
-    &[
-        ["N", "CA", "CB", "CG"],
-        ["CA", "CB", "CG", "CD"],
-        ["CB", "CG", "CD", "OE1"],
-    ],
+    &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "CD"], ["CB", "CG", "CD", "OE1"]],
     // GLU
-    &[
-        ["N", "CA", "CB", "CG"],
-        ["CA", "CB", "CG", "CD"],
-        ["CB", "CG", "CD", "OE1"],
-    ],
+    &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "CD"], ["CB", "CG", "CD", "OE1"]],
     // GLY
     &[],
     // HIS
@@ -156,18 +107,9 @@ pub const CHI_ANGLES_ATOMS: [&[[&str; 4]]; RESTYPE_NUM_WITH_X] = [
     // LEU
     &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "CD1"]],
     // LYS
-    &[
-        ["N", "CA", "CB", "CG"],
-        ["CA", "CB", "CG", "CD"],
-        ["CB", "CG", "CD", "CE"],
-        ["CG", "CD", "CE", "NZ"],
-    ],
+    &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "CD"], ["CB", "CG", "CD", "CE"], ["CG", "CD", "CE", "NZ"]],
     // MET
-    &[
-        ["N", "CA", "CB", "CG"],
-        ["CA", "CB", "CG", "SD"],
-        ["CB", "CG", "SD", "CE"],
-    ],
+    &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "SD"], ["CB", "CG", "SD", "CE"]],
     // PHE
     &[["N", "CA", "CB", "CG"], ["CA", "CB", "CG", "CD1"]],
     // PRO
