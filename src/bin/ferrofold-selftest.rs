@@ -5,25 +5,36 @@
 //! and takes the job down (exit status non-zero). Expected values are computed locally from the
 //! definition (each rank can rebuild every other rank's input), never hard-coded.
 //!
-//! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `panic-rank1`.
+//! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `panic-rank1`, and `bench`
+//! (timings printed by rank 0 as `BENCH` lines; not a test).
 
 use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
-use ferrofold::config::ParallelConfig;
+use ferrofold::config::{Overlap, ParallelConfig};
 use ferrofold::parallel::{
-    dap_grad_scale, global_grad_norm, mean_to_root, pad_mask, pad_to_multiple, unpad,
-    Communicator, Dap, GradSync, GridCoords, MpiComm, ParallelCtx, ProcessGroups, ReduceOp,
+    dap_grad_scale, global_grad_norm, mean_to_root, pad_mask, pad_to_multiple, unpad, Communicator,
+    Dap, GradSync, GridCoords, MpiComm, ParallelCtx, ProcessGroups, ReduceOp,
 };
 
-const CASES: &[&str] = &["collectives", "groups", "ddp", "dap", "panic-rank1"];
+const CASES: &[&str] = &[
+    "collectives",
+    "groups",
+    "ddp",
+    "dap",
+    "panic-rank1",
+    "bench",
+];
 
 fn main() {
     let case = std::env::args().nth(1).unwrap_or_default();
     if !CASES.contains(&case.as_str()) {
-        eprintln!("usage: ferrofold-selftest <case>; cases: {}", CASES.join(", "));
+        eprintln!(
+            "usage: ferrofold-selftest <case>; cases: {}",
+            CASES.join(", ")
+        );
         std::process::exit(2);
     }
     let ctx = match ParallelCtx::init() {
@@ -59,6 +70,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "ddp" => ddp(ctx),
         "dap" => dap(ctx),
         "panic-rank1" => panic_rank1(ctx),
+        "bench" => bench(ctx),
         other => bail!("unknown case {other}"),
     }
 }
@@ -128,13 +140,33 @@ fn collectives(ctx: &ParallelCtx) -> Result<()> {
         let sum = sum.to_dtype(dt)?;
         let tag = format!("{dt:?}");
 
-        check(&format!("all_reduce sum {tag}"), &c.all_reduce(&x, ReduceOp::Sum)?, &sum, tol)?;
-        check(&format!("all_reduce avg {tag}"), &c.all_reduce(&x, ReduceOp::Avg)?, &avg, tol)?;
+        check(
+            &format!("all_reduce sum {tag}"),
+            &c.all_reduce(&x, ReduceOp::Sum)?,
+            &sum,
+            tol,
+        )?;
+        check(
+            &format!("all_reduce avg {tag}"),
+            &c.all_reduce(&x, ReduceOp::Avg)?,
+            &avg,
+            tol,
+        )?;
         for dim in [0, 1] {
             let want = Tensor::cat(&all, dim)?;
-            check(&format!("all_gather dim {dim} {tag}"), &c.all_gather(&x, dim)?, &want, 0.0)?;
+            check(
+                &format!("all_gather dim {dim} {tag}"),
+                &c.all_gather(&x, dim)?,
+                &want,
+                0.0,
+            )?;
             let h = c.start_all_gather(&x, dim)?;
-            check(&format!("async all_gather dim {dim} {tag}"), &h.wait()?, &want, 0.0)?;
+            check(
+                &format!("async all_gather dim {dim} {tag}"),
+                &h.wait()?,
+                &want,
+                0.0,
+            )?;
         }
         // all_to_all: split rows (dim 0) into n chunks, concat what arrives along dim 1.
         let chunk = 2;
@@ -144,12 +176,22 @@ fn collectives(ctx: &ParallelCtx) -> Result<()> {
                 .collect::<candle_core::Result<Vec<_>>>()?,
             1,
         )?;
-        check(&format!("all_to_all {tag}"), &c.all_to_all(&x, 0, 1)?, &want_a2a, 0.0)?;
+        check(
+            &format!("all_to_all {tag}"),
+            &c.all_to_all(&x, 0, 1)?,
+            &want_a2a,
+            0.0,
+        )?;
         // and back (the inverse all_to_all)
         let back = c.all_to_all(&want_a2a, 1, 0)?;
         check(&format!("all_to_all inverse {tag}"), &back, &x, 0.0)?;
         let root = n - 1;
-        check(&format!("broadcast {tag}"), &c.broadcast(&x, root)?, &all[root], 0.0)?;
+        check(
+            &format!("broadcast {tag}"),
+            &c.broadcast(&x, root)?,
+            &all[root],
+            0.0,
+        )?;
 
         // Async: several in flight, waited out of order, one dropped without wait.
         let h_sum = c.start_all_reduce(&x, ReduceOp::Sum)?;
@@ -157,18 +199,52 @@ fn collectives(ctx: &ParallelCtx) -> Result<()> {
         let h_dropped = c.start_all_reduce(&x, ReduceOp::Avg)?;
         let h_bc = c.start_broadcast(&x, 0)?;
         drop(h_dropped);
-        check(&format!("async broadcast {tag}"), &h_bc.wait()?, &all[0], 0.0)?;
-        check(&format!("async all_to_all {tag}"), &h_a2a.wait()?, &want_a2a, 0.0)?;
-        check(&format!("async all_reduce sum {tag}"), &h_sum.wait()?, &sum, tol)?;
+        check(
+            &format!("async broadcast {tag}"),
+            &h_bc.wait()?,
+            &all[0],
+            0.0,
+        )?;
+        check(
+            &format!("async all_to_all {tag}"),
+            &h_a2a.wait()?,
+            &want_a2a,
+            0.0,
+        )?;
+        check(
+            &format!("async all_reduce sum {tag}"),
+            &h_sum.wait()?,
+            &sum,
+            tol,
+        )?;
         // A blocking collective after the dropped handle still matches correctly.
-        check(&format!("all_reduce avg after drop {tag}"), &c.all_reduce(&x, ReduceOp::Avg)?, &avg, tol)?;
+        check(
+            &format!("all_reduce avg after drop {tag}"),
+            &c.all_reduce(&x, ReduceOp::Avg)?,
+            &avg,
+            tol,
+        )?;
     }
     // Host reductions.
     let v = c.all_reduce_host_f64(&[r as f64, 1.0], ReduceOp::Sum)?;
-    ensure!(v == vec![(n * (n - 1) / 2) as f64, n as f64], "host all_reduce: {v:?}");
+    ensure!(
+        v == vec![(n * (n - 1) / 2) as f64, n as f64],
+        "host all_reduce: {v:?}"
+    );
     // Errors, not hangs, for bad arguments (checked locally before any communication).
-    ensure!(c.all_to_all(&Tensor::zeros((2 * n + 1, 3), DType::F32, &Device::Cpu)?, 0, 1).is_err() || n == 1);
-    ensure!(c.broadcast(&x_f32(r)?, n).is_err(), "broadcast to an out-of-range root must fail");
+    ensure!(
+        c.all_to_all(
+            &Tensor::zeros((2 * n + 1, 3), DType::F32, &Device::Cpu)?,
+            0,
+            1
+        )
+        .is_err()
+            || n == 1
+    );
+    ensure!(
+        c.broadcast(&x_f32(r)?, n).is_err(),
+        "broadcast to an out-of-range root must fail"
+    );
     c.barrier()?;
     Ok(())
 }
@@ -190,7 +266,10 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
     let e = ProcessGroups::new(ctx, &bad)
         .err()
         .context("dap_size 3 on 4 ranks must be rejected")?;
-    ensure!(e.to_string().contains("parallel.dap_size"), "error must name parallel.dap_size: {e}");
+    ensure!(
+        e.to_string().contains("parallel.dap_size"),
+        "error must name parallel.dap_size: {e}"
+    );
 
     let cfg = ParallelConfig {
         dap_size: 2,
@@ -200,7 +279,10 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
     let want = GridCoords::new(ctx.rank, 4, 2)?;
     ensure!(g.coords == want, "coords {:?} != {want:?}", g.coords);
     ensure!(g.dap.size() == 2 && g.dp.size() == 2, "group sizes");
-    ensure!(g.dap.rank() == want.dap_rank && g.dp.rank() == want.dp_rank, "group ranks");
+    ensure!(
+        g.dap.rank() == want.dap_rank && g.dp.rank() == want.dp_rank,
+        "group ranks"
+    );
 
     let me = Tensor::new(&[ctx.rank as f64], &Device::Cpu)?;
     let members = |m: Vec<usize>| -> Result<Tensor> {
@@ -211,15 +293,35 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
     let dp_m = members(want.dp_members())?;
     check("dap all_gather", &g.dap.all_gather(&me, 0)?, &dap_m, 0.0)?;
     check("dp all_gather", &g.dp.all_gather(&me, 0)?, &dp_m, 0.0)?;
-    check("dap all_reduce", &g.dap.all_reduce(&me, ReduceOp::Sum)?, &dap_m.sum_keepdim(0)?, 0.0)?;
-    check("dp all_reduce", &g.dp.all_reduce(&me, ReduceOp::Sum)?, &dp_m.sum_keepdim(0)?, 0.0)?;
+    check(
+        "dap all_reduce",
+        &g.dap.all_reduce(&me, ReduceOp::Sum)?,
+        &dap_m.sum_keepdim(0)?,
+        0.0,
+    )?;
+    check(
+        "dp all_reduce",
+        &g.dp.all_reduce(&me, ReduceOp::Sum)?,
+        &dp_m.sum_keepdim(0)?,
+        0.0,
+    )?;
     // Async on two independent communicators at once.
     let h_dap = g.dap.start_all_gather(&me, 0)?;
     let h_dp = g.dp.start_all_reduce(&me, ReduceOp::Avg)?;
     check("async dp avg", &h_dp.wait()?, &dp_m.mean_keepdim(0)?, 0.0)?;
     check("async dap gather", &h_dap.wait()?, &dap_m, 0.0)?;
-    check("dp broadcast", &g.dp.broadcast(&me, 1)?, &dp_m.narrow(0, 1, 1)?, 0.0)?;
-    check("world all_reduce", &g.world.all_reduce(&me, ReduceOp::Sum)?, &Tensor::new(&[6.0f64], &Device::Cpu)?, 0.0)?;
+    check(
+        "dp broadcast",
+        &g.dp.broadcast(&me, 1)?,
+        &dp_m.narrow(0, 1, 1)?,
+        0.0,
+    )?;
+    check(
+        "world all_reduce",
+        &g.world.all_reduce(&me, ReduceOp::Sum)?,
+        &Tensor::new(&[6.0f64], &Device::Cpu)?,
+        0.0,
+    )?;
     g.world.barrier()?;
     Ok(())
 }
@@ -258,7 +360,8 @@ fn ddp(ctx: &ParallelCtx) -> Result<()> {
     let (r, n) = (world.rank(), world.size());
     for dt in [DType::F32, DType::F64] {
         let mine = grads_for(r, dt)?;
-        let all: Vec<Vec<(String, Tensor)>> = (0..n).map(|q| grads_for(q, dt)).collect::<Result<_>>()?;
+        let all: Vec<Vec<(String, Tensor)>> =
+            (0..n).map(|q| grads_for(q, dt)).collect::<Result<_>>()?;
         let want: Vec<Tensor> = (0..mine.len())
             .map(|k| {
                 let mut s = all[0][k].1.to_dtype(DType::F64)?;
@@ -277,25 +380,45 @@ fn ddp(ctx: &ParallelCtx) -> Result<()> {
             ensure!(got.len() == mine.len(), "gradient count");
             for ((name, g), ((name0, _), w)) in got.iter().zip(mine.iter().zip(&want)) {
                 ensure!(name == name0, "name order {name} vs {name0}");
-                check(&format!("ddp {dt:?} bucket {bucket_bytes}B {name}"), g, w, tol)?;
+                check(
+                    &format!("ddp {dt:?} bucket {bucket_bytes}B {name}"),
+                    g,
+                    w,
+                    tol,
+                )?;
             }
             let norm = global_grad_norm(&got)?;
             let want_norm = global_grad_norm(
-                &mine.iter().zip(&want).map(|((nm, _), w)| (nm.clone(), w.clone())).collect::<Vec<_>>(),
+                &mine
+                    .iter()
+                    .zip(&want)
+                    .map(|((nm, _), w)| (nm.clone(), w.clone()))
+                    .collect::<Vec<_>>(),
             )?;
-            ensure!((norm - want_norm).abs() <= 1e-5 * want_norm, "grad norm {norm} vs {want_norm}");
+            ensure!(
+                (norm - want_norm).abs() <= 1e-5 * want_norm,
+                "grad norm {norm} vs {want_norm}"
+            );
         }
         // Scaled sum (DAP convention): a "sharded" parameter gets sum * dap/world.
         let sync = GradSync::new(world.clone(), 25);
-        let got = sync.all_reduce_scaled(&mine, &|name| dap_grad_scale(name.starts_with("c."), n, n))?;
+        let got =
+            sync.all_reduce_scaled(&mine, &|name| dap_grad_scale(name.starts_with("c."), n, n))?;
         for ((name, g), w) in got.iter().zip(&want) {
-            let w = if name.starts_with("c.") { (w.to_dtype(DType::F64)? * n as f64)?.to_dtype(dt)? } else { w.clone() };
+            let w = if name.starts_with("c.") {
+                (w.to_dtype(DType::F64)? * n as f64)?.to_dtype(dt)?
+            } else {
+                w.clone()
+            };
             check(&format!("scaled {name}"), g, &w, tol * n as f64)?;
         }
         // Unsorted input is rejected on every rank (before any communication).
         let mut unsorted = mine.clone();
         unsorted.swap(0, 1);
-        ensure!(sync.all_reduce_mean(&unsorted).is_err(), "unsorted gradients must be rejected");
+        ensure!(
+            sync.all_reduce_mean(&unsorted).is_err(),
+            "unsorted gradients must be rejected"
+        );
     }
     let m = mean_to_root(world.as_ref(), &[r as f64, 2.0 * r as f64], 0)?;
     let mean_r = (n - 1) as f64 / 2.0;
@@ -340,7 +463,14 @@ fn reference(x: &Tensor, w1: &Tensor, w2: &Tensor, g: &Tensor) -> Result<(Tensor
 
 /// The same function with the MSA-like tensor sharded over the DAP group: rows (dim 0) sharded for
 /// the row op, columns (dim 1, padded to a multiple of the group size) for the column op.
-fn distributed(dap: &Dap, x: &Tensor, w1: &Tensor, w2: &Tensor, g: &Tensor, asynchronous: bool) -> Result<(Tensor, Tensor)> {
+fn distributed(
+    dap: &Dap,
+    x: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    g: &Tensor,
+    asynchronous: bool,
+) -> Result<(Tensor, Tensor)> {
     let n = dap.size();
     let xp = pad_to_multiple(x, 1, n)?; // [S, Rp, C]
     let mask = pad_mask(R, n, DType::F64, &Device::Cpu)?;
@@ -375,7 +505,10 @@ fn distributed(dap: &Dap, x: &Tensor, w1: &Tensor, w2: &Tensor, g: &Tensor, asyn
 
 fn dap(ctx: &ParallelCtx) -> Result<()> {
     let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
-    ensure!(S % world.size() == 0, "the dap case needs a group size dividing {S}");
+    ensure!(
+        S.is_multiple_of(world.size()),
+        "the dap case needs a group size dividing {S}"
+    );
     let dap = Dap::new(world.clone());
     let x0 = det(&[S, R, C], 0.3)?;
     let w10 = det(&[C, C], 1.1)?;
@@ -383,7 +516,11 @@ fn dap(ctx: &ParallelCtx) -> Result<()> {
     let g = det(&[S, R, C], 4.7)?;
 
     // Single-rank reference, computed locally.
-    let (x, w1, w2) = (Var::from_tensor(&x0)?, Var::from_tensor(&w10)?, Var::from_tensor(&w20)?);
+    let (x, w1, w2) = (
+        Var::from_tensor(&x0)?,
+        Var::from_tensor(&w10)?,
+        Var::from_tensor(&w20)?,
+    );
     let (y_ref, loss_ref) = reference(&x, &w1, &w2, &g)?;
     let gr = loss_ref.backward()?;
     let grad = |gs: &candle_core::backprop::GradStore, v: &Var| -> Result<Tensor> {
@@ -391,9 +528,18 @@ fn dap(ctx: &ParallelCtx) -> Result<()> {
     };
     let (gx_ref, gw1_ref, gw2_ref) = (grad(&gr, &x)?, grad(&gr, &w1)?, grad(&gr, &w2)?);
 
-    for asynchronous in [false, true] {
-        let tag = if asynchronous { "async" } else { "sync" };
-        let (x, w1, w2) = (Var::from_tensor(&x0)?, Var::from_tensor(&w10)?, Var::from_tensor(&w20)?);
+    let modes = [
+        ("sync", false, Overlap::DualityAsync),
+        ("async", true, Overlap::DualityAsync),
+        ("async-overlap-off", true, Overlap::Off),
+    ];
+    for (tag, asynchronous, overlap) in modes {
+        let dap = Dap::with_overlap(world.clone(), overlap);
+        let (x, w1, w2) = (
+            Var::from_tensor(&x0)?,
+            Var::from_tensor(&w10)?,
+            Var::from_tensor(&w20)?,
+        );
         let (y, loss) = distributed(&dap, &x, &w1, &w2, &g, asynchronous)?;
         check(&format!("{tag} forward y"), &y, &y_ref, 1e-12)?;
         check(&format!("{tag} loss"), &loss, &loss_ref, 1e-12)?;
@@ -429,5 +575,88 @@ fn panic_rank1(ctx: &ParallelCtx) -> Result<()> {
     // Without the abort-on-panic policy this would wait forever for rank 1.
     let x = Tensor::ones(4, DType::F32, &Device::Cpu)?;
     world.all_reduce(&x, ReduceOp::Sum)?;
-    bail!("rank {} returned from a collective that rank 1 never joined", ctx.rank)
+    bail!(
+        "rank {} returned from a collective that rank 1 never joined",
+        ctx.rank
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench (timings, not a test)
+// ---------------------------------------------------------------------------------------------
+
+/// Median wall time (ms) of `f` over 5 runs after one warm-up, ranks aligned by a barrier.
+fn median_ms(comm: &dyn Communicator, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut ts = Vec::new();
+    for _ in 0..5 {
+        comm.barrier()?;
+        let t = std::time::Instant::now();
+        f()?;
+        ts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[2])
+}
+
+fn bench(ctx: &ParallelCtx) -> Result<()> {
+    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let c = world.as_ref();
+    let mut lines = Vec::new();
+    let x = Tensor::ones(10_000_000, DType::F32, &Device::Cpu)?;
+    let t = median_ms(c, &mut || {
+        c.all_reduce(&x, ReduceOp::Sum)?;
+        Ok(())
+    })?;
+    lines.push(format!("all_reduce 10M f32 blocking: {t:.1} ms"));
+    let t = median_ms(c, &mut || {
+        c.start_all_reduce(&x, ReduceOp::Sum)?.wait()?;
+        Ok(())
+    })?;
+    lines.push(format!("all_reduce 10M f32 start+wait: {t:.1} ms"));
+    let grads: Vec<(String, Tensor)> = (0..10)
+        .map(|i| {
+            Ok((
+                format!("p{i:02}"),
+                Tensor::ones(1_000_000, DType::F32, &Device::Cpu)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let sync = GradSync::new(world.clone(), 25);
+    let t = median_ms(c, &mut || {
+        sync.all_reduce_mean(&grads)?;
+        Ok(())
+    })?;
+    lines.push(format!("GradSync 10x1M f32, 25 MiB buckets: {t:.1} ms"));
+    // DAP all-to-all of a pair-like activation [256/n, 256, 128] vs independent compute.
+    let n = c.size();
+    let dap = Dap::new(world.clone());
+    let z = Tensor::ones((256 / n, 256, 128), DType::F32, &Device::Cpu)?;
+    let w = Tensor::ones((128, 128), DType::F32, &Device::Cpu)?;
+    let compute = || -> Result<Tensor> { Ok(z.reshape((256 / n * 256, 128))?.matmul(&w)?) };
+    let t_comm = median_ms(c, &mut || {
+        dap.row_to_col(&z, 0, 1)?;
+        Ok(())
+    })?;
+    let t_comp = median_ms(c, &mut || {
+        compute()?;
+        Ok(())
+    })?;
+    let t_over = median_ms(c, &mut || {
+        let p = dap.start_row_to_col(&z, 0, 1)?;
+        compute()?;
+        p.wait()?;
+        Ok(())
+    })?;
+    lines.push(format!(
+        "DAP row_to_col [256/{n},256,128] f32: {t_comm:.1} ms; matmul {t_comp:.1} ms; \
+         started+matmul+wait {t_over:.1} ms (sequential sum {:.1} ms)",
+        t_comm + t_comp
+    ));
+    if ctx.rank == 0 {
+        for l in lines {
+            println!("BENCH np{n} {l}");
+        }
+    }
+    Ok(())
 }

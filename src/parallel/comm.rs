@@ -121,8 +121,12 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     /// Asynchronous forms: issue now, complete with [`CommHandle::wait`].
     fn start_all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<CommHandle>;
     fn start_all_gather(&self, x: &Tensor, dim: usize) -> Result<CommHandle>;
-    fn start_all_to_all(&self, x: &Tensor, split_dim: usize, concat_dim: usize)
-        -> Result<CommHandle>;
+    fn start_all_to_all(
+        &self,
+        x: &Tensor,
+        split_dim: usize,
+        concat_dim: usize,
+    ) -> Result<CommHandle>;
     fn start_broadcast(&self, x: &Tensor, root: usize) -> Result<CommHandle>;
 
     /// Element-wise reduction of a small host vector over all ranks (metrics, agreement checks).
@@ -169,7 +173,7 @@ pub(crate) fn check_all_to_all(
 ) -> Result<()> {
     check_dim(x, split_dim, "all_to_all split_dim", rank)?;
     check_dim(x, concat_dim, "all_to_all concat_dim", rank)?;
-    if size == 0 || x.dims()[split_dim] % size != 0 {
+    if size == 0 || !x.dims()[split_dim].is_multiple_of(size) {
         return Err(comm_err(
             rank,
             format!(
@@ -294,10 +298,7 @@ mod tests {
                     .collect();
                 let want = Tensor::cat(&want, concat).unwrap();
                 assert_eq!(got.dims(), want.dims());
-                assert_eq!(
-                    got.dims(),
-                    all_to_all_shape(&dims, split, concat, w).dims()
-                );
+                assert_eq!(got.dims(), all_to_all_shape(&dims, split, concat, w).dims());
                 let d = (got - want).unwrap().abs().unwrap().sum_all().unwrap();
                 assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0);
             }

@@ -50,12 +50,14 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::comm::{check_all_to_all, check_dim, comm_err, CommHandle, Communicator};
+use crate::config::Overlap;
 use crate::error::Result;
 
 /// DAP collectives over one DAP group.
 #[derive(Debug, Clone)]
 pub struct Dap {
     comm: Arc<dyn Communicator>,
+    overlap: Overlap,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,8 +68,15 @@ enum Kind {
 }
 
 impl Dap {
+    /// DAP over `comm` with duality-async overlap.
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self::with_overlap(comm, Overlap::DualityAsync)
+    }
+
+    /// DAP over `comm`; with `Overlap::Off` (`parallel.overlap = "off"`) the `start_*` methods run
+    /// the collective to completion at once (same results, no overlap: for debugging/timing).
+    pub fn with_overlap(comm: Arc<dyn Communicator>, overlap: Overlap) -> Self {
+        Self { comm, overlap }
     }
 
     /// Ranks in the DAP group.
@@ -108,12 +117,22 @@ impl Dap {
     }
 
     /// Asynchronous [`Dap::row_to_col`]: issue now, [`DapPending::wait`] later.
-    pub fn start_row_to_col(&self, x: &Tensor, row_dim: usize, col_dim: usize) -> Result<DapPending> {
+    pub fn start_row_to_col(
+        &self,
+        x: &Tensor,
+        row_dim: usize,
+        col_dim: usize,
+    ) -> Result<DapPending> {
         self.start_all_to_all(x, col_dim, row_dim)
     }
 
     /// Asynchronous [`Dap::col_to_row`].
-    pub fn start_col_to_row(&self, x: &Tensor, row_dim: usize, col_dim: usize) -> Result<DapPending> {
+    pub fn start_col_to_row(
+        &self,
+        x: &Tensor,
+        row_dim: usize,
+        col_dim: usize,
+    ) -> Result<DapPending> {
         self.start_all_to_all(x, row_dim, col_dim)
     }
 
@@ -123,6 +142,8 @@ impl Dap {
         let x = x.contiguous()?;
         let handle = if self.size() == 1 {
             CommHandle::ready(x.clone())
+        } else if self.overlap == Overlap::Off {
+            CommHandle::ready(self.comm.all_gather(&x, dim)?)
         } else {
             self.comm.start_all_gather(&x, dim)?
         };
@@ -134,11 +155,18 @@ impl Dap {
         })
     }
 
-    fn start_all_to_all(&self, x: &Tensor, split_dim: usize, concat_dim: usize) -> Result<DapPending> {
+    fn start_all_to_all(
+        &self,
+        x: &Tensor,
+        split_dim: usize,
+        concat_dim: usize,
+    ) -> Result<DapPending> {
         check_all_to_all(x, split_dim, concat_dim, self.size(), self.rank())?;
         let x = x.contiguous()?;
         let handle = if self.size() == 1 {
             CommHandle::ready(x.clone())
+        } else if self.overlap == Overlap::Off {
+            CommHandle::ready(self.comm.all_to_all(&x, split_dim, concat_dim)?)
         } else {
             self.comm.start_all_to_all(&x, split_dim, concat_dim)?
         };
@@ -173,7 +201,7 @@ impl Dap {
 
     fn check_divisible(&self, x: &Tensor, dim: usize, what: &str) -> Result<()> {
         check_dim(x, dim, what, self.rank())?;
-        if x.dims()[dim] % self.size() != 0 {
+        if self.size() == 0 || !x.dims()[dim].is_multiple_of(self.size()) {
             return Err(comm_err(
                 self.rank(),
                 format!(
@@ -262,7 +290,11 @@ impl CustomOp1 for DapOp {
         }
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ready = self
             .ready
             .lock()
@@ -280,7 +312,12 @@ impl CustomOp1 for DapOp {
 
     // TODO(cuda): `cuda_fwd` calling the NCCL communicator on the tensor's stream.
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (rank, size) = (self.comm.rank(), self.comm.size());
         let g = match self.kind {
             Kind::Scatter { dim } => self.comm.all_gather(&grad.contiguous()?, dim),
@@ -288,7 +325,9 @@ impl CustomOp1 for DapOp {
             Kind::AllToAll {
                 split_dim,
                 concat_dim,
-            } => self.comm.all_to_all(&grad.contiguous()?, concat_dim, split_dim),
+            } => self
+                .comm
+                .all_to_all(&grad.contiguous()?, concat_dim, split_dim),
         }
         .map_err(to_candle)?;
         Ok(Some(g))
@@ -370,7 +409,10 @@ mod tests {
         let p = pad_to_multiple(&x, 1, 4).unwrap();
         assert_eq!(p.dims(), &[3, 8]);
         let m = pad_mask(5, 4, DType::F64, &Device::Cpu).unwrap();
-        assert_eq!(m.to_vec1::<f64>().unwrap(), vec![1., 1., 1., 1., 1., 0., 0., 0.]);
+        assert_eq!(
+            m.to_vec1::<f64>().unwrap(),
+            vec![1., 1., 1., 1., 1., 0., 0., 0.]
+        );
         // padded entries are zero, real ones untouched
         let row = p.get(0).unwrap().to_vec1::<f64>().unwrap();
         assert_eq!(row, m.to_vec1::<f64>().unwrap());

@@ -32,7 +32,7 @@ pub struct GridCoords {
 impl GridCoords {
     /// Lay out `world_size` ranks as `dp_size × dap_size`; error if `dap_size` does not divide it.
     pub fn new(rank: usize, world_size: usize, dap_size: usize) -> Result<Self> {
-        if dap_size == 0 || world_size % dap_size != 0 {
+        if dap_size == 0 || !world_size.is_multiple_of(dap_size) {
             return Err(Error::config(
                 "resolved",
                 "parallel.dap_size",

@@ -16,6 +16,10 @@ pub mod dap;
 pub mod ddp;
 pub mod groups;
 pub mod mpi_backend;
+// TODO(cuda): `#[cfg(feature = "cuda")] pub mod nccl_backend;` with `NcclComm: Communicator` for
+// CUDA tensors (one NCCL communicator per ProcessGroups group, unique ids broadcast over MPI,
+// collectives on a communication stream, `PendingOp::wait` = compute stream waits on an event;
+// see `comm` docs), selected in `ProcessGroups::new` for `parallel.backend = nccl | auto` on GPU.
 
 pub use comm::{CommHandle, Communicator, PendingOp, ReduceOp};
 pub use ctx::{ParallelCtx, TopologySource};

@@ -29,8 +29,8 @@ use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Color, SimpleCommunicator};
-use mpi::traits::*;
 use mpi::traits::Communicator as _;
+use mpi::traits::*;
 
 use super::comm::{
     assemble_gathered, check_all_to_all, check_dim, comm_err, pack_all_to_all, unpack_all_to_all,
@@ -80,7 +80,10 @@ enum Finish {
     /// Rank-major `[size, *per_rank]`, reassembled along `dim`.
     Gather { per_rank: Vec<usize>, dim: usize },
     /// Rank-major `[size, *chunk]`, concatenated along `concat_dim`.
-    AllToAll { chunk: Vec<usize>, concat_dim: usize },
+    AllToAll {
+        chunk: Vec<usize>,
+        concat_dim: usize,
+    },
     /// Same shape as the input (broadcast).
     Plain { dims: Vec<usize> },
 }
@@ -108,7 +111,11 @@ impl Finish {
                 unpack_all_to_all(&stacked, chunk, *concat_dim)?
             }
         };
-        Ok(if t.dtype() == out { t } else { t.to_dtype(out)? })
+        Ok(if t.dtype() == out {
+            t
+        } else {
+            t.to_dtype(out)?
+        })
     }
 }
 
@@ -216,7 +223,10 @@ impl MpiComm {
         if root >= self.size {
             return Err(comm_err(
                 self.rank,
-                format!("broadcast root {root} out of range for group size {}", self.size),
+                format!(
+                    "broadcast root {root} out of range for group size {}",
+                    self.size
+                ),
             ));
         }
         i32::try_from(root).map_err(|_| comm_err(self.rank, "root rank overflows i32"))
@@ -256,7 +266,13 @@ impl MpiComm {
 
     // ---- immediate primitives (owned buffers; see module docs) ----
 
-    fn start<T: Wire>(&self, data: Vec<T>, kind: Immediate, finish: Finish, out: DType) -> Result<CommHandle>
+    fn start<T: Wire>(
+        &self,
+        data: Vec<T>,
+        kind: Immediate,
+        finish: Finish,
+        out: DType,
+    ) -> Result<CommHandle>
     where
         MpiPending<T>: PendingOp,
     {
@@ -290,7 +306,9 @@ impl MpiComm {
             Immediate::AllGather => {
                 comm.immediate_all_gather_into(StaticScope, s.unwrap_or(empty), r)
             }
-            Immediate::AllToAll => comm.immediate_all_to_all_into(StaticScope, s.unwrap_or(empty), r),
+            Immediate::AllToAll => {
+                comm.immediate_all_to_all_into(StaticScope, s.unwrap_or(empty), r)
+            }
             Immediate::Broadcast(root) => comm
                 .process_at_rank(root)
                 .immediate_broadcast_into(StaticScope, r),
@@ -306,7 +324,13 @@ impl MpiComm {
         })))
     }
 
-    fn start_host(&self, host: Host, kind: Immediate, finish: Finish, out: DType) -> Result<CommHandle> {
+    fn start_host(
+        &self,
+        host: Host,
+        kind: Immediate,
+        finish: Finish,
+        out: DType,
+    ) -> Result<CommHandle> {
         with_host!(host, v => self.start(v, kind, finish, out))
     }
 }
@@ -495,7 +519,8 @@ impl Communicator for MpiComm {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Arc<dyn Communicator>> {
-        let c = i32::try_from(color).map_err(|_| comm_err(self.rank, "split color overflows i32"))?;
+        let c =
+            i32::try_from(color).map_err(|_| comm_err(self.rank, "split color overflows i32"))?;
         let k = i32::try_from(key).map_err(|_| comm_err(self.rank, "split key overflows i32"))?;
         let sub = {
             let _g = self.lock()?;
