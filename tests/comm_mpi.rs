@@ -136,6 +136,12 @@ fn comm_dap_np1_identity() {
     expect_pass(1, "dap");
 }
 
+/// DAP (size 2) inside data parallelism (2 replicas): world gradient reduction with the DAP scale.
+#[test]
+fn comm_dap_dp_grid_np4() {
+    expect_pass(4, "dap-dp");
+}
+
 /// A panic on rank 1 must take the whole job down quickly with a message naming the rank, while
 /// rank 0 sits in a collective that rank 1 never joins.
 #[test]

@@ -5,7 +5,8 @@
 //! and takes the job down (exit status non-zero). Expected values are computed locally from the
 //! definition (each rank can rebuild every other rank's input), never hard-coded.
 //!
-//! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `panic-rank1`, and `bench`
+//! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `dap-dp` (even rank count),
+//! `panic-rank1`, and `bench`
 //! (timings printed by rank 0 as `BENCH` lines; not a test).
 
 use std::io::Write;
@@ -23,6 +24,7 @@ const CASES: &[&str] = &[
     "collectives",
     "groups",
     "ddp",
+    "dap-dp",
     "dap",
     "panic-rank1",
     "bench",
@@ -69,6 +71,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "groups" => groups(ctx),
         "ddp" => ddp(ctx),
         "dap" => dap(ctx),
+        "dap-dp" => dap_dp(ctx),
         "panic-rank1" => panic_rank1(ctx),
         "bench" => bench(ctx),
         other => bail!("unknown case {other}"),
@@ -451,43 +454,84 @@ fn mm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((a * b, c))?.matmul(w)?.reshape((a, b, c))?)
 }
 
+/// Input `x` (one sample) and parameters: `w0`, `w3` act on replicated tensors (before `scatter`,
+/// after `gather`), `w1`, `w2` on DAP shards.
+struct Params {
+    x: Var,
+    w0: Var,
+    w1: Var,
+    w2: Var,
+    w3: Var,
+}
+
+impl Params {
+    fn new(sample: usize) -> Result<Self> {
+        Ok(Self {
+            x: Var::from_tensor(&det(&[S, R, C], 0.3 + sample as f64)?)?,
+            w0: Var::from_tensor(&det(&[C], 0.7)?)?,
+            w1: Var::from_tensor(&det(&[C, C], 1.1)?)?,
+            w2: Var::from_tensor(&det(&[C, C], 2.3)?)?,
+            w3: Var::from_tensor(&det(&[C], 3.9)?)?,
+        })
+    }
+
+    /// Sorted `(name, grad)` of the parameters (not `x`).
+    fn grads(&self, gs: &candle_core::backprop::GradStore) -> Result<Vec<(String, Tensor)>> {
+        [
+            ("w0", &self.w0),
+            ("w1", &self.w1),
+            ("w2", &self.w2),
+            ("w3", &self.w3),
+        ]
+        .into_iter()
+        .map(|(n, v)| {
+            let g = gs.get(v.as_tensor()).cloned();
+            Ok((
+                n.to_string(),
+                g.with_context(|| format!("missing gradient of {n}"))?,
+            ))
+        })
+        .collect()
+    }
+}
+
+/// DAP-sharded parameters (their per-rank gradients are partial).
+fn is_sharded(name: &str) -> bool {
+    name == "w1" || name == "w2"
+}
+
 /// The single-rank function: row-wise softmax over residues, column-wise softmax over sequences.
-fn reference(x: &Tensor, w1: &Tensor, w2: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    let h = mm(x, w1)?;
+fn reference(p: &Params, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let x = p.x.broadcast_mul(&p.w0)?;
+    let h = mm(&x, &p.w1)?;
     let a = candle_nn::ops::softmax(&h, 1)?;
     let c = candle_nn::ops::softmax(&(a * 3.0)?, 0)?;
-    let y = mm(&c, w2)?;
+    let y = mm(&c, &p.w2)?.broadcast_mul(&p.w3)?;
     let loss = (&y * g)?.sum_all()?;
     Ok((y, loss))
 }
 
 /// The same function with the MSA-like tensor sharded over the DAP group: rows (dim 0) sharded for
 /// the row op, columns (dim 1, padded to a multiple of the group size) for the column op.
-fn distributed(
-    dap: &Dap,
-    x: &Tensor,
-    w1: &Tensor,
-    w2: &Tensor,
-    g: &Tensor,
-    asynchronous: bool,
-) -> Result<(Tensor, Tensor)> {
+fn distributed(dap: &Dap, p: &Params, g: &Tensor, asynchronous: bool) -> Result<(Tensor, Tensor)> {
     let n = dap.size();
-    let xp = pad_to_multiple(x, 1, n)?; // [S, Rp, C]
+    let x = p.x.broadcast_mul(&p.w0)?; // replicated compute
+    let xp = pad_to_multiple(&x, 1, n)?; // [S, Rp, C]
     let mask = pad_mask(R, n, DType::F64, &Device::Cpu)?;
     let rp = mask.dims1()?;
     let bias = ((mask - 1.0)? * 1e9)?.reshape((1, rp, 1))?;
     let xr = dap.scatter(&xp, 0)?; // [S/n, Rp, C]
-    let h = mm(&xr, w1)?;
+    let h = mm(&xr, &p.w1)?;
     let a = candle_nn::ops::softmax(&h.broadcast_add(&bias)?, 1)?;
     let ac = if asynchronous {
-        let p = dap.start_row_to_col(&a, 0, 1)?;
-        let _overlap = mm(&xr, w2)?; // independent compute while the all-to-all is in flight
-        p.wait()?
+        let pending = dap.start_row_to_col(&a, 0, 1)?;
+        let _overlap = mm(&xr, &p.w2)?; // independent compute while the all-to-all is in flight
+        pending.wait()?
     } else {
         dap.row_to_col(&a, 0, 1)? // [S, Rp/n, C]
     };
     let c = candle_nn::ops::softmax(&(ac * 3.0)?, 0)?;
-    let y = mm(&c, w2)?;
+    let y = mm(&c, &p.w2)?;
     let yr = if asynchronous {
         dap.start_col_to_row(&y, 0, 1)?.wait()?
     } else {
@@ -498,7 +542,7 @@ fn distributed(
     } else {
         dap.gather(&yr, 0)? // [S, Rp, C]
     };
-    let y = unpad(&yf, 1, R)?;
+    let y = unpad(&yf, 1, R)?.broadcast_mul(&p.w3)?; // replicated compute
     let loss = (&y * g)?.sum_all()?;
     Ok((y, loss))
 }
@@ -509,24 +553,14 @@ fn dap(ctx: &ParallelCtx) -> Result<()> {
         S.is_multiple_of(world.size()),
         "the dap case needs a group size dividing {S}"
     );
-    let dap = Dap::new(world.clone());
-    let x0 = det(&[S, R, C], 0.3)?;
-    let w10 = det(&[C, C], 1.1)?;
-    let w20 = det(&[C, C], 2.3)?;
     let g = det(&[S, R, C], 4.7)?;
 
     // Single-rank reference, computed locally.
-    let (x, w1, w2) = (
-        Var::from_tensor(&x0)?,
-        Var::from_tensor(&w10)?,
-        Var::from_tensor(&w20)?,
-    );
-    let (y_ref, loss_ref) = reference(&x, &w1, &w2, &g)?;
-    let gr = loss_ref.backward()?;
-    let grad = |gs: &candle_core::backprop::GradStore, v: &Var| -> Result<Tensor> {
-        gs.get(v.as_tensor()).cloned().context("missing gradient")
-    };
-    let (gx_ref, gw1_ref, gw2_ref) = (grad(&gr, &x)?, grad(&gr, &w1)?, grad(&gr, &w2)?);
+    let p = Params::new(0)?;
+    let (y_ref, loss_ref) = reference(&p, &g)?;
+    let gs = loss_ref.backward()?;
+    let gx_ref = gs.get(p.x.as_tensor()).cloned().context("grad x")?;
+    let grads_ref = p.grads(&gs)?;
 
     let modes = [
         ("sync", false, Overlap::DualityAsync),
@@ -535,30 +569,92 @@ fn dap(ctx: &ParallelCtx) -> Result<()> {
     ];
     for (tag, asynchronous, overlap) in modes {
         let dap = Dap::with_overlap(world.clone(), overlap);
-        let (x, w1, w2) = (
-            Var::from_tensor(&x0)?,
-            Var::from_tensor(&w10)?,
-            Var::from_tensor(&w20)?,
-        );
-        let (y, loss) = distributed(&dap, &x, &w1, &w2, &g, asynchronous)?;
+        let p = Params::new(0)?;
+        let (y, loss) = distributed(&dap, &p, &g, asynchronous)?;
         check(&format!("{tag} forward y"), &y, &y_ref, 1e-12)?;
         check(&format!("{tag} loss"), &loss, &loss_ref, 1e-12)?;
         let gs = loss.backward()?;
         // x is replicated (enters through scatter): its gradient is complete on every rank.
-        check(&format!("{tag} grad x"), &grad(&gs, &x)?, &gx_ref, 1e-12)?;
-        // w1, w2 act on shards: their gradients are partial, summed over the DAP group.
-        let gw1 = dap.comm().all_reduce(&grad(&gs, &w1)?, ReduceOp::Sum)?;
-        let gw2 = dap.comm().all_reduce(&grad(&gs, &w2)?, ReduceOp::Sum)?;
-        check(&format!("{tag} grad w1"), &gw1, &gw1_ref, 1e-12)?;
-        check(&format!("{tag} grad w2"), &gw2, &gw2_ref, 1e-12)?;
+        let gx = gs.get(p.x.as_tensor()).cloned().context("grad x")?;
+        check(&format!("{tag} grad x"), &gx, &gx_ref, 1e-12)?;
+        for ((name, gr), (_, want)) in p.grads(&gs)?.iter().zip(&grads_ref) {
+            // Sharded parameters hold partial gradients: sum over the DAP group. Replicated ones
+            // are complete already.
+            let got = if is_sharded(name) {
+                dap.comm().all_reduce(gr, ReduceOp::Sum)?
+            } else {
+                gr.clone()
+            };
+            check(&format!("{tag} grad {name}"), &got, want, 1e-12)?;
+        }
     }
-    // The gradient of the DAP ops alone, checked against their definitions on a last-dim gather.
+    // scatter/gather along the last dim: d/dv sum((2v)^2) = 8v, complete on every rank.
+    let dap = Dap::new(world.clone());
     let v = Var::from_tensor(&det(&[2, 3 * world.size()], 9.1)?)?;
     let shard = dap.scatter(&v, 1)?;
     let full = dap.gather(&(&shard * 2.0)?, 1)?;
     let gs = full.sqr()?.sum(D::Minus1)?.sum_all()?.backward()?;
-    let want = (v.as_tensor() * 8.0)?; // d/dv sum((2v)^2) = 8v, complete on every rank
-    check("scatter/gather dim 1 grad", &grad(&gs, &v)?, &want, 1e-12)?;
+    let want = (v.as_tensor() * 8.0)?;
+    let got = gs.get(v.as_tensor()).cloned().context("grad v")?;
+    check("scatter/gather dim 1 grad", &got, &want, 1e-12)?;
+    Ok(())
+}
+
+/// DAP inside data parallelism: a `dp × 2` grid, each DP replica a different sample, parameter
+/// gradients reduced once over the world with the DAP convention; they must equal the mean over
+/// samples of the single-rank gradients.
+fn dap_dp(ctx: &ParallelCtx) -> Result<()> {
+    let cfg = ParallelConfig {
+        dap_size: 2,
+        ..Default::default()
+    };
+    let groups = ProcessGroups::new(ctx, &cfg)?;
+    let co = groups.coords;
+    let g = det(&[S, R, C], 4.7)?;
+    // Reference: mean over the dp_size samples of single-rank gradients.
+    let mut want: Vec<(String, Tensor)> = Vec::new();
+    for sample in 0..co.dp_size {
+        let p = Params::new(sample)?;
+        let (_, loss) = reference(&p, &g)?;
+        let gr = p.grads(&loss.backward()?)?;
+        if want.is_empty() {
+            want = gr;
+        } else {
+            for ((_, w), (_, x)) in want.iter_mut().zip(&gr) {
+                *w = (&*w + x)?;
+            }
+        }
+    }
+    for (_, w) in want.iter_mut() {
+        *w = (&*w / co.dp_size as f64)?;
+    }
+    let dap = Dap::new(groups.dap.clone());
+    let p = Params::new(co.dp_rank)?;
+    let (_, loss) = distributed(&dap, &p, &g, true)?;
+    let local = p.grads(&loss.backward()?)?;
+    let sync = GradSync::new(groups.world.clone(), 25);
+    let (dap_size, world_size) = (co.dap_size, co.world_size);
+    let got = sync.all_reduce_scaled(&local, &|name| {
+        dap_grad_scale(is_sharded(name), dap_size, world_size)
+    })?;
+    for ((name, gr), (_, w)) in got.iter().zip(&want) {
+        check(&format!("dap x dp grad {name}"), gr, w, 1e-12)?;
+    }
+    // Loss averaged to rank 0 over the DP replicas (one DAP rank per replica reports).
+    let l = loss.to_scalar::<f64>()?;
+    let m = mean_to_root(groups.world.as_ref(), &[l], 0)?;
+    if let Some(m) = m {
+        let mut want_l = 0.0;
+        for sample in 0..co.dp_size {
+            want_l += reference(&Params::new(sample)?, &g)?.1.to_scalar::<f64>()?;
+        }
+        want_l /= co.dp_size as f64;
+        ensure!(
+            (m[0] - want_l).abs() <= 1e-12,
+            "mean loss {} vs {want_l}",
+            m[0]
+        );
+    }
     Ok(())
 }
 

@@ -3,9 +3,9 @@
 //! Gradients are a list of `(name, grad)` sorted by name (the same order on every rank, since
 //! `VarMap` iteration order differs between processes). They are flattened, concatenated in that
 //! order and cut into buckets of `bucket_bytes` (a bucket may end inside a tensor, and may hold many
-//! small tensors). All buckets are started as asynchronous all-reduces in order, then waited in
-//! order, so packing of bucket `k+1` overlaps the transfer of bucket `k`; the results are
-//! concatenated and unflattened into the original shapes.
+//! small tensors). Buckets are started as asynchronous all-reduces in order (at most
+//! `MAX_IN_FLIGHT` at once) and waited in order, so packing of bucket `k+1` overlaps the transfer
+//! of bucket `k`; the results are concatenated and unflattened into the original shapes.
 //!
 //! With DAP, parameters used inside the DAP-sharded region receive only this shard's part of their
 //! gradient (the DAP ops' backward passes keep each rank's *own* contribution, see [`super::dap`]);
@@ -22,6 +22,9 @@ use candle_core::{DType, Tensor, Var};
 
 use super::comm::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
+
+/// Buckets in flight at once in [`GradSync`].
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Bucketed gradient all-reduce over one communicator (the DP group, or the world with DAP).
 #[derive(Debug, Clone)]
@@ -86,18 +89,24 @@ impl GradSync {
         drop(flats);
         let total = flat.dims1()?;
         let per_bucket = (self.bucket_bytes / dtype.size_in_bytes()).max(1);
-        // Issue all buckets in order, then complete them in order.
-        let mut handles = Vec::with_capacity(total.div_ceil(per_bucket));
+        // Issue buckets in order, keeping at most MAX_IN_FLIGHT in flight (bounded extra memory),
+        // and complete them in order.
+        let mut pending = std::collections::VecDeque::with_capacity(MAX_IN_FLIGHT + 1);
+        let mut reduced = Vec::with_capacity(total.div_ceil(per_bucket));
         let mut off = 0;
         while off < total {
             let len = per_bucket.min(total - off);
-            handles.push(self.comm.start_all_reduce(&flat.narrow(0, off, len)?, op)?);
+            pending.push_back(self.comm.start_all_reduce(&flat.narrow(0, off, len)?, op)?);
             off += len;
+            if pending.len() > MAX_IN_FLIGHT {
+                if let Some(h) = pending.pop_front() {
+                    reduced.push(h.wait()?);
+                }
+            }
         }
-        let reduced = handles
-            .into_iter()
-            .map(|h| h.wait())
-            .collect::<Result<Vec<_>>>()?;
+        while let Some(h) = pending.pop_front() {
+            reduced.push(h.wait()?);
+        }
         let reduced = Tensor::cat(&reduced, 0)?;
         let mut out = Vec::with_capacity(grads.len());
         let mut off = 0;
