@@ -2,7 +2,8 @@
 //!
 //! # Semantics
 //! Every rank of a communicator passes a tensor of the same shape and dtype (f32, f64; bf16/f16 are
-//! carried as f32 and converted back exactly). Results:
+//! widened to f32 on the wire, exactly, and results are rounded back once, so gathers, all-to-alls
+//! and broadcasts are exact and reductions are summed in f32). Results:
 //! - `all_reduce(x, Sum|Avg)`: element-wise sum (or sum / size) over ranks, same shape.
 //! - `all_gather(x, dim)`: the ranks' tensors concatenated along `dim` in rank order
 //!   (`dim` grows by `size`).

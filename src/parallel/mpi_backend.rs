@@ -1,7 +1,7 @@
 //! MPI backend of [`Communicator`] (rsmpi 0.8 over Open MPI) for CPU tensors.
 //!
-//! Tensors travel as flat host vectors (f32 or f64; bf16/f16 are converted to f32 and back, which is
-//! exact). Blocking forms use MPI's blocking collectives; the `start_*` forms use MPI-3 immediate
+//! Tensors travel as flat host vectors (f32 or f64; bf16/f16 are widened to f32 and the result
+//! rounded back). Blocking forms use MPI's blocking collectives; the `start_*` forms use MPI-3 immediate
 //! collectives (`MPI_Iallreduce`, `MPI_Iallgather`, `MPI_Ialltoall`, `MPI_Ibcast`).
 //!
 //! # Why the immediate collectives are sound
@@ -14,6 +14,8 @@
 //! either in `wait()` or, if the handle is dropped, in its destructor, which waits first. If a
 //! handle is leaked (`mem::forget`), the request never completes on our side and the boxes are
 //! never freed, so MPI can only ever write into live memory: a leak, never a use-after-free.
+//! (The `Request` itself keeps rsmpi's usual `&'static` view of the receive buffer; Rust code never
+//! reads it while MPI writes, only after `MPI_Wait`, through the reclaimed box.)
 //!
 //! # Threads
 //! rsmpi communicators and requests are raw MPI handles and not `Send`/`Sync`. `MpiComm` and
