@@ -191,3 +191,41 @@ pub fn mean_to_root(
 ) -> Result<Option<Vec<f64>>> {
     comm.reduce_host_f64_to_root(values, ReduceOp::Avg, root)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn sorted_grads_orders_and_zero_fills() {
+        let a = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[3.0f64], &Device::Cpu).unwrap();
+        // only `a` takes part: d/da sum(a^2) = 2a
+        let store = a
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let vars = vec![("z.b".to_string(), b), ("a.a".to_string(), a)];
+        let g = sorted_grads(&vars, &store).unwrap();
+        assert_eq!(g[0].0, "a.a");
+        assert_eq!(g[1].0, "z.b");
+        assert_eq!(g[0].1.to_vec1::<f64>().unwrap(), vec![2.0, 4.0]);
+        assert_eq!(g[1].1.to_vec1::<f64>().unwrap(), vec![0.0]);
+        let n = global_grad_norm(&g).unwrap();
+        assert!((n - 20f64.sqrt()).abs() < 1e-15);
+        assert!(check_sorted(&[g[1].clone(), g[0].clone()]).is_err());
+        assert!(check_sorted(&[g[0].clone(), g[0].clone()]).is_err());
+    }
+
+    #[test]
+    fn dap_scale() {
+        // world 4 = 2 DP x 2 DAP: sharded sum over 2 DAP shards, mean over 2 replicas
+        assert_eq!(dap_grad_scale(true, 2, 4), 0.5);
+        assert_eq!(dap_grad_scale(false, 2, 4), 0.25);
+    }
+}
