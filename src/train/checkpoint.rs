@@ -401,10 +401,20 @@ pub fn check_shapes(
 impl CheckpointData {
     /// Check that every part of the checkpoint has exactly the model's parameter names and shapes.
     pub fn check_against(&self, dir: &Path, expected: &BTreeMap<String, Vec<usize>>) -> Result<()> {
-        check_shapes(&dir.join(MODEL_FILE), "model weights", &self.model, expected)?;
+        check_shapes(
+            &dir.join(MODEL_FILE),
+            "model weights",
+            &self.model,
+            expected,
+        )?;
         check_shapes(&dir.join(EMA_FILE), "EMA weights", &self.ema, expected)?;
         check_shapes(&dir.join(ADAM_FILE), "Adam exp_avg", &self.adam_m, expected)?;
-        check_shapes(&dir.join(ADAM_FILE), "Adam exp_avg_sq", &self.adam_v, expected)?;
+        check_shapes(
+            &dir.join(ADAM_FILE),
+            "Adam exp_avg_sq",
+            &self.adam_v,
+            expected,
+        )?;
         let names: BTreeSet<&String> = self.meta.adam_steps.keys().collect();
         if names != expected.keys().collect() {
             return Err(ckpt_err(

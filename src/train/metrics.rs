@@ -199,7 +199,11 @@ mod tests {
         let text = std::fs::read_to_string(log.path()).unwrap();
         let steps: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, vec![1, 2, 3]);
         // NaN is written as null.

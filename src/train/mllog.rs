@@ -142,7 +142,15 @@ impl MlLogger {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let line = format_line(time_ms, kind, key, &value, &metadata, loc.file(), loc.line());
+        let line = format_line(
+            time_ms,
+            kind,
+            key,
+            &value,
+            &metadata,
+            loc.file(),
+            loc.line(),
+        );
         if let Ok(mut w) = sink.lock() {
             // Logging must never stop training: write errors are ignored.
             let _ = writeln!(w, "{line}");

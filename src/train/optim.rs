@@ -102,7 +102,9 @@ pub fn global_grad_norm(grads: &Grads) -> Result<f64> {
         .values()
         .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let per_tensor = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let per_tensor = Tensor::stack(&sums, 0)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     Ok(per_tensor.iter().sum::<f64>().sqrt())
 }
 
@@ -146,7 +148,9 @@ impl Ema {
                     "EMA has no weight for parameter `{name}`"
                 )));
             };
-            let diff = w.sub(&p.as_detached_tensor())?.affine(1.0 - self.decay, 0.0)?;
+            let diff = w
+                .sub(&p.as_detached_tensor())?
+                .affine(1.0 - self.decay, 0.0)?;
             *w = w.sub(&diff)?;
         }
         Ok(())
@@ -226,9 +230,13 @@ mod tests {
         // First Adam step moves each coordinate by ~lr * sign(g) (bias-corrected).
         let p2 = params(&[("a", vec![0.0, 0.0])]);
         let mut a2 = Adam::new(&p2, &cfg).unwrap();
-        a2.step(&p2, &grads(&[("a", vec![0.3, -7.0])]), 0.01).unwrap();
+        a2.step(&p2, &grads(&[("a", vec![0.3, -7.0])]), 0.01)
+            .unwrap();
         let got = vals(&p2, "a");
-        assert!((got[0] + 0.01).abs() < 1e-6 && (got[1] - 0.01).abs() < 1e-6, "{got:?}");
+        assert!(
+            (got[0] + 0.01).abs() < 1e-6 && (got[1] - 0.01).abs() < 1e-6,
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -265,11 +273,17 @@ mod tests {
             .unwrap();
         ema.update(&p).unwrap();
         let w = ema.weights["w"].to_vec1::<f32>().unwrap();
-        assert!((w[0] - 0.1).abs() < 1e-6 && (w[1] - 9.0).abs() < 1e-5, "{w:?}");
+        assert!(
+            (w[0] - 0.1).abs() < 1e-6 && (w[1] - 9.0).abs() < 1e-5,
+            "{w:?}"
+        );
         ema.update(&p).unwrap();
         let w = ema.weights["w"].to_vec1::<f32>().unwrap();
         // 0.1 + 0.1 * (1 - 0.1) = 0.19; 9 - 0.1 * 9 = 8.1
-        assert!((w[0] - 0.19).abs() < 1e-6 && (w[1] - 8.1).abs() < 1e-5, "{w:?}");
+        assert!(
+            (w[0] - 0.19).abs() < 1e-6 && (w[1] - 8.1).abs() < 1e-5,
+            "{w:?}"
+        );
         // The EMA holds copies, not views of the parameters.
         assert_eq!(p["w"].as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 0.0]);
     }

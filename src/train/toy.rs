@@ -76,7 +76,10 @@ fn mlp_weights(rng: &mut Rng, cfg: &ToyConfig) -> Result<BTreeMap<String, Tensor
         randn(rng, &[cfg.hidden, cfg.in_dim], s1)?,
     );
     w.insert("mlp.fc1.bias".to_string(), randn(rng, &[cfg.hidden], 0.1)?);
-    w.insert("mlp.fc2.weight".to_string(), randn(rng, &[1, cfg.hidden], s2)?);
+    w.insert(
+        "mlp.fc2.weight".to_string(),
+        randn(rng, &[1, cfg.hidden], s2)?,
+    );
     w.insert("mlp.fc2.bias".to_string(), randn(rng, &[1], 0.1)?);
     Ok(w)
 }

@@ -178,10 +178,9 @@ impl<T: Task, C: Collective> Trainer<T, C> {
     /// parameter names/shapes, config hash) happens before any state is changed.
     pub fn new(mut task: T, coll: C, cfg: &Config, mut opts: TrainerOptions) -> Result<Self> {
         let rank = coll.rank();
-        let mllog = opts
-            .mllog
-            .take()
-            .unwrap_or_else(|| MlLogger::stdout(rank == 0 && cfg.log.mllog == crate::config::MlLog::On));
+        let mllog = opts.mllog.take().unwrap_or_else(|| {
+            MlLogger::stdout(rank == 0 && cfg.log.mllog == crate::config::MlLog::On)
+        });
         mllog.start(keys::INIT_START, Value::Null, Value::Null);
         let params = task.params().clone();
         if params.is_empty() {
@@ -327,12 +326,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         }
         let s = &self.opts.submission;
         let o = &self.cfg.optim;
-        let n_params: usize = self
-            .task
-            .params()
-            .values()
-            .map(|v| v.elem_count())
-            .sum();
+        let n_params: usize = self.task.params().values().map(|v| v.elem_count()).sum();
         let gbs = self.task.samples_per_step() * self.coll.world_size();
         let none = Value::Null;
         l.event(keys::SUBMISSION_BENCHMARK, json!(s.benchmark), none.clone());
@@ -340,20 +334,40 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         l.event(keys::SUBMISSION_DIVISION, json!(s.division), none.clone());
         l.event(keys::SUBMISSION_STATUS, json!(s.status), none.clone());
         l.event(keys::SUBMISSION_PLATFORM, json!(s.platform), none.clone());
-        l.event(keys::NUMBER_OF_RANKS, json!(self.coll.world_size()), none.clone());
+        l.event(
+            keys::NUMBER_OF_RANKS,
+            json!(self.coll.world_size()),
+            none.clone(),
+        );
         l.event(keys::SEED, json!(self.cfg.train.seed), none.clone());
         l.event(keys::GLOBAL_BATCH_SIZE, json!(gbs), none.clone());
         l.event(keys::OPT_NAME, json!("adam"), none.clone());
         l.event(keys::OPT_BASE_LR, json!(o.lr), none.clone());
-        l.event(keys::OPT_LR_WARMUP_STEPS, json!(o.warmup_steps), none.clone());
-        l.event(keys::OPT_LR_DECAY_START_STEP, json!(o.decay_start), none.clone());
+        l.event(
+            keys::OPT_LR_WARMUP_STEPS,
+            json!(o.warmup_steps),
+            none.clone(),
+        );
+        l.event(
+            keys::OPT_LR_DECAY_START_STEP,
+            json!(o.decay_start),
+            none.clone(),
+        );
         l.event(keys::OPT_LR_DECAY_STEPS, json!(o.decay_every), none.clone());
-        l.event(keys::OPT_LR_DECAY_FACTOR, json!(o.decay_factor), none.clone());
+        l.event(
+            keys::OPT_LR_DECAY_FACTOR,
+            json!(o.decay_factor),
+            none.clone(),
+        );
         l.event(keys::OPT_ADAM_BETA_1, json!(o.beta1), none.clone());
         l.event(keys::OPT_ADAM_BETA_2, json!(o.beta2), none.clone());
         l.event(keys::OPT_ADAM_EPSILON, json!(o.eps), none.clone());
         l.event(keys::GRADIENT_CLIPPING, json!(true), none.clone());
-        l.event(keys::OPT_GRADIENT_CLIP_NORM, json!(o.grad_clip_norm), none.clone());
+        l.event(
+            keys::OPT_GRADIENT_CLIP_NORM,
+            json!(o.grad_clip_norm),
+            none.clone(),
+        );
         l.event(keys::GRADIENT_ACCUMULATION_STEPS, json!(1), none.clone());
         l.event(keys::MODEL_PARAMETERS_COUNT, json!(n_params), none);
     }
@@ -365,10 +379,9 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             signals::install()?;
         }
         let rank = self.coll.rank();
-        let max_steps = self
-            .opts
-            .stop_at
-            .map_or(self.cfg.train.max_steps, |s| s.min(self.cfg.train.max_steps));
+        let max_steps = self.opts.stop_at.map_or(self.cfg.train.max_steps, |s| {
+            s.min(self.cfg.train.max_steps)
+        });
         self.log_hyperparameters();
         self.mllog.end(keys::INIT_STOP, Value::Null, Value::Null);
         self.mllog.start(keys::RUN_START, Value::Null, Value::Null);
@@ -394,7 +407,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                         signal: local.unwrap_or(0),
                     });
                 }
-                if eval_every > 0 && self.step % eval_every == 0 {
+                if eval_every > 0 && self.step.is_multiple_of(eval_every) {
                     self.mllog.start(
                         keys::EPOCH_START,
                         Value::Null,
@@ -403,7 +416,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 }
                 let rec = self.train_step()?;
                 progress.update(self.step, rec.loss, rec.lr);
-                if eval_every > 0 && self.step % eval_every == 0 {
+                if eval_every > 0 && self.step.is_multiple_of(eval_every) {
                     let epoch = self.step / eval_every;
                     self.mllog.end(
                         keys::EPOCH_STOP,
@@ -422,7 +435,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                         }
                     }
                 }
-                if ckpt_every > 0 && self.step % ckpt_every == 0 {
+                if ckpt_every > 0 && self.step.is_multiple_of(ckpt_every) {
                     self.save_checkpoint()?;
                 }
             }
@@ -490,9 +503,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         drop(store);
         self.coll.all_reduce_grads(&mut grads)?;
         let grad_norm = global_grad_norm(&grads)?;
-        let skip = self
-            .coll
-            .any(!loss.is_finite() || !grad_norm.is_finite())?;
+        let skip = self.coll.any(!loss.is_finite() || !grad_norm.is_finite())?;
         let mut clip_coef = 1.0;
         if skip {
             self.skipped += 1;
@@ -526,7 +537,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             skipped_steps: self.skipped,
         };
         let every = self.cfg.log.every.max(1);
-        if self.step % every == 0 || skip {
+        if self.step.is_multiple_of(every) || skip {
             self.metrics.write(&rec)?;
         }
         Ok(rec)
