@@ -12,7 +12,7 @@ use ferrofold::train::{Resume, SingleProcess, Trainer};
 use train_support::*;
 
 /// A run dir holding checkpoints at steps 4 and 6 of the toy task.
-fn make_run() -> (PathBuf, ferrofold::config::Config, ToyConfig) {
+fn make_run() -> (RunDir, ferrofold::config::Config, ToyConfig) {
     let mut cfg = toy_config();
     cfg.train.max_steps = 6;
     let toy = ToyConfig::default();

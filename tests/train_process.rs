@@ -138,8 +138,9 @@ fn assert_resume_matches_straight(spec: &ChildSpec, target: u64) {
 }
 
 fn stop_by_signal(sig: i32) {
+    let guard = run_dir("sig");
     let spec = ChildSpec {
-        dir: run_dir("sig"),
+        dir: guard.to_path_buf(),
         delay_ms: 20,
         ckpt_every: 1000,
         hidden: 16,
@@ -180,8 +181,9 @@ fn sigusr1_checkpoints_and_exits_75() {
 /// newest reproduces the straight run.
 #[test]
 fn sigkill_leaves_only_complete_checkpoints() {
+    let guard = run_dir("kill");
     let spec = ChildSpec {
-        dir: run_dir("kill"),
+        dir: guard.to_path_buf(),
         delay_ms: 0,
         ckpt_every: 1,
         hidden: 2048,

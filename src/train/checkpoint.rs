@@ -59,6 +59,8 @@ pub struct CheckpointMeta {
     /// Base seed. RNG state: every random stream is `seed_for(seed, purpose, rank, step)`, so the seed
     /// and the step are the complete RNG state.
     pub seed: u64,
+    /// Version of the seed derivation ([`crate::train::seed::RNG_SCHEME`]); must match on resume.
+    pub rng_scheme: String,
     /// Opaque position of the sample source ([`crate::train::task::Task::data_state`]).
     pub data_state: serde_json::Value,
     /// Adam update count per parameter.

@@ -16,6 +16,16 @@ pub type Params = BTreeMap<String, Var>;
 /// Named gradients (same names as [`Params`]; a parameter without gradient is absent).
 pub type Grads = BTreeMap<String, Tensor>;
 
+/// The variables of a candle `VarMap` (what `VarBuilder::from_varmap` creates), sorted by name. The
+/// `Var`s are shared, not copied: updating them updates the model.
+pub fn params_from_varmap(vm: &candle_nn::VarMap) -> Result<Params> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Train("the VarMap lock is poisoned".into()))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
 /// Adam without weight decay, as in AF2 (beta1 0.9, beta2 0.999, eps 1e-6).
 ///
 /// Update for a parameter with gradient `g` at its `t`-th update (PyTorch `torch.optim.Adam` form):
@@ -237,6 +247,48 @@ mod tests {
             (got[0] + 0.01).abs() < 1e-6 && (got[1] - 0.01).abs() < 1e-6,
             "{got:?}"
         );
+    }
+
+    /// bf16 forward from f32 master weights: gradients arrive in f32 and Adam updates the masters.
+    #[test]
+    fn bf16_forward_f32_master_update() {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let w = vb
+            .get_with_hints((3, 2), "lin.weight", candle_nn::Init::Const(0.5))
+            .unwrap();
+        let _b = vb
+            .get_with_hints(2, "lin.bias", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let p = params_from_varmap(&vm).unwrap();
+        assert_eq!(
+            p.keys().cloned().collect::<Vec<_>>(),
+            vec!["lin.bias".to_string(), "lin.weight".to_string()]
+        );
+        let x = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let y = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::BF16).unwrap())
+            .unwrap();
+        let loss = y.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        let mut g = Grads::new();
+        for (n, v) in &p {
+            if let Some(t) = store.get(v.as_tensor()) {
+                g.insert(n.clone(), t.clone());
+            }
+        }
+        assert_eq!(g.len(), 1); // the bias is unused
+        assert_eq!(g["lin.weight"].dtype(), DType::F32);
+        let mut adam = Adam::new(&p, &OptimConfig::default()).unwrap();
+        adam.step(&p, &g, 0.1).unwrap();
+        let got = p["lin.weight"].as_tensor().flatten_all().unwrap();
+        let got = got.to_vec1::<f32>().unwrap();
+        // All gradients are positive (x > 0): each weight moves by -lr on the first step.
+        assert!(got.iter().all(|v| (v - 0.4).abs() < 1e-5), "{got:?}");
+        assert_eq!(p["lin.weight"].dtype(), DType::F32);
+        assert_eq!(adam.m["lin.weight"].dtype(), DType::F32);
     }
 
     #[test]

@@ -14,6 +14,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Name and version of the seed derivation below, recorded in checkpoints: together with the base
+/// seed and the step it is the complete RNG state of a run. Change it whenever [`seed_for`] or
+/// [`Rng`] change their output.
+pub const RNG_SCHEME: &str = "seed_for:fnv1a64+splitmix64:v1";
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;

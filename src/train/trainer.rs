@@ -22,7 +22,7 @@ use crate::train::metrics::{EvalRecord, MetricsLog, ProgressBar, StepRecord};
 use crate::train::mllog::{keys, MlLogger};
 use crate::train::optim::{clip_grads, global_grad_norm, Adam, Ema, Grads, Params};
 use crate::train::schedule::lr_at;
-use crate::train::seed::{recycles_for_step, seed_for, Rng};
+use crate::train::seed::{recycles_for_step, seed_for, Rng, RNG_SCHEME};
 use crate::train::signals;
 use crate::train::task::{Collective, SingleProcess, StepCtx, Task};
 
@@ -238,6 +238,16 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                     });
                 }
             }
+            if data.meta.rng_scheme != RNG_SCHEME {
+                return Err(Error::Checkpoint {
+                    path: dir.join(checkpoint::META_FILE),
+                    msg: format!(
+                        "RNG scheme `{}` differs from this build's `{RNG_SCHEME}`: the run's random \
+                         streams cannot be reproduced",
+                        data.meta.rng_scheme
+                    ),
+                });
+            }
             if data.meta.config_hash != config_hash {
                 return Err(Error::Checkpoint {
                     path: dir.join(checkpoint::META_FILE),
@@ -424,15 +434,17 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                         json!({"epoch_num": epoch, "step": self.step}),
                     );
                     let metrics = self.evaluate()?;
-                    if let (Some(target), Some(l)) =
-                        (self.cfg.train.target_lddt_ca, metrics.get("lddt_ca"))
-                    {
-                        if *l >= target {
-                            return Ok(Outcome::TargetReached {
-                                step: self.step,
-                                lddt_ca: *l,
-                            });
-                        }
+                    let lddt = metrics.get("lddt_ca").copied();
+                    let reached = match (self.cfg.train.target_lddt_ca, lddt) {
+                        (Some(target), Some(l)) => l >= target,
+                        _ => false,
+                    };
+                    // Ranks that evaluated nothing follow the ones that reached the target.
+                    if self.coll.any(reached)? {
+                        return Ok(Outcome::TargetReached {
+                            step: self.step,
+                            lddt_ca: lddt.unwrap_or(f64::NAN),
+                        });
                     }
                 }
                 if ckpt_every > 0 && self.step.is_multiple_of(ckpt_every) {
@@ -626,6 +638,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 lr: lr_at(self.step, &self.cfg.optim),
                 config_hash: self.config_hash.clone(),
                 seed: self.cfg.train.seed,
+                rng_scheme: RNG_SCHEME.to_string(),
                 data_state: self.task.data_state()?,
                 adam_steps: self.adam.steps.clone(),
                 eval,

@@ -32,8 +32,32 @@ pub fn toy_config() -> Config {
     c
 }
 
+/// A fresh, empty run directory, removed on drop unless the test is failing (kept for debugging).
+pub struct RunDir(PathBuf);
+
+impl std::ops::Deref for RunDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for RunDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// A fresh, empty directory unique to this process and tag.
-pub fn run_dir(tag: &str) -> PathBuf {
+pub fn run_dir(tag: &str) -> RunDir {
     static N: AtomicUsize = AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(
         "ferrofold-train-{tag}-{}-{}",
@@ -42,7 +66,7 @@ pub fn run_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    RunDir(d)
 }
 
 pub fn options(dir: &Path) -> TrainerOptions {
