@@ -174,6 +174,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn progress_bar_only_on_root_and_when_asked() {
+        assert!(ProgressBar::new(Progress::Never, true, 0, 10).bar.is_none());
+        assert!(ProgressBar::new(Progress::Always, false, 0, 10)
+            .bar
+            .is_none());
+        assert!(ProgressBar::new(Progress::Auto, false, 0, 10).bar.is_none());
+        let b = ProgressBar::new(Progress::Always, true, 3, 10);
+        assert_eq!(b.bar.as_ref().map(|b| b.position()), Some(3));
+        b.update(5, 0.25, 1e-3);
+        assert_eq!(b.bar.as_ref().map(|b| b.position()), Some(5));
+        assert_eq!(b.bar.as_ref().map(|b| b.length()), Some(Some(10)));
+        b.finish();
+    }
+
+    #[test]
     fn truncates_lines_after_resume_step() {
         let dir = std::env::temp_dir().join(format!("ferrofold-metrics-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

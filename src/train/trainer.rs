@@ -7,6 +7,14 @@
 //! position) or a pure function of `(config, step)` (LR, number of recycles, the per-step RNG
 //! `seed_for(seed, "step", rank, step)`). Hence `N` steps straight and `k` steps + resume + `N - k`
 //! steps give bitwise-identical weights on a deterministic backend.
+//!
+//! Step accounting: `step` counts every step taken, skipped ones included; the LR schedule, the
+//! recycles and the per-step RNG are indexed by it, so a skipped step still consumes its LR slot and
+//! its samples.
+//!
+//! MLPerf logging: AF2 has no epochs; an MLPerf "epoch" is one evaluation interval
+//! (`train.eval_every` steps): `epoch_start` before its first step, `epoch_stop`, `eval_start`,
+//! `eval_accuracy` (EMA lDDT-Cα), `eval_stop` after its last.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -202,9 +210,6 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             .unwrap_or(Device::Cpu);
         let config_hash = resume_hash(cfg)?;
         let run_dir = opts.run_dir.clone();
-        if rank == 0 {
-            checkpoint::remove_stale_tmp(&run_dir)?;
-        }
         let source = match &opts.resume {
             Resume::Auto => checkpoint::find_latest(&run_dir)?,
             Resume::From(dir) => Some(dir.clone()),
@@ -230,10 +235,15 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         if let Some(dir) = source {
             let data = checkpoint::load(&dir, &device)?;
             data.check_against(&dir, &param_shapes(&params))?;
-            for (name, t) in &data.model {
-                if t.dtype() != DType::F32 {
+            for (file, part) in [
+                (checkpoint::MODEL_FILE, &data.model),
+                (checkpoint::EMA_FILE, &data.ema),
+                (checkpoint::ADAM_FILE, &data.adam_m),
+                (checkpoint::ADAM_FILE, &data.adam_v),
+            ] {
+                if let Some((name, t)) = part.iter().find(|(_, t)| t.dtype() != DType::F32) {
                     return Err(Error::Checkpoint {
-                        path: dir.join(checkpoint::MODEL_FILE),
+                        path: dir.join(file),
                         msg: format!("`{name}` is {:?}, expected f32", t.dtype()),
                     });
                 }
@@ -259,7 +269,11 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 });
             }
             // All checks passed: apply.
-            task.restore_data_state(&data.meta.data_state)?;
+            task.restore_data_state(&data.meta.data_state)
+                .map_err(|e| Error::Checkpoint {
+                    path: dir.join(checkpoint::META_FILE),
+                    msg: format!("cannot restore the data position: {e}"),
+                })?;
             for (name, p) in &params {
                 if let Some(t) = data.model.get(name) {
                     p.set(t)?;
@@ -280,6 +294,10 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             if rank == 0 {
                 tracing::info!("resumed from {} at step {step}", dir.display());
             }
+        }
+        if rank == 0 {
+            // Leftovers of a writer killed mid-checkpoint (never read, see `checkpoint::list`).
+            checkpoint::remove_stale_tmp(&run_dir)?;
         }
         let metrics = MetricsLog::open(&run_dir, step, rank == 0)?;
         Ok(Self {
