@@ -480,6 +480,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn atomic_write_replaces_whole_file() {
+        let dir = std::env::temp_dir().join(format!("ferrofold-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.txt");
+        atomic_write(&p, b"first version").unwrap();
+        atomic_write(&p, b"2nd").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"2nd");
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["f.txt".to_string()]); // no temp file left
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn names_roundtrip() {
         assert_eq!(dir_name(100), "ckpt-000000100");
         assert_eq!(parse_dir_name("ckpt-000000100"), Some(100));

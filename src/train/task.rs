@@ -42,7 +42,9 @@ pub struct StepOutput {
 ///
 /// Contract:
 /// - [`Task::params`] returns the fp32 master parameters, keyed by name (sorted); the same `Var`s on
-///   every call. The trainer updates them in place (`Var::set`).
+///   every call. The trainer updates them in place (`Var::set`). A model built through
+///   `VarBuilder::from_varmap` gets them with [`crate::train::optim::params_from_varmap`]. The forward
+///   pass must read the `Var`s each time (no cached copies): evaluation swaps the EMA weights in.
 /// - [`Task::step_loss`] draws the next sample(s) from the task's sample source and returns the loss.
 ///   All randomness must come from `ctx` (or from the data state), never from unseeded RNGs,
 ///   otherwise resumed runs are not reproducible.
