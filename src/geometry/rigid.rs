@@ -21,7 +21,9 @@ fn comp(x: &Tensor, i: usize) -> Result<Tensor> {
 
 /// Entry `[..., i, j]` of a `[*, 3, 3]` (or `[*, 4, 4]`) tensor, shape `[*, 1]`.
 fn entry(m: &Tensor, i: usize, j: usize) -> Result<Tensor> {
-    Ok(m.narrow(D::Minus2, i, 1)?.narrow(D::Minus1, j, 1)?.squeeze(D::Minus1)?)
+    Ok(m.narrow(D::Minus2, i, 1)?
+        .narrow(D::Minus1, j, 1)?
+        .squeeze(D::Minus1)?)
 }
 
 /// Build `[*, 3, 3]` from nine `[*, 1]` entries in row-major order.
@@ -65,7 +67,8 @@ pub fn quat_to_rot(q: &Tensor) -> Result<Tensor> {
 pub fn rot_to_quat(r: &Tensor) -> Result<Tensor> {
     let m = |i, j| entry(r, i, j);
     let (r00, r11, r22) = (m(0, 0)?, m(1, 1)?, m(2, 2)?);
-    let (r01, r10, r02, r20, r12, r21) = (m(0, 1)?, m(1, 0)?, m(0, 2)?, m(2, 0)?, m(1, 2)?, m(2, 1)?);
+    let (r01, r10, r02, r20, r12, r21) =
+        (m(0, 1)?, m(1, 0)?, m(0, 2)?, m(2, 0)?, m(1, 2)?, m(2, 1)?);
     // 4·w², 4·x², 4·y², 4·z² (up to rounding)
     let tw = (((&r00 + &r11)? + &r22)? + 1.0)?;
     let tx = (((&r00 - &r11)? - &r22)? + 1.0)?;
@@ -102,10 +105,15 @@ pub fn rot_to_quat(r: &Tensor) -> Result<Tensor> {
             .broadcast_as(shape4.as_slice())?
             .contiguous()?)
     };
-    let q = sel(0)?.where_cond(&qw, &sel(1)?.where_cond(&qx, &sel(2)?.where_cond(&qy, &qz)?)?)?;
+    let q = sel(0)?.where_cond(
+        &qw,
+        &sel(1)?.where_cond(&qx, &sel(2)?.where_cond(&qy, &qz)?)?,
+    )?;
     // Canonical sign: w >= 0.
     let w = comp(&q, 0)?;
-    let sign = w.ge(&w.zeros_like()?)?.where_cond(&w.ones_like()?, &w.ones_like()?.neg()?)?;
+    let sign = w
+        .ge(&w.zeros_like()?)?
+        .where_cond(&w.ones_like()?, &w.ones_like()?.neg()?)?;
     Ok(q.broadcast_mul(&sign)?)
 }
 
@@ -142,7 +150,9 @@ pub fn quat_normalize(q: &Tensor) -> Result<Tensor> {
 /// `A · B` for `[*, 3, 3]` matrices (batch dims broadcast).
 pub fn rot_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // out[.., i, j] = Σ_k a[.., i, k] b[.., k, j]:  a[.., i, k, 1] * b[.., 1, k, j], summed over k.
-    let prod = a.unsqueeze(D::Minus1)?.broadcast_mul(&b.unsqueeze(b.rank() - 2)?)?;
+    let prod = a
+        .unsqueeze(D::Minus1)?
+        .broadcast_mul(&b.unsqueeze(b.rank() - 2)?)?;
     Ok(prod.sum(prod.rank() - 2)?)
 }
 
@@ -214,7 +224,11 @@ impl Rigid {
 
     /// From quaternions `[*, 4]` (normalised first if `normalize`) and translations `[*, 3]`.
     pub fn from_quat(q: &Tensor, trans: &Tensor, normalize: bool) -> Result<Self> {
-        let q = if normalize { quat_normalize(q)? } else { q.clone() };
+        let q = if normalize {
+            quat_normalize(q)?
+        } else {
+            q.clone()
+        };
         Self::new(quat_to_rot(&q)?, trans.clone())
     }
 
@@ -227,13 +241,19 @@ impl Rigid {
 
     /// `[*, 7]` = `(q, t)`, the quaternion recovered from the matrix ([`rot_to_quat`], w ≥ 0).
     pub fn to_tensor_7(&self) -> Result<Tensor> {
-        Ok(Tensor::cat(&[rot_to_quat(&self.rots)?, self.trans.clone()], D::Minus1)?)
+        Ok(Tensor::cat(
+            &[rot_to_quat(&self.rots)?, self.trans.clone()],
+            D::Minus1,
+        )?)
     }
 
     /// From homogeneous `[*, 4, 4]` matrices.
     pub fn from_tensor_4x4(m: &Tensor) -> Result<Self> {
         let rots = m.narrow(D::Minus2, 0, 3)?.narrow(D::Minus1, 0, 3)?;
-        let trans = m.narrow(D::Minus2, 0, 3)?.narrow(D::Minus1, 3, 1)?.squeeze(D::Minus1)?;
+        let trans = m
+            .narrow(D::Minus2, 0, 3)?
+            .narrow(D::Minus1, 3, 1)?
+            .squeeze(D::Minus1)?;
         Self::new(rots, trans)
     }
 
@@ -243,7 +263,9 @@ impl Rigid {
         let mut bshape = self.batch_shape();
         bshape.extend([1, 4]);
         let (dt, dev) = (self.trans.dtype(), self.trans.device());
-        let last = Tensor::new(&[0f64, 0.0, 0.0, 1.0], dev)?.to_dtype(dt)?.broadcast_as(bshape)?;
+        let last = Tensor::new(&[0f64, 0.0, 0.0, 1.0], dev)?
+            .to_dtype(dt)?
+            .broadcast_as(bshape)?;
         Ok(Tensor::cat(&[top, last.contiguous()?], D::Minus2)?)
     }
 
@@ -442,7 +464,9 @@ mod tests {
         let mut s = seed;
         let mut v = Vec::with_capacity(n * 4);
         for _ in 0..n * 4 {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             v.push(((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0);
         }
         quat_normalize(&Tensor::from_vec(v, (n, 4), &dev()).unwrap()).unwrap()
@@ -452,7 +476,9 @@ mod tests {
         let mut s = seed;
         let mut v = Vec::with_capacity(n * 3);
         for _ in 0..n * 3 {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             v.push(((s >> 11) as f64 / (1u64 << 53) as f64) * 10.0 - 5.0);
         }
         Tensor::from_vec(v, (n, 3), &dev()).unwrap()
@@ -460,11 +486,21 @@ mod tests {
 
     fn det3(r: &Tensor) -> Tensor {
         let c = cross(
-            &r.narrow(D::Minus1, 0, 1).unwrap().squeeze(D::Minus1).unwrap(),
-            &r.narrow(D::Minus1, 1, 1).unwrap().squeeze(D::Minus1).unwrap(),
+            &r.narrow(D::Minus1, 0, 1)
+                .unwrap()
+                .squeeze(D::Minus1)
+                .unwrap(),
+            &r.narrow(D::Minus1, 1, 1)
+                .unwrap()
+                .squeeze(D::Minus1)
+                .unwrap(),
         )
         .unwrap();
-        let c2 = r.narrow(D::Minus1, 2, 1).unwrap().squeeze(D::Minus1).unwrap();
+        let c2 = r
+            .narrow(D::Minus1, 2, 1)
+            .unwrap()
+            .squeeze(D::Minus1)
+            .unwrap();
         (c * c2).unwrap().sum(D::Minus1).unwrap()
     }
 
@@ -479,7 +515,11 @@ mod tests {
         // Known value: 90° about z maps x to y.
         let h = std::f64::consts::FRAC_1_SQRT_2;
         let q = Tensor::new(&[[h, 0.0, 0.0, h]], &dev()).unwrap();
-        let v = rot_vec_mul(&quat_to_rot(&q).unwrap(), &Tensor::new(&[[1.0f64, 0.0, 0.0]], &dev()).unwrap()).unwrap();
+        let v = rot_vec_mul(
+            &quat_to_rot(&q).unwrap(),
+            &Tensor::new(&[[1.0f64, 0.0, 0.0]], &dev()).unwrap(),
+        )
+        .unwrap();
         assert!(max_abs(&v, &Tensor::new(&[[0.0f64, 1.0, 0.0]], &dev()).unwrap()) < 1e-15);
     }
 
@@ -492,21 +532,40 @@ mod tests {
         assert!(max_abs(&lhs, &rhs) < 1e-14);
         // q ⊗ (0, v) equals the full product with a pure quaternion.
         let v = random_vecs(20, 4);
-        let pure = Tensor::cat(&[v.zeros_like().unwrap().narrow(1, 0, 1).unwrap(), v.clone()], 1).unwrap();
-        assert!(max_abs(&quat_multiply_by_vec(&a, &v).unwrap(), &quat_multiply(&a, &pure).unwrap()) < 1e-15);
+        let pure = Tensor::cat(
+            &[v.zeros_like().unwrap().narrow(1, 0, 1).unwrap(), v.clone()],
+            1,
+        )
+        .unwrap();
+        assert!(
+            max_abs(
+                &quat_multiply_by_vec(&a, &v).unwrap(),
+                &quat_multiply(&a, &pure).unwrap()
+            ) < 1e-15
+        );
     }
 
     #[test]
     fn quaternion_rotation_round_trip() {
         let q = random_quats(200, 5);
-        let sign = comp(&q, 0).unwrap().ge(0.0).unwrap().to_dtype(DType::F64).unwrap();
+        let sign = comp(&q, 0)
+            .unwrap()
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         let sign = ((sign * 2.0).unwrap() - 1.0).unwrap();
         let q = q.broadcast_mul(&sign).unwrap();
         let back = rot_to_quat(&quat_to_rot(&q).unwrap()).unwrap();
         assert!(max_abs(&back, &q) < 1e-12, "{}", max_abs(&back, &q));
         // Covers every Shepperd branch: 180° rotations about x, y, z and the identity.
         let special = Tensor::new(
-            &[[1.0f64, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+            &[
+                [1.0f64, 0.0, 0.0, 0.0],
+                [0.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 1.0, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
             &dev(),
         )
         .unwrap();
@@ -532,7 +591,12 @@ mod tests {
         // invert_apply ∘ apply = id and apply ∘ invert_apply = id
         assert!(max_abs(&a.invert_apply(&a.apply(&x).unwrap()).unwrap(), &x) < 1e-13);
         assert!(max_abs(&a.apply(&a.invert_apply(&x).unwrap()).unwrap(), &x) < 1e-13);
-        assert!(max_abs(&a.invert().unwrap().apply(&x).unwrap(), &a.invert_apply(&x).unwrap()) < 1e-13);
+        assert!(
+            max_abs(
+                &a.invert().unwrap().apply(&x).unwrap(),
+                &a.invert_apply(&x).unwrap()
+            ) < 1e-13
+        );
         // 4x4 and 7 round trips
         let m = a.to_tensor_4x4().unwrap();
         assert_eq!(m.dims(), &[30, 4, 4]);
@@ -543,7 +607,9 @@ mod tests {
         // Broadcasting: a [30,1] rigid applied to [30,4,3] points.
         let pts = random_vecs(120, 11).reshape((30, 4, 3)).unwrap();
         let out = a.unsqueeze(1).unwrap().apply(&pts).unwrap();
-        let one = a.apply(&pts.narrow(1, 2, 1).unwrap().squeeze(1).unwrap()).unwrap();
+        let one = a
+            .apply(&pts.narrow(1, 2, 1).unwrap().squeeze(1).unwrap())
+            .unwrap();
         assert!(max_abs(&out.narrow(1, 2, 1).unwrap().squeeze(1).unwrap(), &one) < 1e-15);
     }
 
@@ -551,10 +617,20 @@ mod tests {
     fn frames_from_three_points_recover_known_frame() {
         // Build a known AF2 frame T and local backbone atoms; check rigidFrom3Points recovers T.
         let t = Rigid::from_quat(&random_quats(10, 12), &random_vecs(10, 13), false).unwrap();
-        let n_local = Tensor::new(&[[-0.525f64, 1.363, 0.0]], &dev()).unwrap().broadcast_as((10, 3)).unwrap();
+        let n_local = Tensor::new(&[[-0.525f64, 1.363, 0.0]], &dev())
+            .unwrap()
+            .broadcast_as((10, 3))
+            .unwrap();
         let ca_local = Tensor::zeros((10, 3), DType::F64, &dev()).unwrap();
-        let c_local = Tensor::new(&[[1.526f64, 0.0, 0.0]], &dev()).unwrap().broadcast_as((10, 3)).unwrap();
-        let (n, ca, c) = (t.apply(&n_local).unwrap(), t.apply(&ca_local).unwrap(), t.apply(&c_local).unwrap());
+        let c_local = Tensor::new(&[[1.526f64, 0.0, 0.0]], &dev())
+            .unwrap()
+            .broadcast_as((10, 3))
+            .unwrap();
+        let (n, ca, c) = (
+            t.apply(&n_local).unwrap(),
+            t.apply(&ca_local).unwrap(),
+            t.apply(&c_local).unwrap(),
+        );
         let f = Rigid::from_3_points_af2(&n, &ca, &c, 1e-20).unwrap();
         assert!(max_abs(&f.rots, &t.rots) < 1e-12);
         assert!(max_abs(&f.trans, &t.trans) < 1e-12);
@@ -574,10 +650,14 @@ mod tests {
     #[test]
     fn backbone_update_and_stop_gradient() {
         let q0 = QuatRigid::identity(&[4], DType::F64, &dev()).unwrap();
-        let upd = Var::from_tensor(&Tensor::new(&[[0.1f64, -0.2, 0.3, 1.0, 2.0, 3.0]; 4], &dev()).unwrap()).unwrap();
+        let upd = Var::from_tensor(
+            &Tensor::new(&[[0.1f64, -0.2, 0.3, 1.0, 2.0, 3.0]; 4], &dev()).unwrap(),
+        )
+        .unwrap();
         let q1 = q0.compose_q_update_vec(upd.as_tensor()).unwrap();
         // (1, b, c, d) normalised.
-        let want = quat_normalize(&Tensor::new(&[[1.0f64, 0.1, -0.2, 0.3]; 4], &dev()).unwrap()).unwrap();
+        let want =
+            quat_normalize(&Tensor::new(&[[1.0f64, 0.1, -0.2, 0.3]; 4], &dev()).unwrap()).unwrap();
         assert!(max_abs(&q1.quats, &want) < 1e-15);
         // Second update: the translation is rotated by the first rotation.
         let q2 = q1.compose_q_update_vec(upd.as_tensor()).unwrap();
