@@ -18,6 +18,7 @@ use ferrofold::model::heads::{
     DistogramHead, ExperimentallyResolvedHead, MaskedMsaHead, PerResidueLddtCaPredictor,
 };
 use ferrofold::model::ipa::{InvariantPointAttention, IpaConfig};
+use ferrofold::model::structure_module::{AtomTables, StructureModule, StructureModuleOutput};
 
 const F64_REL: f64 = 1e-10;
 const F64_ABS_ZERO: f64 = 1e-12;
@@ -376,6 +377,211 @@ fn golden_invariant_point_attention(fx: &Fixture, dtype: DType) -> Report {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Structure module
+// ---------------------------------------------------------------------------------------------
+
+/// The residue-constant tables, from the golden `data/residue_constants` (OpenFold's float32 arrays).
+fn golden_tables() -> AtomTables {
+    let rc = Fixture::named("data", "residue_constants");
+    AtomTables::from_tensors(
+        rc.get("restype_rigid_group_default_frame"),
+        rc.get("restype_atom14_to_rigid_group"),
+        rc.get("restype_atom14_mask"),
+        rc.get("restype_atom14_rigid_group_positions"),
+    )
+    .unwrap()
+}
+
+fn sm_config(fx: &Fixture) -> StructureConfig {
+    StructureConfig {
+        c_ipa: fx.arg_usize("c_ipa"),
+        c_resnet: fx.arg_usize("c_resnet"),
+        no_heads_ipa: fx.arg_usize("no_heads_ipa"),
+        no_qk_points: fx.arg_usize("no_qk_points"),
+        no_v_points: fx.arg_usize("no_v_points"),
+        dropout_rate: fx.arg_f64("dropout_rate"),
+        no_blocks: fx.arg_usize("no_blocks"),
+        no_transition_layers: fx.arg_usize("no_transition_layers"),
+        no_resnet_blocks: fx.arg_usize("no_resnet_blocks"),
+        no_angles: fx.arg_usize("no_angles"),
+        trans_scale_factor: fx.arg_f64("trans_scale_factor"),
+        epsilon: fx.arg_f64("epsilon"),
+        inf: fx.arg_f64("inf"),
+    }
+}
+
+/// Named SM outputs (fixture names) from one forward.
+fn sm_outputs(o: &StructureModuleOutput) -> Vec<(&'static str, Tensor)> {
+    let last = |t: &Tensor| t.i(t.dims()[0] - 1).unwrap();
+    vec![
+        ("frames", o.frames.clone()),
+        ("sidechain_frames", o.sidechain_frames.clone()),
+        ("unnormalized_angles", o.unnormalized_angles.clone()),
+        ("angles", o.angles.clone()),
+        ("positions", o.positions.clone()),
+        ("states", o.states.clone()),
+        ("single", o.single.clone()),
+        ("final_atom14_positions", last(&o.positions)),
+        ("final_frames", last(&o.frames)),
+        ("final_angles", last(&o.angles)),
+    ]
+}
+
+/// Residue dim of each SM output.
+fn sm_res_dim(name: &str) -> usize {
+    if name == "single" || name.starts_with("final_") {
+        0
+    } else {
+        1
+    }
+}
+
+/// One SM forward + VJP with the given cotangents. Returns (outputs, param grads, input grads).
+#[allow(clippy::type_complexity)]
+fn run_sm(
+    fx: &Fixture,
+    dtype: DType,
+    cots: &BTreeMap<String, Tensor>,
+    report: &mut Report,
+) -> (
+    Vec<(&'static str, Tensor)>,
+    BTreeMap<String, Tensor>,
+    BTreeMap<String, Tensor>,
+) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+    let c_s = fx.arg_usize("c_s");
+    let c_z = fx.arg_usize("c_z");
+    let sm = StructureModule::new(vb, c_s, c_z, &sm_config(fx), golden_tables()).unwrap();
+    load_params(&vm, fx, dtype, report);
+    let inputs: BTreeMap<String, Var> = fx
+        .grad_inputs()
+        .iter()
+        .map(|n| (n.clone(), input_var(fx, n, dtype)))
+        .collect();
+    let mask = fx.get_as("input.mask", dtype);
+    let aatype = fx.get("input.aatype");
+    let out = sm
+        .forward(
+            inputs["s"].as_tensor(),
+            inputs["z"].as_tensor(),
+            &aatype,
+            &mask,
+            None,
+        )
+        .unwrap();
+    let outs = sm_outputs(&out);
+    let grads = vjp_loss(
+        &outs
+            .iter()
+            .map(|(n, t)| (*n, t.clone()))
+            .collect::<Vec<_>>(),
+        cots,
+    )
+    .backward()
+    .unwrap();
+    let data = vm.data().lock().unwrap();
+    let pg = data
+        .iter()
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .cloned()
+                .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap());
+            (n.clone(), g)
+        })
+        .collect();
+    let ig = inputs
+        .iter()
+        .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    (outs, pg, ig)
+}
+
+fn golden_structure_module(fx: &Fixture, dtype: DType) -> Report {
+    let mut report = Report::default();
+    let zero = fx.structurally_zero();
+    let cot_names = fx.cotangent_outputs();
+    let mut cots: BTreeMap<String, Tensor> = cot_names
+        .iter()
+        .map(|n| (n.clone(), fx.get(&format!("cotangent.{n}"))))
+        .collect();
+    if dtype == DType::F64 {
+        let t = tol(dtype, 0.0);
+        let (outs, pg, ig) = run_sm(fx, dtype, &cots, &mut report);
+        for (n, o) in &outs {
+            chk(
+                &mut report,
+                &format!("output.{n}"),
+                o,
+                &fx.get(&format!("output.{n}")),
+                t.rel,
+                0.0,
+            );
+        }
+        for (n, g) in &pg {
+            let key = format!("grad.param.{n}");
+            let (r, a) = if zero.contains(&key) {
+                (0.0, t.abs_zero)
+            } else {
+                (t.rel, 0.0)
+            };
+            chk(&mut report, &key, g, &fx.get(&key), r, a);
+        }
+        for (n, g) in &ig {
+            chk(
+                &mut report,
+                &format!("grad.input.{n}"),
+                g,
+                &fx.get(&format!("grad.input.{n}")),
+                t.rel,
+                0.0,
+            );
+        }
+    } else {
+        let t = tol(dtype, 5e-5);
+        let mask = fx.get("input.mask");
+        for (n, c) in cots.iter_mut() {
+            *c = zero_invalid(c, sm_res_dim(n), &mask);
+        }
+        let (outs, pg, ig) = run_sm(fx, dtype, &cots, &mut report);
+        let (_, pg64, ig64) = run_sm(fx, DType::F64, &cots, &mut report);
+        for (n, o) in &outs {
+            let d = sm_res_dim(n);
+            let want = valid_rows(&fx.get(&format!("output.{n}")), d, &mask);
+            chk(
+                &mut report,
+                &format!("output.{n} (valid)"),
+                &valid_rows(o, d, &mask),
+                &want,
+                t.rel,
+                0.0,
+            );
+        }
+        for (n, g) in &pg {
+            let key = format!("grad.param.{n}");
+            let (r, a) = if zero.contains(&key) {
+                (0.0, t.abs_zero)
+            } else {
+                (t.rel, 0.0)
+            };
+            chk(&mut report, &format!("{key} (valid)"), g, &pg64[n], r, a);
+        }
+        for (n, g) in &ig {
+            chk(
+                &mut report,
+                &format!("grad.input.{n} (valid)"),
+                g,
+                &ig64[n],
+                t.rel,
+                0.0,
+            );
+        }
+    }
+    report
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
 
@@ -417,7 +623,7 @@ fn sm_golden_invariant_point_attention() {
     );
 }
 
-#[allow(dead_code)]
-fn _unused(_: StructureConfig, t: &Tensor) -> Tensor {
-    t.i(0).unwrap()
+#[test]
+fn sm_golden_structure_module() {
+    run("structure_module", golden_structure_module);
 }

@@ -328,6 +328,24 @@ impl Rigid {
         })
     }
 
+    /// Narrow batch dim `dim` (batch dims lead in both parts, so the index is shared).
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Rigid> {
+        Ok(Rigid {
+            rots: self.rots.narrow(dim, start, len)?,
+            trans: self.trans.narrow(dim, start, len)?,
+        })
+    }
+
+    /// Concatenate along batch dim `dim`.
+    pub fn cat(rs: &[Rigid], dim: usize) -> Result<Rigid> {
+        let rots: Vec<&Tensor> = rs.iter().map(|r| &r.rots).collect();
+        let trans: Vec<&Tensor> = rs.iter().map(|r| &r.trans).collect();
+        Ok(Rigid {
+            rots: Tensor::cat(&rots, dim)?,
+            trans: Tensor::cat(&trans, dim)?,
+        })
+    }
+
     /// Cast both parts.
     pub fn to_dtype(&self, dtype: DType) -> Result<Rigid> {
         Ok(Rigid {
