@@ -380,16 +380,29 @@ fn golden_invariant_point_attention(fx: &Fixture, dtype: DType) -> Report {
 // Structure module
 // ---------------------------------------------------------------------------------------------
 
-/// The residue-constant tables, from the golden `data/residue_constants` (OpenFold's float32 arrays).
-fn golden_tables() -> AtomTables {
+/// The library's residue-constant tables must equal OpenFold's (golden `data/residue_constants`); the structure-module parity test then uses the library's tables.
+#[test]
+fn sm_atom_tables_match_golden_residue_constants() {
     let rc = Fixture::named("data", "residue_constants");
-    AtomTables::from_tensors(
-        rc.get("restype_rigid_group_default_frame"),
-        rc.get("restype_atom14_to_rigid_group"),
-        rc.get("restype_atom14_mask"),
-        rc.get("restype_atom14_rigid_group_positions"),
-    )
-    .unwrap()
+    let t = AtomTables::new(&Device::Cpu).unwrap();
+    let mut report = Report::default();
+    let pairs = [
+        ("restype_rigid_group_default_frame", &t.default_frames),
+        ("restype_atom14_to_rigid_group", &t.group_idx),
+        ("restype_atom14_mask", &t.atom_mask),
+        ("restype_atom14_rigid_group_positions", &t.lit_positions),
+    ];
+    for (name, got) in pairs {
+        // The default frames are derived (Gram–Schmidt in f64, then rounded to f32); entries that
+        // are zero in exact arithmetic may differ by ~1e-16. Everything else is bitwise.
+        let abs = if name.contains("default_frame") {
+            1e-12
+        } else {
+            0.0
+        };
+        chk(&mut report, name, got, &rc.get(name), 0.0, abs);
+    }
+    report.assert_ok("AtomTables vs residue_constants");
 }
 
 fn sm_config(fx: &Fixture) -> StructureConfig {
@@ -452,7 +465,14 @@ fn run_sm(
     let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
     let c_s = fx.arg_usize("c_s");
     let c_z = fx.arg_usize("c_z");
-    let sm = StructureModule::new(vb, c_s, c_z, &sm_config(fx), golden_tables()).unwrap();
+    let sm = StructureModule::new(
+        vb,
+        c_s,
+        c_z,
+        &sm_config(fx),
+        AtomTables::new(&Device::Cpu).unwrap(),
+    )
+    .unwrap();
     load_params(&vm, fx, dtype, report);
     let inputs: BTreeMap<String, Var> = fx
         .grad_inputs()

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::geometry::rigid::{QuatRigid, Rigid};
 use crate::model::ipa::{InvariantPointAttention, IpaConfig};
 use crate::model::primitives::{cast, LayerNorm, Linear, LinearInit};
+use crate::model::residue_constants as rc;
 
 /// Residue-constant tables the structure module needs (OpenFold keeps them as float32 buffers and
 /// casts them to the activation dtype; we do the same).
@@ -31,6 +32,40 @@ pub struct AtomTables {
 }
 
 impl AtomTables {
+    /// The AF2 tables from [`crate::model::residue_constants`] (float32, as OpenFold's buffers).
+    pub fn new(device: &Device) -> Result<Self> {
+        let df: Vec<f32> = rc::restype_rigid_group_default_frame()
+            .iter()
+            .flatten()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect();
+        let gi: Vec<u32> = rc::restype_atom14_to_rigid_group()
+            .iter()
+            .flatten()
+            .map(|&g| g as u32)
+            .collect();
+        let am: Vec<f32> = rc::restype_atom14_mask()
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let lp: Vec<f32> = rc::restype_atom14_rigid_group_positions()
+            .iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect();
+        let n = rc::RESTYPE_NUM_WITH_X;
+        Self::from_tensors(
+            Tensor::from_vec(df, (n, rc::RIGID_GROUP_NUM, 4, 4), device)?,
+            Tensor::from_vec(gi, (n, rc::ATOM14_NUM), device)?,
+            Tensor::from_vec(am, (n, rc::ATOM14_NUM), device)?,
+            Tensor::from_vec(lp, (n, rc::ATOM14_NUM, 3), device)?,
+        )
+    }
+
     /// From tensors with the shapes documented on the fields (any float dtype; integer
     /// `group_idx`).
     pub fn from_tensors(
