@@ -201,7 +201,7 @@ pub fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
     let mut v = Vec::with_capacity(n);
     for i in 0..n as u64 {
         let u = (splitmix64(seed ^ splitmix64(i)) >> 11) as f64 / (1u64 << 53) as f64;
-        v.push(if u < keep { (1.0 / keep) as f32 } else { 0.0 });
+        v.push(if u < keep { 1.0 / keep } else { 0.0 });
     }
     let m = Tensor::from_vec(v, x.dims(), &Device::Cpu)?
         .to_dtype(x.dtype())?
@@ -464,9 +464,15 @@ impl StructureModule {
         dropout_seed: Option<u64>,
     ) -> Result<StructureModuleOutput> {
         let cfg = &self.cfg;
-        let dt = single.dtype();
-        let s = self.layer_norm_s.forward(single)?;
-        let z = self.layer_norm_z.forward(pair)?;
+        // DISCREPANCY: OpenFold keeps only the rigids in f32 under half precision; we run the
+        // whole structure module in f32 for bf16/f16 input (outputs are f32).
+        let dt = match single.dtype() {
+            DType::BF16 | DType::F16 => DType::F32,
+            d => d,
+        };
+        let s = self.layer_norm_s.forward(&cast(single, dt)?)?;
+        let z = self.layer_norm_z.forward(&cast(pair, dt)?)?;
+        let aatype = aatype.to_device(s.device())?;
         let s_initial = s.clone();
         let mut s = self.linear_in.forward(&s)?;
         let dims = s.dims().to_vec();
@@ -496,7 +502,6 @@ impl StructureModule {
             // Lines 11–14: torsion angles.
             let (un, ang) = self.angle_resnet.forward(&s, &s_initial)?;
             // Algorithm 24 and atom14 positions.
-            let aatype = aatype.to_device(s.device())?;
             let all_frames =
                 torsion_angles_to_frames(&backb_to_global, &ang, &aatype, &self.tables)?;
             let pos =
