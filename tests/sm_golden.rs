@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::golden::{Fixture, Report};
-use ferrofold::config::StructureConfig;
 use ferrofold::geometry::rigid::Rigid;
 use ferrofold::model::heads::{
     DistogramHead, ExperimentallyResolvedHead, MaskedMsaHead, PerResidueLddtCaPredictor,
@@ -198,37 +197,29 @@ fn golden_simple(
 }
 
 fn golden_distogram_head(fx: &Fixture, dtype: DType) -> Report {
-    let (c_z, bins) = (fx.arg_usize("c_z"), fx.arg_usize("no_bins"));
     golden_simple(fx, dtype, 1e-5, "z", "logits", |vb| {
-        let h = DistogramHead::new(vb, c_z, bins).unwrap();
+        let h = DistogramHead::from_constructor_args(vb, fx.args()).unwrap();
         Box::new(move |x| h.forward(x).unwrap())
     })
 }
 
 fn golden_masked_msa_head(fx: &Fixture, dtype: DType) -> Report {
-    let (c_m, c_out) = (fx.arg_usize("c_m"), fx.arg_usize("c_out"));
     golden_simple(fx, dtype, 1e-5, "m", "logits", |vb| {
-        let h = MaskedMsaHead::new(vb, c_m, c_out).unwrap();
+        let h = MaskedMsaHead::from_constructor_args(vb, fx.args()).unwrap();
         Box::new(move |x| h.forward(x).unwrap())
     })
 }
 
 fn golden_plddt_head(fx: &Fixture, dtype: DType) -> Report {
-    let (c_in, c_hidden, bins) = (
-        fx.arg_usize("c_in"),
-        fx.arg_usize("c_hidden"),
-        fx.arg_usize("no_bins"),
-    );
     golden_simple(fx, dtype, 1e-5, "s", "logits", |vb| {
-        let h = PerResidueLddtCaPredictor::new(vb, c_in, c_hidden, bins).unwrap();
+        let h = PerResidueLddtCaPredictor::from_constructor_args(vb, fx.args()).unwrap();
         Box::new(move |x| h.forward(x).unwrap())
     })
 }
 
 fn golden_experimentally_resolved_head(fx: &Fixture, dtype: DType) -> Report {
-    let (c_s, c_out) = (fx.arg_usize("c_s"), fx.arg_usize("c_out"));
     golden_simple(fx, dtype, 1e-5, "s", "logits", |vb| {
-        let h = ExperimentallyResolvedHead::new(vb, c_s, c_out).unwrap();
+        let h = ExperimentallyResolvedHead::from_constructor_args(vb, fx.args()).unwrap();
         Box::new(move |x| h.forward(x).unwrap())
     })
 }
@@ -236,19 +227,6 @@ fn golden_experimentally_resolved_head(fx: &Fixture, dtype: DType) -> Report {
 // ---------------------------------------------------------------------------------------------
 // IPA
 // ---------------------------------------------------------------------------------------------
-
-fn ipa_config(fx: &Fixture) -> IpaConfig {
-    IpaConfig {
-        c_s: fx.arg_usize("c_s"),
-        c_z: fx.arg_usize("c_z"),
-        c_hidden: fx.arg_usize("c_hidden"),
-        no_heads: fx.arg_usize("no_heads"),
-        no_qk_points: fx.arg_usize("no_qk_points"),
-        no_v_points: fx.arg_usize("no_v_points"),
-        inf: fx.arg_f64("inf"),
-        eps: fx.arg_f64("eps"),
-    }
-}
 
 /// One IPA forward + VJP in `dtype` with the fixture's params/inputs and the given cotangent.
 /// Returns (output, param grads by name, input grads by name).
@@ -262,7 +240,7 @@ fn run_ipa(
     let vm = VarMap::new();
     let ipa = InvariantPointAttention::new(
         VarBuilder::from_varmap(&vm, dtype, &Device::Cpu),
-        &ipa_config(fx),
+        &IpaConfig::from_constructor_args(fx.args()).unwrap(),
     )
     .unwrap();
     load_params(&vm, fx, dtype, report);
@@ -405,24 +383,6 @@ fn sm_atom_tables_match_golden_residue_constants() {
     report.assert_ok("AtomTables vs residue_constants");
 }
 
-fn sm_config(fx: &Fixture) -> StructureConfig {
-    StructureConfig {
-        c_ipa: fx.arg_usize("c_ipa"),
-        c_resnet: fx.arg_usize("c_resnet"),
-        no_heads_ipa: fx.arg_usize("no_heads_ipa"),
-        no_qk_points: fx.arg_usize("no_qk_points"),
-        no_v_points: fx.arg_usize("no_v_points"),
-        dropout_rate: fx.arg_f64("dropout_rate"),
-        no_blocks: fx.arg_usize("no_blocks"),
-        no_transition_layers: fx.arg_usize("no_transition_layers"),
-        no_resnet_blocks: fx.arg_usize("no_resnet_blocks"),
-        no_angles: fx.arg_usize("no_angles"),
-        trans_scale_factor: fx.arg_f64("trans_scale_factor"),
-        epsilon: fx.arg_f64("epsilon"),
-        inf: fx.arg_f64("inf"),
-    }
-}
-
 /// Named SM outputs (fixture names) from one forward.
 fn sm_outputs(o: &StructureModuleOutput) -> Vec<(&'static str, Tensor)> {
     let last = |t: &Tensor| t.i(t.dims()[0] - 1).unwrap();
@@ -463,16 +423,7 @@ fn run_sm(
 ) {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
-    let c_s = fx.arg_usize("c_s");
-    let c_z = fx.arg_usize("c_z");
-    let sm = StructureModule::new(
-        vb,
-        c_s,
-        c_z,
-        &sm_config(fx),
-        AtomTables::new(&Device::Cpu).unwrap(),
-    )
-    .unwrap();
+    let sm = StructureModule::from_constructor_args(vb, fx.args()).unwrap();
     load_params(&vm, fx, dtype, report);
     let inputs: BTreeMap<String, Var> = fx
         .grad_inputs()

@@ -9,7 +9,7 @@ use ferrofold::config::{HeadsConfig, StructureConfig, TmHead};
 use ferrofold::geometry::rigid::{quat_normalize, Rigid};
 use ferrofold::model::heads::AuxiliaryHeads;
 use ferrofold::model::ipa::{InvariantPointAttention, IpaConfig};
-use ferrofold::model::structure_module::{AtomTables, StructureModule};
+use ferrofold::model::structure_module::StructureModule;
 
 /// Deterministic N(0,1)-ish values (sum of uniforms) from an LCG.
 fn rand(shape: &[usize], seed: u64, scale: f64) -> Tensor {
@@ -135,14 +135,7 @@ fn sm_gradflow_ipa() {
 fn sm_gradflow_structure_module() {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
-    let sm = StructureModule::new(
-        vb,
-        C_S,
-        C_Z,
-        &small_sm_config(),
-        AtomTables::new(&Device::Cpu).unwrap(),
-    )
-    .unwrap();
+    let sm = StructureModule::new(vb, C_S, C_Z, &small_sm_config()).unwrap();
     randomize(&vm);
     // Residue types with chi1..chi4 (ARG, LYS), so every torsion reaches the positions.
     let aatype = Tensor::new(&[1u32, 11, 0, 5, 19, 1, 13], &Device::Cpu).unwrap();
@@ -215,14 +208,7 @@ fn sm_gradflow_heads() {
 fn sm_dropout_is_seeded_and_off_in_eval() {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
-    let sm = StructureModule::new(
-        vb,
-        C_S,
-        C_Z,
-        &small_sm_config(),
-        AtomTables::new(&Device::Cpu).unwrap(),
-    )
-    .unwrap();
+    let sm = StructureModule::new(vb, C_S, C_Z, &small_sm_config()).unwrap();
     randomize(&vm);
     let aatype = Tensor::new(&[1u32, 11, 0, 5, 19, 1, 13], &Device::Cpu).unwrap();
     let mask = Tensor::ones(N, DType::F64, &Device::Cpu).unwrap();

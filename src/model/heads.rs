@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{HeadsConfig, TmHead};
 use crate::error::Result;
+use crate::model::ipa::arg_usize;
 use crate::model::primitives::{LayerNorm, Linear, LinearInit};
 
 /// Algorithm 29 (pLDDT head, `PerResidueLDDTCaPredictor`): `LN → lin → relu → lin → relu → lin`
@@ -21,6 +22,16 @@ pub struct PerResidueLddtCaPredictor {
 }
 
 impl PerResidueLddtCaPredictor {
+    /// From OpenFold constructor arguments (JSON object).
+    pub fn from_constructor_args(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+        Self::new(
+            vb,
+            arg_usize(args, "c_in")?,
+            arg_usize(args, "c_hidden")?,
+            arg_usize(args, "no_bins")?,
+        )
+    }
+
     pub fn new(vb: VarBuilder, c_in: usize, c_hidden: usize, no_bins: usize) -> Result<Self> {
         Ok(Self {
             layer_norm: LayerNorm::new(vb.pp("layer_norm"), c_in)?,
@@ -58,6 +69,11 @@ pub struct DistogramHead {
 }
 
 impl DistogramHead {
+    /// From OpenFold constructor arguments (JSON object).
+    pub fn from_constructor_args(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+        Self::new(vb, arg_usize(args, "c_z")?, arg_usize(args, "no_bins")?)
+    }
+
     pub fn new(vb: VarBuilder, c_z: usize, no_bins: usize) -> Result<Self> {
         Ok(Self {
             linear: Linear::new(vb.pp("linear"), c_z, no_bins, true, LinearInit::Final)?,
@@ -79,6 +95,11 @@ pub struct MaskedMsaHead {
 }
 
 impl MaskedMsaHead {
+    /// From OpenFold constructor arguments (JSON object).
+    pub fn from_constructor_args(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+        Self::new(vb, arg_usize(args, "c_m")?, arg_usize(args, "c_out")?)
+    }
+
     pub fn new(vb: VarBuilder, c_m: usize, c_out: usize) -> Result<Self> {
         Ok(Self {
             linear: Linear::new(vb.pp("linear"), c_m, c_out, true, LinearInit::Final)?,
@@ -98,6 +119,11 @@ pub struct ExperimentallyResolvedHead {
 }
 
 impl ExperimentallyResolvedHead {
+    /// From OpenFold constructor arguments (JSON object).
+    pub fn from_constructor_args(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+        Self::new(vb, arg_usize(args, "c_s")?, arg_usize(args, "c_out")?)
+    }
+
     pub fn new(vb: VarBuilder, c_s: usize, c_out: usize) -> Result<Self> {
         Ok(Self {
             linear: Linear::new(vb.pp("linear"), c_s, c_out, true, LinearInit::Final)?,
@@ -117,6 +143,11 @@ pub struct TmScoreHead {
 }
 
 impl TmScoreHead {
+    /// From OpenFold constructor arguments (JSON object).
+    pub fn from_constructor_args(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+        Self::new(vb, arg_usize(args, "c_z")?, arg_usize(args, "no_bins")?)
+    }
+
     pub fn new(vb: VarBuilder, c_z: usize, no_bins: usize) -> Result<Self> {
         Ok(Self {
             linear: Linear::new(vb.pp("linear"), c_z, no_bins, true, LinearInit::Final)?,

@@ -49,6 +49,37 @@ impl IpaConfig {
     }
 }
 
+/// `args[key]` as an integer (OpenFold `constructor_args` JSON).
+pub(crate) fn arg_usize(args: &serde_json::Value, key: &str) -> Result<usize> {
+    args[key]
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| Error::Model(format!("constructor arg `{key}` missing or not an integer")))
+}
+
+/// `args[key]` as a number (OpenFold `constructor_args` JSON).
+pub(crate) fn arg_f64(args: &serde_json::Value, key: &str) -> Result<f64> {
+    args[key]
+        .as_f64()
+        .ok_or_else(|| Error::Model(format!("constructor arg `{key}` missing or not a number")))
+}
+
+impl IpaConfig {
+    /// From OpenFold `InvariantPointAttention` constructor arguments (JSON object).
+    pub fn from_constructor_args(args: &serde_json::Value) -> Result<Self> {
+        Ok(Self {
+            c_s: arg_usize(args, "c_s")?,
+            c_z: arg_usize(args, "c_z")?,
+            c_hidden: arg_usize(args, "c_hidden")?,
+            no_heads: arg_usize(args, "no_heads")?,
+            no_qk_points: arg_usize(args, "no_qk_points")?,
+            no_v_points: arg_usize(args, "no_v_points")?,
+            inf: arg_f64(args, "inf")?,
+            eps: arg_f64(args, "eps")?,
+        })
+    }
+}
+
 /// `softplus⁻¹(1)`: OpenFold initialises `head_weights` so that `softplus(w) = 1`.
 const SOFTPLUS_INV_ONE: f64 = 0.541_324_854_612_918_1;
 

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use crate::config::StructureConfig;
 use crate::error::{Error, Result};
 use crate::geometry::rigid::{QuatRigid, Rigid};
-use crate::model::ipa::{InvariantPointAttention, IpaConfig};
+use crate::model::ipa::{arg_f64, arg_usize, InvariantPointAttention, IpaConfig};
 use crate::model::primitives::{cast, LayerNorm, Linear, LinearInit};
 use crate::model::residue_constants as rc;
 
@@ -416,7 +416,40 @@ pub struct StructureModule {
 }
 
 impl StructureModule {
-    pub fn new(
+    /// With the AF2 residue-constant tables ([`AtomTables::new`]).
+    pub fn new(vb: VarBuilder, c_s: usize, c_z: usize, cfg: &StructureConfig) -> Result<Self> {
+        let tables = AtomTables::new(vb.device())?;
+        Self::with_tables(vb, c_s, c_z, cfg, tables)
+    }
+
+    /// From OpenFold `StructureModule` constructor arguments (JSON object; `is_multimer` must be
+    /// false or absent).
+    pub fn from_constructor_args(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+        if args["is_multimer"].as_bool() == Some(true) {
+            return Err(Error::Model(
+                "multimer structure module is not supported".into(),
+            ));
+        }
+        let cfg = StructureConfig {
+            c_ipa: arg_usize(args, "c_ipa")?,
+            c_resnet: arg_usize(args, "c_resnet")?,
+            no_heads_ipa: arg_usize(args, "no_heads_ipa")?,
+            no_qk_points: arg_usize(args, "no_qk_points")?,
+            no_v_points: arg_usize(args, "no_v_points")?,
+            dropout_rate: arg_f64(args, "dropout_rate")?,
+            no_blocks: arg_usize(args, "no_blocks")?,
+            no_transition_layers: arg_usize(args, "no_transition_layers")?,
+            no_resnet_blocks: arg_usize(args, "no_resnet_blocks")?,
+            no_angles: arg_usize(args, "no_angles")?,
+            trans_scale_factor: arg_f64(args, "trans_scale_factor")?,
+            epsilon: arg_f64(args, "epsilon")?,
+            inf: arg_f64(args, "inf")?,
+        };
+        Self::new(vb, arg_usize(args, "c_s")?, arg_usize(args, "c_z")?, &cfg)
+    }
+
+    /// With explicit residue-constant tables.
+    pub fn with_tables(
         vb: VarBuilder,
         c_s: usize,
         c_z: usize,
