@@ -43,7 +43,9 @@ fn randomize(vm: &VarMap) {
         } else {
             0.3
         };
-        let mut t = rand(v.dims(), 1000 + i as u64, scale);
+        let mut t = rand(v.dims(), 1000 + i as u64, scale)
+            .to_dtype(v.dtype())
+            .unwrap();
         if name.ends_with("layer_norm.weight")
             || name.contains("layer_norm_") && name.ends_with(".weight")
         {
@@ -246,4 +248,105 @@ fn sm_dropout_is_seeded_and_off_in_eval() {
     let kept = y.iter().filter(|v| **v > 0.0).count() as f64 / y.len() as f64;
     assert!((kept - 0.9).abs() < 0.01, "kept fraction {kept}");
     assert!(y.iter().all(|v| *v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-12));
+}
+
+/// Leading batch dims: a batch of 2 equals the two samples run separately (IPA and SM).
+#[test]
+fn sm_batched_equals_unbatched() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let sm = StructureModule::new(vb, C_S, C_Z, &small_sm_config()).unwrap();
+    randomize(&vm);
+    let s = rand(&[2, N, C_S], 40, 1.0);
+    let z = rand(&[2, N, N, C_Z], 41, 1.0);
+    let aatype = Tensor::new(
+        &[[1u32, 11, 0, 5, 19, 1, 13], [2, 3, 4, 6, 7, 8, 20]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = Tensor::new(
+        &[
+            [1.0f64, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+            [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let both = sm.forward(&s, &z, &aatype, &mask, None).unwrap();
+    for b in 0..2 {
+        let one = sm
+            .forward(
+                &s.get(b).unwrap(),
+                &z.get(b).unwrap(),
+                &aatype.get(b).unwrap(),
+                &mask.get(b).unwrap(),
+                None,
+            )
+            .unwrap();
+        for (name, x, y) in [
+            ("frames", &both.frames, &one.frames),
+            (
+                "sidechain_frames",
+                &both.sidechain_frames,
+                &one.sidechain_frames,
+            ),
+            ("positions", &both.positions, &one.positions),
+            ("angles", &both.angles, &one.angles),
+            ("states", &both.states, &one.states),
+        ] {
+            let xb = x.narrow(1, b, 1).unwrap().squeeze(1).unwrap();
+            let d = (xb - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12, "{name} batch {b}: {d}");
+        }
+        let d = (both.single.get(b).unwrap() - &one.single)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12);
+    }
+}
+
+/// Half-precision input: the structure module computes in f32 (outputs f32), equal to an f32 run
+/// on the same (bf16-rounded) inputs.
+#[test]
+fn sm_bf16_input_runs_in_f32() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let sm = StructureModule::new(vb, C_S, C_Z, &small_sm_config()).unwrap();
+    randomize(&vm);
+    let s = rand(&[N, C_S], 50, 1.0).to_dtype(DType::BF16).unwrap();
+    let z = rand(&[N, N, C_Z], 51, 1.0).to_dtype(DType::BF16).unwrap();
+    let aatype = Tensor::new(&[1u32, 11, 0, 5, 19, 1, 13], &Device::Cpu).unwrap();
+    let mask = Tensor::ones(N, DType::BF16, &Device::Cpu).unwrap();
+    let half = sm.forward(&s, &z, &aatype, &mask, None).unwrap();
+    assert_eq!(half.positions.dtype(), DType::F32);
+    let full = sm
+        .forward(
+            &s.to_dtype(DType::F32).unwrap(),
+            &z.to_dtype(DType::F32).unwrap(),
+            &aatype,
+            &mask.to_dtype(DType::F32).unwrap(),
+            None,
+        )
+        .unwrap();
+    let d = (half.positions - full.positions)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
 }
