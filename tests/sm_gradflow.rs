@@ -350,3 +350,66 @@ fn sm_bf16_input_runs_in_f32() {
         .unwrap();
     assert_eq!(d, 0.0);
 }
+
+/// Timing at AF2 sizes (c_s 384, c_z 128, 8 blocks): `cargo test --release --test sm_gradflow
+/// -- --ignored --nocapture sm_timing` (env `SM_TIMING_N`, default 64).
+#[test]
+#[ignore]
+fn sm_timing() {
+    let n: usize = std::env::var("SM_TIMING_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let sm = StructureModule::new(vb, 384, 128, &StructureConfig::default()).unwrap();
+    randomize(&vm);
+    let s = rand(&[n, 384], 60, 1.0).to_dtype(DType::F32).unwrap();
+    let z = rand(&[n, n, 128], 61, 1.0).to_dtype(DType::F32).unwrap();
+    let aatype = Tensor::new(
+        (0..n as u32).map(|i| i % 20).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = sm.forward(&s, &z, &aatype, &mask, Some(1)).unwrap();
+    let t1 = std::time::Instant::now();
+    let loss = (out.positions.sum_all().unwrap() + out.angles.sum_all().unwrap()).unwrap();
+    let _ = loss.backward().unwrap();
+    let t2 = std::time::Instant::now();
+    eprintln!("N={n}: forward {:?}, backward {:?}", t1 - t0, t2 - t1);
+}
+
+/// IPA timing at AF2 sizes: `cargo test --release --test sm_gradflow -- --ignored --nocapture
+/// ipa_timing` (env `SM_TIMING_N`, default 64).
+#[test]
+#[ignore]
+fn ipa_timing() {
+    let n: usize = std::env::var("SM_TIMING_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let ipa = InvariantPointAttention::new(
+        vb,
+        &IpaConfig::from_structure(&StructureConfig::default(), 384, 128),
+    )
+    .unwrap();
+    randomize(&vm);
+    let s = rand(&[n, 384], 60, 1.0).to_dtype(DType::F32).unwrap();
+    let z = rand(&[n, n, 128], 61, 1.0).to_dtype(DType::F32).unwrap();
+    let q = quat_normalize(&rand(&[n, 4], 1, 1.0)).unwrap();
+    let r = Rigid::from_quat(&q, &rand(&[n, 3], 2, 3.0), false)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let mask = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = ipa.forward(&s, &z, &r, &mask).unwrap();
+    let t1 = std::time::Instant::now();
+    let _ = out.sum_all().unwrap().backward().unwrap();
+    let t2 = std::time::Instant::now();
+    eprintln!("IPA N={n}: forward {:?}, backward {:?}", t1 - t0, t2 - t1);
+}
