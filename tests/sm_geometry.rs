@@ -67,3 +67,42 @@ fn sm_frames_from_three_points_match_openfold() {
     }
     report.assert_ok("frames from 3 points");
 }
+
+/// Quaternion ↔ matrix conversions against the structure-module golden: the backbone group of
+/// `sidechain_frames` (default frame = identity) is the frame stored in `frames` (q, 10·t).
+#[test]
+fn sm_tensor_7_and_4x4_agree_with_structure_module_golden() {
+    let fx = Fixture::named("modules", "structure_module");
+    let frames = fx.get("output.frames"); // [L, N, 7]
+    let sc = fx.get("output.sidechain_frames"); // [L, N, 8, 4, 4]
+    let bb = sc.i((.., .., 0)).unwrap(); // [L, N, 4, 4]
+    let mut report = Report::default();
+    let from7 = Rigid::from_tensor_7(&frames, false).unwrap();
+    report.check(
+        "from_tensor_7 → 4x4",
+        &from7.to_tensor_4x4().unwrap(),
+        &bb,
+        1e-13,
+        0.0,
+    );
+    // Matrix → quaternion recovers the stored quaternion up to its sign.
+    let q = Rigid::from_tensor_4x4(&bb).unwrap().to_tensor_7().unwrap();
+    let want = frames.narrow(2, 0, 4).unwrap();
+    let w = want.narrow(2, 0, 1).unwrap();
+    let sign = ((w.ge(0.0).unwrap().to_dtype(DType::F64).unwrap() * 2.0).unwrap() - 1.0).unwrap();
+    report.check(
+        "rot_to_quat",
+        &q.narrow(2, 0, 4).unwrap(),
+        &want.broadcast_mul(&sign).unwrap(),
+        1e-12,
+        0.0,
+    );
+    report.check(
+        "to_tensor_7 translation",
+        &q.narrow(2, 4, 3).unwrap(),
+        &frames.narrow(2, 4, 3).unwrap(),
+        0.0,
+        0.0,
+    );
+    report.assert_ok("tensor_7 / 4x4");
+}
