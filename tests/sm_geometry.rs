@@ -106,3 +106,45 @@ fn sm_tensor_7_and_4x4_agree_with_structure_module_golden() {
     );
     report.assert_ok("tensor_7 / 4x4");
 }
+
+/// `atom14_to_atom37` against the full-model golden: `final_atom_positions` is the last SM layer's
+/// atom14 positions mapped to atom37 (features of the last recycle), and the tables derived from
+/// `aatype` equal the batch features.
+#[test]
+fn sm_atom14_to_atom37_matches_model_golden() {
+    use ferrofold::geometry::all_atom::{atom14_to_atom37, atom37_tables_for};
+    let fx = Fixture::named("model", "alphafold_model");
+    let last = |name: &str| {
+        let t = fx.get(name);
+        let r = t.rank();
+        t.narrow(r - 1, t.dims()[r - 1] - 1, 1)
+            .unwrap()
+            .squeeze(r - 1)
+            .unwrap()
+    };
+    let pos = fx.get("output.sm.positions");
+    let pos14 = pos.i(pos.dims()[0] - 1).unwrap();
+    let idx = last("input.residx_atom37_to_atom14");
+    let exists = last("input.atom37_atom_exists");
+    let mut report = Report::default();
+    let got = atom14_to_atom37(&pos14, &idx, &exists).unwrap();
+    report.check(
+        "final_atom_positions",
+        &got,
+        &fx.get("output.final_atom_positions"),
+        0.0,
+        0.0,
+    );
+    let (idx2, exists2) =
+        atom37_tables_for(&last("input.aatype"), &pos14.device().clone()).unwrap();
+    let got2 = atom14_to_atom37(&pos14, &idx2, &exists2).unwrap();
+    report.check(
+        "final_atom_positions (aatype tables)",
+        &got2,
+        &fx.get("output.final_atom_positions"),
+        0.0,
+        0.0,
+    );
+    report.check("atom37_atom_exists", &exists2, &exists, 0.0, 0.0);
+    report.assert_ok("atom14_to_atom37");
+}
