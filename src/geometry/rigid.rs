@@ -593,6 +593,43 @@ mod tests {
     }
 
     #[test]
+    fn rot_to_quat_gradient_matches_finite_differences() {
+        let r0 = quat_to_rot(&random_quats(6, 21)).unwrap();
+        let c = random_vecs(8, 22).reshape((6, 4)).unwrap();
+        let rv = Var::from_tensor(&r0).unwrap();
+        let loss = (rot_to_quat(rv.as_tensor()).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(rv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let g: Vec<f64> = g.to_vec1().unwrap();
+        let base: Vec<f64> = r0.flatten_all().unwrap().to_vec1().unwrap();
+        let f = |v: &[f64]| -> f64 {
+            let r = Tensor::from_vec(v.to_vec(), (6, 3, 3), &dev()).unwrap();
+            (rot_to_quat(&r).unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let h = 1e-6;
+        for k in 0..base.len() {
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[k] += h;
+            m[k] -= h;
+            let fd = (f(&p) - f(&m)) / (2.0 * h);
+            assert!((fd - g[k]).abs() < 1e-6, "entry {k}: fd {fd} vs {}", g[k]);
+        }
+    }
+
+    #[test]
     fn compose_invert_apply_identities() {
         let a = Rigid::from_quat(&random_quats(30, 6), &random_vecs(30, 7), false).unwrap();
         let b = Rigid::from_quat(&random_quats(30, 8), &random_vecs(30, 9), false).unwrap();
