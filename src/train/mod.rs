@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;
+pub mod pdb_out;
 pub mod schedule;
 pub mod seed;
 pub mod signals;
