@@ -1,0 +1,349 @@
+//! Golden parity of every loss/metric fixture in `$FERROFOLD_GOLDEN_DIR/losses/` (OpenFold float64
+//! reference): outputs and input gradients (L = Σ sum(output·cotangent)), in f64 and f32.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var};
+use common::golden::{fixtures_in, Fixture, Report};
+use ferrofold::geometry::superimpose::superimpose;
+use ferrofold::loss::{self, metrics, ViolationTables};
+
+/// Inputs of one fixture in the test dtype; float inputs listed in `grad_inputs` are `Var`s.
+struct Inputs {
+    t: BTreeMap<String, Tensor>,
+    vars: BTreeMap<String, Var>,
+}
+
+impl Inputs {
+    fn new(fx: &Fixture, dtype: DType) -> Inputs {
+        let grad: Vec<String> = fx.grad_inputs();
+        let mut t = BTreeMap::new();
+        let mut vars = BTreeMap::new();
+        for name in fx.names_with_prefix("input.") {
+            let raw = fx.get(&format!("input.{name}"));
+            let x = if raw.dtype().is_float() { raw.to_dtype(dtype).unwrap() } else { raw };
+            if grad.contains(&name) {
+                let v = Var::from_tensor(&x).unwrap();
+                t.insert(name.clone(), v.as_tensor().clone());
+                vars.insert(name, v);
+            } else {
+                t.insert(name, x);
+            }
+        }
+        Inputs { t, vars }
+    }
+    fn g(&self, name: &str) -> &Tensor {
+        self.t.get(name).unwrap_or_else(|| panic!("no input `{name}`"))
+    }
+}
+
+fn opt_f64(fx: &Fixture, key: &str) -> Option<f64> {
+    fx.args()[key].as_f64()
+}
+
+fn violation_tables() -> ViolationTables {
+    let vb = Fixture::named("data", "violation_bounds");
+    ViolationTables {
+        lower_bound: vb.get("atom14_dists_lower_bound"),
+        upper_bound: vb.get("atom14_dists_upper_bound"),
+        atomtype_radius: vb.get("atomtype_radius"),
+    }
+}
+
+fn chi_pi_periodic() -> Tensor {
+    Fixture::named("data", "residue_constants").get("chi_pi_periodic")
+}
+
+/// Runs the fixture's function. Returns output name → tensor, or Err(unknown function).
+fn run(fx: &Fixture, x: &Inputs) -> Result<BTreeMap<String, Tensor>, String> {
+    let func = fx.meta["openfold_function"].as_str().unwrap_or("").to_string();
+    let short = func.rsplit('.').next().unwrap_or("").to_string();
+    let mut out = BTreeMap::new();
+    let mut put = |k: &str, v: Tensor| {
+        out.insert(k.to_string(), v);
+    };
+    let a = |k: &str| fx.arg_f64(k);
+    if func.contains("find_structural_violations") {
+        let avg = fx.meta["average_clashes"]
+            .as_bool()
+            .unwrap_or_else(|| fx.meta["call"].as_str().unwrap_or("").contains("average_clashes=True"));
+        let v = loss::find_structural_violations(
+            x.g("atom14_pred_positions"),
+            x.g("atom14_atom_exists"),
+            x.g("residue_index"),
+            x.g("aatype"),
+            x.g("residx_atom14_to_atom37"),
+            &violation_tables(),
+            a("violation_tolerance_factor"),
+            a("clash_overlap_tolerance"),
+        )
+        .unwrap();
+        let l = loss::violation_loss(&v, x.g("atom14_atom_exists"), avg, a("eps")).unwrap();
+        let m = loss::compute_violation_metrics(
+            x.g("atom14_pred_positions"),
+            x.g("atom14_atom_exists"),
+            x.g("residue_index"),
+            x.g("seq_mask"),
+            &v,
+        )
+        .unwrap();
+        for (k, t) in v.named() {
+            put(k, t.clone());
+        }
+        for (k, t) in m.named() {
+            put(&format!("metrics.{k}"), t.clone());
+        }
+        put("violation_loss", l);
+        return Ok(out);
+    }
+    match short.as_str() {
+        "compute_fape" => {
+            let pair = if fx.args()["pair_mask"].as_bool().unwrap_or(false) {
+                Some(x.g("pair_mask"))
+            } else {
+                None
+            };
+            let l = loss::compute_fape(
+                x.g("pred_rots"),
+                x.g("pred_trans"),
+                x.g("target_rots"),
+                x.g("target_trans"),
+                x.g("frames_mask"),
+                x.g("pred_positions"),
+                x.g("target_positions"),
+                x.g("positions_mask"),
+                a("length_scale"),
+                opt_f64(fx, "l1_clamp_distance"),
+                pair,
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "backbone_loss" => {
+            let traj = x.g("traj");
+            let u = opt_f64(fx, "use_clamped_fape")
+                .map(|u| Tensor::new(u, traj.device()).unwrap().to_dtype(traj.dtype()).unwrap());
+            let l = loss::backbone_loss(
+                x.g("backbone_rigid_tensor"),
+                x.g("backbone_rigid_mask"),
+                traj,
+                u.as_ref(),
+                a("clamp_distance"),
+                a("loss_unit_distance"),
+                a("eps"),
+                None,
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "sidechain_loss" => {
+            let l = loss::sidechain_loss(
+                x.g("sidechain_frames"),
+                x.g("sidechain_atom_pos"),
+                x.g("rigidgroups_gt_frames"),
+                x.g("rigidgroups_alt_gt_frames"),
+                x.g("rigidgroups_gt_exists"),
+                x.g("renamed_atom14_gt_positions"),
+                x.g("renamed_atom14_gt_exists"),
+                x.g("alt_naming_is_better"),
+                a("clamp_distance"),
+                a("length_scale"),
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "distogram_loss" => {
+            let l = loss::distogram_loss(
+                x.g("logits"),
+                x.g("pseudo_beta"),
+                x.g("pseudo_beta_mask"),
+                a("min_bin"),
+                a("max_bin"),
+                fx.arg_usize("no_bins"),
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "masked_msa_loss" => {
+            let l = loss::masked_msa_loss(
+                x.g("logits"),
+                x.g("true_msa"),
+                x.g("bert_mask"),
+                fx.arg_usize("num_classes"),
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "lddt_ca" => {
+            let l = loss::lddt_ca(
+                x.g("all_atom_pred_pos"),
+                x.g("all_atom_positions"),
+                x.g("all_atom_mask"),
+                a("cutoff"),
+                a("eps"),
+                fx.args()["per_residue"].as_bool().expect("per_residue"),
+            )
+            .unwrap();
+            put("lddt", l);
+        }
+        "lddt_loss" => {
+            let l = loss::lddt_loss(
+                x.g("logits"),
+                x.g("all_atom_pred_pos"),
+                x.g("all_atom_positions"),
+                x.g("all_atom_mask"),
+                x.g("resolution"),
+                a("cutoff"),
+                fx.arg_usize("no_bins"),
+                a("min_resolution"),
+                a("max_resolution"),
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "supervised_chi_loss" => {
+            let l = loss::supervised_chi_loss(
+                x.g("angles_sin_cos"),
+                x.g("unnormalized_angles_sin_cos"),
+                x.g("aatype"),
+                x.g("seq_mask"),
+                x.g("chi_mask"),
+                x.g("chi_angles_sin_cos"),
+                &chi_pi_periodic(),
+                a("chi_weight"),
+                a("angle_norm_weight"),
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "torsion_angle_loss" => {
+            let l = loss::torsion_angle_loss(x.g("a"), x.g("a_gt"), x.g("a_alt_gt")).unwrap();
+            put("loss", l);
+        }
+        "experimentally_resolved_loss" => {
+            let l = loss::experimentally_resolved_loss(
+                x.g("logits"),
+                x.g("atom37_atom_exists"),
+                x.g("all_atom_mask"),
+                x.g("resolution"),
+                a("min_resolution"),
+                a("max_resolution"),
+                a("eps"),
+            )
+            .unwrap();
+            put("loss", l);
+        }
+        "compute_plddt" => put("plddt", loss::compute_plddt(x.g("logits")).unwrap()),
+        "drmsd" => put(
+            "drmsd",
+            metrics::drmsd(x.g("structure_1"), x.g("structure_2"), Some(x.g("mask"))).unwrap(),
+        ),
+        "gdt_ts" => put("gdt", metrics::gdt_ts(x.g("p1"), x.g("p2"), x.g("mask")).unwrap()),
+        "gdt_ha" => put("gdt", metrics::gdt_ha(x.g("p1"), x.g("p2"), x.g("mask")).unwrap()),
+        "superimpose" => {
+            let (s, r) = superimpose(x.g("reference"), x.g("coords"), x.g("mask")).unwrap();
+            put("superimposed", s);
+            put("rmsd", r);
+        }
+        "compute_renamed_ground_truth" => {
+            let r = loss::compute_renamed_ground_truth(
+                x.g("atom14_gt_positions"),
+                x.g("atom14_alt_gt_positions"),
+                x.g("atom14_atom_is_ambiguous"),
+                x.g("atom14_gt_exists"),
+                x.g("atom14_alt_gt_exists"),
+                x.g("atom14_pred_positions"),
+                a("eps"),
+            )
+            .unwrap();
+            put("alt_naming_is_better", r.alt_naming_is_better);
+            put("renamed_atom14_gt_positions", r.renamed_atom14_gt_positions);
+            put("renamed_atom14_gt_exists", r.renamed_atom14_gt_exists);
+        }
+        _ => return Err(format!("{}: unknown openfold_function `{func}`", fx.name)),
+    }
+    Ok(out)
+}
+
+fn check_fixture(fx: &Fixture, dtype: DType, report: &mut Report) {
+    let x = Inputs::new(fx, dtype);
+    let out = match run(fx, &x) {
+        Ok(o) => o,
+        Err(e) => {
+            report.fail(e);
+            return;
+        }
+    };
+    let f64_run = dtype == DType::F64;
+    let short = fx.target();
+    // Bio.SVDSuperimposer ran in float32: ~1e-5 agreement only.
+    let (rel, abs) = if short == "superimpose" {
+        (1e-5, 1e-5)
+    } else if f64_run {
+        (1e-10, 1e-12)
+    } else {
+        (1e-5, 1e-7)
+    };
+    let tag = format!("{} [{dtype:?}]", fx.name);
+    for name in fx.names_with_prefix("output.") {
+        match out.get(&name) {
+            Some(t) => report.check(&format!("{tag} output.{name}"), t, &fx.get(&format!("output.{name}")), rel, abs),
+            None => report.fail(format!("{tag}: output.{name} not produced")),
+        }
+    }
+    let cots = fx.cotangent_outputs();
+    if cots.is_empty() {
+        return;
+    }
+    let mut total: Option<Tensor> = None;
+    for c in &cots {
+        let o = out.get(c).unwrap_or_else(|| panic!("{tag}: no output {c}"));
+        let cot = fx.get_as(&format!("cotangent.{c}"), dtype);
+        let term = (o * cot).unwrap().sum_all().unwrap();
+        total = Some(match total {
+            Some(t) => (t + term).unwrap(),
+            None => term,
+        });
+    }
+    let grads = total.expect("cotangent").backward().unwrap();
+    let sz = fx.structurally_zero();
+    for name in fx.grad_inputs() {
+        let want = fx.get(&format!("grad.input.{name}"));
+        let var = x.vars.get(&name).unwrap_or_else(|| panic!("{tag}: grad input {name} not a var"));
+        let got = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.as_tensor().zeros_like().unwrap(),
+        };
+        let abs_tol = if sz.contains(&format!("grad.input.{name}")) { 1e-7 } else { abs };
+        report.check(&format!("{tag} grad.input.{name}"), &got, &want, rel, abs_tol);
+    }
+}
+
+fn run_all(dtype: DType) {
+    let mut report = Report::default();
+    let fixtures = fixtures_in("losses");
+    assert!(!fixtures.is_empty(), "no loss fixtures found");
+    for p in fixtures {
+        let fx = Fixture::load(&p);
+        check_fixture(&fx, dtype, &mut report);
+    }
+    report.assert_ok(&format!("loss goldens {dtype:?}"));
+}
+
+#[test]
+fn golden_losses_f64() {
+    run_all(DType::F64);
+}
+
+#[test]
+fn golden_losses_f32() {
+    run_all(DType::F32);
+}
