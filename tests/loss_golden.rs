@@ -5,10 +5,13 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var};
-use common::golden::{fixtures_in, Fixture, Report};
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::golden::{fixtures_in, golden_dir, Fixture, Report};
+use ferrofold::config::{LossConfig, ViolationConfig};
 use ferrofold::geometry::superimpose::superimpose;
-use ferrofold::loss::{self, metrics, ViolationTables};
+use ferrofold::loss::{self, metrics, LossBatch, LossOutputs, LossTables, ViolationTables};
 
 /// Inputs of one fixture in the test dtype; float inputs listed in `grad_inputs` are `Var`s.
 struct Inputs {
@@ -43,17 +46,31 @@ fn opt_f64(fx: &Fixture, key: &str) -> Option<f64> {
     fx.args()[key].as_f64()
 }
 
-fn violation_tables() -> ViolationTables {
-    let vb = Fixture::named("data", "violation_bounds");
-    ViolationTables {
-        lower_bound: vb.get("atom14_dists_lower_bound"),
-        upper_bound: vb.get("atom14_dists_upper_bound"),
-        atomtype_radius: vb.get("atomtype_radius"),
+/// `stereo_chemical_props.txt`: `$FERROFOLD_STEREO_PROPS`, else `<golden>/../../data/`, else
+/// `../shared/data/` from the crate.
+fn stereo_props_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("FERROFOLD_STEREO_PROPS") {
+        return PathBuf::from(p);
     }
+    let beside = golden_dir().join("../../data/stereo_chemical_props.txt");
+    if beside.exists() {
+        return beside;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/stereo_chemical_props.txt")
+}
+
+/// Loss tables built from our residue constants (NOT the golden tables), with the stock
+/// tolerances (overlap 1.5, factor 12) that every violation fixture uses.
+fn tables() -> LossTables {
+    LossTables::load(&stereo_props_path(), &ViolationConfig::default(), &Device::Cpu).unwrap()
+}
+
+fn violation_tables() -> ViolationTables {
+    tables().violation
 }
 
 fn chi_pi_periodic() -> Tensor {
-    Fixture::named("data", "residue_constants").get("chi_pi_periodic")
+    tables().chi_pi_periodic
 }
 
 /// Runs the fixture's function. Returns output name → tensor, or Err(unknown function).
@@ -346,4 +363,115 @@ fn golden_losses_f64() {
 #[test]
 fn golden_losses_f32() {
     run_all(DType::F32);
+}
+
+/// Our residue-constant tables equal OpenFold's (golden `data/violation_bounds`, `chi_pi_periodic`)
+/// bitwise, so the violation goldens above really test our constants.
+#[test]
+fn golden_loss_tables_match_openfold() {
+    let t = tables();
+    let vb = Fixture::named("data", "violation_bounds");
+    let rcf = Fixture::named("data", "residue_constants");
+    let mut report = Report::default();
+    report.check("lower_bound", &t.violation.lower_bound, &vb.get("atom14_dists_lower_bound"), 0.0, 0.0);
+    report.check("upper_bound", &t.violation.upper_bound, &vb.get("atom14_dists_upper_bound"), 0.0, 0.0);
+    report.check("atomtype_radius", &t.violation.atomtype_radius, &vb.get("atomtype_radius"), 0.0, 0.0);
+    report.check("chi_pi_periodic", &t.chi_pi_periodic, &rcf.get("chi_pi_periodic"), 0.0, 0.0);
+    report.assert_ok("loss tables");
+}
+
+/// The full `AlphaFoldLoss` of the model fixture, fed with the model's stored outputs and the last
+/// recycling iteration of the batch: total, breakdown, FAPE parts, violations and renaming.
+fn model_fixture_loss(dtype: DType, rel: f64) {
+    let fx = Fixture::named("model", "alphafold_model");
+    let o = |k: &str| fx.get_as(&format!("output.{k}"), dtype);
+    let b = |k: &str| {
+        let t = fx.get(&format!("input.{k}"));
+        let last = t.rank() - 1;
+        let t = t.narrow(last, t.dim(last).unwrap() - 1, 1).unwrap().squeeze(last).unwrap();
+        if t.dtype().is_float() { t.to_dtype(dtype).unwrap() } else { t }
+    };
+    let out = LossOutputs {
+        sm_frames: o("sm.frames"),
+        sm_sidechain_frames: o("sm.sidechain_frames"),
+        sm_positions: o("sm.positions"),
+        sm_angles: o("sm.angles"),
+        sm_unnormalized_angles: o("sm.unnormalized_angles"),
+        final_atom_positions: o("final_atom_positions"),
+        distogram_logits: o("distogram_logits"),
+        masked_msa_logits: o("masked_msa_logits"),
+        lddt_logits: o("lddt_logits"),
+        experimentally_resolved_logits: o("experimentally_resolved_logits"),
+    };
+    let batch = LossBatch {
+        aatype: b("aatype"),
+        residue_index: b("residue_index"),
+        seq_mask: b("seq_mask"),
+        seq_length: b("seq_length"),
+        pseudo_beta: b("pseudo_beta"),
+        pseudo_beta_mask: b("pseudo_beta_mask"),
+        true_msa: b("true_msa"),
+        bert_mask: b("bert_mask"),
+        backbone_rigid_tensor: b("backbone_rigid_tensor"),
+        backbone_rigid_mask: b("backbone_rigid_mask"),
+        use_clamped_fape: Some(b("use_clamped_fape")),
+        rigidgroups_gt_frames: b("rigidgroups_gt_frames"),
+        rigidgroups_alt_gt_frames: b("rigidgroups_alt_gt_frames"),
+        rigidgroups_gt_exists: b("rigidgroups_gt_exists"),
+        atom14_gt_positions: b("atom14_gt_positions"),
+        atom14_alt_gt_positions: b("atom14_alt_gt_positions"),
+        atom14_gt_exists: b("atom14_gt_exists"),
+        atom14_alt_gt_exists: b("atom14_alt_gt_exists"),
+        atom14_atom_is_ambiguous: b("atom14_atom_is_ambiguous"),
+        atom14_atom_exists: b("atom14_atom_exists"),
+        residx_atom14_to_atom37: b("residx_atom14_to_atom37"),
+        all_atom_positions: b("all_atom_positions"),
+        all_atom_mask: b("all_atom_mask"),
+        atom37_atom_exists: b("atom37_atom_exists"),
+        resolution: b("resolution"),
+        chi_mask: b("chi_mask"),
+        chi_angles_sin_cos: b("chi_angles_sin_cos"),
+    };
+    // the fixture's config is `initial_training` = our LossConfig defaults
+    let cfg = LossConfig::default();
+    let res = loss::alphafold_loss(&out, &batch, &tables(), &cfg).unwrap();
+    let mut report = Report::default();
+    let tag = format!("model loss [{dtype:?}]");
+    let scalar = |v: f64| Tensor::new(v, &Device::Cpu).unwrap();
+    report.check(&format!("{tag} loss"), &res.loss.to_dtype(DType::F64).unwrap(), &fx.get("output.loss"), rel, 0.0);
+    for name in fx.names_with_prefix("output.loss_breakdown.") {
+        match res.breakdown.get(&name) {
+            Some(v) => report.check(&format!("{tag} breakdown.{name}"), &scalar(v), &fx.get(&format!("output.loss_breakdown.{name}")), rel, 1e-12),
+            None => report.fail(format!("{tag}: breakdown has no `{name}`")),
+        }
+    }
+    for name in fx.names_with_prefix("output.loss_extra.") {
+        match res.breakdown.get(&name) {
+            Some(v) => report.check(&format!("{tag} extra.{name}"), &scalar(v), &fx.get(&format!("output.loss_extra.{name}")), rel, 0.0),
+            None => report.fail(format!("{tag}: breakdown has no `{name}`")),
+        }
+    }
+    for (name, t) in res.violations.named() {
+        report.check(&format!("{tag} violation.{name}"), t, &fx.get(&format!("output.violation.{name}")), rel, 1e-12);
+    }
+    let r = &res.renamed;
+    for (name, t) in [
+        ("alt_naming_is_better", &r.alt_naming_is_better),
+        ("renamed_atom14_gt_positions", &r.renamed_atom14_gt_positions),
+        ("renamed_atom14_gt_exists", &r.renamed_atom14_gt_exists),
+    ] {
+        report.check(&format!("{tag} renamed.{name}"), t, &fx.get(&format!("output.renamed.{name}")), rel, 1e-12);
+    }
+    assert!(!res.breakdown.had_non_finite());
+    report.assert_ok(&tag);
+}
+
+#[test]
+fn golden_alphafold_loss_model_fixture_f64() {
+    model_fixture_loss(DType::F64, 1e-10);
+}
+
+#[test]
+fn golden_alphafold_loss_model_fixture_f32() {
+    model_fixture_loss(DType::F32, 1e-5);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::renaming::{compute_renamed_ground_truth, RenamedGroundTruth};
 use super::violations::{find_structural_violations, violation_loss, ViolationTables, Violations};
@@ -11,7 +11,8 @@ use super::{
     backbone_loss, distogram_loss, experimentally_resolved_loss, lddt_loss, masked_msa_loss,
     sidechain_loss, supervised_chi_loss,
 };
-use crate::config::{ClashAveraging, LossConfig};
+use crate::config::{ClashAveraging, LossConfig, ViolationConfig};
+use crate::model::residue_constants as rc;
 use crate::error::{Error, Result};
 
 /// The model outputs the loss reads (no batch dim: one sample; `L` = structure-module layers).
@@ -81,6 +82,29 @@ pub struct LossTables {
     pub chi_pi_periodic: Tensor,
     /// Bound tables built with the config's violation tolerances.
     pub violation: ViolationTables,
+}
+
+impl LossTables {
+    /// Tables from the residue constants plus `stereo_chemical_props.txt` at `stereo_props`, with
+    /// the tolerances of `cfg`.
+    pub fn load(stereo_props: &std::path::Path, cfg: &ViolationConfig, device: &Device) -> Result<Self> {
+        let props = rc::load_stereo_chemical_props(stereo_props)?;
+        Self::from_props(&props, cfg, device)
+    }
+
+    /// As [`Self::load`] from already parsed stereochemistry.
+    pub fn from_props(props: &rc::StereoChemicalProps, cfg: &ViolationConfig, device: &Device) -> Result<Self> {
+        let chi: Vec<f32> = rc::CHI_PI_PERIODIC.iter().flatten().copied().collect();
+        Ok(Self {
+            chi_pi_periodic: Tensor::from_vec(chi, (rc::RESTYPE_NUM_WITH_X, 4), device)?,
+            violation: ViolationTables::from_props(
+                props,
+                cfg.clash_overlap_tolerance,
+                cfg.tolerance_factor,
+                device,
+            )?,
+        })
+    }
 }
 
 /// Term name → value (unweighted terms, the FAPE parts, `unscaled_loss`, `loss`), plus the names of

@@ -5,13 +5,15 @@
 //! The bound tables come from residue constants (`stereo_chemical_props.txt`) through
 //! [`ViolationTables`]; nothing here re-derives them.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::{check_trailing, masked_mean, MASKED_MEAN_EPS};
 use crate::error::{Error, Result};
+use crate::model::residue_constants as rc;
 
 /// Restype index of proline in the `ARNDCQEGHILKMFPSTWYV` order.
 pub const PRO: i64 = 14;
+const _: () = assert!(rc::RESTYPES[PRO as usize] == 'P');
 /// atom14 slots of the backbone atoms.
 const N_SLOT: usize = 0;
 const CA_SLOT: usize = 1;
@@ -19,14 +21,10 @@ const C_SLOT: usize = 2;
 /// atom14 slot of CYS SG, exempted from clashes against slot 5 of ANY residue (OpenFold behaviour).
 const DISULFIDE_SLOT: usize = 5;
 
-/// Between-residue geometry from `stereo_chemical_props.txt` (Engh & Huber 1991), as in OpenFold's
-/// residue constants: C–N bond length and stddev (non-PRO, PRO), cos(CA–C–N) and cos(C–N–CA)
-/// with their stddevs, and the ideal Cα–Cα distance.
-pub const C_N_LENGTH: [f64; 2] = [1.329, 1.341];
-pub const C_N_STDDEV: [f64; 2] = [0.014, 0.016];
-pub const COS_CA_C_N: [f64; 2] = [-0.4473, 0.014];
-pub const COS_C_N_CA: [f64; 2] = [-0.5203, 0.0353];
-pub const CA_CA: f64 = 3.80209737096;
+pub use crate::model::residue_constants::{
+    BETWEEN_RES_BOND_LENGTH_C_N as C_N_LENGTH, BETWEEN_RES_BOND_LENGTH_STDDEV_C_N as C_N_STDDEV,
+    BETWEEN_RES_COS_ANGLES_CA_C_N as COS_CA_C_N, BETWEEN_RES_COS_ANGLES_C_N_CA as COS_C_N_CA, CA_CA,
+};
 
 /// Per-restype tables the violation terms need (see `data/violation_bounds` of the goldens).
 #[derive(Debug, Clone)]
@@ -38,6 +36,37 @@ pub struct ViolationTables {
     pub upper_bound: Tensor,
     /// [37] van der Waals radius of each atom37 type (by the element, the name's first letter).
     pub atomtype_radius: Tensor,
+}
+
+impl ViolationTables {
+    /// Build from parsed `stereo_chemical_props.txt` with the loss's tolerances (OpenFold:
+    /// `clash_overlap_tolerance` 1.5, `violation_tolerance_factor` 12).
+    pub fn from_props(
+        props: &rc::StereoChemicalProps,
+        clash_overlap_tolerance: f64,
+        violation_tolerance_factor: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = rc::make_atom14_dists_bounds(props, clash_overlap_tolerance, violation_tolerance_factor)?;
+        let flat = |t: &rc::PairTable| -> Vec<f32> { t.iter().flatten().flatten().copied().collect() };
+        let shape = (rc::RESTYPE_NUM_WITH_X, rc::ATOM14_NUM, rc::ATOM14_NUM);
+        Ok(Self {
+            lower_bound: Tensor::from_vec(flat(&b.lower), shape, device)?,
+            upper_bound: Tensor::from_vec(flat(&b.upper), shape, device)?,
+            atomtype_radius: Tensor::new(&rc::atomtype_radius()[..], device)?,
+        })
+    }
+
+    /// [`Self::from_props`] reading `stereo_chemical_props.txt` at `path`.
+    pub fn load(
+        path: &std::path::Path,
+        clash_overlap_tolerance: f64,
+        violation_tolerance_factor: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let props = rc::load_stereo_chemical_props(path)?;
+        Self::from_props(&props, clash_overlap_tolerance, violation_tolerance_factor, device)
+    }
 }
 
 /// Outputs of [`find_structural_violations`] (names = OpenFold dict keys).
@@ -130,11 +159,6 @@ fn norm_eps(v: &Tensor, eps: f64) -> Result<Tensor> {
     Ok((v.sqr()?.sum(D::Minus1)? + eps)?.sqrt()?)
 }
 
-/// The float32 value of `x`, widened back to f64.
-fn f32v(x: f64) -> f64 {
-    x as f32 as f64
-}
-
 /// `(residue_index[i+1] − residue_index[i] == 1)` as 0/1 of `dtype`: [*, N] → [*, N−1].
 fn no_gap_mask(residue_index: &Tensor, dtype: DType) -> Result<Tensor> {
     let ri = residue_index.to_dtype(DType::F64)?;
@@ -185,9 +209,14 @@ fn between_residue_bond_loss(
     // F32 QUIRK: OpenFold builds targets as bool_tensor * python_float (float32 tensors) and the
     // tolerance·stddev product in float32.
     let pick = |a: f64, b: f64| -> Result<Tensor> { Ok(((&not_pro * a)? + (&next_pro * b)?)?) };
-    let gt_len = pick(f32v(C_N_LENGTH[0]), f32v(C_N_LENGTH[1]))?;
-    let tol32 = |s: f64| ((tolerance as f32) * (s as f32)) as f64;
-    let gt_tol = pick(tol32(C_N_STDDEV[0]), tol32(C_N_STDDEV[1]))?;
+    let gt_len = pick(
+        f64::from(rc::c_n_bond_target_f32(false)),
+        f64::from(rc::c_n_bond_target_f32(true)),
+    )?;
+    let gt_tol = pick(
+        f64::from(rc::c_n_bond_tolerance_f32(false, tolerance)),
+        f64::from(rc::c_n_bond_tolerance_f32(true, tolerance)),
+    )?;
     let c_n_err = (((&c_n_len - &gt_len)?.sqr()? + eps)?).sqrt()?;
     let c_n_loss = (&c_n_err - &gt_tol)?.relu()?;
     let c_n_mask = ((&this_c_m * &next_n_m)? * &no_gap)?;
