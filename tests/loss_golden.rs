@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::golden::{fixtures_in, golden_dir, Fixture, Report};
+use common::golden::{errors, fixtures_in, golden_dir, Fixture, Report};
 use ferrofold::config::{LossConfig, ViolationConfig};
 use ferrofold::geometry::superimpose::superimpose;
 use ferrofold::loss::{self, metrics, LossBatch, LossOutputs, LossTables, ViolationTables};
@@ -312,7 +312,14 @@ fn check_fixture(fx: &Fixture, dtype: DType, report: &mut Report) {
     let tag = format!("{} [{dtype:?}]", fx.name);
     for name in fx.names_with_prefix("output.") {
         match out.get(&name) {
-            Some(t) => report.check(&format!("{tag} output.{name}"), t, &fx.get(&format!("output.{name}")), rel, abs),
+            Some(t) => {
+                let want = fx.get(&format!("output.{name}"));
+                if t.dims() == want.dims() {
+                    let (r, a) = errors(t, &want);
+                    eprintln!("{tag} output.{name}: rel {r:.2e} abs {a:.2e}");
+                }
+                report.check(&format!("{tag} output.{name}"), t, &want, rel, abs)
+            }
             None => report.fail(format!("{tag}: output.{name} not produced")),
         }
     }
@@ -340,6 +347,8 @@ fn check_fixture(fx: &Fixture, dtype: DType, report: &mut Report) {
             None => var.as_tensor().zeros_like().unwrap(),
         };
         let abs_tol = if sz.contains(&format!("grad.input.{name}")) { 1e-7 } else { abs };
+        let (r, a) = errors(&got, &want);
+        eprintln!("{tag} grad.input.{name}: rel {r:.2e} abs {a:.2e}");
         report.check(&format!("{tag} grad.input.{name}"), &got, &want, rel, abs_tol);
     }
 }
@@ -382,8 +391,7 @@ fn golden_loss_tables_match_openfold() {
 
 /// The full `AlphaFoldLoss` of the model fixture, fed with the model's stored outputs and the last
 /// recycling iteration of the batch: total, breakdown, FAPE parts, violations and renaming.
-fn model_fixture_loss(dtype: DType, rel: f64) {
-    let fx = Fixture::named("model", "alphafold_model");
+fn model_fixture_inputs(fx: &Fixture, dtype: DType) -> (LossOutputs, LossBatch) {
     let o = |k: &str| fx.get_as(&format!("output.{k}"), dtype);
     let b = |k: &str| {
         let t = fx.get(&format!("input.{k}"));
@@ -432,6 +440,12 @@ fn model_fixture_loss(dtype: DType, rel: f64) {
         chi_mask: b("chi_mask"),
         chi_angles_sin_cos: b("chi_angles_sin_cos"),
     };
+    (out, batch)
+}
+
+fn model_fixture_loss(dtype: DType, rel: f64) {
+    let fx = Fixture::named("model", "alphafold_model");
+    let (out, batch) = model_fixture_inputs(&fx, dtype);
     // the fixture's config is `initial_training` = our LossConfig defaults
     let cfg = LossConfig::default();
     let res = loss::alphafold_loss(&out, &batch, &tables(), &cfg).unwrap();
@@ -474,4 +488,47 @@ fn golden_alphafold_loss_model_fixture_f64() {
 #[test]
 fn golden_alphafold_loss_model_fixture_f32() {
     model_fixture_loss(DType::F32, 1e-5);
+}
+
+/// A NaN term is reported by name and zeroed; the total stays finite and differentiable, and the
+/// other terms keep their golden values.
+#[test]
+fn alphafold_loss_zeroes_and_reports_non_finite_terms() {
+    let fx = Fixture::named("model", "alphafold_model");
+    let (mut out, batch) = model_fixture_inputs(&fx, DType::F64);
+    let logits = out.masked_msa_logits.clone();
+    let nan = logits.ones_like().unwrap().affine(f64::NAN, 0.0).unwrap();
+    out.masked_msa_logits = nan.narrow(0, 0, 1).unwrap().contiguous().unwrap();
+    out.masked_msa_logits = Tensor::cat(&[&out.masked_msa_logits, &logits.narrow(0, 1, logits.dim(0).unwrap() - 1).unwrap()], 0).unwrap();
+    let positions = Var::from_tensor(&out.sm_positions).unwrap();
+    out.sm_positions = positions.as_tensor().clone();
+    let mut cfg = LossConfig::default();
+    cfg.violation_weight = 1.0;
+    let res = loss::alphafold_loss(&out, &batch, &tables(), &cfg).unwrap();
+    assert_eq!(res.breakdown.non_finite, vec!["masked_msa".to_string()]);
+    assert_eq!(res.breakdown.get("masked_msa"), Some(0.0));
+    let total = res.loss.to_scalar::<f64>().unwrap();
+    assert!(total.is_finite());
+    let want = fx.get("output.loss_breakdown.fape").to_scalar::<f64>().unwrap();
+    assert!((res.breakdown.get("fape").unwrap() - want).abs() <= 1e-12 * want.abs());
+    // unscaled = Σ w·term without the masked-MSA term
+    let w = [
+        ("distogram", cfg.distogram_weight),
+        ("experimentally_resolved", cfg.experimentally_resolved_weight),
+        ("fape", cfg.fape_weight),
+        ("plddt_loss", cfg.plddt_weight),
+        ("supervised_chi", cfg.supervised_chi_weight),
+        ("violation", cfg.violation_weight),
+    ];
+    let sum: f64 = w.iter().map(|(k, wk)| wk * res.breakdown.get(k).unwrap()).sum();
+    let unscaled = res.breakdown.get("unscaled_loss").unwrap();
+    assert!((sum - unscaled).abs() <= 1e-12 * unscaled.abs(), "{sum} vs {unscaled}");
+    // gradients reach the SM positions (side-chain FAPE + violation), finite
+    let grads = res.loss.backward().unwrap();
+    let g = grads.get(positions.as_tensor()).expect("grad to sm positions");
+    let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(gv.iter().all(|v| v.is_finite()) && gv.iter().any(|v| *v != 0.0));
+    // JSONL-ready
+    let json = serde_json::to_string(&res.breakdown).unwrap();
+    assert!(json.contains("\"non_finite\":[\"masked_msa\"]"), "{json}");
 }
