@@ -26,7 +26,11 @@ impl Inputs {
         let mut vars = BTreeMap::new();
         for name in fx.names_with_prefix("input.") {
             let raw = fx.get(&format!("input.{name}"));
-            let x = if raw.dtype().is_float() { raw.to_dtype(dtype).unwrap() } else { raw };
+            let x = if raw.dtype().is_float() {
+                raw.to_dtype(dtype).unwrap()
+            } else {
+                raw
+            };
             if grad.contains(&name) {
                 let v = Var::from_tensor(&x).unwrap();
                 t.insert(name.clone(), v.as_tensor().clone());
@@ -38,7 +42,9 @@ impl Inputs {
         Inputs { t, vars }
     }
     fn g(&self, name: &str) -> &Tensor {
-        self.t.get(name).unwrap_or_else(|| panic!("no input `{name}`"))
+        self.t
+            .get(name)
+            .unwrap_or_else(|| panic!("no input `{name}`"))
     }
 }
 
@@ -62,7 +68,12 @@ fn stereo_props_path() -> PathBuf {
 /// Loss tables built from our residue constants (NOT the golden tables), with the stock
 /// tolerances (overlap 1.5, factor 12) that every violation fixture uses.
 fn tables() -> LossTables {
-    LossTables::load(&stereo_props_path(), &ViolationConfig::default(), &Device::Cpu).unwrap()
+    LossTables::load(
+        &stereo_props_path(),
+        &ViolationConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn violation_tables() -> ViolationTables {
@@ -75,7 +86,10 @@ fn chi_pi_periodic() -> Tensor {
 
 /// Runs the fixture's function. Returns output name → tensor, or Err(unknown function).
 fn run(fx: &Fixture, x: &Inputs) -> Result<BTreeMap<String, Tensor>, String> {
-    let func = fx.meta["openfold_function"].as_str().unwrap_or("").to_string();
+    let func = fx.meta["openfold_function"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let short = func.rsplit('.').next().unwrap_or("").to_string();
     let mut out = BTreeMap::new();
     let mut put = |k: &str, v: Tensor| {
@@ -83,9 +97,12 @@ fn run(fx: &Fixture, x: &Inputs) -> Result<BTreeMap<String, Tensor>, String> {
     };
     let a = |k: &str| fx.arg_f64(k);
     if func.contains("find_structural_violations") {
-        let avg = fx.meta["average_clashes"]
-            .as_bool()
-            .unwrap_or_else(|| fx.meta["call"].as_str().unwrap_or("").contains("average_clashes=True"));
+        let avg = fx.meta["average_clashes"].as_bool().unwrap_or_else(|| {
+            fx.meta["call"]
+                .as_str()
+                .unwrap_or("")
+                .contains("average_clashes=True")
+        });
         let v = loss::find_structural_violations(
             x.g("atom14_pred_positions"),
             x.g("atom14_atom_exists"),
@@ -141,8 +158,12 @@ fn run(fx: &Fixture, x: &Inputs) -> Result<BTreeMap<String, Tensor>, String> {
         }
         "backbone_loss" => {
             let traj = x.g("traj");
-            let u = opt_f64(fx, "use_clamped_fape")
-                .map(|u| Tensor::new(u, traj.device()).unwrap().to_dtype(traj.dtype()).unwrap());
+            let u = opt_f64(fx, "use_clamped_fape").map(|u| {
+                Tensor::new(u, traj.device())
+                    .unwrap()
+                    .to_dtype(traj.dtype())
+                    .unwrap()
+            });
             let l = loss::backbone_loss(
                 x.g("backbone_rigid_tensor"),
                 x.g("backbone_rigid_mask"),
@@ -263,8 +284,14 @@ fn run(fx: &Fixture, x: &Inputs) -> Result<BTreeMap<String, Tensor>, String> {
             "drmsd",
             metrics::drmsd(x.g("structure_1"), x.g("structure_2"), Some(x.g("mask"))).unwrap(),
         ),
-        "gdt_ts" => put("gdt", metrics::gdt_ts(x.g("p1"), x.g("p2"), x.g("mask")).unwrap()),
-        "gdt_ha" => put("gdt", metrics::gdt_ha(x.g("p1"), x.g("p2"), x.g("mask")).unwrap()),
+        "gdt_ts" => put(
+            "gdt",
+            metrics::gdt_ts(x.g("p1"), x.g("p2"), x.g("mask")).unwrap(),
+        ),
+        "gdt_ha" => put(
+            "gdt",
+            metrics::gdt_ha(x.g("p1"), x.g("p2"), x.g("mask")).unwrap(),
+        ),
         "superimpose" => {
             let (s, r) = superimpose(x.g("reference"), x.g("coords"), x.g("mask")).unwrap();
             put("superimposed", s);
@@ -341,15 +368,28 @@ fn check_fixture(fx: &Fixture, dtype: DType, report: &mut Report) {
     let sz = fx.structurally_zero();
     for name in fx.grad_inputs() {
         let want = fx.get(&format!("grad.input.{name}"));
-        let var = x.vars.get(&name).unwrap_or_else(|| panic!("{tag}: grad input {name} not a var"));
+        let var = x
+            .vars
+            .get(&name)
+            .unwrap_or_else(|| panic!("{tag}: grad input {name} not a var"));
         let got = match grads.get(var.as_tensor()) {
             Some(g) => g.clone(),
             None => var.as_tensor().zeros_like().unwrap(),
         };
-        let abs_tol = if sz.contains(&format!("grad.input.{name}")) { 1e-7 } else { abs };
+        let abs_tol = if sz.contains(&format!("grad.input.{name}")) {
+            1e-7
+        } else {
+            abs
+        };
         let (r, a) = errors(&got, &want);
         eprintln!("{tag} grad.input.{name}: rel {r:.2e} abs {a:.2e}");
-        report.check(&format!("{tag} grad.input.{name}"), &got, &want, rel, abs_tol);
+        report.check(
+            &format!("{tag} grad.input.{name}"),
+            &got,
+            &want,
+            rel,
+            abs_tol,
+        );
     }
 }
 
@@ -382,10 +422,34 @@ fn golden_loss_tables_match_openfold() {
     let vb = Fixture::named("data", "violation_bounds");
     let rcf = Fixture::named("data", "residue_constants");
     let mut report = Report::default();
-    report.check("lower_bound", &t.violation.lower_bound, &vb.get("atom14_dists_lower_bound"), 0.0, 0.0);
-    report.check("upper_bound", &t.violation.upper_bound, &vb.get("atom14_dists_upper_bound"), 0.0, 0.0);
-    report.check("atomtype_radius", &t.violation.atomtype_radius, &vb.get("atomtype_radius"), 0.0, 0.0);
-    report.check("chi_pi_periodic", &t.chi_pi_periodic, &rcf.get("chi_pi_periodic"), 0.0, 0.0);
+    report.check(
+        "lower_bound",
+        &t.violation.lower_bound,
+        &vb.get("atom14_dists_lower_bound"),
+        0.0,
+        0.0,
+    );
+    report.check(
+        "upper_bound",
+        &t.violation.upper_bound,
+        &vb.get("atom14_dists_upper_bound"),
+        0.0,
+        0.0,
+    );
+    report.check(
+        "atomtype_radius",
+        &t.violation.atomtype_radius,
+        &vb.get("atomtype_radius"),
+        0.0,
+        0.0,
+    );
+    report.check(
+        "chi_pi_periodic",
+        &t.chi_pi_periodic,
+        &rcf.get("chi_pi_periodic"),
+        0.0,
+        0.0,
+    );
     report.assert_ok("loss tables");
 }
 
@@ -396,8 +460,16 @@ fn model_fixture_inputs(fx: &Fixture, dtype: DType) -> (LossOutputs, LossBatch) 
     let b = |k: &str| {
         let t = fx.get(&format!("input.{k}"));
         let last = t.rank() - 1;
-        let t = t.narrow(last, t.dim(last).unwrap() - 1, 1).unwrap().squeeze(last).unwrap();
-        if t.dtype().is_float() { t.to_dtype(dtype).unwrap() } else { t }
+        let t = t
+            .narrow(last, t.dim(last).unwrap() - 1, 1)
+            .unwrap()
+            .squeeze(last)
+            .unwrap();
+        if t.dtype().is_float() {
+            t.to_dtype(dtype).unwrap()
+        } else {
+            t
+        }
     };
     let out = LossOutputs {
         sm_frames: o("sm.frames"),
@@ -452,29 +524,62 @@ fn model_fixture_loss(dtype: DType, rel: f64) {
     let mut report = Report::default();
     let tag = format!("model loss [{dtype:?}]");
     let scalar = |v: f64| Tensor::new(v, &Device::Cpu).unwrap();
-    report.check(&format!("{tag} loss"), &res.loss.to_dtype(DType::F64).unwrap(), &fx.get("output.loss"), rel, 0.0);
+    report.check(
+        &format!("{tag} loss"),
+        &res.loss.to_dtype(DType::F64).unwrap(),
+        &fx.get("output.loss"),
+        rel,
+        0.0,
+    );
     for name in fx.names_with_prefix("output.loss_breakdown.") {
         match res.breakdown.get(&name) {
-            Some(v) => report.check(&format!("{tag} breakdown.{name}"), &scalar(v), &fx.get(&format!("output.loss_breakdown.{name}")), rel, 1e-12),
+            Some(v) => report.check(
+                &format!("{tag} breakdown.{name}"),
+                &scalar(v),
+                &fx.get(&format!("output.loss_breakdown.{name}")),
+                rel,
+                1e-12,
+            ),
             None => report.fail(format!("{tag}: breakdown has no `{name}`")),
         }
     }
     for name in fx.names_with_prefix("output.loss_extra.") {
         match res.breakdown.get(&name) {
-            Some(v) => report.check(&format!("{tag} extra.{name}"), &scalar(v), &fx.get(&format!("output.loss_extra.{name}")), rel, 0.0),
+            Some(v) => report.check(
+                &format!("{tag} extra.{name}"),
+                &scalar(v),
+                &fx.get(&format!("output.loss_extra.{name}")),
+                rel,
+                0.0,
+            ),
             None => report.fail(format!("{tag}: breakdown has no `{name}`")),
         }
     }
     for (name, t) in res.violations.named() {
-        report.check(&format!("{tag} violation.{name}"), t, &fx.get(&format!("output.violation.{name}")), rel, 1e-12);
+        report.check(
+            &format!("{tag} violation.{name}"),
+            t,
+            &fx.get(&format!("output.violation.{name}")),
+            rel,
+            1e-12,
+        );
     }
     let r = &res.renamed;
     for (name, t) in [
         ("alt_naming_is_better", &r.alt_naming_is_better),
-        ("renamed_atom14_gt_positions", &r.renamed_atom14_gt_positions),
+        (
+            "renamed_atom14_gt_positions",
+            &r.renamed_atom14_gt_positions,
+        ),
         ("renamed_atom14_gt_exists", &r.renamed_atom14_gt_exists),
     ] {
-        report.check(&format!("{tag} renamed.{name}"), t, &fx.get(&format!("output.renamed.{name}")), rel, 1e-12);
+        report.check(
+            &format!("{tag} renamed.{name}"),
+            t,
+            &fx.get(&format!("output.renamed.{name}")),
+            rel,
+            1e-12,
+        );
     }
     assert!(!res.breakdown.had_non_finite());
     report.assert_ok(&tag);
@@ -499,33 +604,56 @@ fn alphafold_loss_zeroes_and_reports_non_finite_terms() {
     let logits = out.masked_msa_logits.clone();
     let nan = logits.ones_like().unwrap().affine(f64::NAN, 0.0).unwrap();
     out.masked_msa_logits = nan.narrow(0, 0, 1).unwrap().contiguous().unwrap();
-    out.masked_msa_logits = Tensor::cat(&[&out.masked_msa_logits, &logits.narrow(0, 1, logits.dim(0).unwrap() - 1).unwrap()], 0).unwrap();
+    out.masked_msa_logits = Tensor::cat(
+        &[
+            &out.masked_msa_logits,
+            &logits.narrow(0, 1, logits.dim(0).unwrap() - 1).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
     let positions = Var::from_tensor(&out.sm_positions).unwrap();
     out.sm_positions = positions.as_tensor().clone();
-    let mut cfg = LossConfig::default();
-    cfg.violation_weight = 1.0;
+    let cfg = LossConfig {
+        violation_weight: 1.0,
+        ..Default::default()
+    };
     let res = loss::alphafold_loss(&out, &batch, &tables(), &cfg).unwrap();
     assert_eq!(res.breakdown.non_finite, vec!["masked_msa".to_string()]);
     assert_eq!(res.breakdown.get("masked_msa"), Some(0.0));
     let total = res.loss.to_scalar::<f64>().unwrap();
     assert!(total.is_finite());
-    let want = fx.get("output.loss_breakdown.fape").to_scalar::<f64>().unwrap();
+    let want = fx
+        .get("output.loss_breakdown.fape")
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((res.breakdown.get("fape").unwrap() - want).abs() <= 1e-12 * want.abs());
     // unscaled = Σ w·term without the masked-MSA term
     let w = [
         ("distogram", cfg.distogram_weight),
-        ("experimentally_resolved", cfg.experimentally_resolved_weight),
+        (
+            "experimentally_resolved",
+            cfg.experimentally_resolved_weight,
+        ),
         ("fape", cfg.fape_weight),
         ("plddt_loss", cfg.plddt_weight),
         ("supervised_chi", cfg.supervised_chi_weight),
         ("violation", cfg.violation_weight),
     ];
-    let sum: f64 = w.iter().map(|(k, wk)| wk * res.breakdown.get(k).unwrap()).sum();
+    let sum: f64 = w
+        .iter()
+        .map(|(k, wk)| wk * res.breakdown.get(k).unwrap())
+        .sum();
     let unscaled = res.breakdown.get("unscaled_loss").unwrap();
-    assert!((sum - unscaled).abs() <= 1e-12 * unscaled.abs(), "{sum} vs {unscaled}");
+    assert!(
+        (sum - unscaled).abs() <= 1e-12 * unscaled.abs(),
+        "{sum} vs {unscaled}"
+    );
     // gradients reach the SM positions (side-chain FAPE + violation), finite
     let grads = res.loss.backward().unwrap();
-    let g = grads.get(positions.as_tensor()).expect("grad to sm positions");
+    let g = grads
+        .get(positions.as_tensor())
+        .expect("grad to sm positions");
     let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
     assert!(gv.iter().all(|v| v.is_finite()) && gv.iter().any(|v| *v != 0.0));
     // JSONL-ready

@@ -1,6 +1,5 @@
 //! Property tests of the losses and metrics: invariances and exact recoveries.
 
-
 use candle_core::{DType, Device, Tensor};
 use ferrofold::geometry::superimpose::{kabsch, quat_to_matrix, superimpose};
 use ferrofold::loss::{self, metrics};
@@ -37,7 +36,10 @@ fn mat(r: [[f64; 3]; 3]) -> Tensor {
 
 /// Rotate points [*, 3] by `q` and shift by `s`: x' = Q x + s.
 fn move_points(x: &Tensor, q: &Tensor, s: &Tensor) -> Tensor {
-    x.broadcast_matmul(&q.t().unwrap()).unwrap().broadcast_add(s).unwrap()
+    x.broadcast_matmul(&q.t().unwrap())
+        .unwrap()
+        .broadcast_add(s)
+        .unwrap()
 }
 
 /// Compose frames [F,3,3] with a global motion: R' = Q R.
@@ -46,7 +48,12 @@ fn move_rots(r: &Tensor, q: &Tensor) -> Tensor {
 }
 
 fn scalar(x: &Tensor) -> f64 {
-    x.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0]
+    x.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[0]
 }
 
 struct FapeCase {
@@ -63,10 +70,19 @@ struct FapeCase {
 fn fape_case(rng: &mut Rng) -> FapeCase {
     let (f, p) = (7, 12);
     let rots = |rng: &mut Rng| {
-        let v: Vec<f64> = (0..f).flat_map(|_| rng.rotation().into_iter().flatten()).collect();
+        let v: Vec<f64> = (0..f)
+            .flat_map(|_| rng.rotation().into_iter().flatten())
+            .collect();
         t(v, &[f, 3, 3])
     };
-    let mask = |rng: &mut Rng, n: usize| t((0..n).map(|_| if rng.uniform() < 0.8 { 1.0 } else { 0.0 }).collect(), &[n]);
+    let mask = |rng: &mut Rng, n: usize| {
+        t(
+            (0..n)
+                .map(|_| if rng.uniform() < 0.8 { 1.0 } else { 0.0 })
+                .collect(),
+            &[n],
+        )
+    };
     FapeCase {
         pr: rots(rng),
         pt: t(rng.vec(f * 3, 8.0), &[f, 3]),
@@ -81,8 +97,10 @@ fn fape_case(rng: &mut Rng) -> FapeCase {
 
 fn fape(c: &FapeCase, clamp: Option<f64>) -> f64 {
     scalar(
-        &loss::compute_fape(&c.pr, &c.pt, &c.tr, &c.tt, &c.fm, &c.pp, &c.tp, &c.pm, 10.0, clamp, None, 1e-4)
-            .unwrap(),
+        &loss::compute_fape(
+            &c.pr, &c.pt, &c.tr, &c.tt, &c.fm, &c.pp, &c.tp, &c.pm, 10.0, clamp, None, 1e-4,
+        )
+        .unwrap(),
     )
 }
 
@@ -104,7 +122,10 @@ fn fape_invariant_to_global_rigid_motion() {
                 ..fape_case_clone(&c)
             };
             let a = fape(&moved_pred, clamp);
-            assert!((a - base).abs() <= 1e-12 * base.abs().max(1.0), "pred motion {a} vs {base}");
+            assert!(
+                (a - base).abs() <= 1e-12 * base.abs().max(1.0),
+                "pred motion {a} vs {base}"
+            );
             // motion of the target only
             let moved_target = FapeCase {
                 tr: move_rots(&c.tr, &q),
@@ -113,9 +134,15 @@ fn fape_invariant_to_global_rigid_motion() {
                 ..fape_case_clone(&c)
             };
             let b = fape(&moved_target, clamp);
-            assert!((b - base).abs() <= 1e-12 * base.abs().max(1.0), "target motion {b} vs {base}");
+            assert!(
+                (b - base).abs() <= 1e-12 * base.abs().max(1.0),
+                "target motion {b} vs {base}"
+            );
             // moving only the positions (not the frames) must change it: the test can fail
-            let broken = FapeCase { pp: move_points(&c.pp, &q, &s), ..fape_case_clone(&c) };
+            let broken = FapeCase {
+                pp: move_points(&c.pp, &q, &s),
+                ..fape_case_clone(&c)
+            };
             assert!((fape(&broken, clamp) - base).abs() > 1e-6);
         }
     }
@@ -138,7 +165,12 @@ fn fape_case_clone(c: &FapeCase) -> FapeCase {
 fn fape_zero_for_identical_structures() {
     let mut rng = Rng(7);
     let c = fape_case(&mut rng);
-    let same = FapeCase { tr: c.pr.clone(), tt: c.pt.clone(), tp: c.pp.clone(), ..fape_case_clone(&c) };
+    let same = FapeCase {
+        tr: c.pr.clone(),
+        tt: c.pt.clone(),
+        tp: c.pp.clone(),
+        ..fape_case_clone(&c)
+    };
     // error = sqrt(0 + eps) = 0.01 Å per pair -> 0.001 after the 10 Å unit
     let v = fape(&same, Some(10.0));
     assert!((v - 1e-3).abs() < 1e-6, "{v}");
@@ -160,7 +192,9 @@ fn atom37(rng: &mut Rng, n: usize) -> (Tensor, Tensor) {
             }
         }
     }
-    let mask: Vec<f64> = (0..n * 37).map(|i| if i % 37 == 1 && i / 37 == 3 { 0.0 } else { 1.0 }).collect();
+    let mask: Vec<f64> = (0..n * 37)
+        .map(|i| if i % 37 == 1 && i / 37 == 3 { 0.0 } else { 1.0 })
+        .collect();
     (t(pos, &[n, 37, 3]), t(mask, &[n, 37]))
 }
 
@@ -171,7 +205,10 @@ fn lddt_is_one_for_identical_and_invariant_to_rigid_motion() {
     let (x, m) = atom37(&mut rng, n);
     let l = scalar(&loss::lddt_ca(&x, &x, &m, 15.0, 1e-10, false).unwrap());
     assert!((l - 1.0).abs() < 1e-12, "{l}");
-    let per = loss::lddt_ca(&x, &x, &m, 15.0, 1e-10, true).unwrap().to_vec1::<f64>().unwrap();
+    let per = loss::lddt_ca(&x, &x, &m, 15.0, 1e-10, true)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     assert!(per.iter().all(|v| (v - 1.0).abs() < 1e-9), "{per:?}");
     // a perturbed prediction scores < 1, and the same value after any rigid motion
     let noisy = (&x + t(rng.vec(n * 37 * 3, 1.0), &[n, 37, 3])).unwrap();
@@ -179,12 +216,15 @@ fn lddt_is_one_for_identical_and_invariant_to_rigid_motion() {
     assert!(base < 0.95, "{base}");
     let q = mat(rng.rotation());
     let s = t(rng.vec(3, 30.0), &[3]);
-    let moved = move_points(&noisy.reshape((n * 37, 3)).unwrap(), &q, &s).reshape((n, 37, 3)).unwrap();
+    let moved = move_points(&noisy.reshape((n * 37, 3)).unwrap(), &q, &s)
+        .reshape((n, 37, 3))
+        .unwrap();
     let after = scalar(&loss::lddt_ca(&moved, &x, &m, 15.0, 1e-10, false).unwrap());
     assert!((after - base).abs() < 1e-12, "{after} vs {base}");
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn kabsch_recovers_known_motion_on_tensors() {
     let mut rng = Rng(3);
     let n = 15;
@@ -193,7 +233,11 @@ fn kabsch_recovers_known_motion_on_tensors() {
     let s = rng.vec(3, 10.0);
     let y = move_points(&x, &mat(r), &t(s.clone(), &[3]));
     let pts = |a: &Tensor| -> Vec<[f64; 3]> {
-        a.to_vec2::<f64>().unwrap().into_iter().map(|v| [v[0], v[1], v[2]]).collect()
+        a.to_vec2::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| [v[0], v[1], v[2]])
+            .collect()
     };
     let sup = kabsch(&pts(&y), &pts(&x)).unwrap();
     for i in 0..3 {
@@ -212,15 +256,29 @@ fn rmsd_zero_after_superposing_rotated_copy_and_metrics() {
     let x = t(rng.vec(2 * n * 3, 6.0), &[2, n, 3]);
     let q = mat(rng.rotation());
     let s = t(rng.vec(3, 10.0), &[3]);
-    let y = move_points(&x.reshape((2 * n, 3)).unwrap(), &q, &s).reshape((2, n, 3)).unwrap();
-    let mask = t((0..2 * n).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect(), &[2, n]);
+    let y = move_points(&x.reshape((2 * n, 3)).unwrap(), &q, &s)
+        .reshape((2, n, 3))
+        .unwrap();
+    let mask = t(
+        (0..2 * n)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 })
+            .collect(),
+        &[2, n],
+    );
     let (sup, rmsd) = superimpose(&x, &y, &mask).unwrap();
     for v in rmsd.to_vec1::<f64>().unwrap() {
         assert!(v < 1e-9, "rmsd {v}");
     }
     // superposed copy equals the reference where masked in, 0 elsewhere
     let want = x.broadcast_mul(&mask.unsqueeze(2).unwrap()).unwrap();
-    let diff = (sup - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let diff = (sup - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     assert!(scalar(&diff) < 1e-9);
     // noisy copy: positive RMSD; GDT and dRMSD behave
     let noisy = (&x + t(rng.vec(2 * n * 3, 0.7), &[2, n, 3])).unwrap();
@@ -242,9 +300,14 @@ fn structure_metrics_perfect_prediction() {
     let (x, m) = atom37(&mut rng, n);
     let q = mat(rng.rotation());
     let s = t(rng.vec(3, 10.0), &[3]);
-    let moved = move_points(&x.reshape((n * 37, 3)).unwrap(), &q, &s).reshape((n, 37, 3)).unwrap();
+    let moved = move_points(&x.reshape((n * 37, 3)).unwrap(), &q, &s)
+        .reshape((n, 37, 3))
+        .unwrap();
     let sm = metrics::structure_metrics(&moved, &x, &m).unwrap();
     assert!((sm.lddt_ca - 1.0).abs() < 1e-9, "{sm:?}");
     assert!(sm.rmsd_ca < 1e-8 && sm.drmsd_ca < 1e-8, "{sm:?}");
-    assert!((sm.gdt_ts - 1.0).abs() < 1e-12 && (sm.gdt_ha - 1.0).abs() < 1e-12, "{sm:?}");
+    assert!(
+        (sm.gdt_ts - 1.0).abs() < 1e-12 && (sm.gdt_ha - 1.0).abs() < 1e-12,
+        "{sm:?}"
+    );
 }

@@ -44,6 +44,7 @@ fn centroid(p: &[[f64; 3]]) -> [f64; 3] {
 
 /// Eigen-decomposition of a symmetric 4x4 matrix by cyclic Jacobi rotations.
 /// Returns (eigenvalues, eigenvectors as columns of `v`).
+#[allow(clippy::needless_range_loop)]
 fn jacobi4(mut a: [[f64; 4]; 4]) -> ([f64; 4], [[f64; 4]; 4]) {
     let mut v = [[0.0; 4]; 4];
     for (i, row) in v.iter_mut().enumerate() {
@@ -96,9 +97,21 @@ fn jacobi4(mut a: [[f64; 4]; 4]) -> ([f64; 4], [[f64; 4]; 4]) {
 pub fn quat_to_matrix(q: [f64; 4]) -> [[f64; 3]; 3] {
     let [w, x, y, z] = q;
     [
-        [w * w + x * x - y * y - z * z, 2.0 * (x * y - w * z), 2.0 * (x * z + w * y)],
-        [2.0 * (x * y + w * z), w * w - x * x + y * y - z * z, 2.0 * (y * z - w * x)],
-        [2.0 * (x * z - w * y), 2.0 * (y * z + w * x), w * w - x * x - y * y + z * z],
+        [
+            w * w + x * x - y * y - z * z,
+            2.0 * (x * y - w * z),
+            2.0 * (x * z + w * y),
+        ],
+        [
+            2.0 * (x * y + w * z),
+            w * w - x * x + y * y - z * z,
+            2.0 * (y * z - w * x),
+        ],
+        [
+            2.0 * (x * z - w * y),
+            2.0 * (y * z + w * x),
+            w * w - x * x - y * y + z * z,
+        ],
     ]
 }
 
@@ -149,7 +162,11 @@ pub fn kabsch(reference: &[[f64; 3]], mobile: &[[f64; 3]]) -> Result<Superpositi
     for i in 0..3 {
         trans[i] = cy[i] - (rot[i][0] * cx[0] + rot[i][1] * cx[1] + rot[i][2] * cx[2]);
     }
-    let mut sup = Superposition { rot, trans, rmsd: 0.0 };
+    let mut sup = Superposition {
+        rot,
+        trans,
+        rmsd: 0.0,
+    };
     let ss: f64 = mobile
         .iter()
         .zip(reference)
@@ -186,7 +203,7 @@ pub fn superimpose(reference: &Tensor, coords: &Tensor, mask: &Tensor) -> Result
     if m.len() != r.len() {
         return Err(Error::Msg("superimpose: mask shape does not match".into()));
     }
-    let batches = if n == 0 { 0 } else { r.len() / n };
+    let batches = r.len().checked_div(n).unwrap_or(0);
     let mut out = vec![0.0f64; r.len() * 3];
     let mut rmsds = Vec::with_capacity(batches);
     for b in 0..batches {
@@ -219,6 +236,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn recovers_known_motion() {
         let pts: Vec<[f64; 3]> = (0..9)
             .map(|i| {
@@ -226,7 +244,11 @@ mod tests {
                 [f.sin() * 3.0 + f, (f * 1.7).cos() * 2.0, f * f * 0.1 - 1.0]
             })
             .collect();
-        for (axis, ang) in [([1.0, 2.0, 3.0], 2.5), ([0.0, 0.0, 1.0], std::f64::consts::PI), ([1.0, -1.0, 0.5], 1e-3)] {
+        for (axis, ang) in [
+            ([1.0, 2.0, 3.0], 2.5),
+            ([0.0, 0.0, 1.0], std::f64::consts::PI),
+            ([1.0, -1.0, 0.5], 1e-3),
+        ] {
             let r = rot_about(axis, ang);
             let t = [4.0, -2.0, 7.5];
             let moved: Vec<[f64; 3]> = pts

@@ -41,7 +41,7 @@ pub fn supervised_chi_loss(
         .index_select(&aa_flat, 0)?
         .reshape(chi_mask.shape())?; // [*, N, 4]
     let true_chi = chi_angles_sin_cos.unsqueeze(0)?; // [1, *, N, 4, 2]
-    // shift = 1 − 2·periodic ∈ {1, −1}
+                                                     // shift = 1 − 2·periodic ∈ {1, −1}
     let shift = ((periodic * -2.0)? + 1.0)?.unsqueeze(D::Minus1)?; // [*, N, 4, 1]
     let true_shifted = true_chi.broadcast_mul(&shift)?;
     let sq = true_chi.broadcast_sub(&pred)?.sqr()?.sum(D::Minus1)?; // [L, *, N, 4]
@@ -81,6 +81,8 @@ pub fn torsion_angle_loss(a: &Tensor, a_gt: &Tensor, a_alt_gt: &Tensor) -> Resul
     let d_alt = (&a_hat - a_alt_gt)?.sqr()?.sum(D::Minus1)?;
     let min_diff = d_gt.minimum(&d_alt)?; // [*, N, 7]
     let l_torsion = min_diff.mean((D::Minus2, D::Minus1))?;
-    let l_norm = (norm.squeeze(D::Minus1)? - 1.0)?.abs()?.mean((D::Minus2, D::Minus1))?;
+    let l_norm = (norm.squeeze(D::Minus1)? - 1.0)?
+        .abs()?
+        .mean((D::Minus2, D::Minus1))?;
     Ok((l_torsion + (l_norm * 0.02)?)?)
 }

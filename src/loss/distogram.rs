@@ -75,13 +75,19 @@ pub fn distogram_loss(
         .broadcast_sub(&pb.unsqueeze(D::Minus(3))?)?
         .sqr()?
         .sum_keepdim(D::Minus1)?; // [*, N, N, 1]
-    let true_bins = d2.broadcast_gt(&bounds)?.to_dtype(DType::I64)?.sum(D::Minus1)?; // [*, N, N]
+    let true_bins = d2
+        .broadcast_gt(&bounds)?
+        .to_dtype(DType::I64)?
+        .sum(D::Minus1)?; // [*, N, N]
     let labels = one_hot(&true_bins, no_bins, dtype)?;
     let errors = softmax_cross_entropy(logits, &labels)?; // [*, N, N]
     let square = pseudo_beta_mask
         .unsqueeze(D::Minus1)?
         .broadcast_mul(&pseudo_beta_mask.unsqueeze(D::Minus2)?)?;
     let denom = (square.sum((D::Minus2, D::Minus1))? + eps)?.unsqueeze(D::Minus1)?; // [*, 1]
-    let mean = (errors * square)?.sum(D::Minus1)?.broadcast_div(&denom)?.sum(D::Minus1)?;
+    let mean = (errors * square)?
+        .sum(D::Minus1)?
+        .broadcast_div(&denom)?
+        .sum(D::Minus1)?;
     Ok(mean.mean_all()?)
 }

@@ -21,7 +21,8 @@ pub fn invert_apply_all(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Resul
     let f = rd[nd - 3];
     let p = points.dim(D::Minus2)?;
     let b: usize = batch.iter().product();
-    if trans.dims()[..trans.rank() - 1] != rd[..nd - 2] || points.dims()[..points.rank() - 2] != batch[..]
+    if trans.dims()[..trans.rank() - 1] != rd[..nd - 2]
+        || points.dims()[..points.rank() - 2] != batch[..]
     {
         return Err(Error::Loss(format!(
             "frames/points shapes disagree: rots {:?}, trans {:?}, points {:?}",
@@ -153,11 +154,20 @@ pub fn backbone_loss(
     let pred_rots = quat_to_rot(&traj.narrow(nd - 1, 0, 4)?)?; // [L, *, N, 3, 3]
     let pred_trans = traj.narrow(nd - 1, 4, 3)?.contiguous()?; // [L, *, N, 3]
     let (gt_rots, gt_trans) = split_4x4(backbone_rigid_tensor)?;
-    let gt_rots = gt_rots.unsqueeze(0)?.broadcast_as(pred_rots.shape())?.contiguous()?;
-    let gt_trans = gt_trans.unsqueeze(0)?.broadcast_as(pred_trans.shape())?.contiguous()?;
+    let gt_rots = gt_rots
+        .unsqueeze(0)?
+        .broadcast_as(pred_rots.shape())?
+        .contiguous()?;
+    let gt_trans = gt_trans
+        .unsqueeze(0)?
+        .broadcast_as(pred_trans.shape())?
+        .contiguous()?;
     let mut mshape = pred_trans.dims().to_vec();
     mshape.pop();
-    let mask = backbone_rigid_mask.unsqueeze(0)?.broadcast_as(mshape)?.contiguous()?;
+    let mask = backbone_rigid_mask
+        .unsqueeze(0)?
+        .broadcast_as(mshape)?
+        .contiguous()?;
     let pair_mask = match pair_mask {
         Some(p) => {
             let mut s = mask.dims().to_vec();
@@ -217,7 +227,10 @@ pub fn sidechain_loss(
     eps: f64,
 ) -> Result<Tensor> {
     check_trailing(sidechain_frames, &[8, 4, 4], "sidechain_frames")?;
-    let alt = alt_naming_is_better.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?;
+    let alt = alt_naming_is_better
+        .unsqueeze(D::Minus1)?
+        .unsqueeze(D::Minus1)?
+        .unsqueeze(D::Minus1)?;
     let one_minus = (alt.neg()? + 1.0)?;
     let gt_frames = (rigidgroups_gt_frames.broadcast_mul(&one_minus)?
         + rigidgroups_alt_gt_frames.broadcast_mul(&alt)?)?;

@@ -79,7 +79,9 @@ fn ca_only(pred: &Tensor, true_pos: &Tensor, mask: &Tensor) -> Result<(Tensor, T
     check_trailing(true_pos, &[37, 3], "atom37 positions")?;
     check_trailing(mask, &[37], "atom37 mask")?;
     let p = pred.narrow(D::Minus2, CA_ATOM37, 1)?.squeeze(D::Minus2)?;
-    let t = true_pos.narrow(D::Minus2, CA_ATOM37, 1)?.squeeze(D::Minus2)?;
+    let t = true_pos
+        .narrow(D::Minus2, CA_ATOM37, 1)?
+        .squeeze(D::Minus2)?;
     let m = mask.narrow(D::Minus1, CA_ATOM37, 1)?; // keep dim: [*, N, 1]
     Ok((p, t, m))
 }
@@ -122,10 +124,16 @@ pub fn lddt_loss(
     };
     let mut onehot = vec![0f64; raw.len() * no_bins];
     for (i, (&r, &s)) in raw.iter().zip(&scaled).enumerate() {
-        let v = if r.is_nan() { nanmean * no_bins as f64 } else { s };
+        let v = if r.is_nan() {
+            nanmean * no_bins as f64
+        } else {
+            s
+        };
         let v = if v < 0.0 { 0.0 } else { v };
         if !v.is_finite() {
-            return Err(Error::Loss(format!("lddt_loss: non-finite lDDT score at residue {i}")));
+            return Err(Error::Loss(format!(
+                "lddt_loss: non-finite lDDT score at residue {i}"
+            )));
         }
         let bin = (v.floor() as usize).min(no_bins - 1);
         onehot[i * no_bins + bin] = 1.0;

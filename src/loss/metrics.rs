@@ -4,8 +4,8 @@
 use candle_core::{DType, Tensor, D};
 
 pub use super::lddt::{lddt, lddt_ca};
-pub use crate::geometry::superimpose::superimpose;
 use crate::error::Result;
+pub use crate::geometry::superimpose::superimpose;
 
 /// OpenFold `drmsd`: `sqrt(Σ mask_ij (d1_ij − d2_ij)² / (n(n−1)))` with `n = min(Σ mask)` and
 /// distances without eps (no gradient: the metric is validation-only). `s1`, `s2` [*, N, 3],
@@ -25,14 +25,25 @@ pub fn drmsd(s1: &Tensor, s2: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> 
     let n = match mask {
         Some(m) => {
             let m = m.to_dtype(e.dtype())?;
-            e = e.broadcast_mul(&m.unsqueeze(D::Minus1)?.broadcast_mul(&m.unsqueeze(D::Minus2)?)?)?;
-            let counts: Vec<f64> = m.sum(D::Minus1)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+            e = e.broadcast_mul(
+                &m.unsqueeze(D::Minus1)?
+                    .broadcast_mul(&m.unsqueeze(D::Minus2)?)?,
+            )?;
+            let counts: Vec<f64> = m
+                .sum(D::Minus1)?
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1()?;
             counts.into_iter().fold(f64::INFINITY, f64::min)
         }
         None => s1.dim(D::Minus2)? as f64,
     };
     let e = e.sum((D::Minus2, D::Minus1))?;
-    let e = if n > 1.0 { (e * (1.0 / (n * (n - 1.0))))? } else { (e * 0.0)? };
+    let e = if n > 1.0 {
+        (e * (1.0 / (n * (n - 1.0))))?
+    } else {
+        (e * 0.0)?
+    };
     Ok(e.sqrt()?)
 }
 
@@ -90,13 +101,25 @@ pub struct StructureMetrics {
 /// Cα metrics as in OpenFold `_compute_validation_metrics`: lDDT-Cα on the raw prediction; Cα
 /// coordinates masked by the Cα mask; superpose the prediction onto the truth; RMSD, GDT on the
 /// superposed prediction; dRMSD on the raw masked Cα.
-pub fn structure_metrics(pred37: &Tensor, true37: &Tensor, mask37: &Tensor) -> Result<StructureMetrics> {
+pub fn structure_metrics(
+    pred37: &Tensor,
+    true37: &Tensor,
+    mask37: &Tensor,
+) -> Result<StructureMetrics> {
     let ca = super::lddt::CA_ATOM37;
-    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0]) };
+    let scalar = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+    };
     let l = lddt_ca(pred37, true37, mask37, 15.0, 1e-10, false)?;
     let m = mask37.narrow(D::Minus1, ca, 1)?; // [N, 1]
-    let p = pred37.narrow(D::Minus2, ca, 1)?.squeeze(D::Minus2)?.broadcast_mul(&m)?;
-    let t = true37.narrow(D::Minus2, ca, 1)?.squeeze(D::Minus2)?.broadcast_mul(&m)?;
+    let p = pred37
+        .narrow(D::Minus2, ca, 1)?
+        .squeeze(D::Minus2)?
+        .broadcast_mul(&m)?;
+    let t = true37
+        .narrow(D::Minus2, ca, 1)?
+        .squeeze(D::Minus2)?
+        .broadcast_mul(&m)?;
     let m = m.squeeze(D::Minus1)?;
     let (sup, rmsd) = superimpose(&t, &p, &m)?;
     Ok(StructureMetrics {

@@ -31,7 +31,11 @@ pub fn compute_renamed_ground_truth(
     atom14_pred_positions: &Tensor,
     eps: f64,
 ) -> Result<RenamedGroundTruth> {
-    check_trailing(atom14_pred_positions, &[14, 3], "atom14 predicted positions")?;
+    check_trailing(
+        atom14_pred_positions,
+        &[14, 3],
+        "atom14 predicted positions",
+    )?;
     let dtype = atom14_pred_positions.dtype();
     let dims = atom14_pred_positions.dims().to_vec();
     let nd = dims.len();
@@ -46,14 +50,18 @@ pub fn compute_renamed_ground_truth(
     let alt_exists = atom14_alt_gt_exists.to_dtype(dtype)?;
     let amb = atom14_atom_is_ambiguous.to_dtype(dtype)?;
 
-    let d = |x: &Tensor| -> Result<Tensor> { super::lddt::dmat(&x.detach().reshape(flat.clone())?, eps) };
+    let d = |x: &Tensor| -> Result<Tensor> {
+        super::lddt::dmat(&x.detach().reshape(flat.clone())?, eps)
+    };
     let d_pred = d(atom14_pred_positions)?; // [*, M, M]
     let d_gt = d(&gt)?;
     let d_alt = d(&alt_gt)?;
     let err = |dd: &Tensor| -> Result<Tensor> { Ok(((&d_pred - dd)?.sqr()? + eps)?.sqrt()?) };
     let l_gt = err(&d_gt)?;
     let l_alt = err(&d_alt)?;
-    let row = (&exists * &amb)?.reshape(flat_mask.clone())?.unsqueeze(D::Minus1)?; // [*, M, 1]
+    let row = (&exists * &amb)?
+        .reshape(flat_mask.clone())?
+        .unsqueeze(D::Minus1)?; // [*, M, 1]
     let col = (&exists * (amb.neg()? + 1.0)?)?
         .reshape(flat_mask.clone())?
         .unsqueeze(D::Minus2)?; // [*, 1, M]
@@ -61,7 +69,10 @@ pub fn compute_renamed_ground_truth(
     let mut per_atom = dims[..nd - 3].to_vec();
     per_atom.extend([n, 14]);
     let per_res = |l: &Tensor| -> Result<Tensor> {
-        Ok((l * &mask)?.sum(D::Minus1)?.reshape(per_atom.clone())?.sum(D::Minus1)?)
+        Ok((l * &mask)?
+            .sum(D::Minus1)?
+            .reshape(per_atom.clone())?
+            .sum(D::Minus1)?)
     };
     let s_gt = per_res(&l_gt)?;
     let s_alt = per_res(&l_alt)?;

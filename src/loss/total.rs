@@ -12,8 +12,8 @@ use super::{
     sidechain_loss, supervised_chi_loss,
 };
 use crate::config::{ClashAveraging, LossConfig, ViolationConfig};
-use crate::model::residue_constants as rc;
 use crate::error::{Error, Result};
+use crate::model::residue_constants as rc;
 
 /// The model outputs the loss reads (no batch dim: one sample; `L` = structure-module layers).
 #[derive(Debug, Clone)]
@@ -87,13 +87,21 @@ pub struct LossTables {
 impl LossTables {
     /// Tables from the residue constants plus `stereo_chemical_props.txt` at `stereo_props`, with
     /// the tolerances of `cfg`.
-    pub fn load(stereo_props: &std::path::Path, cfg: &ViolationConfig, device: &Device) -> Result<Self> {
+    pub fn load(
+        stereo_props: &std::path::Path,
+        cfg: &ViolationConfig,
+        device: &Device,
+    ) -> Result<Self> {
         let props = rc::load_stereo_chemical_props(stereo_props)?;
         Self::from_props(&props, cfg, device)
     }
 
     /// As [`Self::load`] from already parsed stereochemistry.
-    pub fn from_props(props: &rc::StereoChemicalProps, cfg: &ViolationConfig, device: &Device) -> Result<Self> {
+    pub fn from_props(
+        props: &rc::StereoChemicalProps,
+        cfg: &ViolationConfig,
+        device: &Device,
+    ) -> Result<Self> {
         let chi: Vec<f32> = rc::CHI_PI_PERIODIC.iter().flatten().copied().collect();
         Ok(Self {
             chi_pi_periodic: Tensor::from_vec(chi, (rc::RESTYPE_NUM_WITH_X, 4), device)?,
@@ -305,7 +313,11 @@ pub fn alphafold_loss(
             breakdown.terms.insert(name.to_string(), v);
             value
         } else {
-            tracing::warn!(term = name, value = v, "loss term is not finite; replaced by 0");
+            tracing::warn!(
+                term = name,
+                value = v,
+                "loss term is not finite; replaced by 0"
+            );
             breakdown.non_finite.push(name.to_string());
             breakdown.terms.insert(name.to_string(), 0.0);
             value.detach().zeros_like()?
@@ -321,14 +333,24 @@ pub fn alphafold_loss(
         let v = scalar_f64(t)?;
         breakdown.terms.insert(name.to_string(), v);
     }
-    breakdown.terms.insert("unscaled_loss".into(), scalar_f64(&cum)?);
+    breakdown
+        .terms
+        .insert("unscaled_loss".into(), scalar_f64(&cum)?);
 
     // F32 QUIRK: OpenFold takes `seq_len = mean(seq_length.float())` (float32) and, since
     // seq_len <= crop_len, `sqrt(min(seq_len, crop_len))` is computed in float32.
-    let seq_len = batch.seq_length.to_dtype(DType::F32)?.flatten_all()?.mean(D::Minus1)?;
+    let seq_len = batch
+        .seq_length
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .mean(D::Minus1)?;
     let seq_len: f32 = seq_len.to_scalar()?;
     let crop_len = batch.aatype.dim(D::Minus1)? as f32;
-    let scale = if seq_len < crop_len { seq_len.sqrt() } else { crop_len.sqrt() };
+    let scale = if seq_len < crop_len {
+        seq_len.sqrt()
+    } else {
+        crop_len.sqrt()
+    };
     let loss = (cum * scale as f64)?;
     breakdown.terms.insert("loss".into(), scalar_f64(&loss)?);
     Ok(LossResult {

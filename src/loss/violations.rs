@@ -23,7 +23,8 @@ const DISULFIDE_SLOT: usize = 5;
 
 pub use crate::model::residue_constants::{
     BETWEEN_RES_BOND_LENGTH_C_N as C_N_LENGTH, BETWEEN_RES_BOND_LENGTH_STDDEV_C_N as C_N_STDDEV,
-    BETWEEN_RES_COS_ANGLES_CA_C_N as COS_CA_C_N, BETWEEN_RES_COS_ANGLES_C_N_CA as COS_C_N_CA, CA_CA,
+    BETWEEN_RES_COS_ANGLES_CA_C_N as COS_CA_C_N, BETWEEN_RES_COS_ANGLES_C_N_CA as COS_C_N_CA,
+    CA_CA,
 };
 
 /// Per-restype tables the violation terms need (see `data/violation_bounds` of the goldens).
@@ -47,8 +48,13 @@ impl ViolationTables {
         violation_tolerance_factor: f64,
         device: &Device,
     ) -> Result<Self> {
-        let b = rc::make_atom14_dists_bounds(props, clash_overlap_tolerance, violation_tolerance_factor)?;
-        let flat = |t: &rc::PairTable| -> Vec<f32> { t.iter().flatten().flatten().copied().collect() };
+        let b = rc::make_atom14_dists_bounds(
+            props,
+            clash_overlap_tolerance,
+            violation_tolerance_factor,
+        )?;
+        let flat =
+            |t: &rc::PairTable| -> Vec<f32> { t.iter().flatten().flatten().copied().collect() };
         let shape = (rc::RESTYPE_NUM_WITH_X, rc::ATOM14_NUM, rc::ATOM14_NUM);
         Ok(Self {
             lower_bound: Tensor::from_vec(flat(&b.lower), shape, device)?,
@@ -65,7 +71,12 @@ impl ViolationTables {
         device: &Device,
     ) -> Result<Self> {
         let props = rc::load_stereo_chemical_props(path)?;
-        Self::from_props(&props, clash_overlap_tolerance, violation_tolerance_factor, device)
+        Self::from_props(
+            &props,
+            clash_overlap_tolerance,
+            violation_tolerance_factor,
+            device,
+        )
     }
 }
 
@@ -100,9 +111,18 @@ impl Violations {
     /// (OpenFold dict key, tensor) pairs, e.g. `between_residues.clashes_mean_loss`.
     pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            ("between_residues.bonds_c_n_loss_mean", &self.bonds_c_n_loss_mean),
-            ("between_residues.angles_ca_c_n_loss_mean", &self.angles_ca_c_n_loss_mean),
-            ("between_residues.angles_c_n_ca_loss_mean", &self.angles_c_n_ca_loss_mean),
+            (
+                "between_residues.bonds_c_n_loss_mean",
+                &self.bonds_c_n_loss_mean,
+            ),
+            (
+                "between_residues.angles_ca_c_n_loss_mean",
+                &self.angles_ca_c_n_loss_mean,
+            ),
+            (
+                "between_residues.angles_c_n_ca_loss_mean",
+                &self.angles_c_n_ca_loss_mean,
+            ),
             (
                 "between_residues.connections_per_residue_loss_sum",
                 &self.connections_per_residue_loss_sum,
@@ -111,14 +131,38 @@ impl Violations {
                 "between_residues.connections_per_residue_violation_mask",
                 &self.connections_per_residue_violation_mask,
             ),
-            ("between_residues.clashes_mean_loss", &self.clashes_mean_loss),
-            ("between_residues.clashes_per_atom_loss_sum", &self.clashes_per_atom_loss_sum),
-            ("between_residues.clashes_per_atom_clash_mask", &self.clashes_per_atom_clash_mask),
-            ("between_residues.clashes_per_atom_num_clash", &self.clashes_per_atom_num_clash),
-            ("within_residues.per_atom_loss_sum", &self.within_per_atom_loss_sum),
-            ("within_residues.per_atom_violations", &self.within_per_atom_violations),
-            ("within_residues.per_atom_num_clash", &self.within_per_atom_num_clash),
-            ("total_per_residue_violations_mask", &self.total_per_residue_violations_mask),
+            (
+                "between_residues.clashes_mean_loss",
+                &self.clashes_mean_loss,
+            ),
+            (
+                "between_residues.clashes_per_atom_loss_sum",
+                &self.clashes_per_atom_loss_sum,
+            ),
+            (
+                "between_residues.clashes_per_atom_clash_mask",
+                &self.clashes_per_atom_clash_mask,
+            ),
+            (
+                "between_residues.clashes_per_atom_num_clash",
+                &self.clashes_per_atom_num_clash,
+            ),
+            (
+                "within_residues.per_atom_loss_sum",
+                &self.within_per_atom_loss_sum,
+            ),
+            (
+                "within_residues.per_atom_violations",
+                &self.within_per_atom_violations,
+            ),
+            (
+                "within_residues.per_atom_num_clash",
+                &self.within_per_atom_num_clash,
+            ),
+            (
+                "total_per_residue_violations_mask",
+                &self.total_per_residue_violations_mask,
+            ),
         ]
     }
 }
@@ -136,9 +180,18 @@ pub struct ViolationMetrics {
 impl ViolationMetrics {
     pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
-            ("violations_extreme_ca_ca_distance", &self.violations_extreme_ca_ca_distance),
-            ("violations_between_residue_bond", &self.violations_between_residue_bond),
-            ("violations_between_residue_clash", &self.violations_between_residue_clash),
+            (
+                "violations_extreme_ca_ca_distance",
+                &self.violations_extreme_ca_ca_distance,
+            ),
+            (
+                "violations_between_residue_bond",
+                &self.violations_between_residue_bond,
+            ),
+            (
+                "violations_between_residue_clash",
+                &self.violations_between_residue_clash,
+            ),
             ("violations_within_residue", &self.violations_within_residue),
             ("violations_per_residue", &self.violations_per_residue),
         ]
@@ -147,12 +200,16 @@ impl ViolationMetrics {
 
 /// `x[..., lo:lo+len, slot, :]` for atom14 positions [*, N, 14, 3] → [*, len, 3].
 fn atom(x: &Tensor, lo: usize, len: usize, slot: usize) -> Result<Tensor> {
-    Ok(x.narrow(D::Minus(3), lo, len)?.narrow(D::Minus2, slot, 1)?.squeeze(D::Minus2)?)
+    Ok(x.narrow(D::Minus(3), lo, len)?
+        .narrow(D::Minus2, slot, 1)?
+        .squeeze(D::Minus2)?)
 }
 
 /// `m[..., lo:lo+len, slot]` for atom14 masks [*, N, 14] → [*, len].
 fn atom_mask(m: &Tensor, lo: usize, len: usize, slot: usize) -> Result<Tensor> {
-    Ok(m.narrow(D::Minus2, lo, len)?.narrow(D::Minus1, slot, 1)?.squeeze(D::Minus1)?)
+    Ok(m.narrow(D::Minus2, lo, len)?
+        .narrow(D::Minus1, slot, 1)?
+        .squeeze(D::Minus1)?)
 }
 
 fn norm_eps(v: &Tensor, eps: f64) -> Result<Tensor> {
@@ -184,7 +241,9 @@ fn between_residue_bond_loss(
     let dtype = pos.dtype();
     let n = pos.dim(D::Minus(3))?;
     if n < 2 {
-        return Err(Error::Loss("structural violations need at least 2 residues".into()));
+        return Err(Error::Loss(
+            "structural violations need at least 2 residues".into(),
+        ));
     }
     let m = n - 1;
     let this_ca = atom(pos, 0, m, CA_SLOT)?;
@@ -232,14 +291,15 @@ fn between_residue_bond_loss(
     let c_n_unit = c_n_vec.broadcast_div(&c_n_len.unsqueeze(D::Minus1)?)?;
     let n_ca_unit = n_ca_vec.broadcast_div(&n_ca_len.unsqueeze(D::Minus1)?)?;
 
-    let angle_term = |cos: &Tensor, target: f64, std: f64, mask: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
-        let err = (((cos - target)?.sqr()? + eps)?).sqrt()?;
-        let tol = tolerance * std;
-        let loss = (&err - tol)?.relu()?;
-        let mean = masked_ratio(mask, &loss, eps)?;
-        let viol = (mask * err.gt(tol)?.to_dtype(dtype)?)?;
-        Ok((loss, mean, viol))
-    };
+    let angle_term =
+        |cos: &Tensor, target: f64, std: f64, mask: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            let err = (((cos - target)?.sqr()? + eps)?).sqrt()?;
+            let tol = tolerance * std;
+            let loss = (&err - tol)?.relu()?;
+            let mean = masked_ratio(mask, &loss, eps)?;
+            let viol = (mask * err.gt(tol)?.to_dtype(dtype)?)?;
+            Ok((loss, mean, viol))
+        };
     let cos1 = (&c_ca_unit * &c_n_unit)?.sum(D::Minus1)?;
     let mask1 = (((&this_ca_m * &this_c_m)? * &next_n_m)? * &no_gap)?;
     // OpenFold uses the C–N bond-length stddev (0.014) for this angle.
@@ -249,9 +309,12 @@ fn between_residue_bond_loss(
     let (l2, mean2, v2) = angle_term(&cos2, COS_C_N_CA[0], COS_C_N_CA[1], &mask2)?;
 
     let l = ((c_n_loss + l1)? + l2)?;
-    let per_res = ((l.pad_with_zeros(D::Minus1, 0, 1)? + l.pad_with_zeros(D::Minus1, 1, 0)?)? * 0.5)?;
+    let per_res =
+        ((l.pad_with_zeros(D::Minus1, 0, 1)? + l.pad_with_zeros(D::Minus1, 1, 0)?)? * 0.5)?;
     let v = c_n_viol.maximum(&v1)?.maximum(&v2)?;
-    let viol = v.pad_with_zeros(D::Minus1, 0, 1)?.maximum(&v.pad_with_zeros(D::Minus1, 1, 0)?)?;
+    let viol = v
+        .pad_with_zeros(D::Minus1, 0, 1)?
+        .maximum(&v.pad_with_zeros(D::Minus1, 1, 0)?)?;
     Ok([c_n_mean, mean1, mean2, per_res, viol])
 }
 
@@ -317,7 +380,9 @@ fn between_residue_clash_loss(
     let s5 = slot_is(DISULFIDE_SLOT as u32)?;
     let ss = s5.unsqueeze(1)?.broadcast_mul(&s5.unsqueeze(0)?)?;
     mask = mask.broadcast_mul(&(ss.neg()? + 1.0)?)?;
-    let lower = (&mask * r.unsqueeze(D::Minus1)?.broadcast_add(&r.unsqueeze(D::Minus2)?)?)?;
+    let lower = (&mask
+        * r.unsqueeze(D::Minus1)?
+            .broadcast_add(&r.unsqueeze(D::Minus2)?)?)?;
     let err = (&mask * ((&lower - overlap_tolerance)? - &d)?.relu()?)?;
     let mean = (err.sum_all()? / (mask.sum_all()? + 1e-6)?)?;
     let per_atom_loss = row_plus_col(&err)?.reshape(with(&[n, 14]))?;
@@ -375,29 +440,53 @@ pub fn find_structural_violations(
     violation_tolerance_factor: f64,
     clash_overlap_tolerance: f64,
 ) -> Result<Violations> {
-    check_trailing(atom14_pred_positions, &[14, 3], "atom14 predicted positions")?;
+    check_trailing(
+        atom14_pred_positions,
+        &[14, 3],
+        "atom14 predicted positions",
+    )?;
     check_trailing(atom14_atom_exists, &[14], "atom14_atom_exists")?;
     let pos = atom14_pred_positions;
     let dtype = pos.dtype();
     let exists = atom14_atom_exists.to_dtype(dtype)?;
-    let [c_n_mean, ca_c_n_mean, c_n_ca_mean, conn_loss, conn_viol] =
-        between_residue_bond_loss(pos, &exists, residue_index, aatype, violation_tolerance_factor)?;
+    let [c_n_mean, ca_c_n_mean, c_n_ca_mean, conn_loss, conn_viol] = between_residue_bond_loss(
+        pos,
+        &exists,
+        residue_index,
+        aatype,
+        violation_tolerance_factor,
+    )?;
 
-    let idx37 = residx_atom14_to_atom37.flatten_all()?.to_dtype(DType::I64)?;
+    let idx37 = residx_atom14_to_atom37
+        .flatten_all()?
+        .to_dtype(DType::I64)?;
     let radius = tables
         .atomtype_radius
         .to_dtype(dtype)?
         .index_select(&idx37, 0)?
         .reshape(exists.shape())?;
     let radius = (&exists * radius)?;
-    let [clash_mean, clash_loss, clash_mask, clash_num] =
-        between_residue_clash_loss(pos, &exists, &radius, residue_index, clash_overlap_tolerance)?;
+    let [clash_mean, clash_loss, clash_mask, clash_num] = between_residue_clash_loss(
+        pos,
+        &exists,
+        &radius,
+        residue_index,
+        clash_overlap_tolerance,
+    )?;
 
     let aa = aatype.flatten_all()?.to_dtype(DType::I64)?;
     let mut bshape = exists.dims().to_vec();
     bshape.push(14);
-    let lower = tables.lower_bound.to_dtype(dtype)?.index_select(&aa, 0)?.reshape(bshape.clone())?;
-    let upper = tables.upper_bound.to_dtype(dtype)?.index_select(&aa, 0)?.reshape(bshape)?;
+    let lower = tables
+        .lower_bound
+        .to_dtype(dtype)?
+        .index_select(&aa, 0)?
+        .reshape(bshape.clone())?;
+    let upper = tables
+        .upper_bound
+        .to_dtype(dtype)?
+        .index_select(&aa, 0)?
+        .reshape(bshape)?;
     let [within_loss, within_viol, within_num] =
         within_residue_violations(pos, &exists, &lower, &upper)?;
 
@@ -438,7 +527,8 @@ pub fn violation_loss(
         per_atom = (per_atom / num)?;
     }
     let l_clash = (per_atom.sum_all()? / (num_atoms + eps)?)?;
-    let loss = (((&v.bonds_c_n_loss_mean + &v.angles_ca_c_n_loss_mean)? + &v.angles_c_n_ca_loss_mean)?
+    let loss = (((&v.bonds_c_n_loss_mean + &v.angles_ca_c_n_loss_mean)?
+        + &v.angles_c_n_ca_loss_mean)?
         .broadcast_add(&l_clash))?;
     Ok(loss.mean_all()?)
 }
