@@ -399,7 +399,11 @@ fn run_all(dtype: DType) {
     assert!(!fixtures.is_empty(), "no loss fixtures found");
     for p in fixtures {
         let fx = Fixture::load(&p);
+        let before = report.checked;
         check_fixture(&fx, dtype, &mut report);
+        if report.checked == before && report.failures.is_empty() {
+            report.fail(format!("{}: nothing compared", fx.name));
+        }
     }
     report.assert_ok(&format!("loss goldens {dtype:?}"));
 }
@@ -659,4 +663,20 @@ fn alphafold_loss_zeroes_and_reports_non_finite_terms() {
     // JSONL-ready
     let json = serde_json::to_string(&res.breakdown).unwrap();
     assert!(json.contains("\"non_finite\":[\"masked_msa\"]"), "{json}");
+}
+
+/// A fixture whose `openfold_function` we do not implement is a failure, reported by name.
+#[test]
+fn golden_dispatch_rejects_unknown_function() {
+    let mut fx = Fixture::named("losses", "torsion_angle_loss");
+    fx.meta["openfold_function"] = serde_json::json!("openfold.utils.loss.tm_loss");
+    fx.name = "tm_loss_fake".into();
+    let mut report = Report::default();
+    check_fixture(&fx, DType::F64, &mut report);
+    assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
+    assert!(
+        report.failures[0].contains("openfold.utils.loss.tm_loss"),
+        "{:?}",
+        report.failures
+    );
 }
