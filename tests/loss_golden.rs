@@ -459,21 +459,16 @@ fn golden_loss_tables_match_openfold() {
 
 /// The full `AlphaFoldLoss` of the model fixture, fed with the model's stored outputs and the last
 /// recycling iteration of the batch: total, breakdown, FAPE parts, violations and renaming.
+/// Model outputs in `dtype`; batch floats always f64 (the loss converts them to the outputs' dtype).
 fn model_fixture_inputs(fx: &Fixture, dtype: DType) -> (LossOutputs, LossBatch) {
     let o = |k: &str| fx.get_as(&format!("output.{k}"), dtype);
     let b = |k: &str| {
         let t = fx.get(&format!("input.{k}"));
         let last = t.rank() - 1;
-        let t = t
-            .narrow(last, t.dim(last).unwrap() - 1, 1)
+        t.narrow(last, t.dim(last).unwrap() - 1, 1)
             .unwrap()
             .squeeze(last)
-            .unwrap();
-        if t.dtype().is_float() {
-            t.to_dtype(dtype).unwrap()
-        } else {
-            t
-        }
+            .unwrap()
     };
     let out = LossOutputs {
         sm_frames: o("sm.frames"),

@@ -9,9 +9,10 @@ use candle_core::{Tensor, D};
 use super::check_trailing;
 use crate::error::{Error, Result};
 
-/// Express every point in every frame: `out[*, f, p] = R_fᵀ (x_p − t_f)`.
-/// `rots` [*, F, 3, 3], `trans` [*, F, 3], `points` [*, P, 3] → [*, F, P, 3].
-pub fn invert_apply_all(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Result<Tensor> {
+/// Every point in every frame, coordinate-major: `out[*, f, i, p] = (R_fᵀ x_p − R_fᵀ t_f)_i`
+/// (OpenFold's `invert().apply()` order). `rots` [*, F, 3, 3], `trans` [*, F, 3], `points` [*, P, 3]
+/// → [*, F, 3, P]. One GEMM `[F·3, 3] x [3, P]` per batch element (no [F, P, 3] difference tensor).
+fn local_coords(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Result<Tensor> {
     check_trailing(rots, &[3, 3], "frame rotations")?;
     check_trailing(trans, &[3], "frame translations")?;
     check_trailing(points, &[3], "points")?;
@@ -31,16 +32,30 @@ pub fn invert_apply_all(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Resul
             points.dims()
         )));
     }
-    let rots = rots.reshape((b * f, 3, 3))?;
-    let trans = trans.reshape((b, f, 1, 3))?;
-    let points = points.reshape((b, 1, p, 3))?;
-    // [b, F, P, 3] -> [b*F, P, 3]
-    let diff = points.broadcast_sub(&trans)?.reshape((b * f, p, 3))?;
-    // row-vector form: (Rᵀ d)_i = Σ_j d_j R_ji = (d · R)_i
-    let local = diff.matmul(&rots)?;
+    // Rᵀ rows: rt[f·3 + i, j] = R[f, j, i]
+    let rt = rots
+        .transpose(D::Minus2, D::Minus1)?
+        .contiguous()?
+        .reshape((b, f * 3, 3))?;
+    let xt = points.reshape((b, p, 3))?.transpose(1, 2)?.contiguous()?; // [b, 3, P]
+    let rx = rt.matmul(&xt)?.reshape((b, f, 3, p))?; // Rᵀx
+                                                     // Rᵀt: (Rᵀt)_i = Σ_j R_ji t_j
+    let rtt = rots
+        .reshape((b, f, 3, 3))?
+        .broadcast_mul(&trans.reshape((b, f, 3, 1))?)?
+        .sum(2)?; // [b, F, 3]
+    let local = rx.broadcast_sub(&rtt.unsqueeze(3)?)?;
     let mut shape = batch;
-    shape.extend([f, p, 3]);
+    shape.extend([f, 3, p]);
     Ok(local.reshape(shape)?)
+}
+
+/// Express every point in every frame: `out[*, f, p] = R_fᵀ (x_p − t_f)`.
+/// `rots` [*, F, 3, 3], `trans` [*, F, 3], `points` [*, P, 3] → [*, F, P, 3].
+pub fn invert_apply_all(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Result<Tensor> {
+    let local = local_coords(rots, trans, points)?;
+    let r = local.rank();
+    Ok(local.transpose(r - 2, r - 1)?.contiguous()?)
 }
 
 /// Algorithm 28 (computeFAPE), OpenFold `compute_fape`.
@@ -67,9 +82,9 @@ pub fn compute_fape(
     pair_mask: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let local_pred = invert_apply_all(pred_rots, pred_trans, pred_pos)?; // [*, F, P, 3]
-    let local_target = invert_apply_all(target_rots, target_trans, target_pos)?;
-    let err = ((local_pred - local_target)?.sqr()?.sum(D::Minus1)? + eps)?.sqrt()?; // [*, F, P]
+    let local_pred = local_coords(pred_rots, pred_trans, pred_pos)?; // [*, F, 3, P]
+    let local_target = local_coords(target_rots, target_trans, target_pos)?;
+    let err = ((local_pred - local_target)?.sqr()?.sum(D::Minus2)? + eps)?.sqrt()?; // [*, F, P]
     let err = match clamp {
         Some(c) => err.clamp(0.0, c)?,
         None => err,

@@ -40,6 +40,25 @@ pub struct LossOutputs {
     pub experimentally_resolved_logits: Tensor,
 }
 
+impl LossOutputs {
+    /// Every tensor converted to `dtype` (differentiable).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let c = |t: &Tensor| t.to_dtype(dtype);
+        Ok(Self {
+            sm_frames: c(&self.sm_frames)?,
+            sm_sidechain_frames: c(&self.sm_sidechain_frames)?,
+            sm_positions: c(&self.sm_positions)?,
+            sm_angles: c(&self.sm_angles)?,
+            sm_unnormalized_angles: c(&self.sm_unnormalized_angles)?,
+            final_atom_positions: c(&self.final_atom_positions)?,
+            distogram_logits: c(&self.distogram_logits)?,
+            masked_msa_logits: c(&self.masked_msa_logits)?,
+            lddt_logits: c(&self.lddt_logits)?,
+            experimentally_resolved_logits: c(&self.experimentally_resolved_logits)?,
+        })
+    }
+}
+
 /// The label features the loss reads (OpenFold batch keys; the last recycling iteration).
 #[derive(Debug, Clone)]
 pub struct LossBatch {
@@ -73,6 +92,48 @@ pub struct LossBatch {
     pub resolution: Tensor,
     pub chi_mask: Tensor,
     pub chi_angles_sin_cos: Tensor,
+}
+
+impl LossBatch {
+    /// Float features converted to `dtype`; integer features unchanged.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let c = |t: &Tensor| -> Result<Tensor> {
+            Ok(if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t.clone()
+            })
+        };
+        Ok(Self {
+            aatype: c(&self.aatype)?,
+            residue_index: c(&self.residue_index)?,
+            seq_mask: c(&self.seq_mask)?,
+            seq_length: self.seq_length.clone(),
+            pseudo_beta: c(&self.pseudo_beta)?,
+            pseudo_beta_mask: c(&self.pseudo_beta_mask)?,
+            true_msa: c(&self.true_msa)?,
+            bert_mask: c(&self.bert_mask)?,
+            backbone_rigid_tensor: c(&self.backbone_rigid_tensor)?,
+            backbone_rigid_mask: c(&self.backbone_rigid_mask)?,
+            use_clamped_fape: self.use_clamped_fape.as_ref().map(c).transpose()?,
+            rigidgroups_gt_frames: c(&self.rigidgroups_gt_frames)?,
+            rigidgroups_alt_gt_frames: c(&self.rigidgroups_alt_gt_frames)?,
+            rigidgroups_gt_exists: c(&self.rigidgroups_gt_exists)?,
+            atom14_gt_positions: c(&self.atom14_gt_positions)?,
+            atom14_alt_gt_positions: c(&self.atom14_alt_gt_positions)?,
+            atom14_gt_exists: c(&self.atom14_gt_exists)?,
+            atom14_alt_gt_exists: c(&self.atom14_alt_gt_exists)?,
+            atom14_atom_is_ambiguous: c(&self.atom14_atom_is_ambiguous)?,
+            atom14_atom_exists: c(&self.atom14_atom_exists)?,
+            residx_atom14_to_atom37: c(&self.residx_atom14_to_atom37)?,
+            all_atom_positions: c(&self.all_atom_positions)?,
+            all_atom_mask: c(&self.all_atom_mask)?,
+            atom37_atom_exists: c(&self.atom37_atom_exists)?,
+            resolution: c(&self.resolution)?,
+            chi_mask: c(&self.chi_mask)?,
+            chi_angles_sin_cos: c(&self.chi_angles_sin_cos)?,
+        })
+    }
 }
 
 /// Residue-constant tables the loss needs.
@@ -132,6 +193,20 @@ impl LossBreakdown {
     pub fn had_non_finite(&self) -> bool {
         !self.non_finite.is_empty()
     }
+
+    /// Flat `loss/<term>` → value map for JSONL records, plus `loss/non_finite_terms` (count).
+    pub fn flat(&self, prefix: &str) -> BTreeMap<String, f64> {
+        let mut m: BTreeMap<String, f64> = self
+            .terms
+            .iter()
+            .map(|(k, v)| (format!("{prefix}{k}"), *v))
+            .collect();
+        m.insert(
+            format!("{prefix}non_finite_terms"),
+            self.non_finite.len() as f64,
+        );
+        m
+    }
 }
 
 /// Everything [`alphafold_loss`] computes.
@@ -175,6 +250,14 @@ pub fn alphafold_loss(
     tables: &LossTables,
     cfg: &LossConfig,
 ) -> Result<LossResult> {
+    // Work in the outputs' dtype, but at least f32 (bf16/f16 outputs are upcast, differentiably);
+    // float batch features follow it. Integer features are left alone.
+    let dtype = match out.sm_positions.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
+    let out = &out.to_dtype(dtype)?;
+    let batch = &batch.to_dtype(dtype)?;
     let positions = last_layer(&out.sm_positions)?; // [N, 14, 3]
     let vcfg = &cfg.violation;
     let violations = find_structural_violations(
