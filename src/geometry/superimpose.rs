@@ -186,7 +186,8 @@ fn points(t: &Tensor) -> Result<Vec<[f64; 3]>> {
 
 /// OpenFold `superimpose(reference, coords, mask)` (no gradient): superpose `coords` [*, N, 3] onto
 /// `reference` [*, N, 3] using only the atoms with `mask` [*, N] > 0. Returns the transformed
-/// coordinates (0 where masked out) and the RMSD over the masked atoms [*].
+/// coordinates (0 where masked out) and the RMSD over the masked atoms [*] (NaN where no atom
+/// is masked in).
 pub fn superimpose(reference: &Tensor, coords: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
     let dims = reference.dims().to_vec();
     if dims.len() < 2 || dims[dims.len() - 1] != 3 || coords.dims() != dims.as_slice() {
@@ -210,6 +211,11 @@ pub fn superimpose(reference: &Tensor, coords: &Tensor, mask: &Tensor) -> Result
         let idx: Vec<usize> = (b * n..(b + 1) * n).filter(|&i| m[i] > 0.0).collect();
         let rr: Vec<[f64; 3]> = idx.iter().map(|&i| r[i]).collect();
         let cc: Vec<[f64; 3]> = idx.iter().map(|&i| c[i]).collect();
+        if idx.is_empty() {
+            // nothing to superpose: zeros and an undefined (NaN) RMSD rather than an error
+            rmsds.push(f64::NAN);
+            continue;
+        }
         let sup = kabsch(&rr, &cc)?;
         for &i in &idx {
             let p = sup.apply(c[i]);

@@ -241,9 +241,22 @@ fn between_residue_bond_loss(
     let dtype = pos.dtype();
     let n = pos.dim(D::Minus(3))?;
     if n < 2 {
-        return Err(Error::Loss(
-            "structural violations need at least 2 residues".into(),
-        ));
+        // no residue pairs: OpenFold's empty sums give 0 / (0 + eps) = 0 everywhere
+        let mut per_res_shape = pos.dims().to_vec();
+        per_res_shape.truncate(per_res_shape.len() - 2);
+        let zero_mean = Tensor::zeros(
+            &per_res_shape[..per_res_shape.len() - 1],
+            dtype,
+            pos.device(),
+        )?;
+        let zero_res = Tensor::zeros(per_res_shape, dtype, pos.device())?;
+        return Ok([
+            zero_mean.clone(),
+            zero_mean.clone(),
+            zero_mean,
+            zero_res.clone(),
+            zero_res,
+        ]);
     }
     let m = n - 1;
     let this_ca = atom(pos, 0, m, CA_SLOT)?;
@@ -545,7 +558,12 @@ pub fn compute_violation_metrics(
     let dtype = pos.dtype();
     let exists = atom14_atom_exists.to_dtype(dtype)?;
     let n = pos.dim(D::Minus(3))?;
-    let m = n.saturating_sub(1);
+    if n < 2 {
+        return Err(Error::Loss(
+            "violation metrics need at least 2 residues".into(),
+        ));
+    }
+    let m = n - 1;
     let this_ca = atom(&pos, 0, m, CA_SLOT)?;
     let next_ca = atom(&pos, 1, m, CA_SLOT)?;
     let dist = norm_eps(&(&this_ca - &next_ca)?, 1e-6)?;
