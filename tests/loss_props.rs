@@ -1,5 +1,7 @@
 //! Property tests of the losses and metrics: invariances and exact recoveries.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use ferrofold::geometry::superimpose::{kabsch, quat_to_matrix, superimpose};
 use ferrofold::loss::{self, metrics};
@@ -310,4 +312,52 @@ fn structure_metrics_perfect_prediction() {
         (sm.gdt_ts - 1.0).abs() < 1e-12 && (sm.gdt_ha - 1.0).abs() < 1e-12,
         "{sm:?}"
     );
+}
+
+#[test]
+fn single_residue_violations_are_within_residue_only() {
+    use ferrofold::config::ViolationConfig;
+    use ferrofold::loss::LossTables;
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/stereo_chemical_props.txt");
+    let path = std::env::var_os("FERROFOLD_STEREO_PROPS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or(path);
+    if !path.exists() {
+        // the golden tests locate the file the same way and fail loudly if it is missing
+        eprintln!("skip: no {}", path.display());
+        return;
+    }
+    let tables = LossTables::load(&path, &ViolationConfig::default(), &Device::Cpu).unwrap();
+    let mut rng = Rng(9);
+    // ALA (restype 0): 5 atoms; all squeezed into a 0.3 Å ball -> within-residue violations
+    let pos = t(rng.vec(14 * 3, 0.1), &[1, 14, 3]);
+    let exists = t(
+        (0..14).map(|i| if i < 5 { 1.0 } else { 0.0 }).collect(),
+        &[1, 14],
+    );
+    let ri = Tensor::new(&[0i64], &Device::Cpu).unwrap();
+    let aa = Tensor::new(&[0i64], &Device::Cpu).unwrap();
+    let to37 = Tensor::new(
+        &[[0i64, 1, 2, 4, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let v = loss::find_structural_violations(
+        &pos,
+        &exists,
+        &ri,
+        &aa,
+        &to37,
+        &tables.violation,
+        12.0,
+        1.5,
+    )
+    .unwrap();
+    assert_eq!(scalar(&v.bonds_c_n_loss_mean), 0.0);
+    assert_eq!(scalar(&v.clashes_mean_loss), 0.0);
+    let within = v.within_per_atom_loss_sum.sum_all().unwrap();
+    assert!(scalar(&within) > 1.0);
+    let l = loss::violation_loss(&v, &exists, false, 1e-8).unwrap();
+    assert!((scalar(&l) - scalar(&within) / (5.0 + 1e-8)).abs() < 1e-9);
 }

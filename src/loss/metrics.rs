@@ -98,6 +98,22 @@ pub struct StructureMetrics {
     pub gdt_ha: f64,
 }
 
+impl StructureMetrics {
+    /// `<prefix>lddt_ca`, `<prefix>drmsd_ca`, … for the trainer's evaluation / metrics logs.
+    pub fn to_map(&self, prefix: &str) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("lddt_ca", self.lddt_ca),
+            ("drmsd_ca", self.drmsd_ca),
+            ("rmsd_ca", self.rmsd_ca),
+            ("gdt_ts", self.gdt_ts),
+            ("gdt_ha", self.gdt_ha),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect()
+    }
+}
+
 /// Cα metrics as in OpenFold `_compute_validation_metrics`: lDDT-Cα on the raw prediction; Cα
 /// coordinates masked by the Cα mask; superpose the prediction onto the truth; RMSD, GDT on the
 /// superposed prediction; dRMSD on the raw masked Cα.
