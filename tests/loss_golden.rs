@@ -675,3 +675,28 @@ fn golden_dispatch_rejects_unknown_function() {
         report.failures
     );
 }
+
+/// The unbatched renaming (ambiguous rows only) and the batched dense evaluation agree with the
+/// fixture; the fixture has both namings chosen.
+#[test]
+fn golden_renaming_batched_matches_unbatched() {
+    let fx = Fixture::named("losses", "compute_renamed_ground_truth");
+    let g = |k: &str| fx.get(&format!("input.{k}")).unsqueeze(0).unwrap();
+    let r = loss::compute_renamed_ground_truth(
+        &g("atom14_gt_positions"),
+        &g("atom14_alt_gt_positions"),
+        &g("atom14_atom_is_ambiguous"),
+        &g("atom14_gt_exists"),
+        &g("atom14_alt_gt_exists"),
+        &g("atom14_pred_positions"),
+        1e-10,
+    )
+    .unwrap();
+    let want = fx.get("output.alt_naming_is_better");
+    let got = r.alt_naming_is_better.squeeze(0).unwrap();
+    let mut report = Report::default();
+    report.check("batched alt_naming_is_better", &got, &want, 0.0, 0.0);
+    report.assert_ok("renaming batched");
+    let flags: Vec<f64> = want.to_vec1().unwrap();
+    assert!(flags.contains(&0.0) && flags.contains(&1.0));
+}

@@ -1,7 +1,7 @@
 //! Renaming of symmetric ground-truth atoms (AF2 supplement Algorithm 26, section 1.8.5; OpenFold
 //! `compute_renamed_ground_truth`).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::check_trailing;
 use crate::error::Result;
@@ -50,32 +50,71 @@ pub fn compute_renamed_ground_truth(
     let alt_exists = atom14_alt_gt_exists.to_dtype(dtype)?;
     let amb = atom14_atom_is_ambiguous.to_dtype(dtype)?;
 
-    let d = |x: &Tensor| -> Result<Tensor> {
-        super::lddt::dmat(&x.detach().reshape(flat.clone())?, eps)
-    };
-    let d_pred = d(atom14_pred_positions)?; // [*, M, M]
-    let d_gt = d(&gt)?;
-    let d_alt = d(&alt_gt)?;
-    let err = |dd: &Tensor| -> Result<Tensor> { Ok(((&d_pred - dd)?.sqr()? + eps)?.sqrt()?) };
-    let l_gt = err(&d_gt)?;
-    let l_alt = err(&d_alt)?;
-    let row = (&exists * &amb)?
-        .reshape(flat_mask.clone())?
-        .unsqueeze(D::Minus1)?; // [*, M, 1]
-    let col = (&exists * (amb.neg()? + 1.0)?)?
-        .reshape(flat_mask.clone())?
-        .unsqueeze(D::Minus2)?; // [*, 1, M]
-    let mask = row.broadcast_mul(&col)?;
+    let row_mask = (&exists * &amb)?.reshape(flat_mask.clone())?; // [*, M]
+    let col_mask = (&exists * (amb.neg()? + 1.0)?)?.reshape(flat_mask.clone())?; // [*, M]
+    let flat_pos = |x: &Tensor| -> Result<Tensor> { Ok(x.detach().reshape(flat.clone())?) };
+    let (pred_f, gt_f, alt_f) = (
+        flat_pos(atom14_pred_positions)?,
+        flat_pos(&gt)?,
+        flat_pos(&alt_gt)?,
+    );
     let mut per_atom = dims[..nd - 3].to_vec();
     per_atom.extend([n, 14]);
-    let per_res = |l: &Tensor| -> Result<Tensor> {
-        Ok((l * &mask)?
-            .sum(D::Minus1)?
-            .reshape(per_atom.clone())?
-            .sum(D::Minus1)?)
+    let (s_gt, s_alt) = if nd == 3 {
+        // Only rows of ambiguous existing atoms contribute: evaluate those rows only
+        // ([A, M] instead of [M, M]); rows are summed in the same order, and the skipped rows
+        // are exact zeros, so the scores equal the dense evaluation bitwise.
+        let rows: Vec<f64> = row_mask.to_dtype(DType::F64)?.to_vec1()?;
+        let idx: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let zeros = Tensor::zeros(n, dtype, atom14_pred_positions.device())?;
+        if idx.is_empty() {
+            (zeros.clone(), zeros)
+        } else {
+            let idx = Tensor::new(idx, atom14_pred_positions.device())?;
+            let d = |x: &Tensor| -> Result<Tensor> {
+                let sel = x.index_select(&idx, 0)?; // [A, 3]
+                Ok((sel
+                    .unsqueeze(1)?
+                    .broadcast_sub(&x.unsqueeze(0)?)?
+                    .sqr()?
+                    .sum(D::Minus1)?
+                    + eps)?
+                    .sqrt()?) // [A, M]
+            };
+            let d_pred = d(&pred_f)?;
+            let mask = row_mask
+                .index_select(&idx, 0)?
+                .unsqueeze(1)?
+                .broadcast_mul(&col_mask.unsqueeze(0)?)?; // [A, M]
+            let score = |x: &Tensor| -> Result<Tensor> {
+                let l = ((&d_pred - d(x)?)?.sqr()? + eps)?.sqrt()?;
+                let per_row = (l * &mask)?.sum(D::Minus1)?; // [A]
+                let per_atom_sum =
+                    Tensor::zeros(n * 14, dtype, x.device())?.index_add(&idx, &per_row, 0)?;
+                Ok(per_atom_sum.reshape((n, 14))?.sum(D::Minus1)?)
+            };
+            (score(&gt_f)?, score(&alt_f)?)
+        }
+    } else {
+        let d = |x: &Tensor| super::lddt::dmat(x, eps);
+        let d_pred = d(&pred_f)?; // [*, M, M]
+        let mask = row_mask
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(&col_mask.unsqueeze(D::Minus2)?)?;
+        let score = |x: &Tensor| -> Result<Tensor> {
+            let l = ((&d_pred - d(x)?)?.sqr()? + eps)?.sqrt()?;
+            Ok((l * &mask)?
+                .sum(D::Minus1)?
+                .reshape(per_atom.clone())?
+                .sum(D::Minus1)?)
+        };
+        (score(&gt_f)?, score(&alt_f)?)
     };
-    let s_gt = per_res(&l_gt)?;
-    let s_alt = per_res(&l_alt)?;
     let better = s_alt.lt(&s_gt)?.to_dtype(dtype)?; // [*, N]
     let b3 = better.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?;
     let nb3 = (b3.neg()? + 1.0)?;
