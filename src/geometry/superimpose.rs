@@ -184,9 +184,9 @@ fn points(t: &Tensor) -> Result<Vec<[f64; 3]>> {
     Ok(v.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())
 }
 
-/// OpenFold `superimpose(reference, coords, mask)` (no gradient): superpose `coords` [*, N, 3] onto
-/// `reference` [*, N, 3] using only the atoms with `mask` [*, N] > 0. Returns the transformed
-/// coordinates (0 where masked out) and the RMSD over the masked atoms [*] (NaN where no atom
+/// OpenFold `superimpose(reference, coords, mask)` (no gradient): superpose `coords` `[*, N, 3]` onto
+/// `reference` `[*, N, 3]` using only the atoms with `mask` `[*, N]` > 0. Returns the transformed
+/// coordinates (0 where masked out) and the RMSD over the masked atoms `[*]` (NaN where no atom
 /// is masked in).
 pub fn superimpose(reference: &Tensor, coords: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
     let dims = reference.dims().to_vec();

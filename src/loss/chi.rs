@@ -8,10 +8,10 @@ use crate::error::{Error, Result};
 
 /// Algorithm 27 (torsionAngleLoss) as OpenFold's `supervised_chi_loss`.
 ///
-/// `angles_sin_cos` / `unnormalized_angles_sin_cos` [L, *, N, 7, 2] (all SM layers; only the chi
-/// part `[..., 3:, :]` of the normalised angles is supervised), `aatype` [*, N] (integers 0..=20),
-/// `seq_mask` [*, N], `chi_mask` [*, N, 4], `chi_angles_sin_cos` [*, N, 4, 2],
-/// `chi_pi_periodic` [21, 4] (0/1 table from residue constants).
+/// `angles_sin_cos` / `unnormalized_angles_sin_cos` `[L, *, N, 7, 2]` (all SM layers; only the chi
+/// part `[..., 3:, :]` of the normalised angles is supervised), `aatype` `[*, N]` (integers 0..=20),
+/// `seq_mask` `[*, N]`, `chi_mask` `[*, N, 4]`, `chi_angles_sin_cos` `[*, N, 4, 2]`,
+/// `chi_pi_periodic` `[21, 4]` (0/1 table from residue constants).
 ///
 /// `chi_weight · masked_mean(chi_mask, min(|true − pred|², |shifted true − pred|²))` over
 /// (layers, residues, chis), where π-periodic chis compare with `−true` too, plus
@@ -62,8 +62,8 @@ pub fn supervised_chi_loss(
 }
 
 /// OpenFold `torsion_angle_loss(a, a_gt, a_alt_gt)` (Algorithm 27 lines 2–3, 5 with a fixed
-/// angle-norm weight 0.02): `a` [*, N, 7, 2] unnormalised predictions, `a_gt`, `a_alt_gt` [*, N, 7, 2].
-/// `mean(min(|â − a_gt|², |â − a_alt|²)) + 0.02·mean(| |a| − 1 |)` over (N, 7) → [*].
+/// angle-norm weight 0.02): `a` `[*, N, 7, 2]` unnormalised predictions, `a_gt`, `a_alt_gt` `[*, N, 7, 2]`.
+/// `mean(min(|â − a_gt|², |â − a_alt|²)) + 0.02·mean(| |a| − 1 |)` over (N, 7) → `[*]`.
 pub fn torsion_angle_loss(a: &Tensor, a_gt: &Tensor, a_alt_gt: &Tensor) -> Result<Tensor> {
     check_trailing(a, &[7, 2], "torsion angles")?;
     if a.dims() != a_gt.dims() || a.dims() != a_alt_gt.dims() {

@@ -42,7 +42,7 @@ pub fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     v
 }
 
-/// Distogram loss: `logits` [*, N, N, no_bins], `pseudo_beta` [*, N, 3], `pseudo_beta_mask` [*, N].
+/// Distogram loss: `logits` `[*, N, N, no_bins]`, `pseudo_beta` `[*, N, 3]`, `pseudo_beta_mask` `[*, N]`.
 ///
 /// True bin = number of squared float32 boundaries (`linspace(min_bin, max_bin, no_bins − 1)²`,
 /// squared in f32) strictly below the squared Cβ distance; cross entropy against the logits;

@@ -10,8 +10,8 @@ use super::check_trailing;
 use crate::error::{Error, Result};
 
 /// Every point in every frame, coordinate-major: `out[*, f, i, p] = (R_fᵀ x_p − R_fᵀ t_f)_i`
-/// (OpenFold's `invert().apply()` order). `rots` [*, F, 3, 3], `trans` [*, F, 3], `points` [*, P, 3]
-/// → [*, F, 3, P]. One GEMM `[F·3, 3] x [3, P]` per batch element (no [F, P, 3] difference tensor).
+/// (OpenFold's `invert().apply()` order). `rots` `[*, F, 3, 3]`, `trans` `[*, F, 3]`, `points` `[*, P, 3]`
+/// → `[*, F, 3, P]`. One GEMM `[F·3, 3] x [3, P]` per batch element (no `[F, P, 3]` difference tensor).
 fn local_coords(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Result<Tensor> {
     check_trailing(rots, &[3, 3], "frame rotations")?;
     check_trailing(trans, &[3], "frame translations")?;
@@ -51,7 +51,7 @@ fn local_coords(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Result<Tensor
 }
 
 /// Express every point in every frame: `out[*, f, p] = R_fᵀ (x_p − t_f)`.
-/// `rots` [*, F, 3, 3], `trans` [*, F, 3], `points` [*, P, 3] → [*, F, P, 3].
+/// `rots` `[*, F, 3, 3]`, `trans` `[*, F, 3]`, `points` `[*, P, 3]` → `[*, F, P, 3]`.
 pub fn invert_apply_all(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Result<Tensor> {
     let local = local_coords(rots, trans, points)?;
     let r = local.rank();
@@ -60,8 +60,8 @@ pub fn invert_apply_all(rots: &Tensor, trans: &Tensor, points: &Tensor) -> Resul
 
 /// Algorithm 28 (computeFAPE), OpenFold `compute_fape`.
 ///
-/// `pred_rots`/`target_rots` [*, F, 3, 3], `pred_trans`/`target_trans` [*, F, 3], `frames_mask` [*, F],
-/// `pred_pos`/`target_pos` [*, P, 3], `pos_mask` [*, P], `pair_mask` [*, F, P]. Returns [*].
+/// `pred_rots`/`target_rots` `[*, F, 3, 3]`, `pred_trans`/`target_trans` `[*, F, 3]`, `frames_mask` `[*, F]`,
+/// `pred_pos`/`target_pos` `[*, P, 3]`, `pos_mask` `[*, P]`, `pair_mask` `[*, F, P]`. Returns `[*]`.
 ///
 /// `d = sqrt(|T_pred⁻¹x_pred − T_true⁻¹x_true|² + eps)`, clamped to `[0, clamp]` if given, divided by
 /// `length_scale` and masked. Without a pair mask: sum over points, `/ (eps + Σ frames_mask)`, sum
@@ -148,10 +148,10 @@ pub fn split_4x4(t: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// Backbone FAPE over every structure-module layer (section 1.9.2; OpenFold `backbone_loss`).
 ///
-/// `traj` [L, *, N, 7] = (quaternion w,x,y,z ; translation in Å, i.e. the SM's `frames` output whose
+/// `traj` `[L, *, N, 7]` = (quaternion w,x,y,z ; translation in Å, i.e. the SM's `frames` output whose
 /// translation is already scaled by `trans_scale_factor`), used as stored (no re-normalisation).
-/// `backbone_rigid_tensor` [*, N, 4, 4] GT frames, `backbone_rigid_mask` [*, N]. The FAPE points are
-/// the frame origins (Cα). `use_clamped_fape` (scalar or [*]) mixes `u·clamped + (1−u)·unclamped`;
+/// `backbone_rigid_tensor` `[*, N, 4, 4]` GT frames, `backbone_rigid_mask` `[*, N]`. The FAPE points are
+/// the frame origins (Cα). `use_clamped_fape` (scalar or `[*]`) mixes `u·clamped + (1−u)·unclamped`;
 /// `None` means clamped only. Returns the mean over layers (and batch) as a scalar.
 #[allow(clippy::too_many_arguments)]
 pub fn backbone_loss(
@@ -222,11 +222,11 @@ pub fn backbone_loss(
 /// Side-chain FAPE (section 1.9.2; OpenFold `sidechain_loss`): the LAST layer's 8 rigid-group frames
 /// per residue against the renamed ground truth, all N·8 frames vs all N·14 atoms, clamped.
 ///
-/// `sidechain_frames` [L, *, N, 8, 4, 4], `sidechain_atom_pos` [L, *, N, 14, 3],
-/// `rigidgroups_gt_frames`/`rigidgroups_alt_gt_frames` [*, N, 8, 4, 4], `rigidgroups_gt_exists`
-/// [*, N, 8], `renamed_atom14_gt_positions` [*, N, 14, 3], `renamed_atom14_gt_exists` [*, N, 14],
-/// `alt_naming_is_better` [*, N]. GT frames are blended elementwise:
-/// `(1 − alt)·gt + alt·alt_gt`. Returns [*].
+/// `sidechain_frames` `[L, *, N, 8, 4, 4]`, `sidechain_atom_pos` `[L, *, N, 14, 3]`,
+/// `rigidgroups_gt_frames`/`rigidgroups_alt_gt_frames` `[*, N, 8, 4, 4]`, `rigidgroups_gt_exists`
+/// `[*, N, 8]`, `renamed_atom14_gt_positions` `[*, N, 14, 3]`, `renamed_atom14_gt_exists` `[*, N, 14]`,
+/// `alt_naming_is_better` `[*, N]`. GT frames are blended elementwise:
+/// `(1 − alt)·gt + alt·alt_gt`. Returns `[*]`.
 #[allow(clippy::too_many_arguments)]
 pub fn sidechain_loss(
     sidechain_frames: &Tensor,

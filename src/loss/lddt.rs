@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// Atom37 index of Cα.
 pub const CA_ATOM37: usize = 1;
 
-/// Pairwise distances `sqrt(eps + |x_i − x_j|²)`: [*, N, 3] → [*, N, N].
+/// Pairwise distances `sqrt(eps + |x_i − x_j|²)`: `[*, N, 3]` → `[*, N, N]`.
 pub(crate) fn dmat(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok((x
         .unsqueeze(D::Minus2)?
@@ -20,10 +20,10 @@ pub(crate) fn dmat(x: &Tensor, eps: f64) -> Result<Tensor> {
         .sqrt()?)
 }
 
-/// OpenFold `lddt` (no gradient: the score is piecewise constant). `pred`, `true_pos` [*, N, 3],
-/// `mask` [*, N, 1]. Pairs scored where `d_true < cutoff`, both masked in, `i ≠ j`;
+/// OpenFold `lddt` (no gradient: the score is piecewise constant). `pred`, `true_pos` `[*, N, 3]`,
+/// `mask` `[*, N, 1]`. Pairs scored where `d_true < cutoff`, both masked in, `i ≠ j`;
 /// score = 0.25·Σ_{t∈{.5,1,2,4}} [|d_true − d_pred| < t];
-/// result = `(1/(eps + Σ w)) · (eps + Σ w·score)` per residue ([*, N]) or global ([*]).
+/// result = `(1/(eps + Σ w)) · (eps + Σ w·score)` per residue (`[*, N]`) or global (`[*]`).
 pub fn lddt(
     pred: &Tensor,
     true_pos: &Tensor,
@@ -86,9 +86,9 @@ fn ca_only(pred: &Tensor, true_pos: &Tensor, mask: &Tensor) -> Result<(Tensor, T
     Ok((p, t, m))
 }
 
-/// Algorithm 29 (pLDDT head loss), OpenFold `lddt_loss`. `logits` [*, N, no_bins],
-/// `all_atom_pred_pos`/`all_atom_positions` [*, N, 37, 3], `all_atom_mask` [*, N, 37],
-/// `resolution` [*]. The per-residue Cα lDDT of the (detached) prediction is binned
+/// Algorithm 29 (pLDDT head loss), OpenFold `lddt_loss`. `logits` `[*, N, no_bins]`,
+/// `all_atom_pred_pos`/`all_atom_positions` `[*, N, 37, 3]`, `all_atom_mask` `[*, N, 37]`,
+/// `resolution` `[*]`. The per-residue Cα lDDT of the (detached) prediction is binned
 /// (`min(floor(score·no_bins), no_bins−1)`), cross-entropy against the logits, masked mean over the
 /// Cα mask with `eps`, times the resolution filter, mean over batch → scalar.
 /// `eps` serves both the lDDT and the mean (OpenFold passes the config eps, 1e-8, to both).
@@ -173,7 +173,7 @@ pub fn plddt_bin_centres(no_bins: usize) -> Vec<f64> {
     v
 }
 
-/// OpenFold `compute_plddt`: `100 · Σ softmax(logits)·bin_centres` over the last dim: [*, nb] → [*].
+/// OpenFold `compute_plddt`: `100 · Σ softmax(logits)·bin_centres` over the last dim: `[*, nb]` → `[*]`.
 pub fn compute_plddt(logits: &Tensor) -> Result<Tensor> {
     let nb = logits.dim(D::Minus1)?;
     let centres = Tensor::new(plddt_bin_centres(nb), logits.device())?.to_dtype(logits.dtype())?;

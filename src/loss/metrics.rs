@@ -8,8 +8,8 @@ use crate::error::Result;
 pub use crate::geometry::superimpose::superimpose;
 
 /// OpenFold `drmsd`: `sqrt(Σ mask_ij (d1_ij − d2_ij)² / (n(n−1)))` with `n = min(Σ mask)` and
-/// distances without eps (no gradient: the metric is validation-only). `s1`, `s2` [*, N, 3],
-/// `mask` [*, N]. Returns [*]; 0 when n ≤ 1.
+/// distances without eps (no gradient: the metric is validation-only). `s1`, `s2` `[*, N, 3]`,
+/// `mask` `[*, N]`. Returns `[*]`; 0 when n ≤ 1.
 pub fn drmsd(s1: &Tensor, s2: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let prep = |s: &Tensor| -> Result<Tensor> {
         let s = s.detach();
@@ -84,10 +84,10 @@ pub fn gdt_ha(p1: &Tensor, p2: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// The validation metrics OpenFold's training script reports, computed on atom37 coordinates
-/// ([N, 37, 3] each, mask [N, 37]). Plain f64 values.
+/// (`[N, 37, 3]` each, mask `[N, 37]`). Plain f64 values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StructureMetrics {
-    /// Global lDDT-Cα (cutoff 15 Å), in [0, 1].
+    /// Global lDDT-Cα (cutoff 15 Å), in `[0, 1]`.
     pub lddt_ca: f64,
     /// dRMSD over Cα.
     pub drmsd_ca: f64,

@@ -1,14 +1,29 @@
 //! AF2 losses (supplement section 1.9) as free functions on candle tensors, and structure metrics.
 //!
 //! Every function follows the OpenFold reference (`openfold/utils/loss.py`, commit ce0029e) in its
-//! reduction order and eps placement so that float64 results agree to ~1e-14 with the golden fixtures;
+//! reduction order and eps placement, so float64 results agree with the golden fixtures to ~1e-15;
 //! the places where OpenFold computes in float32 even in a float64 run are reproduced and marked
-//! `// F32 QUIRK:`. Functions are differentiable (candle autograd) exactly where OpenFold is.
+//! `// F32 QUIRK:`. Functions are differentiable (candle autograd) exactly where OpenFold is; the
+//! piecewise-constant parts (bins, lDDT scores, renaming, metrics) are detached.
 //!
-//! Files: [`fape`] (Alg. 28, backbone + side chain), [`chi`] (Alg. 27 + torsion loss),
-//! [`distogram`], [`msa`] (masked MSA), [`lddt`] (lDDT-Cα, Alg. 29 pLDDT loss, `compute_plddt`),
-//! [`resolved`] (experimentally resolved), [`violations`] (section 1.9.11), [`renaming`] (Alg. 26),
-//! [`metrics`] (validation metrics), [`total`] (weighted sum, [`LossBreakdown`]).
+//! API (all re-exported here):
+//! * [`fape`]: [`compute_fape`] (Alg. 28, frames as `[*,F,3,3]` rotations + `[*,F,3]` translations),
+//!   [`backbone_loss`] (all SM layers, `traj [L,N,7]` = quaternion + translation in Å,
+//!   `use_clamped_fape` mixing), [`sidechain_loss`] (last layer, renamed GT), [`quat_to_rot`].
+//! * [`chi`]: [`supervised_chi_loss`] (Alg. 27 + angle-norm term), [`torsion_angle_loss`].
+//! * [`distogram`]: [`distogram_loss`]; [`msa`]: [`masked_msa_loss`].
+//! * [`mod@lddt`]: [`fn@lddt`], [`lddt_ca`], [`lddt_loss`] (Alg. 29), [`compute_plddt`].
+//! * [`resolved`]: [`experimentally_resolved_loss`].
+//! * [`violations`]: [`find_structural_violations`], [`violation_loss`],
+//!   [`compute_violation_metrics`], tables in [`ViolationTables`] (built from
+//!   `model::residue_constants` + `stereo_chemical_props.txt`).
+//! * [`renaming`]: [`compute_renamed_ground_truth`] (Alg. 26).
+//! * [`metrics`]: lDDT-Cα, [`metrics::drmsd`], [`metrics::gdt_ts`], [`metrics::gdt_ha`],
+//!   [`metrics::superimpose`] (RMSD after Kabsch/Horn superposition, see
+//!   `geometry::superimpose`), [`metrics::structure_metrics`].
+//! * [`total`]: [`alphafold_loss`] (weighted sum of every term per [`crate::config::LossConfig`],
+//!   non-finite terms reported in [`LossBreakdown::non_finite`] and zeroed, `sqrt(min(seq_len,
+//!   crop))` scale) over [`LossOutputs`] + [`LossBatch`] with [`LossTables`].
 
 pub mod chi;
 pub mod distogram;
@@ -50,7 +65,7 @@ pub fn masked_mean(mask: &Tensor, value: &Tensor, dims: &[usize], eps: f64) -> R
     Ok((num / den)?)
 }
 
-/// One-hot encoding of integer `labels` [*] into [*, depth] in `dtype` (no gradient).
+/// One-hot encoding of integer `labels` `[*]` into `[*, depth]` in `dtype` (no gradient).
 pub fn one_hot(labels: &Tensor, depth: usize, dtype: DType) -> Result<Tensor> {
     let labels = labels.to_dtype(DType::I64)?.unsqueeze(D::Minus1)?;
     let classes = Tensor::arange(0i64, depth as i64, labels.device())?;

@@ -5,7 +5,7 @@ use candle_core::{Tensor, D};
 use super::{check_trailing, one_hot, softmax_cross_entropy};
 use crate::error::Result;
 
-/// `logits` [*, S, N, num_classes], `true_msa` [*, S, N] (integers), `bert_mask` [*, S, N].
+/// `logits` `[*, S, N, num_classes]`, `true_msa` `[*, S, N]` (integers), `bert_mask` `[*, S, N]`.
 /// `0.5 · Σ_s [Σ_r err·mask / (eps + Σ 0.5·mask)]` (OpenFold's FP16-friendly form of
 /// `Σ err·mask / (eps + Σ mask)`), mean over batch → scalar.
 pub fn masked_msa_loss(

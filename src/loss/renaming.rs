@@ -9,18 +9,18 @@ use crate::error::Result;
 /// Result of Algorithm 26.
 #[derive(Debug, Clone)]
 pub struct RenamedGroundTruth {
-    /// [*, N]: 1 where the alternative (swapped) naming fits the prediction strictly better.
+    /// `[*, N]`: 1 where the alternative (swapped) naming fits the prediction strictly better.
     pub alt_naming_is_better: Tensor,
-    /// [*, N, 14, 3]
+    /// `[*, N, 14, 3]`
     pub renamed_atom14_gt_positions: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub renamed_atom14_gt_exists: Tensor,
 }
 
 /// Algorithm 26. For each residue i the score `Σ mask·sqrt(eps + (d_pred − d_gt)²)` runs over
 /// (ambiguous existing atom a of i, non-ambiguous existing atom b of any residue j), with distances
 /// `sqrt(eps + |Δ|²)`; the alternative naming is chosen where its score is strictly lower.
-/// Inputs are atom14: positions [*, N, 14, 3], masks [*, N, 14]. Piecewise constant: no gradient.
+/// Inputs are atom14: positions `[*, N, 14, 3]`, masks `[*, N, 14]`. Piecewise constant: no gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn compute_renamed_ground_truth(
     atom14_gt_positions: &Tensor,

@@ -20,8 +20,8 @@ pub fn sigmoid_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor>
     Ok(err.to_dtype(dtype)?)
 }
 
-/// `logits` [*, N, 37], `atom37_atom_exists` [*, N, 37], `all_atom_mask` [*, N, 37] (labels),
-/// `resolution` [*]. `Σ_atoms err·exists / (eps + Σ exists)` summed over residues, times the
+/// `logits` `[*, N, 37]`, `atom37_atom_exists` `[*, N, 37]`, `all_atom_mask` `[*, N, 37]` (labels),
+/// `resolution` `[*]`. `Σ_atoms err·exists / (eps + Σ exists)` summed over residues, times the
 /// resolution filter, mean over batch → scalar.
 #[allow(clippy::too_many_arguments)]
 pub fn experimentally_resolved_loss(

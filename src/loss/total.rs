@@ -18,25 +18,25 @@ use crate::model::residue_constants as rc;
 /// The model outputs the loss reads (no batch dim: one sample; `L` = structure-module layers).
 #[derive(Debug, Clone)]
 pub struct LossOutputs {
-    /// [L, N, 7]: (quaternion, translation in Å) per SM layer.
+    /// `[L, N, 7]`: (quaternion, translation in Å) per SM layer.
     pub sm_frames: Tensor,
-    /// [L, N, 8, 4, 4]
+    /// `[L, N, 8, 4, 4]`
     pub sm_sidechain_frames: Tensor,
-    /// [L, N, 14, 3]
+    /// `[L, N, 14, 3]`
     pub sm_positions: Tensor,
-    /// [L, N, 7, 2]
+    /// `[L, N, 7, 2]`
     pub sm_angles: Tensor,
-    /// [L, N, 7, 2]
+    /// `[L, N, 7, 2]`
     pub sm_unnormalized_angles: Tensor,
-    /// [N, 37, 3]
+    /// `[N, 37, 3]`
     pub final_atom_positions: Tensor,
     /// [N, N, distogram bins]
     pub distogram_logits: Tensor,
-    /// [S, N, 23]
+    /// `[S, N, 23]`
     pub masked_msa_logits: Tensor,
     /// [N, pLDDT bins]
     pub lddt_logits: Tensor,
-    /// [N, 37]
+    /// `[N, 37]`
     pub experimentally_resolved_logits: Tensor,
 }
 
@@ -88,7 +88,7 @@ pub struct LossBatch {
     pub all_atom_positions: Tensor,
     pub all_atom_mask: Tensor,
     pub atom37_atom_exists: Tensor,
-    /// 0-dim or [1] resolution in Å.
+    /// 0-dim or `[1]` resolution in Å.
     pub resolution: Tensor,
     pub chi_mask: Tensor,
     pub chi_angles_sin_cos: Tensor,
@@ -139,7 +139,7 @@ impl LossBatch {
 /// Residue-constant tables the loss needs.
 #[derive(Debug, Clone)]
 pub struct LossTables {
-    /// [21, 4] 0/1: which chis are π-periodic.
+    /// `[21, 4]` 0/1: which chis are π-periodic.
     pub chi_pi_periodic: Tensor,
     /// Bound tables built with the config's violation tolerances.
     pub violation: ViolationTables,

@@ -30,12 +30,12 @@ pub use crate::model::residue_constants::{
 /// Per-restype tables the violation terms need (see `data/violation_bounds` of the goldens).
 #[derive(Debug, Clone)]
 pub struct ViolationTables {
-    /// [21, 14, 14] `make_atom14_dists_bounds(overlap_tolerance, bond_length_tolerance_factor)` lower
+    /// `[21, 14, 14]` `make_atom14_dists_bounds(overlap_tolerance, bond_length_tolerance_factor)` lower
     /// bounds (float32 values, as OpenFold).
     pub lower_bound: Tensor,
-    /// [21, 14, 14] upper bounds.
+    /// `[21, 14, 14]` upper bounds.
     pub upper_bound: Tensor,
-    /// [37] van der Waals radius of each atom37 type (by the element, the name's first letter).
+    /// `[37]` van der Waals radius of each atom37 type (by the element, the name's first letter).
     pub atomtype_radius: Tensor,
 }
 
@@ -86,24 +86,24 @@ pub struct Violations {
     pub bonds_c_n_loss_mean: Tensor,
     pub angles_ca_c_n_loss_mean: Tensor,
     pub angles_c_n_ca_loss_mean: Tensor,
-    /// [*, N]
+    /// `[*, N]`
     pub connections_per_residue_loss_sum: Tensor,
-    /// [*, N]
+    /// `[*, N]`
     pub connections_per_residue_violation_mask: Tensor,
     pub clashes_mean_loss: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub clashes_per_atom_loss_sum: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub clashes_per_atom_clash_mask: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub clashes_per_atom_num_clash: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub within_per_atom_loss_sum: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub within_per_atom_violations: Tensor,
-    /// [*, N, 14]
+    /// `[*, N, 14]`
     pub within_per_atom_num_clash: Tensor,
-    /// [*, N]
+    /// `[*, N]`
     pub total_per_residue_violations_mask: Tensor,
 }
 
@@ -198,14 +198,14 @@ impl ViolationMetrics {
     }
 }
 
-/// `x[..., lo:lo+len, slot, :]` for atom14 positions [*, N, 14, 3] → [*, len, 3].
+/// `x[..., lo:lo+len, slot, :]` for atom14 positions `[*, N, 14, 3]` → `[*, len, 3]`.
 fn atom(x: &Tensor, lo: usize, len: usize, slot: usize) -> Result<Tensor> {
     Ok(x.narrow(D::Minus(3), lo, len)?
         .narrow(D::Minus2, slot, 1)?
         .squeeze(D::Minus2)?)
 }
 
-/// `m[..., lo:lo+len, slot]` for atom14 masks [*, N, 14] → [*, len].
+/// `m[..., lo:lo+len, slot]` for atom14 masks `[*, N, 14]` → `[*, len]`.
 fn atom_mask(m: &Tensor, lo: usize, len: usize, slot: usize) -> Result<Tensor> {
     Ok(m.narrow(D::Minus2, lo, len)?
         .narrow(D::Minus1, slot, 1)?
@@ -216,7 +216,7 @@ fn norm_eps(v: &Tensor, eps: f64) -> Result<Tensor> {
     Ok((v.sqr()?.sum(D::Minus1)? + eps)?.sqrt()?)
 }
 
-/// `(residue_index[i+1] − residue_index[i] == 1)` as 0/1 of `dtype`: [*, N] → [*, N−1].
+/// `(residue_index[i+1] − residue_index[i] == 1)` as 0/1 of `dtype`: `[*, N]` → `[*, N−1]`.
 fn no_gap_mask(residue_index: &Tensor, dtype: DType) -> Result<Tensor> {
     let ri = residue_index.to_dtype(DType::F64)?;
     let n = ri.dim(D::Minus1)?;
@@ -331,7 +331,7 @@ fn between_residue_bond_loss(
     Ok([c_n_mean, mean1, mean2, per_res, viol])
 }
 
-/// Sum of a flattened [*, M, M] pair tensor over rows and over columns ([*, M] each), added:
+/// Sum of a flattened `[*, M, M]` pair tensor over rows and over columns (`[*, M]` each), added:
 /// the per-atom totals of OpenFold's `sum(dim=(-4,-2)) + sum(dim=(-3,-1))`.
 fn row_plus_col(t: &Tensor) -> Result<Tensor> {
     Ok((t.sum(D::Minus2)? + t.sum(D::Minus1)?)?)
@@ -342,7 +342,7 @@ fn row_col_max(t: &Tensor) -> Result<Tensor> {
 }
 
 /// OpenFold `between_residue_clash_loss` (eps 1e-10) on flattened atoms. Returns
-/// (mean loss, per-atom loss sum, per-atom clash mask, per-atom num clash), the last three [*, N, 14].
+/// (mean loss, per-atom loss sum, per-atom clash mask, per-atom num clash), the last three `[*, N, 14]`.
 fn between_residue_clash_loss(
     pos: &Tensor,
     exists: &Tensor,
@@ -406,7 +406,7 @@ fn between_residue_clash_loss(
 }
 
 /// OpenFold `within_residue_violations` (eps 1e-10, no bound tightening). Returns
-/// (per-atom loss sum, per-atom violations, per-atom num clash), each [*, N, 14].
+/// (per-atom loss sum, per-atom violations, per-atom num clash), each `[*, N, 14]`.
 fn within_residue_violations(
     pos: &Tensor,
     exists: &Tensor,
@@ -438,9 +438,9 @@ fn within_residue_violations(
     Ok([per_atom_loss, per_atom_viol, num])
 }
 
-/// OpenFold `find_structural_violations`. `atom14_pred_positions` [*, N, 14, 3],
-/// `atom14_atom_exists` [*, N, 14] (from the aatype table), `residue_index` [*, N],
-/// `aatype` [*, N], `residx_atom14_to_atom37` [*, N, 14]. The bound tables in `tables` must have
+/// OpenFold `find_structural_violations`. `atom14_pred_positions` `[*, N, 14, 3]`,
+/// `atom14_atom_exists` `[*, N, 14]` (from the aatype table), `residue_index` `[*, N]`,
+/// `aatype` `[*, N]`, `residx_atom14_to_atom37` `[*, N, 14]`. The bound tables in `tables` must have
 /// been built with `clash_overlap_tolerance` and `violation_tolerance_factor`.
 #[allow(clippy::too_many_arguments)]
 pub fn find_structural_violations(
