@@ -7,21 +7,21 @@
 //! piecewise-constant parts (bins, lDDT scores, renaming, metrics) are detached.
 //!
 //! API (all re-exported here):
-//! * [`fape`]: [`compute_fape`] (Alg. 28, frames as `[*,F,3,3]` rotations + `[*,F,3]` translations),
+//! * [`fape`] — [`compute_fape`] (Alg. 28, frames as `[*,F,3,3]` rotations + `[*,F,3]` translations),
 //!   [`backbone_loss`] (all SM layers, `traj [L,N,7]` = quaternion + translation in Å,
 //!   `use_clamped_fape` mixing), [`sidechain_loss`] (last layer, renamed GT), [`quat_to_rot`].
-//! * [`chi`]: [`supervised_chi_loss`] (Alg. 27 + angle-norm term), [`torsion_angle_loss`].
-//! * [`distogram`]: [`distogram_loss`]; [`msa`]: [`masked_msa_loss`].
-//! * [`mod@lddt`]: [`fn@lddt`], [`lddt_ca`], [`lddt_loss`] (Alg. 29), [`compute_plddt`].
-//! * [`resolved`]: [`experimentally_resolved_loss`].
-//! * [`violations`]: [`find_structural_violations`], [`violation_loss`],
+//! * [`chi`] — [`supervised_chi_loss`] (Alg. 27 + angle-norm term), [`torsion_angle_loss`].
+//! * [`distogram`] — [`distogram_loss`]; [`msa`]: [`masked_msa_loss`].
+//! * [`mod@lddt`] — [`fn@lddt`], [`lddt_ca`], [`lddt_loss`] (Alg. 29), [`compute_plddt`].
+//! * [`resolved`] — [`experimentally_resolved_loss`].
+//! * [`violations`] — [`find_structural_violations`], [`violation_loss`],
 //!   [`compute_violation_metrics`], tables in [`ViolationTables`] (built from
 //!   `model::residue_constants` + `stereo_chemical_props.txt`).
-//! * [`renaming`]: [`compute_renamed_ground_truth`] (Alg. 26).
-//! * [`metrics`]: lDDT-Cα, [`metrics::drmsd`], [`metrics::gdt_ts`], [`metrics::gdt_ha`],
+//! * [`renaming`] — [`compute_renamed_ground_truth`] (Alg. 26).
+//! * [`metrics`] — lDDT-Cα, [`metrics::drmsd`], [`metrics::gdt_ts`], [`metrics::gdt_ha`],
 //!   [`metrics::superimpose`] (RMSD after Kabsch/Horn superposition, see
 //!   `geometry::superimpose`), [`metrics::structure_metrics`].
-//! * [`total`]: [`alphafold_loss`] (weighted sum of every term per [`crate::config::LossConfig`],
+//! * [`total`] — [`alphafold_loss`] (weighted sum of every term per [`crate::config::LossConfig`],
 //!   non-finite terms reported in [`LossBreakdown::non_finite`] and zeroed, `sqrt(min(seq_len,
 //!   crop))` scale) over [`LossOutputs`] + [`LossBatch`] with [`LossTables`].
 
