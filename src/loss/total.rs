@@ -41,6 +41,29 @@ pub struct LossOutputs {
 }
 
 impl LossOutputs {
+    /// From the structure module's stacked outputs plus the heads' logits.
+    pub fn from_structure_module(
+        sm: &crate::model::structure_module::StructureModuleOutput,
+        final_atom_positions: Tensor,
+        distogram_logits: Tensor,
+        masked_msa_logits: Tensor,
+        lddt_logits: Tensor,
+        experimentally_resolved_logits: Tensor,
+    ) -> Self {
+        Self {
+            sm_frames: sm.frames.clone(),
+            sm_sidechain_frames: sm.sidechain_frames.clone(),
+            sm_positions: sm.positions.clone(),
+            sm_angles: sm.angles.clone(),
+            sm_unnormalized_angles: sm.unnormalized_angles.clone(),
+            final_atom_positions,
+            distogram_logits,
+            masked_msa_logits,
+            lddt_logits,
+            experimentally_resolved_logits,
+        }
+    }
+
     /// Every tensor converted to `dtype` (differentiable).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let c = |t: &Tensor| t.to_dtype(dtype);
