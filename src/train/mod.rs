@@ -23,6 +23,7 @@ pub mod signals;
 pub mod task;
 pub mod toy;
 pub mod trainer;
+pub mod weights;
 
 pub use optim::{Adam, Ema, Grads, Params};
 pub use seed::{recycles_for_step, seed_for, Rng};
