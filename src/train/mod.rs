@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mllog;
 pub mod optim;
 pub mod pdb_out;
+pub mod plot;
 pub mod schedule;
 pub mod seed;
 pub mod signals;
