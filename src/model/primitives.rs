@@ -149,6 +149,17 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
+/// Logistic sigmoid with a correct backward (`candle_nn::ops::sigmoid` is a CustomOp with `bwd`).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(x)?)
+}
+
+/// Additive attention mask bias `inf * (mask - 1)`: 0 where `mask == 1`, `-inf` where `mask == 0`.
+/// Computed as one affine op `mask * inf - inf`, which is exact for 0/1 masks.
+pub fn mask_bias(mask: &Tensor, inf: f64) -> Result<Tensor> {
+    Ok(mask.affine(inf, -inf)?)
+}
+
 /// Cast only when needed (keeps the graph small in the common case).
 pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     if x.dtype() == dtype {
