@@ -9,7 +9,7 @@ use super::dropout::{dropout_columnwise, dropout_rowwise, DropoutCtx};
 use super::msa::{MsaColumnAttention, MsaRowAttentionWithPairBias};
 use super::outer_product_mean::OuterProductMean;
 use super::primitives::{Linear, LinearInit};
-use super::remat::{forward_blocks, vjp_loss, BlocksTape, TrunkBlock};
+use super::remat::{backward_vars, forward_blocks, vjp_loss, BlocksTape, TrunkBlock};
 use super::transition::{MsaTransition, PairTransition};
 use super::triangle_attention::TriangleAttention;
 use super::triangle_multiplication::TriangleMultiplication;
@@ -298,7 +298,7 @@ impl EvoformerTape<'_> {
         // The single projection on a fresh graph from the final MSA.
         let m_fin = Var::from_tensor(&self.m_out)?;
         let s = self.stack.single(m_fin.as_tensor())?;
-        let mut params = vjp_loss(&[(&s, ds)])?.backward()?;
+        let mut params = backward_vars(&vjp_loss(&[(&s, ds)])?)?;
         let dm_total = match params.remove(m_fin.as_tensor()) {
             Some(g) => (dm.detach() + g)?,
             None => dm.detach(),

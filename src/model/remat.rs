@@ -42,6 +42,28 @@ pub fn vjp_loss(pairs: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     total.ok_or_else(|| crate::error::Error::Model("vjp_loss: no outputs".into()))
 }
 
+/// `loss.backward()`, keeping only the gradients of `Var`s (parameters and input leaves).
+///
+/// candle's `backward` also stores gradients for constant operands (masks, cotangents, ...) and
+/// those are not detached: they can reference the whole forward graph and keep it alive. Dropping
+/// them is what lets remat actually free each recomputed block.
+pub fn backward_vars(loss: &Tensor) -> Result<GradStore> {
+    let vars: Vec<Tensor> = loss
+        .sorted_nodes()
+        .into_iter()
+        .filter(|n| n.is_variable())
+        .cloned()
+        .collect();
+    let mut all = loss.backward()?;
+    let mut out = GradStore::default();
+    for v in &vars {
+        if let Some(g) = all.remove(v) {
+            out.insert(v, g.detach());
+        }
+    }
+    Ok(out)
+}
+
 /// Move every gradient of `from` into `into`, adding where both hold one.
 pub fn accumulate(into: &mut GradStore, from: GradStore) -> Result<()> {
     Ok(into.extend(from)?)
@@ -154,7 +176,7 @@ impl<B: TrunkBlock> BlocksTape<'_, B> {
                 m_out,
                 z_out,
             } => {
-                let mut g = vjp_loss(&[(&m_out, dm), (&z_out, dz)])?.backward()?;
+                let mut g = backward_vars(&vjp_loss(&[(&m_out, dm), (&z_out, dz)])?)?;
                 let dm_in = grad_or_zeros(&mut g, m_in.as_tensor())?;
                 let dz_in = grad_or_zeros(&mut g, z_in.as_tensor())?;
                 accumulate(grads, g)?;
@@ -174,7 +196,7 @@ impl<B: TrunkBlock> BlocksTape<'_, B> {
                         &self.pair_mask,
                         d.as_ref(),
                     )?;
-                    let mut g = vjp_loss(&[(&mo, &dm), (&zo, &dz)])?.backward()?;
+                    let mut g = backward_vars(&vjp_loss(&[(&mo, &dm), (&zo, &dz)])?)?;
                     dm = grad_or_zeros(&mut g, m_in.as_tensor())?;
                     dz = grad_or_zeros(&mut g, z_in.as_tensor())?;
                     accumulate(grads, g)?;
