@@ -51,8 +51,18 @@ fn small_config() -> BlockConfig {
 fn bench_block(c: &mut Criterion) {
     let dev = Device::Cpu;
     let cases = [
-        Case { name: "small_s8_r16", n_seq: 8, n_res: 16, cfg: small_config() },
-        Case { name: "af2_s32_r64", n_seq: 32, n_res: 64, cfg: af2_config() },
+        Case {
+            name: "small_s8_r16",
+            n_seq: 8,
+            n_res: 16,
+            cfg: small_config(),
+        },
+        Case {
+            name: "af2_s32_r64",
+            n_seq: 32,
+            n_res: 64,
+            cfg: af2_config(),
+        },
     ];
     for case in cases {
         let vm = VarMap::new();
@@ -73,7 +83,10 @@ fn bench_block(c: &mut Criterion) {
         group.bench_function("forward_backward", |b| {
             b.iter(|| {
                 let (mo, zo) = block.forward(&m, &z, &mm, &pm, None).expect("fwd");
-                vjp_loss(&[(&mo, &gm), (&zo, &gz)]).expect("loss").backward().expect("bwd")
+                vjp_loss(&[(&mo, &gm), (&zo, &gz)])
+                    .expect("loss")
+                    .backward()
+                    .expect("bwd")
             })
         });
         group.finish();

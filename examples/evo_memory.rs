@@ -31,7 +31,10 @@ fn main() -> anyhow::Result<()> {
     let cfg = BlockConfig {
         c_m: 256,
         c_z: 128,
-        stack: StackConfig { num_blocks: blocks, ..StackConfig::evoformer() },
+        stack: StackConfig {
+            num_blocks: blocks,
+            ..StackConfig::evoformer()
+        },
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
@@ -47,7 +50,11 @@ fn main() -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let (out, tape) = stack.forward_train(&m, &z, &mm, &pm, None, remat)?;
     let after_fwd = vm_hwm_kib();
-    let grads = tape.backward(&out.m.ones_like()?, &out.z.ones_like()?, &out.s.ones_like()?)?;
+    let grads = tape.backward(
+        &out.m.ones_like()?,
+        &out.z.ones_like()?,
+        &out.s.ones_like()?,
+    )?;
     let secs = t0.elapsed().as_secs_f64();
     let n_grads = grads.params.get_ids().count();
     let total: usize = grads

@@ -41,7 +41,12 @@ fn stack_config(fx: &Fixture, blocks: usize) -> BlockConfig {
 fn evo_stack(fx: &Fixture) -> (VarMap, EvoformerStack) {
     let vm = varmap_from_tensors(fx.params(DType::F64), DType::F64).unwrap();
     let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
-    let stack = EvoformerStack::new(vb, &stack_config(fx, fx.arg_usize("no_blocks")), fx.arg_usize("c_s")).unwrap();
+    let stack = EvoformerStack::new(
+        vb,
+        &stack_config(fx, fx.arg_usize("no_blocks")),
+        fx.arg_usize("c_s"),
+    )
+    .unwrap();
     (vm, stack)
 }
 
@@ -49,7 +54,10 @@ fn grads_by_name(vm: &VarMap, store: &GradStore) -> BTreeMap<String, Tensor> {
     sorted_vars(vm)
         .into_iter()
         .map(|(k, v)| {
-            let g = store.get(v.as_tensor()).cloned().unwrap_or_else(|| v.as_tensor().zeros_like().unwrap());
+            let g = store
+                .get(v.as_tensor())
+                .cloned()
+                .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap());
             (k, g)
         })
         .collect()
@@ -69,21 +77,35 @@ fn evo_remat_grads_match_full_backprop() {
     let z = fx.get("input.z");
     let mm = fx.get("input.msa_mask");
     let pm = fx.get("input.pair_mask");
-    let (cm, cz, cs) = (fx.get("cotangent.m"), fx.get("cotangent.z"), fx.get("cotangent.s"));
+    let (cm, cz, cs) = (
+        fx.get("cotangent.m"),
+        fx.get("cotangent.z"),
+        fx.get("cotangent.s"),
+    );
     for dropout in [None, Some(DropoutCtx::new(1234))] {
         // Plain: one graph from input Vars.
         let mv = Var::from_tensor(&m).unwrap();
         let zv = Var::from_tensor(&z).unwrap();
-        let out = stack.forward(mv.as_tensor(), zv.as_tensor(), &mm, &pm, dropout.as_ref()).unwrap();
-        let store = vjp_loss(&[(&out.m, &cm), (&out.z, &cz), (&out.s, &cs)]).unwrap().backward().unwrap();
+        let out = stack
+            .forward(mv.as_tensor(), zv.as_tensor(), &mm, &pm, dropout.as_ref())
+            .unwrap();
+        let store = vjp_loss(&[(&out.m, &cm), (&out.z, &cz), (&out.s, &cs)])
+            .unwrap()
+            .backward()
+            .unwrap();
         let plain = grads_by_name(&vm, &store);
         let plain_dm = store.get(mv.as_tensor()).unwrap().clone();
         let plain_dz = store.get(zv.as_tensor()).unwrap().clone();
 
         let mut results = Vec::new();
         for remat in [Remat::None, Remat::Block] {
-            let (o, tape) = stack.forward_train(&m, &z, &mm, &pm, dropout, remat).unwrap();
-            assert!(max_abs_diff(&o.s, &out.s) == 0.0, "{remat:?}: forward differs");
+            let (o, tape) = stack
+                .forward_train(&m, &z, &mm, &pm, dropout, remat)
+                .unwrap();
+            assert!(
+                max_abs_diff(&o.s, &out.s) == 0.0,
+                "{remat:?}: forward differs"
+            );
             let g = tape.backward(&cm, &cz, &cs).unwrap();
             results.push((remat, grads_by_name(&vm, &g.params), g.dm, g.dz));
         }
@@ -91,10 +113,15 @@ fn evo_remat_grads_match_full_backprop() {
         for (remat, grads, dm, dz) in &results {
             for (k, g) in grads {
                 let d = max_abs_diff(g, &plain[k]);
-                assert!(d <= 1e-12, "{remat:?} dropout={dropout:?}: {k} differs by {d:e}");
+                assert!(
+                    d <= 1e-12,
+                    "{remat:?} dropout={dropout:?}: {k} differs by {d:e}"
+                );
                 worst = worst.max(d);
             }
-            worst = worst.max(max_abs_diff(dm, &plain_dm)).max(max_abs_diff(dz, &plain_dz));
+            worst = worst
+                .max(max_abs_diff(dm, &plain_dm))
+                .max(max_abs_diff(dz, &plain_dz));
             assert!(max_abs_diff(dm, &plain_dm) <= 1e-12 && max_abs_diff(dz, &plain_dz) <= 1e-12);
         }
         // None vs Block directly.
@@ -104,7 +131,10 @@ fn evo_remat_grads_match_full_backprop() {
         for (k, g) in g_none {
             none_vs_block = none_vs_block.max(max_abs_diff(g, &g_block[k]));
         }
-        assert!(none_vs_block <= 1e-12, "remat none vs block: {none_vs_block:e}");
+        assert!(
+            none_vs_block <= 1e-12,
+            "remat none vs block: {none_vs_block:e}"
+        );
         println!("dropout={dropout:?}: max |remat - full| = {worst:e}, none vs block = {none_vs_block:e}");
         if dropout.is_none() {
             // The remat path reproduces the golden gradients.
@@ -132,7 +162,12 @@ fn evo_extra_msa_remat_matches() {
     let params: Vec<(String, Tensor)> = fx
         .params(DType::F64)
         .into_iter()
-        .flat_map(|(k, t)| [(format!("blocks.0.{k}"), t.clone()), (format!("blocks.1.{k}"), t)])
+        .flat_map(|(k, t)| {
+            [
+                (format!("blocks.0.{k}"), t.clone()),
+                (format!("blocks.1.{k}"), t),
+            ]
+        })
         .collect();
     let vm = varmap_from_tensors(params, DType::F64).unwrap();
     let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
@@ -142,7 +177,9 @@ fn evo_extra_msa_remat_matches() {
     let cz = fx.get("cotangent.z");
     let mut res = Vec::new();
     for remat in [Remat::None, Remat::Block] {
-        let (zo, tape) = stack.forward_train(&m, &z, &mm, &pm, Some(DropoutCtx::new(9)), remat).unwrap();
+        let (zo, tape) = stack
+            .forward_train(&m, &z, &mm, &pm, Some(DropoutCtx::new(9)), remat)
+            .unwrap();
         let g = tape.backward(&cz).unwrap();
         res.push((zo, grads_by_name(&vm, &g.params), g.dm, g.dz));
     }
@@ -150,7 +187,17 @@ fn evo_extra_msa_remat_matches() {
     for (k, g) in &res[0].1 {
         let d = max_abs_diff(g, &res[1].1[k]);
         assert!(d <= 1e-12, "{k}: {d:e}");
-        assert!(g.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() > 0.0 || k.contains("blocks.1.msa"), "{k} zero");
+        assert!(
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                > 0.0
+                || k.contains("blocks.1.msa"),
+            "{k} zero"
+        );
     }
     assert!(max_abs_diff(&res[0].2, &res[1].2) <= 1e-12);
     assert!(max_abs_diff(&res[0].3, &res[1].3) <= 1e-12);
@@ -182,23 +229,74 @@ fn evo_padding_does_not_change_real_outputs() {
         Tensor::cat(&[&top, &rand(&[pr, r2, c_z])], 0).unwrap()
     };
     let zeros = |a: usize, b: usize| Tensor::zeros((a, b), DType::F64, &dev).unwrap();
-    let pad_mm = Tensor::cat(&[&Tensor::cat(&[&mm, &zeros(s, pr)], 1).unwrap(), &zeros(ps, r2)], 0).unwrap();
-    let pad_pm = Tensor::cat(&[&Tensor::cat(&[&pm, &zeros(r, pr)], 1).unwrap(), &zeros(pr, r2)], 0).unwrap();
+    let pad_mm = Tensor::cat(
+        &[
+            &Tensor::cat(&[&mm, &zeros(s, pr)], 1).unwrap(),
+            &zeros(ps, r2),
+        ],
+        0,
+    )
+    .unwrap();
+    let pad_pm = Tensor::cat(
+        &[
+            &Tensor::cat(&[&pm, &zeros(r, pr)], 1).unwrap(),
+            &zeros(pr, r2),
+        ],
+        0,
+    )
+    .unwrap();
 
-    let (cm, cz, cs) = (fx.get("cotangent.m"), fx.get("cotangent.z"), fx.get("cotangent.s"));
+    let (cm, cz, cs) = (
+        fx.get("cotangent.m"),
+        fx.get("cotangent.z"),
+        fx.get("cotangent.s"),
+    );
     let pad_cot = |t: &Tensor, a: usize, b: usize| -> Tensor {
         let d = t.dims().to_vec();
         if d.len() == 3 {
-            let top = Tensor::cat(&[t, &Tensor::zeros((d[0], b - d[1], d[2]), DType::F64, &dev).unwrap()], 1).unwrap();
-            Tensor::cat(&[&top, &Tensor::zeros((a - d[0], b, d[2]), DType::F64, &dev).unwrap()], 0).unwrap()
+            let top = Tensor::cat(
+                &[
+                    t,
+                    &Tensor::zeros((d[0], b - d[1], d[2]), DType::F64, &dev).unwrap(),
+                ],
+                1,
+            )
+            .unwrap();
+            Tensor::cat(
+                &[
+                    &top,
+                    &Tensor::zeros((a - d[0], b, d[2]), DType::F64, &dev).unwrap(),
+                ],
+                0,
+            )
+            .unwrap()
         } else {
-            Tensor::cat(&[t, &Tensor::zeros((a - d[0], d[1]), DType::F64, &dev).unwrap()], 0).unwrap()
+            Tensor::cat(
+                &[
+                    t,
+                    &Tensor::zeros((a - d[0], d[1]), DType::F64, &dev).unwrap(),
+                ],
+                0,
+            )
+            .unwrap()
         }
     };
-    let (pcm, pcz, pcs) = (pad_cot(&cm, s2, r2), pad_cot(&cz, r2, r2), pad_cot(&cs, r2, 0));
+    let (pcm, pcz, pcs) = (
+        pad_cot(&cm, s2, r2),
+        pad_cot(&cz, r2, r2),
+        pad_cot(&cs, r2, 0),
+    );
 
-    let run = |m: &Tensor, z: &Tensor, mm: &Tensor, pm: &Tensor, cm: &Tensor, cz: &Tensor, cs: &Tensor| {
-        let (o, tape) = stack.forward_train(m, z, mm, pm, None, Remat::Block).unwrap();
+    let run = |m: &Tensor,
+               z: &Tensor,
+               mm: &Tensor,
+               pm: &Tensor,
+               cm: &Tensor,
+               cz: &Tensor,
+               cs: &Tensor| {
+        let (o, tape) = stack
+            .forward_train(m, z, mm, pm, None, Remat::Block)
+            .unwrap();
         let g = tape.backward(cm, cz, cs).unwrap();
         (o, grads_by_name(&vm, &g.params), g.dm, g.dz)
     };
@@ -207,13 +305,23 @@ fn evo_padding_does_not_change_real_outputs() {
     let real_m = o2.m.i((0..s, 0..r)).unwrap();
     let real_z = o2.z.i((0..r, 0..r)).unwrap();
     let real_s = o2.s.i(0..r).unwrap();
-    for (what, a, b) in [("m", &real_m, &o1.m), ("z", &real_z, &o1.z), ("s", &real_s, &o1.s)] {
+    for (what, a, b) in [
+        ("m", &real_m, &o1.m),
+        ("z", &real_z, &o1.z),
+        ("s", &real_s, &o1.s),
+    ] {
         let (rel, _) = errors(a, b);
-        assert!(rel <= 1e-12, "output {what} changed by padding: rel {rel:e}");
+        assert!(
+            rel <= 1e-12,
+            "output {what} changed by padding: rel {rel:e}"
+        );
     }
     for (k, g) in &g1 {
         let (rel, abs) = errors(&g2[k], g);
-        assert!(rel <= 1e-11 || abs <= 1e-12, "grad {k} changed by padding: rel {rel:e}");
+        assert!(
+            rel <= 1e-11 || abs <= 1e-12,
+            "grad {k} changed by padding: rel {rel:e}"
+        );
     }
     assert!(errors(&dm2.i((0..s, 0..r)).unwrap(), &dm1).0 <= 1e-11);
     assert!(errors(&dz2.i((0..r, 0..r)).unwrap(), &dz1).0 <= 1e-11);
@@ -227,7 +335,18 @@ fn evo_params_sorted_and_safetensors_roundtrip() {
     let cfg = ModelConfig {
         c_m: 8,
         c_z: 4,
-        evoformer: StackConfig { num_blocks: 2, c_hidden_msa_att: 4, no_heads_msa: 2, c_hidden_opm: 3, c_hidden_mul: 4, c_hidden_pair_att: 4, no_heads_pair: 2, transition_n: 2, msa_dropout: 0.15, pair_dropout: 0.25 },
+        evoformer: StackConfig {
+            num_blocks: 2,
+            c_hidden_msa_att: 4,
+            no_heads_msa: 2,
+            c_hidden_opm: 3,
+            c_hidden_mul: 4,
+            c_hidden_pair_att: 4,
+            no_heads_pair: 2,
+            transition_n: 2,
+            msa_dropout: 0.15,
+            pair_dropout: 0.25,
+        },
         ..ModelConfig::default()
     };
     let vm = VarMap::new();

@@ -20,7 +20,9 @@ use ferrofold::config::StackConfig;
 use ferrofold::model::embedders::{InputEmbedder, RecyclingEmbedder};
 use ferrofold::model::evoformer::{BlockConfig, EvoformerBlock, EvoformerStack};
 use ferrofold::model::extra_msa::ExtraMsaBlock;
-use ferrofold::model::msa::{MsaColumnAttention, MsaColumnGlobalAttention, MsaRowAttentionWithPairBias};
+use ferrofold::model::msa::{
+    MsaColumnAttention, MsaColumnGlobalAttention, MsaRowAttentionWithPairBias,
+};
 use ferrofold::model::outer_product_mean::OuterProductMean;
 use ferrofold::model::params::{sorted_vars, varmap_from_tensors};
 use ferrofold::model::transition::Transition;
@@ -58,21 +60,96 @@ const SINGLE: f64 = 1e-5;
 const STACK: f64 = 5e-5;
 
 pub const REGISTRY: &[Entry] = &[
-    Entry { class: "MSARowAttentionWithPairBias", run: run_msa_row, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "MSAColumnAttention", run: run_msa_col, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "MSAColumnGlobalAttention", run: run_msa_col_global, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "MSATransition", run: run_msa_transition, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "OuterProductMean", run: run_opm, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "TriangleMultiplicationOutgoing", run: run_tri_mul_out, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "TriangleMultiplicationIncoming", run: run_tri_mul_in, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "TriangleAttentionStartingNode", run: run_tri_att_start, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "TriangleAttentionEndingNode", run: run_tri_att_end, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "PairTransition", run: run_pair_transition, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "EvoformerBlock", run: run_evoformer_block, valid_region: Some(trunk_valid_region), f32_rel: STACK },
-    Entry { class: "EvoformerStack", run: run_evoformer_stack, valid_region: Some(trunk_valid_region), f32_rel: STACK },
-    Entry { class: "ExtraMSABlock", run: run_extra_msa_block, valid_region: Some(trunk_valid_region), f32_rel: STACK },
-    Entry { class: "InputEmbedder", run: run_input_embedder, valid_region: None, f32_rel: SINGLE },
-    Entry { class: "RecyclingEmbedder", run: run_recycling_embedder, valid_region: None, f32_rel: SINGLE },
+    Entry {
+        class: "MSARowAttentionWithPairBias",
+        run: run_msa_row,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "MSAColumnAttention",
+        run: run_msa_col,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "MSAColumnGlobalAttention",
+        run: run_msa_col_global,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "MSATransition",
+        run: run_msa_transition,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "OuterProductMean",
+        run: run_opm,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "TriangleMultiplicationOutgoing",
+        run: run_tri_mul_out,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "TriangleMultiplicationIncoming",
+        run: run_tri_mul_in,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "TriangleAttentionStartingNode",
+        run: run_tri_att_start,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "TriangleAttentionEndingNode",
+        run: run_tri_att_end,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "PairTransition",
+        run: run_pair_transition,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "EvoformerBlock",
+        run: run_evoformer_block,
+        valid_region: Some(trunk_valid_region),
+        f32_rel: STACK,
+    },
+    Entry {
+        class: "EvoformerStack",
+        run: run_evoformer_stack,
+        valid_region: Some(trunk_valid_region),
+        f32_rel: STACK,
+    },
+    Entry {
+        class: "ExtraMSABlock",
+        run: run_extra_msa_block,
+        valid_region: Some(trunk_valid_region),
+        f32_rel: STACK,
+    },
+    Entry {
+        class: "InputEmbedder",
+        run: run_input_embedder,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
+    Entry {
+        class: "RecyclingEmbedder",
+        run: run_recycling_embedder,
+        valid_region: None,
+        f32_rel: SINGLE,
+    },
 ];
 
 /// Implemented on another branch (heads, IPA, structure module): reported and skipped.
@@ -104,7 +181,12 @@ pub struct Harness<'f> {
 impl<'f> Harness<'f> {
     pub fn new(fx: &'f Fixture, dtype: DType) -> Result<Self> {
         let vm = varmap_from_tensors(fx.params(DType::F64), dtype)?;
-        Ok(Self { fx, dtype, vm, inputs: BTreeMap::new() })
+        Ok(Self {
+            fx,
+            dtype,
+            vm,
+            inputs: BTreeMap::new(),
+        })
     }
 
     pub fn vb(&self) -> VarBuilder<'static> {
@@ -180,7 +262,10 @@ impl<'f> Harness<'f> {
             };
             grads.insert(format!("grad.input.{name}"), g);
         }
-        let outputs = outputs.into_iter().map(|(n, t)| (n.to_string(), t.detach())).collect();
+        let outputs = outputs
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t.detach()))
+            .collect();
         Ok(Outcome { outputs, grads })
     }
 }
@@ -192,7 +277,12 @@ impl<'f> Harness<'f> {
 fn run_msa_row(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
     let module = MsaRowAttentionWithPairBias::new(
-        h.vb(), h.arg("c_m"), h.arg("c_z"), h.arg("c_hidden"), h.arg("no_heads"), h.argf("inf"),
+        h.vb(),
+        h.arg("c_m"),
+        h.arg("c_z"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        h.argf("inf"),
     )?;
     let (m, z, mask) = (h.input("m")?, h.input("z")?, h.input("mask")?);
     let out = module.forward(&m, &z, &mask)?;
@@ -201,8 +291,13 @@ fn run_msa_row(fx: &Fixture, dt: DType) -> Result<Outcome> {
 
 fn run_msa_col(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
-    let module =
-        MsaColumnAttention::new(h.vb(), h.arg("c_m"), h.arg("c_hidden"), h.arg("no_heads"), h.argf("inf"))?;
+    let module = MsaColumnAttention::new(
+        h.vb(),
+        h.arg("c_m"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        h.argf("inf"),
+    )?;
     let (m, mask) = (h.input("m")?, h.input("mask")?);
     let out = module.forward(&m, &mask)?;
     h.finish(vec![("m_update", out)])
@@ -211,7 +306,12 @@ fn run_msa_col(fx: &Fixture, dt: DType) -> Result<Outcome> {
 fn run_msa_col_global(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
     let module = MsaColumnGlobalAttention::new(
-        h.vb(), h.arg("c_in"), h.arg("c_hidden"), h.arg("no_heads"), h.argf("inf"), h.argf("eps"),
+        h.vb(),
+        h.arg("c_in"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        h.argf("inf"),
+        h.argf("eps"),
     )?;
     let (m, mask) = (h.input("m")?, h.input("mask")?);
     let out = module.forward(&m, &mask)?;
@@ -236,8 +336,13 @@ fn run_pair_transition(fx: &Fixture, dt: DType) -> Result<Outcome> {
 
 fn run_opm(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
-    let module =
-        OuterProductMean::new(h.vb(), h.arg("c_m"), h.arg("c_z"), h.arg("c_hidden"), h.argf("eps"))?;
+    let module = OuterProductMean::new(
+        h.vb(),
+        h.arg("c_m"),
+        h.arg("c_z"),
+        h.arg("c_hidden"),
+        h.argf("eps"),
+    )?;
     let (m, mask) = (h.input("m")?, h.input("mask")?);
     let out = module.forward(&m, &mask)?;
     h.finish(vec![("z_update", out)])
@@ -262,7 +367,12 @@ fn run_tri_mul_in(fx: &Fixture, dt: DType) -> Result<Outcome> {
 fn run_tri_att(fx: &Fixture, dt: DType, starting: bool) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
     let module = TriangleAttention::new(
-        h.vb(), h.arg("c_in"), h.arg("c_hidden"), h.arg("no_heads"), starting, h.argf("inf"),
+        h.vb(),
+        h.arg("c_in"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        starting,
+        h.argf("inf"),
     )?;
     let (x, mask) = (h.input("x")?, h.input("mask")?);
     let out = module.forward(&x, &mask)?;
@@ -280,9 +390,16 @@ fn run_tri_att_end(fx: &Fixture, dt: DType) -> Result<Outcome> {
 /// `BlockConfig` from EvoformerBlock/EvoformerStack/ExtraMSABlock constructor args.
 fn block_config(fx: &Fixture) -> Result<BlockConfig> {
     let args = fx.args();
-    for flag in ["opm_first", "fuse_projection_weights", "no_column_attention"] {
+    for flag in [
+        "opm_first",
+        "fuse_projection_weights",
+        "no_column_attention",
+    ] {
         if args[flag].as_bool() == Some(true) {
-            return Err(Error::Model(format!("{}: `{flag}=True` is not supported", fx.name)));
+            return Err(Error::Model(format!(
+                "{}: `{flag}=True` is not supported",
+                fx.name
+            )));
         }
     }
     let stack = StackConfig {
@@ -337,7 +454,12 @@ fn run_extra_msa_block(fx: &Fixture, dt: DType) -> Result<Outcome> {
 fn run_input_embedder(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
     let module = InputEmbedder::new(
-        h.vb(), h.arg("tf_dim"), h.arg("msa_dim"), h.arg("c_z"), h.arg("c_m"), h.arg("relpos_k"),
+        h.vb(),
+        h.arg("tf_dim"),
+        h.arg("msa_dim"),
+        h.arg("c_z"),
+        h.arg("c_m"),
+        h.arg("relpos_k"),
     )?;
     let (tf, msa) = (h.input("tf")?, h.input("msa")?);
     let ri = h.int_input("ri");
@@ -367,7 +489,14 @@ fn trunk_valid_region(fx: &Fixture, output: &str) -> Option<Tensor> {
     match output {
         "m" => fx.get("input.msa_mask").unsqueeze(2).ok(),
         "z" => fx.get("input.pair_mask").unsqueeze(2).ok(),
-        "s" => fx.get("input.msa_mask").narrow(0, 0, 1).ok()?.squeeze(0).ok()?.unsqueeze(1).ok(),
+        "s" => fx
+            .get("input.msa_mask")
+            .narrow(0, 0, 1)
+            .ok()?
+            .squeeze(0)
+            .ok()?
+            .unsqueeze(1)
+            .ok(),
         _ => None,
     }
 }
@@ -389,10 +518,18 @@ fn masked_cotangents(fx: &Fixture, region: ValidRegionFn) -> std::result::Result
     for name in fx.cotangent_outputs() {
         let key = format!("cotangent.{name}");
         let mask = region(fx, &name).ok_or(format!("no valid region for output `{name}`"))?;
-        let c = fx.get(&key).broadcast_mul(&mask).map_err(|e| e.to_string())?;
+        let c = fx
+            .get(&key)
+            .broadcast_mul(&mask)
+            .map_err(|e| e.to_string())?;
         tensors.insert(key, c);
     }
-    Ok(Fixture { name: fx.name.clone(), json_path: fx.json_path.clone(), meta: fx.meta.clone(), tensors })
+    Ok(Fixture {
+        name: fx.name.clone(),
+        json_path: fx.json_path.clone(),
+        meta: fx.meta.clone(),
+        tensors,
+    })
 }
 
 fn compare_outcome(
@@ -442,10 +579,17 @@ fn to_f64(t: &Tensor) -> Tensor {
 /// Run one fixture at `dtype` and compare it against the stored float64 reference. Returns the
 /// worst relative errors (outputs, gradients), structurally-zero gradients excluded.
 fn check_fixture(rep: &mut Report, fx: &Fixture, e: &Entry, dtype: DType) -> (f64, f64) {
-    let (rel, sz_abs) = if dtype == DType::F64 { (1e-10, 1e-12) } else { (e.f32_rel, 5e-5) };
+    let (rel, sz_abs) = if dtype == DType::F64 {
+        (1e-10, 1e-12)
+    } else {
+        (e.f32_rel, 5e-5)
+    };
     if dtype == DType::F32 && needs_valid_region(fx) {
         let Some(region) = e.valid_region else {
-            rep.fail(format!("{}: needs a valid-region function for float32", fx.name));
+            rep.fail(format!(
+                "{}: needs a valid-region function for float32",
+                fx.name
+            ));
             return (f64::NAN, f64::NAN);
         };
         let mfx = match masked_cotangents(fx, region) {
@@ -469,7 +613,11 @@ fn check_fixture(rep: &mut Report, fx: &Fixture, e: &Entry, dtype: DType) -> (f6
             to_f64(t).broadcast_mul(&m).expect("mask")
         };
         let got_masked = Outcome {
-            outputs: got.outputs.iter().map(|(k, t)| (k.clone(), masked(k, t))).collect(),
+            outputs: got
+                .outputs
+                .iter()
+                .map(|(k, t)| (k.clone(), masked(k, t)))
+                .collect(),
             grads: got.grads,
         };
         return compare_outcome(
@@ -477,7 +625,13 @@ fn check_fixture(rep: &mut Report, fx: &Fixture, e: &Entry, dtype: DType) -> (f6
             fx,
             &got_masked,
             &|n| masked(n, &fx.get(&format!("output.{n}"))),
-            &|k| reference.grads.get(k).map(to_f64).unwrap_or_else(|| fx.get(k)),
+            &|k| {
+                reference
+                    .grads
+                    .get(k)
+                    .map(to_f64)
+                    .unwrap_or_else(|| fx.get(k))
+            },
             rel,
             sz_abs,
         );
@@ -511,17 +665,30 @@ fn run_all(dtype: DType) {
             Some(e) => {
                 let before = rep.failures.len();
                 let (wo, wg) = check_fixture(&mut rep, &fx, e, dtype);
-                let status = if rep.failures.len() == before { "ok" } else { "FAILED" };
-                println!("{dtype:?} {} ({class}): {status}, worst rel outputs {wo:.2e} grads {wg:.2e}", fx.name);
+                let status = if rep.failures.len() == before {
+                    "ok"
+                } else {
+                    "FAILED"
+                };
+                println!(
+                    "{dtype:?} {} ({class}): {status}, worst rel outputs {wo:.2e} grads {wg:.2e}",
+                    fx.name
+                );
             }
             None if PENDING.contains(&class.as_str()) => {
-                println!("{:?} {} ({class}): PENDING (other branch), skipped", dtype, fx.name);
+                println!(
+                    "{:?} {} ({class}): PENDING (other branch), skipped",
+                    dtype, fx.name
+                );
             }
             None => unknown.push(format!("{} ({class})", fx.name)),
         }
     }
     if !unknown.is_empty() {
-        rep.fail(format!("fixtures of unregistered classes: {}", unknown.join(", ")));
+        rep.fail(format!(
+            "fixtures of unregistered classes: {}",
+            unknown.join(", ")
+        ));
     }
     rep.assert_ok(&format!("golden modules {dtype:?}"));
 }
@@ -544,7 +711,9 @@ fn golden_gradient_flow() {
     let mut checked = 0;
     for path in fixtures_in("modules") {
         let fx = Fixture::load(&path);
-        let Some(e) = entry(&fx.target()) else { continue };
+        let Some(e) = entry(&fx.target()) else {
+            continue;
+        };
         let sz = fx.structurally_zero();
         let got = (e.run)(&fx, DType::F64).unwrap_or_else(|err| panic!("{}: {err}", fx.name));
         for (name, g) in &got.grads {
@@ -558,7 +727,10 @@ fn golden_gradient_flow() {
                 failures.push(format!("{}: {name} not finite", fx.name));
             } else if sz.contains(name) {
                 if max > 1e-12 {
-                    failures.push(format!("{}: {name} should be structurally zero, max {max:e}", fx.name));
+                    failures.push(format!(
+                        "{}: {name} should be structurally zero, max {max:e}",
+                        fx.name
+                    ));
                 }
             } else if max == 0.0 {
                 failures.push(format!("{}: {name} is zero", fx.name));
@@ -572,9 +744,20 @@ fn golden_gradient_flow() {
 /// The registry and the pending list do not overlap, and every registered class has a fixture.
 #[test]
 fn golden_registry_is_consistent() {
-    let classes: BTreeSet<String> = fixtures_in("modules").iter().map(|p| Fixture::load(p).target()).collect();
+    let classes: BTreeSet<String> = fixtures_in("modules")
+        .iter()
+        .map(|p| Fixture::load(p).target())
+        .collect();
     for e in REGISTRY {
-        assert!(!PENDING.contains(&e.class), "{} is both registered and pending", e.class);
-        assert!(classes.contains(e.class), "no fixture for registered class {}", e.class);
+        assert!(
+            !PENDING.contains(&e.class),
+            "{} is both registered and pending",
+            e.class
+        );
+        assert!(
+            classes.contains(e.class),
+            "no fixture for registered class {}",
+            e.class
+        );
     }
 }

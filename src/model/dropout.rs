@@ -75,7 +75,8 @@ pub fn dropout_shared(
         shape[shared_dim] = 1;
     }
     let n: usize = shape.iter().product();
-    let mask = Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?;
+    let mask =
+        Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?;
     Ok(x.broadcast_mul(&mask)?)
 }
 
@@ -111,7 +112,9 @@ mod tests {
         }
         let zeros = av.iter().filter(|v| **v == 0.0).count() as f64 / av.len() as f64;
         assert!((zeros - 0.25).abs() < 0.1, "drop fraction {zeros}");
-        assert!(av.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-15));
+        assert!(av
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-15));
         // a different fork draws a different mask; columnwise shares along axis 1
         let c = dropout_columnwise(&x, 0.25, Some(&ctx.fork(1))).unwrap();
         let c3: Vec<Vec<Vec<f64>>> = c.to_vec3().unwrap();
@@ -123,6 +126,9 @@ mod tests {
         assert_ne!(ctx.fork(1), ctx.fork(2));
         // eval mode is the identity
         let e = dropout_rowwise(&x, 0.25, None).unwrap();
-        assert_eq!(e.sum_all().unwrap().to_scalar::<f64>().unwrap(), 6.0 * 40.0 * 8.0);
+        assert_eq!(
+            e.sum_all().unwrap().to_scalar::<f64>().unwrap(),
+            6.0 * 40.0 * 8.0
+        );
     }
 }

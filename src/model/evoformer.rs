@@ -70,7 +70,11 @@ impl PairStack {
         let s = &cfg.stack;
         let (c_z, inf) = (cfg.c_z, cfg.inf);
         Ok(Self {
-            tri_mul_out: TriangleMultiplication::outgoing(vb.pp("tri_mul_out"), c_z, s.c_hidden_mul)?,
+            tri_mul_out: TriangleMultiplication::outgoing(
+                vb.pp("tri_mul_out"),
+                c_z,
+                s.c_hidden_mul,
+            )?,
             tri_mul_in: TriangleMultiplication::incoming(vb.pp("tri_mul_in"), c_z, s.c_hidden_mul)?,
             tri_att_start: TriangleAttention::new(
                 vb.pp("tri_att_start"),
@@ -106,7 +110,11 @@ impl PairStack {
         let z =
             (&z + dropout_rowwise(&self.tri_mul_in.forward(&z, pair_mask)?, p, d(2).as_ref())?)?;
         let z = (&z
-            + dropout_rowwise(&self.tri_att_start.forward(&z, pair_mask)?, p, d(3).as_ref())?)?;
+            + dropout_rowwise(
+                &self.tri_att_start.forward(&z, pair_mask)?,
+                p,
+                d(3).as_ref(),
+            )?)?;
         // Ending node: row-wise dropout in the transposed frame = column-wise here.
         let z = (&z
             + dropout_columnwise(&self.tri_att_end.forward(&z, pair_mask)?, p, d(4).as_ref())?)?;

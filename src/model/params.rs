@@ -50,11 +50,10 @@ pub fn varmap_from_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<VarMap> {
-    let all = candle_core::safetensors::load(path, device)
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+    let all = candle_core::safetensors::load(path, device).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     let selected: BTreeMap<String, Tensor> = all
         .into_iter()
         .filter_map(|(k, t)| match prefix {

@@ -45,7 +45,10 @@ impl TriangleAttention {
         } else {
             let xt = x.transpose(0, 1)?.contiguous()?;
             let mt = mask.t()?.contiguous()?;
-            Ok(self.forward_starting(&xt, &mt)?.transpose(0, 1)?.contiguous()?)
+            Ok(self
+                .forward_starting(&xt, &mt)?
+                .transpose(0, 1)?
+                .contiguous()?)
         }
     }
 

@@ -57,7 +57,7 @@ impl TriangleMultiplication {
         let b = sigmoid(&self.linear_b_g.forward(&z)?)?
             .broadcast_mul(&mask3)?
             .mul(&self.linear_b_p.forward(&z)?)?; // [R, R, C]
-        // Channel-first batched matmul: [C, I, K] x [C, K, J] → [C, I, J].
+                                                  // Channel-first batched matmul: [C, I, K] x [C, K, J] → [C, I, J].
         let (a_cik, b_ckj) = if self.outgoing {
             // x[i,j,c] = Σ_k a[i,k,c] b[j,k,c]
             (a.permute((2, 0, 1))?, b.permute((2, 1, 0))?)
