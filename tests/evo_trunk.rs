@@ -195,7 +195,7 @@ fn evo_extra_msa_remat_matches() {
                 .to_scalar::<f64>()
                 .unwrap()
                 > 0.0
-                || k.contains("blocks.1.msa"),
+                || k.ends_with("msa_att_row.layer_norm_z.bias"),
             "{k} zero"
         );
     }

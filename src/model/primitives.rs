@@ -133,10 +133,15 @@ impl LayerNorm {
             DType::F32
         };
         let xs = cast(x, stat_dtype)?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let xc = xs.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = if xs.device().is_cpu() {
+            // Fused normalisation with an analytic backward: keeps only x and x̂ for backward.
+            xs.contiguous()?.apply_op1(Normalize { eps: self.eps })?
+        } else {
+            let mean = xs.mean_keepdim(D::Minus1)?;
+            let xc = xs.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+        };
         let y = y
             .broadcast_mul(&cast(&self.weight, stat_dtype)?)?
             .broadcast_add(&cast(&self.bias, stat_dtype)?)?;
@@ -145,8 +150,212 @@ impl LayerNorm {
 }
 
 /// Softmax over the last dimension, differentiable (never use `softmax_last_dim` in training).
+///
+/// On CPU for f32/f64 this is one fused op with an analytic backward (`dx = y·(g − Σ g·y)`), which
+/// keeps only its output for the backward pass; elsewhere it is candle's composite softmax.
+/// Computed in the activation dtype, as OpenFold does.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
+        Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
+}
+
+/// `x̂ = (x − mean) / sqrt(var + eps)` over the last dimension (biased variance), fused on CPU.
+struct Normalize {
+    eps: f64,
+}
+
+fn normalize_rows<T: num_traits_lite::Float>(src: &[T], dim: usize, eps: f64) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    let n = T::from_f64(dim as f64);
+    let eps = T::from_f64(eps);
+    let work = |(x, y): (&[T], &mut [T])| {
+        let mut sum = T::zero();
+        for &v in x {
+            sum = sum + v;
+        }
+        let mean = sum / n;
+        let mut sq = T::zero();
+        for &v in x {
+            let d = v - mean;
+            sq = sq + d * d;
+        }
+        let rstd = T::one() / (sq / n + eps).sqrt();
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v - mean) * rstd;
+        }
+    };
+    if src.len() >= 1 << 15 {
+        use rayon::prelude::*;
+        src.par_chunks(dim)
+            .zip(out.par_chunks_mut(dim))
+            .for_each(work);
+    } else {
+        src.chunks(dim).zip(out.chunks_mut(dim)).for_each(work);
+    }
+    out
+}
+
+impl candle_core::CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "ferrofold-layer-normalize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("layer norm: input not contiguous".into()))?;
+        let dim = layout.dims().last().copied().unwrap_or(1).max(1);
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(normalize_rows(&v[start..end], dim, self.eps)),
+            CpuStorage::F64(v) => CpuStorage::F64(normalize_rows(&v[start..end], dim, self.eps)),
+            _ => candle_core::bail!("layer norm: unsupported dtype"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), rstd recomputed from x.
+        let mean = arg.mean_keepdim(D::Minus1)?;
+        let var = arg.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let g_mean = grad_res.mean_keepdim(D::Minus1)?;
+        let gx_mean = (grad_res * res)?.mean_keepdim(D::Minus1)?;
+        let dx = grad_res
+            .broadcast_sub(&g_mean)?
+            .sub(&res.broadcast_mul(&gx_mean)?)?
+            .broadcast_mul(&rstd)?;
+        Ok(Some(dx))
+    }
+}
+
+/// Fused last-dimension softmax (CPU) with an analytic backward.
+struct SoftmaxLastDim;
+
+fn softmax_rows<T: num_traits_lite::Float>(src: &[T], dim: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    let work = |(x, y): (&[T], &mut [T])| {
+        let mut max = T::neg_infinity();
+        for &v in x {
+            max = max.max(v);
+        }
+        let mut sum = T::zero();
+        for (o, &v) in y.iter_mut().zip(x) {
+            let e = (v - max).exp();
+            *o = e;
+            sum = sum + e;
+        }
+        for o in y.iter_mut() {
+            *o = *o / sum;
+        }
+    };
+    if src.len() >= 1 << 15 {
+        use rayon::prelude::*;
+        src.par_chunks(dim)
+            .zip(out.par_chunks_mut(dim))
+            .for_each(work);
+    } else {
+        src.chunks(dim).zip(out.chunks_mut(dim)).for_each(work);
+    }
+    out
+}
+
+impl candle_core::CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ferrofold-softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: input not contiguous".into()))?;
+        let dim = layout.dims().last().copied().unwrap_or(1).max(1);
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(&v[start..end], dim)),
+            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(&v[start..end], dim)),
+            _ => candle_core::bail!("softmax: unsupported dtype"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // dx = y * (g - Σ_j g_j y_j)  (same formula as PyTorch's softmax backward).
+        let s = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((res * grad_res.broadcast_sub(&s)?)?))
+    }
+}
+
+/// The few float operations the fused CPU kernels need, for f32 and f64.
+mod num_traits_lite {
+    pub trait Float:
+        Copy
+        + Send
+        + Sync
+        + PartialOrd
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+    {
+        fn zero() -> Self;
+        fn one() -> Self;
+        fn from_f64(v: f64) -> Self;
+        fn sqrt(self) -> Self;
+        fn neg_infinity() -> Self;
+        fn exp(self) -> Self;
+        fn max(self, other: Self) -> Self;
+    }
+    macro_rules! impl_float {
+        ($t:ty) => {
+            impl Float for $t {
+                fn zero() -> Self {
+                    0.0
+                }
+                fn one() -> Self {
+                    1.0
+                }
+                fn from_f64(v: f64) -> Self {
+                    v as $t
+                }
+                fn sqrt(self) -> Self {
+                    <$t>::sqrt(self)
+                }
+                fn neg_infinity() -> Self {
+                    <$t>::NEG_INFINITY
+                }
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+                fn max(self, other: Self) -> Self {
+                    <$t>::max(self, other)
+                }
+            }
+        };
+    }
+    impl_float!(f32);
+    impl_float!(f64);
 }
 
 /// Logistic sigmoid with a correct backward (`candle_nn::ops::sigmoid` is a CustomOp with `bwd`).
@@ -266,5 +475,50 @@ mod tests {
                 assert!((fd - gx[r][c]).abs() < 1e-6, "fd {fd} vs {}", gx[r][c]);
             }
         }
+    }
+
+    #[test]
+    fn fused_softmax_matches_composite_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 3.0, (3, 4, 70), &dev).unwrap();
+        // One fully-masked row (every logit offset by -1e9), as in padded attention.
+        let x = x
+            .slice_assign(
+                &[0..1, 0..1, 0..70],
+                &(x.narrow(0, 0, 1).unwrap().narrow(1, 0, 1).unwrap() - 1e9).unwrap(),
+            )
+            .unwrap();
+        let g = Tensor::randn(0f64, 1.0, (3, 4, 70), &dev).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y1 = softmax(xv.as_tensor()).unwrap();
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let y2 = candle_nn::ops::softmax(xv.as_tensor(), D::Minus1).unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(d(&y1, &y2) < 1e-15);
+        let (a, b) = (
+            g1.get(xv.as_tensor()).unwrap(),
+            g2.get(xv.as_tensor()).unwrap(),
+        );
+        assert!(d(a, b) < 1e-14, "{}", d(a, b));
+        // f32 path and a non-contiguous input.
+        let xt = x.to_dtype(DType::F32).unwrap().transpose(1, 2).unwrap();
+        let y = softmax(&xt).unwrap();
+        let want = candle_nn::ops::softmax(&xt, D::Minus1).unwrap();
+        assert!(
+            d(
+                &y.to_dtype(DType::F64).unwrap(),
+                &want.to_dtype(DType::F64).unwrap()
+            ) < 1e-6
+        );
     }
 }
