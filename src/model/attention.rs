@@ -133,6 +133,7 @@ impl GlobalAttention {
     /// `m` `[B, N, c_in]` (already layer-normed), `mask` `[B, N]`; attention over `N`.
     /// Returns `[B, N, c_in]`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &super::primitives::cast(mask, m.dtype())?;
         let (b, n, _) = m.dims3()?;
         let (h, c) = (self.no_heads, self.c_hidden);
         let mask3 = mask.unsqueeze(2)?; // [B, N, 1]

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::{Attention, GlobalAttention};
-use super::primitives::{mask_bias, LayerNorm, Linear, LinearInit};
+use super::primitives::{cast, mask_bias, LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
 /// Algorithm 7: MSA row-wise gated self-attention with pair bias.
@@ -39,6 +39,7 @@ impl MsaRowAttentionWithPairBias {
 
     /// `m` `[S, R, c_m]`, `z` `[R, R, c_z]`, `mask` `[S, R]` → update `[S, R, c_m]`.
     pub fn forward(&self, m: &Tensor, z: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &cast(mask, m.dtype())?;
         let m = self.layer_norm_m.forward(m)?;
         let (s, r) = mask.dims2()?;
         // [S, 1, 1, R]: key j of row s masked.
@@ -80,6 +81,7 @@ impl MsaAttention {
 
     /// `m` `[B, N, c]`, `mask` `[B, N]`: attention over `N` within each `B`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &cast(mask, m.dtype())?;
         let m = self.layer_norm_m.forward(m)?;
         let (b, n) = mask.dims2()?;
         let mb = mask_bias(mask, self.inf)?.reshape((b, 1, 1, n))?;

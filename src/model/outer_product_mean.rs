@@ -38,6 +38,7 @@ impl OuterProductMean {
 
     /// `m` `[S, R, c_m]`, `mask` `[S, R]` → pair update `[R, R, c_z]`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &super::primitives::cast(mask, m.dtype())?;
         let (s, r, _) = m.dims3()?;
         let c = self.c_hidden;
         let ln = self.layer_norm.forward(m)?;

@@ -29,7 +29,10 @@ impl Transition {
         let x = self.layer_norm.forward(x)?;
         let x = self.linear_2.forward(&self.linear_1.forward(&x)?.relu()?)?;
         match mask {
-            Some(mask) => Ok(x.broadcast_mul(&mask.unsqueeze(mask.rank())?)?),
+            Some(mask) => {
+                let mask = super::primitives::cast(mask, x.dtype())?;
+                Ok(x.broadcast_mul(&mask.unsqueeze(mask.rank())?)?)
+            }
             None => Ok(x),
         }
     }

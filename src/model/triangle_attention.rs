@@ -40,6 +40,7 @@ impl TriangleAttention {
 
     /// `x` `[R, R, c]`, `mask` `[R, R]` → update `[R, R, c]`.
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &super::primitives::cast(mask, x.dtype())?;
         if self.starting {
             self.forward_starting(x, mask)
         } else {

@@ -49,6 +49,7 @@ impl TriangleMultiplication {
 
     /// `z` `[R, R, c_z]`, `mask` `[R, R]` → update `[R, R, c_z]`.
     pub fn forward(&self, z: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &super::primitives::cast(mask, z.dtype())?;
         let z = self.layer_norm_in.forward(z)?;
         let mask3 = mask.unsqueeze(2)?; // [R, R, 1]
         let a = sigmoid(&self.linear_a_g.forward(&z)?)?
