@@ -90,6 +90,25 @@ impl Attention {
         let g = sigmoid(&self.linear_g.forward(q_x)?)?;
         self.linear_o.forward(&(o * g)?)
     }
+
+    /// Self-attention of `x` `[B, N, c]` over `N` with key mask `mask` `[B, N]` (converted to the
+    /// bias `inf·(mask − 1)`, added first) followed by `extra_biases` (e.g. the pair bias
+    /// `[1, H, N, N]`).
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        inf: f64,
+        extra_biases: &[&Tensor],
+    ) -> Result<Tensor> {
+        let (b, n) = mask.dims2()?;
+        let mask = super::primitives::cast(mask, x.dtype())?;
+        let mb = super::primitives::mask_bias(&mask, inf)?.reshape((b, 1, 1, n))?; // [B, 1, 1, N]
+        let mut biases: Vec<&Tensor> = Vec::with_capacity(1 + extra_biases.len());
+        biases.push(&mb);
+        biases.extend_from_slice(extra_biases);
+        self.forward(x, x, &biases)
+    }
 }
 
 /// Global gated attention (Algorithm 19, OpenFold `GlobalAttention`): one averaged query per batch

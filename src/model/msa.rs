@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::{Attention, GlobalAttention};
-use super::primitives::{cast, mask_bias, LayerNorm, Linear, LinearInit};
+use super::primitives::{LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
 /// Algorithm 7: MSA row-wise gated self-attention with pair bias.
@@ -39,11 +39,7 @@ impl MsaRowAttentionWithPairBias {
 
     /// `m` `[S, R, c_m]`, `z` `[R, R, c_z]`, `mask` `[S, R]` → update `[S, R, c_m]`.
     pub fn forward(&self, m: &Tensor, z: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let mask = &cast(mask, m.dtype())?;
         let m = self.layer_norm_m.forward(m)?;
-        let (s, r) = mask.dims2()?;
-        // [S, 1, 1, R]: key j of row s masked.
-        let mb = mask_bias(mask, self.inf)?.reshape((s, 1, 1, r))?;
         // [R, R, H] → [1, H, R, R]: bias[h, i, j] shared over sequences.
         let zb = self
             .linear_z
@@ -51,7 +47,8 @@ impl MsaRowAttentionWithPairBias {
             .permute((2, 0, 1))?
             .contiguous()?
             .unsqueeze(0)?;
-        self.mha.forward(&m, &m, &[&mb, &zb])
+        // Mask bias [S, 1, 1, R] first, then the pair bias.
+        self.mha.forward_masked(&m, mask, self.inf, &[&zb])
     }
 }
 
@@ -81,11 +78,8 @@ impl MsaAttention {
 
     /// `m` `[B, N, c]`, `mask` `[B, N]`: attention over `N` within each `B`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let mask = &cast(mask, m.dtype())?;
         let m = self.layer_norm_m.forward(m)?;
-        let (b, n) = mask.dims2()?;
-        let mb = mask_bias(mask, self.inf)?.reshape((b, 1, 1, n))?;
-        self.mha.forward(&m, &m, &[&mb])
+        self.mha.forward_masked(&m, mask, self.inf, &[])
     }
 }
 

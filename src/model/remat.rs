@@ -9,6 +9,21 @@
 //!
 //! Gradients are returned in a candle [`GradStore`] keyed by the parameters' `Var` tensors, which is
 //! what optimisers consume.
+//!
+//! Use in a training step (the stack's inputs may carry the embedders' graph; its outputs are
+//! detached leaves for the downstream graph):
+//!
+//! ```ignore
+//! let (out, tape) = evoformer.forward_train(&m, &z, &msa_mask, &pair_mask,
+//!                                           Some(DropoutCtx::new(step_seed)), cfg.remat)?;
+//! let (mv, zv, sv) = (Var::from_tensor(&out.m)?, Var::from_tensor(&out.z)?, Var::from_tensor(&out.s)?);
+//! let loss = heads_and_losses(mv.as_tensor(), zv.as_tensor(), sv.as_tensor())?;
+//! let mut grads = backward_vars(&loss)?;                 // downstream parameters
+//! let (dm, dz, ds) = (grads.remove(mv.as_tensor()), grads.remove(zv.as_tensor()), grads.remove(sv.as_tensor()));
+//! let trunk = tape.backward(&dm.unwrap(), &dz.unwrap(), &ds.unwrap())?;
+//! grads.extend(trunk.params)?;                           // trunk parameters
+//! // then continue into the embedders with vjp_loss(&[(&m, &trunk.dm), (&z, &trunk.dz)])
+//! ```
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};

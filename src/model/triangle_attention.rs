@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::Attention;
-use super::primitives::{mask_bias, LayerNorm, Linear, LinearInit};
+use super::primitives::{LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
 /// Triangle attention (OpenFold `TriangleAttention`). `starting = true` is Algorithm 13; `false` is
@@ -55,14 +55,13 @@ impl TriangleAttention {
 
     fn forward_starting(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = self.layer_norm.forward(x)?;
-        let (i, j) = mask.dims2()?;
-        let mb = mask_bias(mask, self.inf)?.reshape((i, 1, 1, j))?; // [I, 1, 1, K]
         let tb = self
             .linear
             .forward(&x)? // [J, K, H]
             .permute((2, 0, 1))?
             .contiguous()?
             .unsqueeze(0)?; // [1, H, Q, K]
-        self.mha.forward(&x, &x, &[&mb, &tb])
+                            // Mask bias [I, 1, 1, K] first, then the triangle bias.
+        self.mha.forward_masked(&x, mask, self.inf, &[&tb])
     }
 }
