@@ -416,3 +416,145 @@ fn evo_bf16_activations_with_f32_params() {
     // Loose: candle's CPU reductions (bias gradients) accumulate in bf16 (measured worst 0.27).
     assert!(worst_grad < 0.5, "bf16 grads rel {worst_grad:e}");
 }
+
+/// `BlockConfig` from an OpenFold stack config (JSON object as in `config_resolved`).
+fn block_config_from_json(j: &serde_json::Value) -> BlockConfig {
+    let u = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("{k}")) as usize;
+    let f = |k: &str| j[k].as_f64().unwrap_or_else(|| panic!("{k}"));
+    BlockConfig {
+        c_m: u("c_m"),
+        c_z: u("c_z"),
+        stack: StackConfig {
+            num_blocks: u("no_blocks"),
+            c_hidden_msa_att: u("c_hidden_msa_att"),
+            no_heads_msa: u("no_heads_msa"),
+            c_hidden_opm: u("c_hidden_opm"),
+            c_hidden_mul: u("c_hidden_mul"),
+            c_hidden_pair_att: u("c_hidden_pair_att"),
+            no_heads_pair: u("no_heads_pair"),
+            transition_n: u("transition_n"),
+            msa_dropout: f("msa_dropout"),
+            pair_dropout: f("pair_dropout"),
+        },
+        inf: f("inf"),
+        eps_opm: 1e-3,
+        eps_global: f("eps"),
+    }
+}
+
+/// The full-model fixture's first recycling cycle, up to the trunk outputs it hands on
+/// (`output.recycle.0.m_1_prev` = evoformer `m[0]`, `output.recycle.0.z_prev` = pair), with that
+/// fixture's own dimensions: input embedder → recycling embedder (zero previous state) →
+/// extra-MSA embedder + stack → Evoformer stack. float64, rel ≤ 1e-10.
+#[test]
+fn evo_model_fixture_recycle0_trunk() {
+    use ferrofold::model::embedders::{InputEmbedder, RecyclingEmbedder};
+    use ferrofold::model::primitives::{Linear, LinearInit};
+    let fx = Fixture::named("model", "alphafold_model");
+    let dev = Device::Cpu;
+    let cfg = &fx.meta["config_resolved"]["model"];
+    let vm = varmap_from_tensors(fx.params(DType::F64), DType::F64).unwrap();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+    let evo_cfg = block_config_from_json(&cfg["evoformer_stack"]);
+    let extra_cfg = block_config_from_json(&cfg["extra_msa"]["extra_msa_stack"]);
+    let (c_m, c_z) = (evo_cfg.c_m, evo_cfg.c_z);
+    let c_s = cfg["evoformer_stack"]["c_s"].as_u64().unwrap() as usize;
+    let ie = &cfg["input_embedder"];
+    let input_embedder = InputEmbedder::new(
+        vb.pp("input_embedder"),
+        ie["tf_dim"].as_u64().unwrap() as usize,
+        ie["msa_dim"].as_u64().unwrap() as usize,
+        c_z,
+        c_m,
+        ie["relpos_k"].as_u64().unwrap() as usize,
+    )
+    .unwrap();
+    let re = &cfg["recycling_embedder"];
+    let recycling = RecyclingEmbedder::new(
+        vb.pp("recycling_embedder"),
+        c_m,
+        c_z,
+        re["min_bin"].as_f64().unwrap(),
+        re["max_bin"].as_f64().unwrap(),
+        re["no_bins"].as_u64().unwrap() as usize,
+        re["inf"].as_f64().unwrap(),
+    )
+    .unwrap();
+    let extra_embedder = Linear::new(
+        vb.pp("extra_msa_embedder").pp("linear"),
+        25,
+        extra_cfg.c_m,
+        true,
+        LinearInit::Default,
+    )
+    .unwrap();
+    let extra_stack = ExtraMsaStack::new(vb.pp("extra_msa_stack"), &extra_cfg).unwrap();
+    let evoformer = EvoformerStack::new(vb.pp("evoformer"), &evo_cfg, c_s).unwrap();
+
+    // Cycle 0 features: recycling dimension last.
+    let feat = |k: &str| {
+        let t = fx.get(&format!("input.{k}"));
+        let last = t.rank() - 1;
+        t.narrow(last, 0, 1).unwrap().squeeze(last).unwrap()
+    };
+    let (m, z) = input_embedder
+        .forward(
+            &feat("target_feat"),
+            &feat("residue_index"),
+            &feat("msa_feat"),
+        )
+        .unwrap();
+    let n = z.dims3().unwrap().0;
+    // Zero previous state: m_1_prev [N, c_m], z_prev [N, N, c_z], pseudo-β [N, 3].
+    let (m_upd, z_upd) = recycling
+        .forward(
+            &Tensor::zeros((n, c_m), DType::F64, &dev).unwrap(),
+            &Tensor::zeros((n, n, c_z), DType::F64, &dev).unwrap(),
+            &Tensor::zeros((n, 3), DType::F64, &dev).unwrap(),
+        )
+        .unwrap();
+    let s_msa = m.dims3().unwrap().0;
+    let m0 = (m.i(0).unwrap() + m_upd).unwrap().unsqueeze(0).unwrap();
+    let m = Tensor::cat(&[&m0, &m.i(1..s_msa).unwrap()], 0).unwrap();
+    let z = (z + z_upd).unwrap();
+    let seq_mask = feat("seq_mask");
+    let pair_mask = seq_mask
+        .unsqueeze(1)
+        .unwrap()
+        .broadcast_mul(&seq_mask.unsqueeze(0).unwrap())
+        .unwrap();
+    // Extra MSA features: one-hot(23) | has_deletion | deletion_value.
+    let extra_msa: Vec<Vec<i64>> = feat("extra_msa")
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let (se, r) = (extra_msa.len(), n);
+    let mut onehot = vec![0f64; se * r * 23];
+    for (s, row) in extra_msa.iter().enumerate() {
+        for (i, &a) in row.iter().enumerate() {
+            onehot[(s * r + i) * 23 + a as usize] = 1.0;
+        }
+    }
+    let onehot = Tensor::from_vec(onehot, (se, r, 23), &dev).unwrap();
+    let extra_feat = Tensor::cat(
+        &[
+            &onehot,
+            &feat("extra_has_deletion").unsqueeze(2).unwrap(),
+            &feat("extra_deletion_value").unsqueeze(2).unwrap(),
+        ],
+        2,
+    )
+    .unwrap();
+    let a = extra_embedder.forward(&extra_feat).unwrap();
+    let z = extra_stack
+        .forward(&a, &z, &feat("extra_msa_mask"), &pair_mask, None)
+        .unwrap();
+    let out = evoformer
+        .forward(&m, &z, &feat("msa_mask"), &pair_mask, None)
+        .unwrap();
+    let (rel_m, _) = errors(&out.m.i(0).unwrap(), &fx.get("output.recycle.0.m_1_prev"));
+    let (rel_z, _) = errors(&out.z, &fx.get("output.recycle.0.z_prev"));
+    println!("recycle 0: m_1_prev rel {rel_m:.2e}, z_prev rel {rel_z:.2e}");
+    assert!(rel_m <= 1e-10 && rel_z <= 1e-10, "m {rel_m:e} z {rel_z:e}");
+}
