@@ -133,18 +133,23 @@ impl LayerNorm {
             DType::F32
         };
         let xs = cast(x, stat_dtype)?;
+        let w = cast(&self.weight, stat_dtype)?;
+        let b = cast(&self.bias, stat_dtype)?;
         let y = if xs.device().is_cpu() {
-            // Fused normalisation with an analytic backward: keeps only x and x̂ for backward.
-            xs.contiguous()?.apply_op1(Normalize { eps: self.eps })?
+            // One fused op with an analytic backward: the graph keeps only x (and the output).
+            xs.contiguous()?.apply_op3(
+                &w.contiguous()?,
+                &b.contiguous()?,
+                LayerNormOp { eps: self.eps },
+            )?
         } else {
             let mean = xs.mean_keepdim(D::Minus1)?;
             let xc = xs.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
             xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+                .broadcast_mul(&w)?
+                .broadcast_add(&b)?
         };
-        let y = y
-            .broadcast_mul(&cast(&self.weight, stat_dtype)?)?
-            .broadcast_add(&cast(&self.bias, stat_dtype)?)?;
         cast(&y, dtype)
     }
 }
@@ -162,12 +167,14 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x̂ = (x − mean) / sqrt(var + eps)` over the last dimension (biased variance), fused on CPU.
-struct Normalize {
+/// `y = (x − mean) / sqrt(var + eps) · w + b` over the last dimension (biased variance), fused on
+/// CPU, with an analytic backward for `x`, `w` and `b`.
+struct LayerNormOp {
     eps: f64,
 }
 
-fn normalize_rows<T: num_traits_lite::Float>(src: &[T], dim: usize, eps: f64) -> Vec<T> {
+fn layer_norm_rows<T: num_traits_lite::Float>(src: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let dim = w.len().max(1);
     let mut out = vec![T::zero(); src.len()];
     let n = T::from_f64(dim as f64);
     let eps = T::from_f64(eps);
@@ -183,8 +190,8 @@ fn normalize_rows<T: num_traits_lite::Float>(src: &[T], dim: usize, eps: f64) ->
             sq = sq + d * d;
         }
         let rstd = T::one() / (sq / n + eps).sqrt();
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = (v - mean) * rstd;
+        for (((o, &v), &wi), &bi) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (v - mean) * rstd * wi + bi;
         }
     };
     if src.len() >= 1 << 15 {
@@ -198,46 +205,71 @@ fn normalize_rows<T: num_traits_lite::Float>(src: &[T], dim: usize, eps: f64) ->
     out
 }
 
-impl candle_core::CustomOp1 for Normalize {
+impl candle_core::CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
-        "ferrofold-layer-normalize"
+        "ferrofold-layer-norm"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("layer norm: input not contiguous".into()))?;
-        let dim = layout.dims().last().copied().unwrap_or(1).max(1);
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(normalize_rows(&v[start..end], dim, self.eps)),
-            CpuStorage::F64(v) => CpuStorage::F64(normalize_rows(&v[start..end], dim, self.eps)),
-            _ => candle_core::bail!("layer norm: unsupported dtype"),
+        let off = |l: &candle_core::Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("layer norm: input not contiguous".into()))
         };
-        Ok((out, layout.shape().clone()))
+        let ((a1, e1), (a2, e2), (a3, e3)) = (off(l1)?, off(l2)?, off(l3)?);
+        let dim = l1.dims().last().copied().unwrap_or(1);
+        if e2 - a2 != dim || e3 - a3 != dim {
+            candle_core::bail!("layer norm: weight/bias size != last dim {dim}");
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
+                layer_norm_rows(&x[a1..e1], &w[a2..e2], &b[a3..e3], self.eps),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
+                layer_norm_rows(&x[a1..e1], &w[a2..e2], &b[a3..e3], self.eps),
+            ),
+            _ => candle_core::bail!("layer norm: unsupported or mixed dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        arg: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        // dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), rstd recomputed from x.
-        let mean = arg.mean_keepdim(D::Minus1)?;
-        let var = arg.broadcast_sub(&mean)?.sqr()?.mean_keepdim(D::Minus1)?;
-        let rstd = (var + self.eps)?.sqrt()?.recip()?;
-        let g_mean = grad_res.mean_keepdim(D::Minus1)?;
-        let gx_mean = (grad_res * res)?.mean_keepdim(D::Minus1)?;
-        let dx = grad_res
-            .broadcast_sub(&g_mean)?
-            .sub(&res.broadcast_mul(&gx_mean)?)?
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // x̂ and rstd recomputed from x; with gw = g·w:
+        // dx = rstd · (gw − mean(gw) − x̂ · mean(gw · x̂)), dw = Σ_rows g·x̂, db = Σ_rows g.
+        let c = w.elem_count();
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let gw = g.broadcast_mul(w)?;
+        let gw_mean = gw.mean_keepdim(D::Minus1)?;
+        let gwx_mean = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = gw
+            .broadcast_sub(&gw_mean)?
+            .sub(&xhat.broadcast_mul(&gwx_mean)?)?
             .broadcast_mul(&rstd)?;
-        Ok(Some(dx))
+        let rows = g.elem_count() / c.max(1);
+        let g2 = g.reshape((rows, c))?;
+        let dw = (&g2 * xhat.reshape((rows, c))?)?.sum(0)?;
+        let db = g2.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
