@@ -59,97 +59,42 @@ pub struct Entry {
 const SINGLE: f64 = 1e-5;
 const STACK: f64 = 5e-5;
 
+/// A single module: float32 tolerance 1e-5, no fully-masked rows.
+pub const fn single(class: &'static str, run: RunFn) -> Entry {
+    Entry {
+        class,
+        run,
+        valid_region: None,
+        f32_rel: SINGLE,
+    }
+}
+
+/// A trunk block/stack: float32 tolerance 5e-5; valid region = MSA/pair masks.
+pub const fn trunk(class: &'static str, run: RunFn) -> Entry {
+    Entry {
+        class,
+        run,
+        valid_region: Some(trunk_valid_region),
+        f32_rel: STACK,
+    }
+}
+
 pub const REGISTRY: &[Entry] = &[
-    Entry {
-        class: "MSARowAttentionWithPairBias",
-        run: run_msa_row,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "MSAColumnAttention",
-        run: run_msa_col,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "MSAColumnGlobalAttention",
-        run: run_msa_col_global,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "MSATransition",
-        run: run_msa_transition,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "OuterProductMean",
-        run: run_opm,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "TriangleMultiplicationOutgoing",
-        run: run_tri_mul_out,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "TriangleMultiplicationIncoming",
-        run: run_tri_mul_in,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "TriangleAttentionStartingNode",
-        run: run_tri_att_start,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "TriangleAttentionEndingNode",
-        run: run_tri_att_end,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "PairTransition",
-        run: run_pair_transition,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "EvoformerBlock",
-        run: run_evoformer_block,
-        valid_region: Some(trunk_valid_region),
-        f32_rel: STACK,
-    },
-    Entry {
-        class: "EvoformerStack",
-        run: run_evoformer_stack,
-        valid_region: Some(trunk_valid_region),
-        f32_rel: STACK,
-    },
-    Entry {
-        class: "ExtraMSABlock",
-        run: run_extra_msa_block,
-        valid_region: Some(trunk_valid_region),
-        f32_rel: STACK,
-    },
-    Entry {
-        class: "InputEmbedder",
-        run: run_input_embedder,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
-    Entry {
-        class: "RecyclingEmbedder",
-        run: run_recycling_embedder,
-        valid_region: None,
-        f32_rel: SINGLE,
-    },
+    single("MSARowAttentionWithPairBias", run_msa_row),
+    single("MSAColumnAttention", run_msa_col),
+    single("MSAColumnGlobalAttention", run_msa_col_global),
+    single("MSATransition", run_msa_transition),
+    single("OuterProductMean", run_opm),
+    single("TriangleMultiplicationOutgoing", run_tri_mul_out),
+    single("TriangleMultiplicationIncoming", run_tri_mul_in),
+    single("TriangleAttentionStartingNode", run_tri_att_start),
+    single("TriangleAttentionEndingNode", run_tri_att_end),
+    single("PairTransition", run_pair_transition),
+    trunk("EvoformerBlock", run_evoformer_block),
+    trunk("EvoformerStack", run_evoformer_stack),
+    trunk("ExtraMSABlock", run_extra_msa_block),
+    single("InputEmbedder", run_input_embedder),
+    single("RecyclingEmbedder", run_recycling_embedder),
 ];
 
 /// Implemented on another branch (heads, IPA, structure module): reported and skipped.
