@@ -10,7 +10,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::primitives::{sigmoid, softmax, Linear, LinearInit};
+use super::primitives::{sigmoid, softmax_with_biases, Linear, LinearInit};
 use crate::error::{Error, Result};
 
 /// Gated multi-head attention (OpenFold `Attention`; used by Algorithms 7, 8, 13, 14).
@@ -76,11 +76,8 @@ impl Attention {
         let q = self.split_heads(&q)?; // [B*H, Q, C]
         let k = self.split_heads(&self.linear_k.forward(kv_x)?)?; // [B*H, K, C]
         let v = self.split_heads(&self.linear_v.forward(kv_x)?)?; // [B*H, K, C]
-        let mut a = q.matmul(&k.t()?)?.reshape((b, h, nq, nk))?; // [B, H, Q, K]
-        for bias in biases {
-            a = a.broadcast_add(bias)?;
-        }
-        let a = softmax(&a)?.reshape((b * h, nq, nk))?;
+        let a = q.matmul(&k.t()?)?.reshape((b, h, nq, nk))?; // [B, H, Q, K]
+        let a = softmax_with_biases(&a, biases)?.reshape((b * h, nq, nk))?;
         let o = a.matmul(&v)?; // [B*H, Q, C]
         let o = o
             .reshape((b, h, nq, c))?
@@ -166,8 +163,7 @@ impl GlobalAttention {
         let k = self.linear_k.forward(m)?; // [B, N, C]
         let v = self.linear_v.forward(m)?; // [B, N, C]
         let bias = super::primitives::mask_bias(mask, self.inf)?.unsqueeze(1)?; // [B, 1, N]
-        let a = q.matmul(&k.t()?)?.broadcast_add(&bias)?; // [B, H, N]
-        let a = softmax(&a)?;
+        let a = softmax_with_biases(&q.matmul(&k.t()?)?, &[&bias])?; // [B, H, N]
         let o = a.matmul(&v)?; // [B, H, C]
         let g = sigmoid(&self.linear_g.forward(m)?)?.reshape((b, n, h, c))?; // [B, N, H, C]
         let o = g.broadcast_mul(&o.unsqueeze(1)?)?.reshape((b, n, h * c))?;

@@ -273,6 +273,138 @@ impl candle_core::CustomOp3 for LayerNormOp {
     }
 }
 
+/// `softmax(x + b_1 + b_2 + ...)` over the last dimension, the biases added in the given order
+/// (each broadcastable to `x`). On CPU (f32/f64, at most two biases) one fused op: no broadcast
+/// bias is materialised and neither are the biased logits; the backward gives `x` and every
+/// tracked bias the same `dx = y·(g − Σ g·y)` (candle reduces it to each bias's shape).
+pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.rank() > 0
+        && biases.len() <= 2;
+    if !fused {
+        let mut a = x.clone();
+        for b in biases {
+            a = a.broadcast_add(b)?;
+        }
+        return softmax(&a);
+    }
+    let shape = x.shape().clone();
+    let bias = |i: usize| -> Result<Tensor> {
+        match biases.get(i) {
+            Some(b) => Ok(cast(b, x.dtype())?.broadcast_as(shape.clone())?),
+            None => Ok(Tensor::zeros((), x.dtype(), x.device())?.broadcast_as(shape.clone())?),
+        }
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&bias(0)?, &bias(1)?, BiasedSoftmax)?)
+}
+
+/// Fused `softmax(x + b1 + b2)` (CPU); `b1`, `b2` are strided (possibly zero-stride broadcast)
+/// views of `x`'s shape.
+struct BiasedSoftmax;
+
+/// Offset of row `row` (all dims but the last) in a strided layout.
+fn row_offset(dims: &[usize], strides: &[usize], start: usize, mut row: usize) -> usize {
+    let mut off = start;
+    for d in (0..dims.len().saturating_sub(1)).rev() {
+        let i = row % dims[d];
+        row /= dims[d];
+        off += i * strides[d];
+    }
+    off
+}
+
+fn biased_softmax_rows<T: num_traits_lite::Float>(
+    x: &[T],
+    dims: &[usize],
+    b1: (&[T], &candle_core::Layout),
+    b2: (&[T], &candle_core::Layout),
+) -> Vec<T> {
+    let k = dims.last().copied().unwrap_or(1).max(1);
+    let mut out = vec![T::zero(); x.len()];
+    let (s1, s2) = (b1.1.stride(), b2.1.stride());
+    let (k1, k2) = (s1[s1.len() - 1], s2[s2.len() - 1]);
+    let work = |(row, y): (usize, &mut [T])| {
+        let xr = &x[row * k..(row + 1) * k];
+        let o1 = row_offset(dims, s1, b1.1.start_offset(), row);
+        let o2 = row_offset(dims, s2, b2.1.start_offset(), row);
+        let mut max = T::neg_infinity();
+        for j in 0..k {
+            // (x + b1) + b2: the order OpenFold adds mask bias then pair bias.
+            let v = xr[j] + b1.0[o1 + j * k1] + b2.0[o2 + j * k2];
+            y[j] = v;
+            max = max.max(v);
+        }
+        let mut sum = T::zero();
+        for v in y.iter_mut() {
+            let e = (*v - max).exp();
+            *v = e;
+            sum = sum + e;
+        }
+        for v in y.iter_mut() {
+            *v = *v / sum;
+        }
+    };
+    if x.len() >= 1 << 15 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(k).enumerate().for_each(work);
+    } else {
+        out.chunks_mut(k).enumerate().for_each(work);
+    }
+    out
+}
+
+impl candle_core::CustomOp3 for BiasedSoftmax {
+    fn name(&self) -> &'static str {
+        "ferrofold-biased-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (a, e) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: input not contiguous".into()))?;
+        if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
+            candle_core::bail!("biased softmax: bias shapes differ from the logits");
+        }
+        let dims = l1.dims();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(b1), CpuStorage::F32(b2)) => {
+                CpuStorage::F32(biased_softmax_rows(&x[a..e], dims, (b1, l2), (b2, l3)))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(b1), CpuStorage::F64(b2)) => {
+                CpuStorage::F64(biased_softmax_rows(&x[a..e], dims, (b1, l2), (b2, l3)))
+            }
+            _ => candle_core::bail!("biased softmax: unsupported or mixed dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b1: &Tensor,
+        b2: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = (g * res)?.sum_keepdim(D::Minus1)?;
+        let dx = (res * g.broadcast_sub(&s)?)?;
+        let d1 = b1.track_op().then(|| dx.clone());
+        let d2 = b2.track_op().then(|| dx.clone());
+        Ok((Some(dx), d1, d2))
+    }
+}
+
 /// Fused last-dimension softmax (CPU) with an analytic backward.
 struct SoftmaxLastDim;
 
@@ -549,6 +681,71 @@ mod tests {
         assert!(
             d(
                 &y.to_dtype(DType::F64).unwrap(),
+                &want.to_dtype(DType::F64).unwrap()
+            ) < 1e-6
+        );
+    }
+
+    #[test]
+    fn biased_softmax_matches_composite() {
+        let dev = Device::Cpu;
+        let (b, h, q, k) = (3, 2, 5, 40);
+        let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (b, h, q, k), &dev).unwrap()).unwrap();
+        // Mask bias [B, 1, 1, K] (constant) with one fully-masked batch, pair bias [1, H, Q, K].
+        let mut mask = vec![1f64; b * k];
+        for (i, m) in mask.iter_mut().enumerate() {
+            if i < k || i % 7 == 3 {
+                *m = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, k), &dev).unwrap();
+        let mb = mask_bias(&mask, 1e9).unwrap();
+        let pb = Var::from_tensor(&Tensor::randn(0f64, 1.0, (1, h, q, k), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f64, 1.0, (b, h, q, k), &dev).unwrap();
+        let y1 = softmax_with_biases(x.as_tensor(), &[&mb, pb.as_tensor()]).unwrap();
+        let a = x
+            .as_tensor()
+            .broadcast_add(&mb)
+            .unwrap()
+            .broadcast_add(pb.as_tensor())
+            .unwrap();
+        let y2 = candle_nn::ops::softmax(&a, D::Minus1).unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(d(&y1, &y2) < 1e-15, "{}", d(&y1, &y2));
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &pb] {
+            let (a, b) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert_eq!(a.dims(), v.dims());
+            assert!(d(a, b) < 1e-14, "{}", d(a, b));
+        }
+        // No bias / one bias / f32.
+        let y0 = softmax_with_biases(x.as_tensor(), &[]).unwrap();
+        assert!(d(&y0, &softmax(x.as_tensor()).unwrap()) < 1e-15);
+        let xf = x.as_tensor().to_dtype(DType::F32).unwrap();
+        let yf =
+            softmax_with_biases(&xf, &[&pb.as_tensor().to_dtype(DType::F32).unwrap()]).unwrap();
+        let want = candle_nn::ops::softmax(
+            &xf.broadcast_add(&pb.as_tensor().to_dtype(DType::F32).unwrap())
+                .unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        assert!(
+            d(
+                &yf.to_dtype(DType::F64).unwrap(),
                 &want.to_dtype(DType::F64).unwrap()
             ) < 1e-6
         );
