@@ -71,9 +71,13 @@ impl Attention {
         }
         let h = self.no_heads;
         let c = self.c_hidden;
-        // q is scaled before the dot product (OpenFold divides q, not the logits).
-        let q = (self.linear_q.forward(q_x)? / (c as f64).sqrt())?;
-        let q = self.split_heads(&q)?; // [B*H, Q, C]
+        // q is scaled before the dot product (OpenFold divides q, not the logits); the scale is
+        // folded into the (small) weight, which saves one activation-sized tensor.
+        let scaled_q = Linear {
+            weight: (&self.linear_q.weight / (c as f64).sqrt())?,
+            bias: None,
+        };
+        let q = self.split_heads(&scaled_q.forward(q_x)?)?; // [B*H, Q, C]
         let k = self.split_heads(&self.linear_k.forward(kv_x)?)?; // [B*H, K, C]
         let v = self.split_heads(&self.linear_v.forward(kv_x)?)?; // [B*H, K, C]
         let a = q.matmul(&k.t()?)?.reshape((b, h, nq, nk))?; // [B, H, Q, K]
