@@ -158,7 +158,7 @@ impl GlobalAttention {
         let (h, c) = (self.no_heads, self.c_hidden);
         let mask3 = mask.unsqueeze(2)?; // [B, N, 1]
                                         // Masked mean over N: q = Σ m·mask / (Σ mask + eps).
-        let num = m.broadcast_mul(&mask3)?.sum(1)?; // [B, c_in]
+        let num = super::primitives::mul_const(m, &mask3)?.sum(1)?; // [B, c_in]
         let den = (mask.sum_keepdim(1)? + self.eps)?; // [B, 1]
         let q_avg = num.broadcast_div(&den)?;
         // q is multiplied by c^-1/2 (as in OpenFold's GlobalAttention).

@@ -77,7 +77,7 @@ pub fn dropout_shared(
     let n: usize = shape.iter().product();
     let mask =
         Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?;
-    Ok(x.broadcast_mul(&mask)?)
+    super::primitives::mul_const(x, &mask)
 }
 
 /// Row-wise dropout on `[*, A, B, C]`-style activations: mask shared along the first axis

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::primitives::{LayerNorm, Linear, LinearInit};
+use super::primitives::{mul_const, LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
 /// Algorithm 10 (OpenFold `OuterProductMean`).
@@ -43,9 +43,9 @@ impl OuterProductMean {
         let c = self.c_hidden;
         let ln = self.layer_norm.forward(m)?;
         let mask3 = mask.unsqueeze(2)?; // [S, R, 1]
-        let a = self.linear_1.forward(&ln)?.broadcast_mul(&mask3)?; // [S, R, C]
-        let b = self.linear_2.forward(&ln)?.broadcast_mul(&mask3)?; // [S, R, C]
-                                                                    // outer[i, j, c1, c2] = Σ_s a[s, i, c1] b[s, j, c2] as one (R·C, S) x (S, R·C) matmul.
+        let a = mul_const(&self.linear_1.forward(&ln)?, &mask3)?; // [S, R, C]
+        let b = mul_const(&self.linear_2.forward(&ln)?, &mask3)?; // [S, R, C]
+                                                                  // outer[i, j, c1, c2] = Σ_s a[s, i, c1] b[s, j, c2] as one (R·C, S) x (S, R·C) matmul.
         let a2 = a.reshape((s, r * c))?.t()?; // [R*C, S] (transposed view)
         let b2 = b.reshape((s, r * c))?; // [S, R*C]
         let outer = a2
@@ -57,6 +57,6 @@ impl OuterProductMean {
         let outer = self.linear_out.forward(&outer)?; // bias included before normalisation
                                                       // norm[i, j] = Σ_s mask[s, i] mask[s, j] + eps
         let norm = (mask.t()?.matmul(mask)? + self.eps)?.unsqueeze(2)?; // [R, R, 1]
-        Ok(outer.broadcast_div(&norm)?)
+        mul_const(&outer, &norm.recip()?)
     }
 }

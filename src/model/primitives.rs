@@ -273,6 +273,93 @@ impl candle_core::CustomOp3 for LayerNormOp {
     }
 }
 
+/// `x * c` where `c` is a constant (mask, dropout mask, normaliser, cotangent) broadcastable to
+/// `x`: no gradient is computed for `c`.
+///
+/// candle's `Mul` backward always computes the gradient of both operands; for a constant operand
+/// that is a wasted activation-sized product that, never being consumed, also stays alive (with
+/// the graph it references) until the whole backward pass ends. On CPU (f32/f64) this is a custom
+/// op whose backward is `g * c` only; elsewhere plain `broadcast_mul` on a detached `c`.
+pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let c = cast(&c.detach(), x.dtype())?;
+    if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) || !x.track_op() {
+        return Ok(x.broadcast_mul(&c)?);
+    }
+    let cb = c.broadcast_as(x.shape())?;
+    Ok(x.contiguous()?.apply_op2(&cb, MulConst)?)
+}
+
+/// `x * c` with `c` a strided (possibly zero-stride broadcast) view of `x`'s shape.
+struct MulConst;
+
+fn mul_const_rows<T: num_traits_lite::Float>(
+    x: &[T],
+    dims: &[usize],
+    c: (&[T], &candle_core::Layout),
+) -> Vec<T> {
+    let k = dims.last().copied().unwrap_or(1).max(1);
+    let mut out = vec![T::zero(); x.len()];
+    let st = c.1.stride();
+    let kc = st.last().copied().unwrap_or(0);
+    let work = |(row, y): (usize, &mut [T])| {
+        let xr = &x[row * k..(row + 1) * k];
+        let o = row_offset(dims, st, c.1.start_offset(), row);
+        for j in 0..k {
+            y[j] = xr[j] * c.0[o + j * kc];
+        }
+    };
+    if x.len() >= 1 << 16 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(k).enumerate().for_each(work);
+    } else {
+        out.chunks_mut(k).enumerate().for_each(work);
+    }
+    out
+}
+
+impl candle_core::CustomOp2 for MulConst {
+    fn name(&self) -> &'static str {
+        "ferrofold-mul-const"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (a, e) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("mul_const: input not contiguous".into()))?;
+        if l2.dims() != l1.dims() {
+            candle_core::bail!("mul_const: constant shape differs from the input");
+        }
+        let dims = l1.dims();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(c)) => {
+                CpuStorage::F32(mul_const_rows(&x[a..e], dims, (c, l2)))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c)) => {
+                CpuStorage::F64(mul_const_rows(&x[a..e], dims, (c, l2)))
+            }
+            _ => candle_core::bail!("mul_const: unsupported or mixed dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.mul(c)?), None))
+    }
+}
+
 /// `softmax(x + b_1 + b_2 + ...)` over the last dimension, the biases added in the given order
 /// (each broadcastable to `x`). On CPU (f32/f64, at most two biases) one fused op: no broadcast
 /// bias is materialised and neither are the biased logits; the backward gives `x` and every
@@ -749,5 +836,36 @@ mod tests {
                 &want.to_dtype(DType::F64).unwrap()
             ) < 1e-6
         );
+    }
+
+    #[test]
+    fn mul_const_matches_broadcast_mul_and_skips_constant_grad() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 3, 50), &dev).unwrap()).unwrap();
+        let c = Tensor::randn(0f64, 1.0, (4, 1, 50), &dev).unwrap();
+        let g = Tensor::randn(0f64, 1.0, (4, 3, 50), &dev).unwrap();
+        let y = mul_const(x.as_tensor(), &c).unwrap();
+        let want = x.as_tensor().broadcast_mul(&c).unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert_eq!(d(&y, &want), 0.0);
+        let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = gs.get(x.as_tensor()).unwrap();
+        assert_eq!(d(gx, &g.broadcast_mul(&c).unwrap()), 0.0);
+        // A transposed (non-contiguous) constant.
+        let ct = Tensor::randn(0f64, 1.0, (50, 3, 4), &dev)
+            .unwrap()
+            .permute((2, 1, 0))
+            .unwrap();
+        let y = mul_const(x.as_tensor(), &ct).unwrap();
+        assert_eq!(d(&y, &(x.as_tensor() * &ct).unwrap()), 0.0);
     }
 }

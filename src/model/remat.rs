@@ -51,7 +51,8 @@ pub trait TrunkBlock {
 pub fn vjp_loss(pairs: &[(&Tensor, &Tensor)]) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for (out, g) in pairs {
-        let term = (*out * g.detach())?.sum_all()?;
+        // The cotangent is a constant: no gradient is computed (or kept) for it.
+        let term = super::primitives::mul_const(out, g)?.sum_all()?;
         total = Some(match total {
             None => term,
             Some(t) => (t + term)?,

@@ -31,7 +31,7 @@ impl Transition {
         match mask {
             Some(mask) => {
                 let mask = super::primitives::cast(mask, x.dtype())?;
-                Ok(x.broadcast_mul(&mask.unsqueeze(mask.rank())?)?)
+                super::primitives::mul_const(&x, &mask.unsqueeze(mask.rank())?)
             }
             None => Ok(x),
         }

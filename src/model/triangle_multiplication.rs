@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::primitives::{sigmoid, LayerNorm, Linear, LinearInit};
+use super::primitives::{mul_const, sigmoid, LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
 /// Triangle multiplicative update (OpenFold `TriangleMultiplicativeUpdate`); `outgoing` selects
@@ -52,11 +52,9 @@ impl TriangleMultiplication {
         let mask = &super::primitives::cast(mask, z.dtype())?;
         let z = self.layer_norm_in.forward(z)?;
         let mask3 = mask.unsqueeze(2)?; // [R, R, 1]
-        let a = sigmoid(&self.linear_a_g.forward(&z)?)?
-            .broadcast_mul(&mask3)?
+        let a = mul_const(&sigmoid(&self.linear_a_g.forward(&z)?)?, &mask3)?
             .mul(&self.linear_a_p.forward(&z)?)?; // [R, R, C]
-        let b = sigmoid(&self.linear_b_g.forward(&z)?)?
-            .broadcast_mul(&mask3)?
+        let b = mul_const(&sigmoid(&self.linear_b_g.forward(&z)?)?, &mask3)?
             .mul(&self.linear_b_p.forward(&z)?)?; // [R, R, C]
                                                   // Channel-first batched matmul: [C, I, K] x [C, K, J] → [C, I, J].
         let (a_cik, b_ckj) = if self.outgoing {
