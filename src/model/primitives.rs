@@ -282,7 +282,7 @@ impl candle_core::CustomOp3 for LayerNormOp {
 /// op whose backward is `g * c` only; elsewhere plain `broadcast_mul` on a detached `c`.
 pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let c = cast(&c.detach(), x.dtype())?;
-    if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) || !x.track_op() {
+    if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.track_op()) {
         return Ok(x.broadcast_mul(&c)?);
     }
     let cb = c.broadcast_as(x.shape())?;
