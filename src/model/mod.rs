@@ -9,6 +9,7 @@ pub mod dropout;
 pub mod embedders;
 pub mod evoformer;
 pub mod extra_msa;
+mod fused;
 pub mod heads;
 pub mod ipa;
 pub mod msa;
