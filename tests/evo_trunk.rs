@@ -448,8 +448,7 @@ fn block_config_from_json(j: &serde_json::Value) -> BlockConfig {
 /// extra-MSA embedder + stack → Evoformer stack. float64, rel ≤ 1e-10.
 #[test]
 fn evo_model_fixture_recycle0_trunk() {
-    use ferrofold::model::embedders::{InputEmbedder, RecyclingEmbedder};
-    use ferrofold::model::primitives::{Linear, LinearInit};
+    use ferrofold::model::embedders::{ExtraMsaEmbedder, InputEmbedder, RecyclingEmbedder};
     let fx = Fixture::named("model", "alphafold_model");
     let dev = Device::Cpu;
     let cfg = &fx.meta["config_resolved"]["model"];
@@ -480,12 +479,12 @@ fn evo_model_fixture_recycle0_trunk() {
         re["inf"].as_f64().unwrap(),
     )
     .unwrap();
-    let extra_embedder = Linear::new(
-        vb.pp("extra_msa_embedder").pp("linear"),
-        25,
+    let extra_embedder = ExtraMsaEmbedder::new(
+        vb.pp("extra_msa_embedder"),
+        cfg["extra_msa"]["extra_msa_embedder"]["c_in"]
+            .as_u64()
+            .unwrap() as usize,
         extra_cfg.c_m,
-        true,
-        LinearInit::Default,
     )
     .unwrap();
     let extra_stack = ExtraMsaStack::new(vb.pp("extra_msa_stack"), &extra_cfg).unwrap();
@@ -524,26 +523,11 @@ fn evo_model_fixture_recycle0_trunk() {
         .broadcast_mul(&seq_mask.unsqueeze(0).unwrap())
         .unwrap();
     // Extra MSA features: one-hot(23) | has_deletion | deletion_value.
-    let extra_msa: Vec<Vec<i64>> = feat("extra_msa")
-        .to_dtype(DType::I64)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let (se, r) = (extra_msa.len(), n);
-    let mut onehot = vec![0f64; se * r * 23];
-    for (s, row) in extra_msa.iter().enumerate() {
-        for (i, &a) in row.iter().enumerate() {
-            onehot[(s * r + i) * 23 + a as usize] = 1.0;
-        }
-    }
-    let onehot = Tensor::from_vec(onehot, (se, r, 23), &dev).unwrap();
-    let extra_feat = Tensor::cat(
-        &[
-            &onehot,
-            &feat("extra_has_deletion").unsqueeze(2).unwrap(),
-            &feat("extra_deletion_value").unsqueeze(2).unwrap(),
-        ],
-        2,
+    let extra_feat = ExtraMsaEmbedder::features(
+        &feat("extra_msa"),
+        &feat("extra_has_deletion"),
+        &feat("extra_deletion_value"),
+        DType::F64,
     )
     .unwrap();
     let a = extra_embedder.forward(&extra_feat).unwrap();

@@ -159,3 +159,62 @@ impl RecyclingEmbedder {
         Ok((m_update, (d + z_ln)?))
     }
 }
+
+/// Extra-MSA embedding (Algorithm 2 line 15, OpenFold `ExtraMSAEmbedder`): the extra-MSA feature
+/// `one_hot(extra_msa, 23) | has_deletion | deletion_value` → `linear` → `c_e`.
+#[derive(Debug, Clone)]
+pub struct ExtraMsaEmbedder {
+    pub linear: Linear,
+}
+
+impl ExtraMsaEmbedder {
+    /// Number of restype classes of the extra-MSA one-hot (20 + X + gap + mask).
+    pub const N_CLASSES: usize = 23;
+
+    pub fn new(vb: VarBuilder, c_in: usize, c_e: usize) -> Result<Self> {
+        Ok(Self {
+            linear: Linear::new(vb.pp("linear"), c_in, c_e, true, LinearInit::Default)?,
+        })
+    }
+
+    pub fn from_config(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Self::new(vb, cfg.extra_msa_dim, cfg.c_e)
+    }
+
+    /// `[S, R, 25]` feature in `dtype` from `extra_msa` `[S, R]` (integer classes),
+    /// `has_deletion` and `deletion_value` `[S, R]`.
+    pub fn features(
+        extra_msa: &Tensor,
+        has_deletion: &Tensor,
+        deletion_value: &Tensor,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (s, r) = extra_msa.dims2()?;
+        let classes: Vec<i64> = extra_msa.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        let n = Self::N_CLASSES;
+        let mut v = vec![0f32; s * r * n];
+        for (i, &c) in classes.iter().enumerate() {
+            if c < 0 || c as usize >= n {
+                return Err(Error::Model(format!("extra_msa class {c} outside 0..{n}")));
+            }
+            v[i * n + c as usize] = 1.0;
+        }
+        let dev = has_deletion.device();
+        let onehot = Tensor::from_vec(v, (s, r, n), &candle_core::Device::Cpu)?
+            .to_device(dev)?
+            .to_dtype(dtype)?;
+        Ok(Tensor::cat(
+            &[
+                &onehot,
+                &has_deletion.to_dtype(dtype)?.unsqueeze(2)?,
+                &deletion_value.to_dtype(dtype)?.unsqueeze(2)?,
+            ],
+            2,
+        )?)
+    }
+
+    /// Embed the `[S, R, 25]` feature → `[S, R, c_e]`.
+    pub fn forward(&self, feat: &Tensor) -> Result<Tensor> {
+        self.linear.forward(feat)
+    }
+}
