@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
+use super::fused::{BiasedSoftmax, LayerNormOp, MulConst, SoftmaxLastDim};
 use crate::error::Result;
 
 /// AF2 initialisation schemes (supplement section 1.11.4).
@@ -133,20 +134,92 @@ impl LayerNorm {
             DType::F32
         };
         let xs = cast(x, stat_dtype)?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let xc = xs.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&cast(&self.weight, stat_dtype)?)?
-            .broadcast_add(&cast(&self.bias, stat_dtype)?)?;
+        let w = cast(&self.weight, stat_dtype)?;
+        let b = cast(&self.bias, stat_dtype)?;
+        let y = if xs.device().is_cpu() {
+            // One fused op with an analytic backward: the graph keeps only x (and the output).
+            xs.contiguous()?.apply_op3(
+                &w.contiguous()?,
+                &b.contiguous()?,
+                LayerNormOp { eps: self.eps },
+            )?
+        } else {
+            let mean = xs.mean_keepdim(D::Minus1)?;
+            let xc = xs.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+                .broadcast_mul(&w)?
+                .broadcast_add(&b)?
+        };
         cast(&y, dtype)
     }
 }
 
 /// Softmax over the last dimension, differentiable (never use `softmax_last_dim` in training).
+///
+/// On CPU for f32/f64 this is one fused op with an analytic backward (`dx = y·(g − Σ g·y)`), which
+/// keeps only its output for the backward pass; elsewhere it is candle's composite softmax.
+/// Computed in the activation dtype, as OpenFold does.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
+        Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
+}
+
+/// `x * c` where `c` is a constant (mask, dropout mask, normaliser, cotangent) broadcastable to
+/// `x`: no gradient is computed for `c`.
+///
+/// candle's `Mul` backward always computes the gradient of both operands; for a constant operand
+/// that is a wasted activation-sized product that, never being consumed, also stays alive (with
+/// the graph it references) until the whole backward pass ends. On CPU (f32/f64) this is a custom
+/// op whose backward is `g * c` only; elsewhere plain `broadcast_mul` on a detached `c`.
+pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let c = cast(&c.detach(), x.dtype())?;
+    if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.track_op()) {
+        return Ok(x.broadcast_mul(&c)?);
+    }
+    let cb = c.broadcast_as(x.shape())?;
+    Ok(x.contiguous()?.apply_op2(&cb, MulConst)?)
+}
+
+/// `softmax(x + b_1 + b_2 + ...)` over the last dimension, the biases added in the given order
+/// (each broadcastable to `x`). On CPU (f32/f64, at most two biases) one fused op: no broadcast
+/// bias is materialised and neither are the biased logits; the backward gives `x` and every
+/// tracked bias the same `dx = y·(g − Σ g·y)` (candle reduces it to each bias's shape).
+pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.rank() > 0
+        && biases.len() <= 2;
+    if !fused {
+        let mut a = x.clone();
+        for b in biases {
+            a = a.broadcast_add(b)?;
+        }
+        return softmax(&a);
+    }
+    let shape = x.shape().clone();
+    let bias = |i: usize| -> Result<Tensor> {
+        match biases.get(i) {
+            Some(b) => Ok(cast(b, x.dtype())?.broadcast_as(shape.clone())?),
+            None => Ok(Tensor::zeros((), x.dtype(), x.device())?.broadcast_as(shape.clone())?),
+        }
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&bias(0)?, &bias(1)?, BiasedSoftmax)?)
+}
+
+/// Logistic sigmoid with a correct backward (`candle_nn::ops::sigmoid` is a CustomOp with `bwd`).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(x)?)
+}
+
+/// Additive attention mask bias `inf * (mask - 1)`: 0 where `mask == 1`, `-inf` where `mask == 0`.
+/// Computed as one affine op `mask * inf - inf`, which is exact for 0/1 masks.
+pub fn mask_bias(mask: &Tensor, inf: f64) -> Result<Tensor> {
+    Ok(mask.affine(inf, -inf)?)
 }
 
 /// Cast only when needed (keeps the graph small in the common case).
@@ -255,5 +328,146 @@ mod tests {
                 assert!((fd - gx[r][c]).abs() < 1e-6, "fd {fd} vs {}", gx[r][c]);
             }
         }
+    }
+
+    #[test]
+    fn fused_softmax_matches_composite_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 3.0, (3, 4, 70), &dev).unwrap();
+        // One fully-masked row (every logit offset by -1e9), as in padded attention.
+        let x = x
+            .slice_assign(
+                &[0..1, 0..1, 0..70],
+                &(x.narrow(0, 0, 1).unwrap().narrow(1, 0, 1).unwrap() - 1e9).unwrap(),
+            )
+            .unwrap();
+        let g = Tensor::randn(0f64, 1.0, (3, 4, 70), &dev).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y1 = softmax(xv.as_tensor()).unwrap();
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let y2 = candle_nn::ops::softmax(xv.as_tensor(), D::Minus1).unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(d(&y1, &y2) < 1e-15);
+        let (a, b) = (
+            g1.get(xv.as_tensor()).unwrap(),
+            g2.get(xv.as_tensor()).unwrap(),
+        );
+        assert!(d(a, b) < 1e-14, "{}", d(a, b));
+        // f32 path and a non-contiguous input.
+        let xt = x.to_dtype(DType::F32).unwrap().transpose(1, 2).unwrap();
+        let y = softmax(&xt).unwrap();
+        let want = candle_nn::ops::softmax(&xt, D::Minus1).unwrap();
+        assert!(
+            d(
+                &y.to_dtype(DType::F64).unwrap(),
+                &want.to_dtype(DType::F64).unwrap()
+            ) < 1e-6
+        );
+    }
+
+    #[test]
+    fn biased_softmax_matches_composite() {
+        let dev = Device::Cpu;
+        let (b, h, q, k) = (3, 2, 5, 40);
+        let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (b, h, q, k), &dev).unwrap()).unwrap();
+        // Mask bias [B, 1, 1, K] (constant) with one fully-masked batch, pair bias [1, H, Q, K].
+        let mut mask = vec![1f64; b * k];
+        for (i, m) in mask.iter_mut().enumerate() {
+            if i < k || i % 7 == 3 {
+                *m = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, k), &dev).unwrap();
+        let mb = mask_bias(&mask, 1e9).unwrap();
+        let pb = Var::from_tensor(&Tensor::randn(0f64, 1.0, (1, h, q, k), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f64, 1.0, (b, h, q, k), &dev).unwrap();
+        let y1 = softmax_with_biases(x.as_tensor(), &[&mb, pb.as_tensor()]).unwrap();
+        let a = x
+            .as_tensor()
+            .broadcast_add(&mb)
+            .unwrap()
+            .broadcast_add(pb.as_tensor())
+            .unwrap();
+        let y2 = candle_nn::ops::softmax(&a, D::Minus1).unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(d(&y1, &y2) < 1e-15, "{}", d(&y1, &y2));
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &pb] {
+            let (a, b) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert_eq!(a.dims(), v.dims());
+            assert!(d(a, b) < 1e-14, "{}", d(a, b));
+        }
+        // No bias / one bias / f32.
+        let y0 = softmax_with_biases(x.as_tensor(), &[]).unwrap();
+        assert!(d(&y0, &softmax(x.as_tensor()).unwrap()) < 1e-15);
+        let xf = x.as_tensor().to_dtype(DType::F32).unwrap();
+        let yf =
+            softmax_with_biases(&xf, &[&pb.as_tensor().to_dtype(DType::F32).unwrap()]).unwrap();
+        let want = candle_nn::ops::softmax(
+            &xf.broadcast_add(&pb.as_tensor().to_dtype(DType::F32).unwrap())
+                .unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        assert!(
+            d(
+                &yf.to_dtype(DType::F64).unwrap(),
+                &want.to_dtype(DType::F64).unwrap()
+            ) < 1e-6
+        );
+    }
+
+    #[test]
+    fn mul_const_matches_broadcast_mul_and_skips_constant_grad() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 3, 50), &dev).unwrap()).unwrap();
+        let c = Tensor::randn(0f64, 1.0, (4, 1, 50), &dev).unwrap();
+        let g = Tensor::randn(0f64, 1.0, (4, 3, 50), &dev).unwrap();
+        let y = mul_const(x.as_tensor(), &c).unwrap();
+        let want = x.as_tensor().broadcast_mul(&c).unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert_eq!(d(&y, &want), 0.0);
+        let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = gs.get(x.as_tensor()).unwrap();
+        assert_eq!(d(gx, &g.broadcast_mul(&c).unwrap()), 0.0);
+        // A transposed (non-contiguous) constant.
+        let ct = Tensor::randn(0f64, 1.0, (50, 3, 4), &dev)
+            .unwrap()
+            .permute((2, 1, 0))
+            .unwrap();
+        let y = mul_const(x.as_tensor(), &ct).unwrap();
+        assert_eq!(d(&y, &(x.as_tensor() * &ct).unwrap()), 0.0);
     }
 }
