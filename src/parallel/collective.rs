@@ -7,7 +7,9 @@ use std::sync::Arc;
 use super::comm::ReduceOp;
 use super::ddp::{dap_grad_scale, GradSync};
 use super::groups::ProcessGroups;
-use crate::error::Result;
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
 use crate::train::optim::Grads;
 use crate::train::task::Collective;
 
@@ -62,6 +64,40 @@ impl Collective for GroupCollective {
             grads.insert(name, g);
         }
         Ok(())
+    }
+
+    fn gather_to_root(&self, value: serde_json::Value) -> Result<Option<Vec<serde_json::Value>>> {
+        let world = &self.groups.world;
+        let bytes = serde_json::to_vec(&value).map_err(|e| Error::Train(e.to_string()))?;
+        // Pad every rank's bytes to the longest (bytes travel as exactly representable f32).
+        // Every rank's length: each fills its own slot, a sum gathers them.
+        let mut lens = vec![0.0f64; world.size()];
+        lens[world.rank()] = bytes.len() as f64;
+        let lens = world.all_reduce_host_f64(&lens, ReduceOp::Sum)?;
+        let max = lens.iter().fold(0.0f64, |a, b| a.max(*b)) as usize;
+        let mut buf: Vec<f32> = bytes.iter().map(|b| f32::from(*b)).collect();
+        buf.push(-1.0); // terminator, then padding
+        buf.resize(max + 1, -1.0);
+        let n = buf.len();
+        let t = Tensor::from_vec(buf, (1, n), &Device::Cpu)?;
+        let all = world.all_gather(&t, 0)?;
+        if world.rank() != 0 {
+            return Ok(None);
+        }
+        let rows: Vec<Vec<f32>> = all.to_vec2()?;
+        rows.into_iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let b: Vec<u8> = row
+                    .iter()
+                    .take_while(|x| **x >= 0.0)
+                    .map(|x| *x as u8)
+                    .collect();
+                serde_json::from_slice(&b)
+                    .map_err(|e| Error::Train(format!("rank {r}: bad gathered data state: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     fn any(&self, flag: bool) -> Result<bool> {

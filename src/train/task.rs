@@ -90,6 +90,9 @@ pub trait Collective {
     fn all_reduce_grads(&self, grads: &mut Grads) -> Result<()>;
     /// True on every rank when `flag` is true on any rank (stop requests, non-finite losses).
     fn any(&self, flag: bool) -> Result<bool>;
+    /// Collect one JSON value per rank on rank 0 (`Some`, in rank order; `None` elsewhere). Used
+    /// for per-rank data-loader positions in checkpoints. Collective: every rank calls it.
+    fn gather_to_root(&self, value: serde_json::Value) -> Result<Option<Vec<serde_json::Value>>>;
 }
 
 /// One process, no communication.
@@ -108,5 +111,8 @@ impl Collective for SingleProcess {
     }
     fn any(&self, flag: bool) -> Result<bool> {
         Ok(flag)
+    }
+    fn gather_to_root(&self, value: serde_json::Value) -> Result<Option<Vec<serde_json::Value>>> {
+        Ok(Some(vec![value]))
     }
 }

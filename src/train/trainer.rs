@@ -98,6 +98,31 @@ impl TrainerOptions {
     }
 }
 
+/// Key of the per-rank list of data positions in a multi-rank checkpoint's `data_state`.
+pub const PER_RANK_KEY: &str = "per_rank";
+
+/// This rank's data position from a checkpoint's `data_state` (a per-rank list in multi-rank runs).
+fn rank_data_state<C: Collective>(
+    state: &serde_json::Value,
+    coll: &C,
+) -> Result<serde_json::Value> {
+    match state.get(PER_RANK_KEY).and_then(|v| v.as_array()) {
+        None if coll.world_size() == 1 => Ok(state.clone()),
+        None => Err(Error::Train(format!(
+            "the checkpoint holds one data position, this run has {} ranks (resume with the world \
+             size it was written with)",
+            coll.world_size()
+        ))),
+        Some(list) if list.len() == coll.world_size() => Ok(list[coll.rank()].clone()),
+        Some(list) => Err(Error::Train(format!(
+            "the checkpoint holds data positions for {} ranks, this run has {} (resume with the \
+             world size it was written with)",
+            list.len(),
+            coll.world_size()
+        ))),
+    }
+}
+
 /// How [`Trainer::run`] ended. A checkpoint of the final step exists in every case.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -269,7 +294,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 });
             }
             // All checks passed: apply.
-            task.restore_data_state(&data.meta.data_state)
+            task.restore_data_state(&rank_data_state(&data.meta.data_state, &coll)?)
                 .map_err(|e| Error::Checkpoint {
                     path: dir.join(checkpoint::META_FILE),
                     msg: format!("cannot restore the data position: {e}"),
@@ -646,10 +671,17 @@ impl<T: Task, C: Collective> Trainer<T, C> {
     /// Write a checkpoint of the current step (rank 0; other ranks only record it) and apply the
     /// retention policy. Returns the checkpoint directory on rank 0.
     pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
-        if self.coll.rank() != 0 {
+        // Every rank's sample-source position (data-parallel ranks read different streams).
+        let states = self.coll.gather_to_root(self.task.data_state()?)?;
+        let Some(mut states) = states.filter(|_| self.coll.rank() == 0) else {
             self.last_ckpt_step = Some(self.step);
             return Ok(None);
-        }
+        };
+        let data_state = if states.len() == 1 {
+            states.pop().unwrap_or(serde_json::Value::Null)
+        } else {
+            json!({ PER_RANK_KEY: states })
+        };
         let params = self.task.params();
         let model = params
             .iter()
@@ -669,7 +701,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 config_hash: self.config_hash.clone(),
                 seed: self.cfg.train.seed,
                 rng_scheme: RNG_SCHEME.to_string(),
-                data_state: self.task.data_state()?,
+                data_state,
                 adam_steps: self.adam.steps.clone(),
                 eval,
                 files: BTreeMap::new(),
