@@ -1,0 +1,317 @@
+//! Algorithm 6: the Evoformer block and stack, plus the pair stack shared with the extra-MSA
+//! block (Algorithm 18, see `extra_msa.rs`).
+
+use candle_core::backprop::GradStore;
+use candle_core::{IndexOp, Tensor, Var};
+use candle_nn::VarBuilder;
+
+use super::dropout::{dropout_columnwise, dropout_rowwise, DropoutCtx};
+use super::msa::{MsaColumnAttention, MsaRowAttentionWithPairBias};
+use super::outer_product_mean::OuterProductMean;
+use super::primitives::{Linear, LinearInit};
+use super::remat::{backward_vars, forward_blocks, vjp_loss, BlocksTape, TrunkBlock};
+use super::transition::{MsaTransition, PairTransition};
+use super::triangle_attention::TriangleAttention;
+use super::triangle_multiplication::TriangleMultiplication;
+use crate::config::{ModelConfig, Remat, StackConfig};
+use crate::error::Result;
+
+/// Dimensions of one Evoformer-like block (main Evoformer or extra-MSA stack).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockConfig {
+    /// MSA channels (`c_m`, or `c_e` in the extra-MSA stack).
+    pub c_m: usize,
+    pub c_z: usize,
+    pub stack: StackConfig,
+    /// Mask bias magnitude (`inf * (mask - 1)`), 1e9 in AF2/OpenFold.
+    pub inf: f64,
+    /// Outer-product-mean normaliser epsilon (1e-3).
+    pub eps_opm: f64,
+    /// Global column attention masked-mean epsilon (OpenFold config `eps`, 1e-8).
+    pub eps_global: f64,
+}
+
+impl BlockConfig {
+    /// The main Evoformer stack of `cfg`.
+    pub fn evoformer(cfg: &ModelConfig) -> Self {
+        Self {
+            c_m: cfg.c_m,
+            c_z: cfg.c_z,
+            stack: cfg.evoformer.clone(),
+            inf: cfg.inf,
+            eps_opm: cfg.eps_opm,
+            eps_global: 1e-8,
+        }
+    }
+
+    /// The extra-MSA stack of `cfg` (MSA channels `c_e`).
+    pub fn extra_msa(cfg: &ModelConfig) -> Self {
+        Self {
+            c_m: cfg.c_e,
+            stack: cfg.extra_msa.clone(),
+            ..Self::evoformer(cfg)
+        }
+    }
+}
+
+/// The pair half of Algorithm 6 (lines 6-10), OpenFold `PairStack` (`pair_stack.*`).
+#[derive(Debug, Clone)]
+pub struct PairStack {
+    pub tri_mul_out: TriangleMultiplication,
+    pub tri_mul_in: TriangleMultiplication,
+    pub tri_att_start: TriangleAttention,
+    pub tri_att_end: TriangleAttention,
+    pub pair_transition: PairTransition,
+    pub pair_dropout: f64,
+}
+
+impl PairStack {
+    pub fn new(vb: VarBuilder, cfg: &BlockConfig) -> Result<Self> {
+        let s = &cfg.stack;
+        let (c_z, inf) = (cfg.c_z, cfg.inf);
+        Ok(Self {
+            tri_mul_out: TriangleMultiplication::outgoing(
+                vb.pp("tri_mul_out"),
+                c_z,
+                s.c_hidden_mul,
+            )?,
+            tri_mul_in: TriangleMultiplication::incoming(vb.pp("tri_mul_in"), c_z, s.c_hidden_mul)?,
+            tri_att_start: TriangleAttention::new(
+                vb.pp("tri_att_start"),
+                c_z,
+                s.c_hidden_pair_att,
+                s.no_heads_pair,
+                true,
+                inf,
+            )?,
+            tri_att_end: TriangleAttention::new(
+                vb.pp("tri_att_end"),
+                c_z,
+                s.c_hidden_pair_att,
+                s.no_heads_pair,
+                false,
+                inf,
+            )?,
+            pair_transition: PairTransition::new(vb.pp("pair_transition"), c_z, s.transition_n)?,
+            pair_dropout: s.pair_dropout,
+        })
+    }
+
+    /// `z` `[R, R, c_z]`, `pair_mask` `[R, R]`. Dropout sites use `dropout.fork(1..=4)`.
+    pub fn forward(
+        &self,
+        z: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<Tensor> {
+        let d = |k: u64| dropout.map(|c| c.fork(k));
+        let p = self.pair_dropout;
+        let z = (z + dropout_rowwise(&self.tri_mul_out.forward(z, pair_mask)?, p, d(1).as_ref())?)?;
+        let z =
+            (&z + dropout_rowwise(&self.tri_mul_in.forward(&z, pair_mask)?, p, d(2).as_ref())?)?;
+        let z = (&z
+            + dropout_rowwise(
+                &self.tri_att_start.forward(&z, pair_mask)?,
+                p,
+                d(3).as_ref(),
+            )?)?;
+        // Ending node: row-wise dropout in the transposed frame = column-wise here.
+        let z = (&z
+            + dropout_columnwise(&self.tri_att_end.forward(&z, pair_mask)?, p, d(4).as_ref())?)?;
+        // `_mask_trans = False` (OpenFold model default): the pair transition is unmasked.
+        Ok((&z + self.pair_transition.forward(&z, None)?)?)
+    }
+}
+
+/// Algorithm 6: one Evoformer block.
+#[derive(Debug, Clone)]
+pub struct EvoformerBlock {
+    pub msa_att_row: MsaRowAttentionWithPairBias,
+    pub msa_att_col: MsaColumnAttention,
+    pub msa_transition: MsaTransition,
+    pub outer_product_mean: OuterProductMean,
+    pub pair_stack: PairStack,
+    pub msa_dropout: f64,
+}
+
+impl EvoformerBlock {
+    pub fn new(vb: VarBuilder, cfg: &BlockConfig) -> Result<Self> {
+        let s = &cfg.stack;
+        Ok(Self {
+            msa_att_row: MsaRowAttentionWithPairBias::new(
+                vb.pp("msa_att_row"),
+                cfg.c_m,
+                cfg.c_z,
+                s.c_hidden_msa_att,
+                s.no_heads_msa,
+                cfg.inf,
+            )?,
+            msa_att_col: MsaColumnAttention::new(
+                vb.pp("msa_att_col"),
+                cfg.c_m,
+                s.c_hidden_msa_att,
+                s.no_heads_msa,
+                cfg.inf,
+            )?,
+            msa_transition: MsaTransition::new(vb.pp("msa_transition"), cfg.c_m, s.transition_n)?,
+            outer_product_mean: OuterProductMean::new(
+                vb.pp("outer_product_mean"),
+                cfg.c_m,
+                cfg.c_z,
+                s.c_hidden_opm,
+                cfg.eps_opm,
+            )?,
+            pair_stack: PairStack::new(vb.pp("pair_stack"), cfg)?,
+            msa_dropout: s.msa_dropout,
+        })
+    }
+
+    /// `m` `[S, R, c_m]`, `z` `[R, R, c_z]`, `msa_mask` `[S, R]`, `pair_mask` `[R, R]` → updated
+    /// `(m, z)` (full activations, residuals included).
+    pub fn forward(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor)> {
+        let d0 = dropout.map(|c| c.fork(0));
+        let row = self.msa_att_row.forward(m, z, msa_mask)?;
+        let m = (m + dropout_rowwise(&row, self.msa_dropout, d0.as_ref())?)?;
+        let m = (&m + self.msa_att_col.forward(&m, msa_mask)?)?;
+        // `_mask_trans = False`: the MSA transition is unmasked.
+        let m = (&m + self.msa_transition.forward(&m, None)?)?;
+        let z = (z + self.outer_product_mean.forward(&m, msa_mask)?)?;
+        let z = self.pair_stack.forward(&z, pair_mask, dropout)?;
+        Ok((m, z))
+    }
+}
+
+impl TrunkBlock for EvoformerBlock {
+    fn forward_block(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor)> {
+        self.forward(m, z, msa_mask, pair_mask, dropout)
+    }
+}
+
+/// Outputs of the Evoformer stack.
+#[derive(Debug, Clone)]
+pub struct EvoformerOutput {
+    /// `[S, R, c_m]`
+    pub m: Tensor,
+    /// `[R, R, c_z]`
+    pub z: Tensor,
+    /// Single representation `[R, c_s]` = `linear(m[0])`.
+    pub s: Tensor,
+}
+
+/// Gradients produced by a trunk tape's backward pass.
+pub struct TrunkGrads {
+    /// Parameter gradients, keyed by the parameters' `Var` tensors.
+    pub params: GradStore,
+    /// Gradient w.r.t. the MSA input of the stack.
+    pub dm: Tensor,
+    /// Gradient w.r.t. the pair input of the stack.
+    pub dz: Tensor,
+}
+
+/// The Evoformer stack (Algorithm 2 lines 17-19): `no_blocks` blocks, then the single projection.
+#[derive(Debug, Clone)]
+pub struct EvoformerStack {
+    pub blocks: Vec<EvoformerBlock>,
+    /// c_m → c_s, applied to the first MSA row.
+    pub linear: Linear,
+}
+
+impl EvoformerStack {
+    pub fn new(vb: VarBuilder, cfg: &BlockConfig, c_s: usize) -> Result<Self> {
+        let blocks = (0..cfg.stack.num_blocks)
+            .map(|i| EvoformerBlock::new(vb.pp("blocks").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let linear = Linear::new(vb.pp("linear"), cfg.c_m, c_s, true, LinearInit::Default)?;
+        Ok(Self { blocks, linear })
+    }
+
+    /// Plain forward (one graph; for inference or small models). Block `i` uses
+    /// `dropout.fork(i)`.
+    pub fn forward(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<EvoformerOutput> {
+        let (mut m, mut z) = (m.clone(), z.clone());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let d = dropout.map(|c| c.fork(i as u64));
+            (m, z) = b.forward(&m, &z, msa_mask, pair_mask, d.as_ref())?;
+        }
+        let s = self.single(&m)?;
+        Ok(EvoformerOutput { m, z, s })
+    }
+
+    /// `s = linear(m[0])`.
+    pub fn single(&self, m: &Tensor) -> Result<Tensor> {
+        self.linear.forward(&m.i(0)?)
+    }
+
+    /// Training forward with activation recomputation policy `remat`. The returned outputs are
+    /// detached; pass their upstream gradients to [`EvoformerTape::backward`].
+    pub fn forward_train(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<DropoutCtx>,
+        remat: Remat,
+    ) -> Result<(EvoformerOutput, EvoformerTape<'_>)> {
+        let (m_out, z_out, blocks) =
+            forward_blocks(&self.blocks, m, z, msa_mask, pair_mask, dropout, remat)?;
+        let s = self.single(&m_out)?.detach();
+        let out = EvoformerOutput {
+            m: m_out.clone(),
+            z: z_out,
+            s,
+        };
+        Ok((
+            out,
+            EvoformerTape {
+                stack: self,
+                m_out,
+                blocks,
+            },
+        ))
+    }
+}
+
+/// Backward handle of [`EvoformerStack::forward_train`].
+pub struct EvoformerTape<'a> {
+    stack: &'a EvoformerStack,
+    m_out: Tensor,
+    blocks: BlocksTape<'a, EvoformerBlock>,
+}
+
+impl EvoformerTape<'_> {
+    /// Upstream gradients of `m`, `z`, `s` → parameter gradients and input gradients.
+    pub fn backward(self, dm: &Tensor, dz: &Tensor, ds: &Tensor) -> Result<TrunkGrads> {
+        // The single projection on a fresh graph from the final MSA.
+        let m_fin = Var::from_tensor(&self.m_out)?;
+        let s = self.stack.single(m_fin.as_tensor())?;
+        let mut params = backward_vars(&vjp_loss(&[(&s, ds)])?)?;
+        let dm_total = match params.remove(m_fin.as_tensor()) {
+            Some(g) => (dm.detach() + g)?,
+            None => dm.detach(),
+        };
+        let (dm, dz) = self.blocks.backward(&dm_total, dz, &mut params)?;
+        Ok(TrunkGrads { params, dm, dz })
+    }
+}

@@ -1,0 +1,67 @@
+//! Algorithms 13 and 14: triangle self-attention around the starting / ending node.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::attention::Attention;
+use super::primitives::{LayerNorm, Linear, LinearInit};
+use crate::error::Result;
+
+/// Triangle attention (OpenFold `TriangleAttention`). `starting = true` is Algorithm 13; `false` is
+/// Algorithm 14, computed as the starting-node math on the transposed pair (and mask), transposed
+/// back.
+#[derive(Debug, Clone)]
+pub struct TriangleAttention {
+    pub layer_norm: LayerNorm,
+    /// Triangle bias projection c_z → H (no bias).
+    pub linear: Linear,
+    pub mha: Attention,
+    pub inf: f64,
+    pub starting: bool,
+}
+
+impl TriangleAttention {
+    pub fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_hidden: usize,
+        no_heads: usize,
+        starting: bool,
+        inf: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            layer_norm: LayerNorm::new(vb.pp("layer_norm"), c_in)?,
+            linear: Linear::new(vb.pp("linear"), c_in, no_heads, false, LinearInit::Default)?,
+            mha: Attention::new(vb.pp("mha"), c_in, c_in, c_hidden, no_heads)?,
+            inf,
+            starting,
+        })
+    }
+
+    /// `x` `[R, R, c]`, `mask` `[R, R]` → update `[R, R, c]`.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mask = &super::primitives::cast(mask, x.dtype())?;
+        if self.starting {
+            self.forward_starting(x, mask)
+        } else {
+            let xt = x.transpose(0, 1)?.contiguous()?;
+            let mt = mask.t()?.contiguous()?;
+            Ok(self
+                .forward_starting(&xt, &mt)?
+                .transpose(0, 1)?
+                .contiguous()?)
+        }
+    }
+
+    fn forward_starting(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = self.layer_norm.forward(x)?;
+        let tb = self
+            .linear
+            .forward(&x)? // [J, K, H]
+            .permute((2, 0, 1))?
+            .contiguous()?
+            .unsqueeze(0)?; // [1, H, Q, K]
+                            // Mask bias [I, 1, 1, K] first, then the triangle bias.
+        self.mha.forward_masked(&x, mask, self.inf, &[&tb])
+    }
+}
