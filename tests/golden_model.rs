@@ -96,10 +96,7 @@ fn golden(dtype: DType, remat: Remat, rel: f64, zero_abs: f64) {
     }
     // Gradients: exactly the stored parameter set.
     let zero = structurally_zero(&fx);
-    let stored: BTreeSet<String> = fx
-        .names_with_prefix("grad.param.")
-        .into_iter()
-        .collect();
+    let stored: BTreeSet<String> = fx.names_with_prefix("grad.param.").into_iter().collect();
     let ours: BTreeSet<String> = res.grads.keys().cloned().collect();
     assert_eq!(stored, ours, "{tag}: gradient names differ");
     assert_eq!(ours.len(), 358);
@@ -110,10 +107,13 @@ fn golden(dtype: DType, remat: Remat, rel: f64, zero_abs: f64) {
     }
     worst.sort_by(|a, b| b.1.total_cmp(&a.1));
     let fwd = worst.iter().find(|(n, _)| !n.starts_with("grad."));
-    let grad = worst
-        .iter()
-        .find(|(n, _)| n.starts_with("grad.") && !zero.contains(&format!("grad.param.{}", &n[5..])));
-    println!("{tag} worst output: {fwd:?}; worst non-zero grad: {grad:?}; checked {}", report.checked);
+    let grad = worst.iter().find(|(n, _)| {
+        n.starts_with("grad.") && !zero.contains(&format!("grad.param.{}", &n[5..]))
+    });
+    println!(
+        "{tag} worst output: {fwd:?}; worst non-zero grad: {grad:?}; checked {}",
+        report.checked
+    );
     report.assert_ok(&tag);
 }
 

@@ -329,7 +329,10 @@ impl AlphaFold {
     /// Zero carried state for cycle 0: `m_1_prev [N, c_m]`, `z_prev [N, N, c_z]`,
     /// `x_prev [N, 37, 3]`.
     fn zero_state(&self, n: usize) -> Result<RecycleState> {
-        let (dt, dev) = (self.param_dtype(), self.input_embedder.linear_tf_m.weight.device());
+        let (dt, dev) = (
+            self.param_dtype(),
+            self.input_embedder.linear_tf_m.weight.device(),
+        );
         Ok(RecycleState {
             m_1_prev: Tensor::zeros((n, self.cfg.c_m), dt, dev)?,
             z_prev: Tensor::zeros((n, n, self.cfg.c_z), dt, dev)?,
@@ -396,7 +399,9 @@ impl AlphaFold {
             .extra_msa_embedder
             .forward(&Self::extra_msa_feat(f, pdt)?)?; // [S_e, N, c_e]
         let seq_mask = cast(&f.seq_mask, pdt)?;
-        let pair_mask = seq_mask.unsqueeze(1)?.broadcast_mul(&seq_mask.unsqueeze(0)?)?;
+        let pair_mask = seq_mask
+            .unsqueeze(1)?
+            .broadcast_mul(&seq_mask.unsqueeze(0)?)?;
         Ok(Embedded {
             m: cast(&m, tdt)?,
             z: cast(&z, tdt)?,
