@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use candle_core::{DType, Tensor};
 use common::golden::{Fixture, Report};
 use ferrofold::config::Remat;
+use ferrofold::train::optim::params_from_varmap;
 use model_support::{batch, build, loss_batch, loss_fn, tables};
 
 fn structurally_zero(fx: &Fixture) -> BTreeSet<String> {
@@ -28,7 +29,13 @@ fn golden(dtype: DType, remat: Remat, rel: f64, zero_abs: f64) {
     let n_rec = b.cycles.len() - 1;
     let t0 = std::time::Instant::now();
     let res = model
-        .loss_and_grads(&vm, &b, n_rec, None, loss_fn(&lb, &t))
+        .loss_and_grads(
+            &params_from_varmap(&vm).unwrap(),
+            &b,
+            n_rec,
+            None,
+            loss_fn(&lb, &t),
+        )
         .unwrap();
     println!(
         "[{dtype:?} {remat:?}] forward+loss+backward: {:.3} s",

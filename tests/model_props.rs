@@ -13,6 +13,7 @@ use ferrofold::config::{LossConfig, Precision, Remat};
 use ferrofold::loss::alphafold_loss;
 use ferrofold::model::alphafold::grads_by_name;
 use ferrofold::model::dropout::DropoutCtx;
+use ferrofold::train::optim::params_from_varmap;
 use model_support::{batch, build, loss_batch, loss_fn, tables};
 
 fn fixture() -> Fixture {
@@ -46,7 +47,13 @@ fn model_plain_backward_equals_remat_tapes() {
     for remat in [Remat::None, Remat::Block] {
         let (vm, model) = build(&fx, DType::F64, remat);
         let res = model
-            .loss_and_grads(&vm, &b, n, None, loss_fn(&lb, &t))
+            .loss_and_grads(
+                &params_from_varmap(&vm).unwrap(),
+                &b,
+                n,
+                None,
+                loss_fn(&lb, &t),
+            )
             .unwrap();
         assert_eq!(res.loss, plain_loss, "{remat:?}: loss differs");
         let d = max_diff(&res.grads, &plain);
@@ -69,7 +76,13 @@ fn model_every_parameter_gets_finite_gradient() {
     let t = tables();
     let (vm, model) = build(&fx, DType::F32, Remat::Block);
     let res = model
-        .loss_and_grads(&vm, &b, 1, None, loss_fn(&lb, &t))
+        .loss_and_grads(
+            &params_from_varmap(&vm).unwrap(),
+            &b,
+            1,
+            None,
+            loss_fn(&lb, &t),
+        )
         .unwrap();
     assert_eq!(res.grads.len(), 358);
     for (k, g) in &res.grads {
@@ -117,7 +130,13 @@ fn model_dropout_deterministic() {
     let run = |remat: Remat, seed: u64| {
         let (vm, model) = build(&fx, DType::F64, remat);
         model
-            .loss_and_grads(&vm, &b, 1, Some(DropoutCtx::new(seed)), loss_fn(&lb, &t))
+            .loss_and_grads(
+                &params_from_varmap(&vm).unwrap(),
+                &b,
+                1,
+                Some(DropoutCtx::new(seed)),
+                loss_fn(&lb, &t),
+            )
             .unwrap()
     };
     let a = run(Remat::Block, 7);
@@ -142,7 +161,13 @@ fn model_bf16_trunk_smoke() {
     let (vm, mut model) = build(&fx, DType::F32, Remat::Block);
     model.set_precision(Precision::Bf16);
     let res = model
-        .loss_and_grads(&vm, &b, 1, None, loss_fn(&lb, &t))
+        .loss_and_grads(
+            &params_from_varmap(&vm).unwrap(),
+            &b,
+            1,
+            None,
+            loss_fn(&lb, &t),
+        )
         .unwrap();
     let want = fx.get("output.loss").to_scalar::<f64>().unwrap();
     println!("bf16 loss {} vs f64 golden {want}", res.loss);
@@ -199,7 +224,13 @@ fn model_fixture_timing() {
                 fwd.push(t0.elapsed().as_secs_f64());
                 let t0 = std::time::Instant::now();
                 let _ = model
-                    .loss_and_grads(&vm, &b, 1, None, loss_fn(&lb, &t))
+                    .loss_and_grads(
+                        &params_from_varmap(&vm).unwrap(),
+                        &b,
+                        1,
+                        None,
+                        loss_fn(&lb, &t),
+                    )
                     .unwrap();
                 all.push(t0.elapsed().as_secs_f64());
             }

@@ -570,11 +570,12 @@ impl AlphaFold {
 
     /// Forward + loss + backward with the stacks of the last cycle run through remat tapes
     /// (`self.cfg.remat`). `loss_fn` maps the outputs to a scalar loss tensor (f32/f64) plus any
-    /// auxiliary value. `vm` must be the `VarMap` the model was built from: the gradients of all
-    /// its variables are returned by name.
+    /// auxiliary value. `params` are the model's variables by name (e.g.
+    /// [`crate::train::optim::params_from_varmap`] of the `VarMap` it was built from, what
+    /// `Task::params` returns): the gradients of all of them are returned by name.
     pub fn loss_and_grads<T>(
         &self,
-        vm: &VarMap,
+        params: &BTreeMap<String, Var>,
         batch: &AfBatch,
         num_recycles: usize,
         dropout: Option<DropoutCtx>,
@@ -650,7 +651,7 @@ impl AlphaFold {
         Ok(LossAndGrads {
             loss: loss_value,
             aux,
-            grads: grads_by_name(vm, &grads)?,
+            grads: named_grads(params, &grads)?,
             output,
         })
     }
@@ -666,14 +667,22 @@ fn prev_detached(p: &RecycleState) -> RecycleState {
 
 /// Gradients of every variable of `vm` by name (sorted), zeros where `store` has none.
 pub fn grads_by_name(vm: &VarMap, store: &GradStore) -> Result<BTreeMap<String, Tensor>> {
-    sorted_vars(vm)
-        .into_iter()
+    named_grads(&sorted_vars(vm).into_iter().collect(), store)
+}
+
+/// Gradients of every variable of `params` by name, zeros where `store` has none.
+pub fn named_grads(
+    params: &BTreeMap<String, Var>,
+    store: &GradStore,
+) -> Result<BTreeMap<String, Tensor>> {
+    params
+        .iter()
         .map(|(k, v)| {
             let g = match store.get(v.as_tensor()) {
                 Some(g) => g.clone(),
                 None => v.as_tensor().zeros_like()?,
             };
-            Ok((k, g))
+            Ok((k.clone(), g))
         })
         .collect()
 }
