@@ -246,3 +246,30 @@ fn model_fixture_timing() {
         }
     }
 }
+
+/// A fresh model (own initialisation) creates exactly OpenFold's 358 parameter names with the
+/// fixture's shapes.
+#[test]
+fn model_fresh_init_has_openfold_names_and_shapes() {
+    use candle_nn::{VarBuilder, VarMap};
+    use ferrofold::model::alphafold::AlphaFold;
+    let fx = fixture();
+    let vm = VarMap::new();
+    let _model = AlphaFold::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &candle_core::Device::Cpu),
+        &model_support::model_config(&fx, Remat::Block),
+    )
+    .unwrap();
+    let ours: BTreeMap<String, Vec<usize>> = params_from_varmap(&vm)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.dims().to_vec()))
+        .collect();
+    let want: BTreeMap<String, Vec<usize>> = fx
+        .params(DType::F32)
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect();
+    assert_eq!(ours.len(), 358);
+    assert_eq!(ours, want);
+}

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, IndexOp, Tensor, Var, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::dropout::DropoutCtx;
@@ -107,6 +107,25 @@ impl AfFeatures {
             extra_msa_mask: get("extra_msa_mask")?,
             residx_atom37_to_atom14: get("residx_atom37_to_atom14")?,
             atom37_atom_exists: get("atom37_atom_exists")?,
+        })
+    }
+
+    /// Every feature on `device` (no copy where it is already there).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let d = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+        Ok(Self {
+            target_feat: d(&self.target_feat)?,
+            residue_index: d(&self.residue_index)?,
+            msa_feat: d(&self.msa_feat)?,
+            msa_mask: d(&self.msa_mask)?,
+            seq_mask: d(&self.seq_mask)?,
+            aatype: d(&self.aatype)?,
+            extra_msa: d(&self.extra_msa)?,
+            extra_has_deletion: d(&self.extra_has_deletion)?,
+            extra_deletion_value: d(&self.extra_deletion_value)?,
+            extra_msa_mask: d(&self.extra_msa_mask)?,
+            residx_atom37_to_atom14: d(&self.residx_atom37_to_atom14)?,
+            atom37_atom_exists: d(&self.atom37_atom_exists)?,
         })
     }
 }
@@ -322,6 +341,11 @@ impl AlphaFold {
         self.input_embedder.linear_tf_m.weight.dtype()
     }
 
+    /// The parameters' device (features are moved there).
+    pub fn device(&self) -> Device {
+        self.input_embedder.linear_tf_m.weight.device().clone()
+    }
+
     fn trunk_dtype(&self) -> DType {
         self.trunk_dtype.unwrap_or_else(|| self.param_dtype())
     }
@@ -491,6 +515,7 @@ impl AlphaFold {
         let mut states = Vec::with_capacity(num_recycles);
         let mut prev = self.zero_state(n)?;
         for (c, f) in batch.cycles.iter().take(num_recycles).enumerate() {
+            let f = &f.to_device(&self.device())?;
             prev = self.no_grad_cycle(f, &prev, dropout.map(|d| d.fork(100 + c as u64)))?;
             states.push(prev.clone());
         }
@@ -541,7 +566,7 @@ impl AlphaFold {
         dropout: Option<DropoutCtx>,
     ) -> Result<AlphaFoldOutput> {
         let recycled = self.recycle(batch, num_recycles, dropout)?;
-        let f = &batch.cycles[num_recycles];
+        let f = &batch.cycles[num_recycles].to_device(&self.device())?;
         let prev = match recycled.last() {
             Some(p) => p.clone(),
             None => self.zero_state(f.aatype.dim(0)?)?,
@@ -583,7 +608,7 @@ impl AlphaFold {
     ) -> Result<LossAndGrads<T>> {
         let remat = self.cfg.remat;
         let recycled = self.recycle(batch, num_recycles, dropout)?;
-        let f = &batch.cycles[num_recycles];
+        let f = &batch.cycles[num_recycles].to_device(&self.device())?;
         let prev = match recycled.last() {
             Some(p) => p.clone(),
             None => self.zero_state(f.aatype.dim(0)?)?,
@@ -685,4 +710,59 @@ pub fn named_grads(
             Ok((k.clone(), g))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudo_beta_is_cb_or_ca_for_glycine() {
+        let dev = Device::Cpu;
+        // 3 residues: ALA (0), GLY (7), TRP (17); atom37 coordinates = atom index + residue offset.
+        let x: Vec<f64> = (0..3)
+            .flat_map(|r| (0..37).flat_map(move |a| [a as f64, 10.0 * r as f64, -1.0]))
+            .collect();
+        let x = Tensor::from_vec(x, (3, 37, 3), &dev).unwrap();
+        let aatype = Tensor::new(&[0i64, 7, 17], &dev).unwrap();
+        let pb: Vec<Vec<f64>> = AlphaFold::pseudo_beta(&aatype, &x)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(pb[0], vec![3.0, 0.0, -1.0]);
+        assert_eq!(pb[1], vec![1.0, 10.0, -1.0]);
+        assert_eq!(pb[2], vec![3.0, 20.0, -1.0]);
+    }
+
+    #[test]
+    fn extra_msa_features_one_hot_and_deletions() {
+        let dev = Device::Cpu;
+        let z = |v: &[f64]| Tensor::from_vec(v.to_vec(), (1, v.len()), &dev).unwrap();
+        let f = AfFeatures {
+            target_feat: z(&[0.0]),
+            residue_index: z(&[0.0]),
+            msa_feat: z(&[0.0]),
+            msa_mask: z(&[0.0]),
+            seq_mask: z(&[0.0]),
+            aatype: z(&[0.0]),
+            extra_msa: Tensor::new(&[[0i64, 22]], &dev).unwrap(),
+            extra_has_deletion: z(&[1.0, 0.0]),
+            extra_deletion_value: z(&[0.5, 0.25]),
+            extra_msa_mask: z(&[1.0, 1.0]),
+            residx_atom37_to_atom14: z(&[0.0]),
+            atom37_atom_exists: z(&[0.0]),
+        };
+        let t: Vec<Vec<Vec<f64>>> = AlphaFold::extra_msa_feat(&f, DType::F64)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        let mut want0 = vec![0.0; 25];
+        want0[0] = 1.0;
+        want0[23] = 1.0;
+        want0[24] = 0.5;
+        let mut want1 = vec![0.0; 25];
+        want1[22] = 1.0;
+        want1[24] = 0.25;
+        assert_eq!(t[0], vec![want0, want1]);
+    }
 }
