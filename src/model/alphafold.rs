@@ -559,6 +559,10 @@ impl AlphaFold {
     /// Forward over `num_recycles + 1` cycles (`batch.cycles[0..=num_recycles]`); the last cycle's
     /// graph is kept whole, so `loss.backward()` gives every parameter gradient. `dropout`:
     /// `None` = eval (no dropout).
+    ///
+    /// The loss must read the label features of the cycle that ran last
+    /// (`batch.cycles[num_recycles]`, OpenFold's `batch_last`): `true_msa`/`bert_mask` differ
+    /// between cycles.
     pub fn forward(
         &self,
         batch: &AfBatch,
