@@ -4,6 +4,7 @@
 //! Trunk activations are unbatched: MSA `[S, R, c_m]`, pair `[R, R, c_z]`, masks `[S, R]` /
 //! `[R, R]` (one sample per rank; data parallelism happens across ranks).
 
+pub mod alphafold;
 pub mod attention;
 pub mod dropout;
 pub mod embedders;
