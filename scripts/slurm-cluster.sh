@@ -9,6 +9,9 @@
 #                                         (never by name: other clusters may run beside it); idempotent
 #   scripts/slurm-cluster.sh status DIR   print which daemons run and `sinfo`; exit 1 if not all run
 #
+# FERROFOLD_SLURM_OWNER=PID (start): also start a watcher that stops the cluster once process PID is
+# gone, so a test killed hard (no destructors run) leaves no daemons behind.
+#
 # Then point the clients at it:  export SLURM_CONF=DIR/slurm.conf  (or `source DIR/env.sh`).
 #
 # Several clusters can run side by side (e.g. parallel test runs): each has its own munged (socket
@@ -29,7 +32,13 @@ alive() { # alive PIDFILE: the pid in the file names a running process
   local pid
   [ -s "$1" ] || return 1
   pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+  [[ $pid =~ ^[0-9]+$ ]] && running "$pid"
+}
+
+running() { # running PID: exists and is not a zombie (a container's pid 1 may never reap daemons)
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
 }
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -144,6 +153,15 @@ start() {
     tail -n 20 "$DIR/slurmctld.log" "$DIR/slurmd.log" >&2 || true
     exit 1
   fi
+  if [ -n "${FERROFOLD_SLURM_OWNER:-}" ] && ! alive "$DIR/watch.pid"; then
+    local self
+    self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+    # Its own session, so nothing that kills the caller's process group takes it along.
+    setsid bash -c 'echo $$ >"$1/watch.pid"
+      while [ -e "/proc/$2" ] && [ "$(awk "{print \$3}" "/proc/$2/stat" 2>/dev/null)" != Z ] && [ -e "$1/watch.pid" ]; do sleep 1; done
+      if [ -e "$1/watch.pid" ]; then rm -f "$1/watch.pid"; "$3" stop "$1"; fi' \
+      _ "$DIR" "$FERROFOLD_SLURM_OWNER" "$self" </dev/null >>"$DIR/watch.out" 2>&1 &
+  fi
   echo "slurm-cluster: up in $DIR (SLURM_CONF=$SLURM_CONF, ports $(cat "$DIR/ports")/$(($(cat "$DIR/ports") + 1)))"
 }
 
@@ -152,7 +170,7 @@ stop_pidfile() { # stop_pidfile FILE NAME: TERM, wait up to 10 s, then KILL
   alive "$f" || { rm -f "$f"; return 0; }
   pid=$(cat "$f")
   kill -TERM "$pid" 2>/dev/null || true
-  if ! wait_for 10 eval "! kill -0 $pid 2>/dev/null"; then
+  if ! wait_for 10 eval "! running $pid"; then
     echo "slurm-cluster: $2 ($pid) ignored SIGTERM; killing" >&2
     kill -KILL "$pid" 2>/dev/null || true
   fi
@@ -167,6 +185,8 @@ stop() {
       wait_for 15 eval '[ -z "$(squeue -h -t R,CG -o %i 2>/dev/null)" ]' || true
     fi
   fi
+  # The owner watcher (if any) ends by itself once its pid file is gone.
+  rm -f "$DIR/watch.pid"
   stop_pidfile "$DIR/slurmd.pid" slurmd
   stop_pidfile "$DIR/slurmctld.pid" slurmctld
   stop_pidfile "$DIR/munge/munged.pid" munged
