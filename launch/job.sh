@@ -177,6 +177,9 @@ ferrofold_job() {
       [[ $mpi_list == *pmix* ]] ||
         ferrofold_die "this Slurm has no PMIx (srun --mpi=list): use FERROFOLD_LAUNCHER=mpirun"
       read -r -a more <<<"${FERROFOLD_SRUN_ARGS:-}"
+      # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without this every rank
+      # of the step would get one core.
+      if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
       launch=(srun --mpi=pmix --kill-on-bad-exit=1 ${more[@]+"${more[@]}"})
       ;;
     mpirun)

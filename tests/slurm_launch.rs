@@ -97,7 +97,10 @@ impl Cluster {
             "--time=5",
             "--signal=B:USR1@10",
         ])
-        .arg(format!("--output={}/slurm-%j.out", self.run_dir().display()))
+        .arg(format!(
+            "--output={}/slurm-%j.out",
+            self.run_dir().display()
+        ))
         .args(extra)
         .arg(script)
         .env("FERROFOLD_RUN_DIR", self.run_dir())
@@ -112,10 +115,7 @@ impl Cluster {
     }
 
     fn submit(&self, script: &str, env: &[(&str, &str)]) -> String {
-        let o = self
-            .sbatch(script, env, &["--parsable"])
-            .output()
-            .unwrap();
+        let o = self.sbatch(script, env, &["--parsable"]).output().unwrap();
         assert!(o.status.success(), "sbatch: {}", text(&o));
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
@@ -257,18 +257,28 @@ fn slurm_sbatch_train_runs_preflight_and_job_on_two_ranks() {
         pre.contains("preflight ok: 2 ranks, all-reduce correct"),
         "{log}"
     );
-    let job = section(&log, "job step: srun --mpi=pmix", "job step exited with status 0");
+    let job = section(
+        &log,
+        "job step: srun --mpi=pmix",
+        "job step exited with status 0",
+    );
     assert!(job.contains(&format!("{} info --config", bin())), "{log}");
     for r in ["rank 0/2 local_rank 0/2", "rank 1/2 local_rank 1/2"] {
         assert!(job.contains(r), "job step lacks {r}:\n{log}");
     }
     assert!(job.contains("c_m = 16"), "tiny config not applied:\n{log}");
-    assert!(log.contains("OMP_NUM_THREADS=1 NCCL_NVLS_ENABLE=0"), "{log}");
+    assert!(
+        log.contains("OMP_NUM_THREADS=1 NCCL_NVLS_ENABLE=0"),
+        "{log}"
+    );
     // The run dir got the resolved config and the attempt record; Slurm's output the summary.
     assert!(read(&c.run_dir().join("config.toml")).contains("c_m = 16"));
     let attempts = read(&c.run_dir().join("attempts.tsv"));
     assert!(attempts.starts_with(&format!("{id}\t0\t")), "{attempts}");
-    assert!(attempts.trim_end().ends_with("\t0\tcompleted"), "{attempts}");
+    assert!(
+        attempts.trim_end().ends_with("\t0\tcompleted"),
+        "{attempts}"
+    );
     let out = read(&c.run_dir().join(format!("slurm-{id}.out")));
     assert!(out.contains("attempt 0: completed (status 0)"), "{out}");
 }
@@ -388,7 +398,10 @@ fn requeue_once(launcher: &str) {
     let logs = c.logs();
     assert_eq!(
         logs,
-        vec![format!("job{id}.attempt0.log"), format!("job{id}.attempt1.log")]
+        vec![
+            format!("job{id}.attempt0.log"),
+            format!("job{id}.attempt1.log")
+        ]
     );
     let first = c.log(&logs[0]);
     assert!(
@@ -396,7 +409,10 @@ fn requeue_once(launcher: &str) {
         "{first}"
     );
     for r in 0..2 {
-        assert!(first.contains(&format!("fake preflight rank {r}")), "{first}");
+        assert!(
+            first.contains(&format!("fake preflight rank {r}")),
+            "{first}"
+        );
         assert!(
             first.contains(&format!("fake rank {r}: USR1, checkpointed")),
             "{first}"
@@ -461,7 +477,10 @@ fn slurm_env_fallback_topology_fails_preflight() {
             && t.contains("(topology: slurm env; MPI world is 1: no collectives possible"),
         "{t}"
     );
-    assert!(t.contains("warning: topology from slurm env: rank 1/2"), "{t}");
+    assert!(
+        t.contains("warning: topology from slurm env: rank 1/2"),
+        "{t}"
+    );
     let o = run(&["info", "--check"]);
     let t = text(&o);
     assert!(!o.status.success(), "preflight passed:\n{t}");
