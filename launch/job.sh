@@ -13,7 +13,9 @@
 #   4. the job step: `LAUNCH ferrofold $FERROFOLD_CMD CONFIG_ARGS $FERROFOLD_CMD_ARGS`, in the
 #      background, with SIGUSR1 to the batch shell (#SBATCH --signal=B:USR1@S) forwarded to it;
 #   5. exit status $FERROFOLD_REQUEUE_EXIT ("checkpointed on signal") → `scontrol requeue`; the next
-#      attempt resumes from the run dir. Any other status ends the job with that status.
+#      attempt resumes from the run dir. Not when Slurm sent SIGTERM to this shell (scancel,
+#      preemption, time limit): a cancel must stay a cancel, and Slurm requeues preempted jobs
+#      itself. Any other status ends the job with that status.
 #
 # Variables (the .sbatch files check the required ones up front):
 #   FERROFOLD_RUN_DIR     required. Run directory: resolved config, checkpoints, metrics, logs/.
@@ -92,12 +94,16 @@ ferrofold_on_usr1() {
   if [ -n "${FERROFOLD_STEP_PID:-}" ] && [ "${FERROFOLD_IN_JOB_STEP:-0}" = 1 ]; then
     ferrofold_log "SIGUSR1 (time limit near): forwarding to the job step (pid $FERROFOLD_STEP_PID)"
     kill -USR1 "$FERROFOLD_STEP_PID" 2>/dev/null || true
+  elif [ "${FERROFOLD_IN_JOB_STEP:-0}" = 1 ]; then
+    # The step is being forked right now; its ranks may not handle USR1 yet. It stops on SIGTERM.
+    ferrofold_log "SIGUSR1 (time limit near) while the job step starts: not forwarded"
   else
     ferrofold_log "SIGUSR1 (time limit near) before the job step: it will not be started"
   fi
 }
 
 ferrofold_on_term() {
+  FERROFOLD_TERMINATED=1
   ferrofold_log "SIGTERM (cancelled, preempted or out of time): Slurm signals the steps itself"
 }
 
@@ -124,6 +130,7 @@ ferrofold_job() {
   FERROFOLD_ATTEMPT=${SLURM_RESTART_COUNT:-0}
   FERROFOLD_T0=$(date -u +%FT%TZ)
   FERROFOLD_SIGNALLED=0
+  FERROFOLD_TERMINATED=0
   FERROFOLD_IN_JOB_STEP=0
   FERROFOLD_STEP_PID=
   FERROFOLD_LOG=
@@ -194,7 +201,16 @@ ferrofold_job() {
   # Preflight: same binary and config on every rank, working collectives.
   if [ "$FERROFOLD_PREFLIGHT" = 1 ]; then
     ferrofold_log "preflight: ${launch[*]} $FERROFOLD_BIN info --check ${args[*]}"
-    ferrofold_step "${launch[@]}" "$FERROFOLD_BIN" info --check "${args[@]}"
+    local pre_out=$FERROFOLD_RUN_DIR/logs/.preflight.$SLURM_JOB_ID.$FERROFOLD_ATTEMPT
+    ferrofold_step "${launch[@]}" "$FERROFOLD_BIN" info --check "${args[@]}" >"$pre_out" 2>&1
+    cat "$pre_out"
+    # srun can exit 0 without having started the ranks (a failed step launch): also require rank
+    # 0's verdict naming every rank.
+    if [ "$FERROFOLD_STEP_RC" = 0 ] && ! grep -q "^preflight ok: ${SLURM_NTASKS:-1} ranks" "$pre_out"; then
+      ferrofold_log "the preflight step did not report 'preflight ok: ${SLURM_NTASKS:-1} ranks' (ranks not started?)"
+      FERROFOLD_STEP_RC=1
+    fi
+    rm -f "$pre_out"
     if [ "$FERROFOLD_STEP_RC" != 0 ]; then
       ferrofold_log "preflight FAILED (status $FERROFOLD_STEP_RC): not starting '$FERROFOLD_CMD'"
       ferrofold_record "$FERROFOLD_STEP_RC" "preflight failed"
@@ -219,6 +235,13 @@ ferrofold_job() {
   if [ "$rc" = "$FERROFOLD_REQUEUE_EXIT" ]; then
     if [ "$FERROFOLD_REQUEUE" != 1 ]; then
       ferrofold_record "$rc" "checkpointed on signal; requeue disabled"
+      exit "$rc"
+    fi
+    if [ "$FERROFOLD_TERMINATED" = 1 ]; then
+      # scancel, or preemption (Slurm requeues preempted jobs itself), or past the time limit:
+      # requeueing here would undo a cancel.
+      ferrofold_log "checkpointed, but the job was terminated by Slurm: not requeueing"
+      ferrofold_record "$rc" "checkpointed on SIGTERM; not requeued"
       exit "$rc"
     fi
     if [ "$FERROFOLD_ATTEMPT" -ge "$FERROFOLD_MAX_RESTARTS" ]; then

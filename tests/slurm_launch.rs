@@ -172,6 +172,18 @@ impl Cluster {
         }
     }
 
+    /// No step daemon of any job is left on the node (no step sockets in the spool).
+    fn steps_gone(&self) -> bool {
+        std::fs::read_dir(self.dir.join("spool"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()).all(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("cred_state") || n.starts_with("hwloc")
+                })
+            })
+            .unwrap_or(true)
+    }
+
     fn logs(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.run_dir().join("logs"))
             .map(|d| {
@@ -319,15 +331,28 @@ fn slurm_bad_config_or_missing_input_fails_fast_with_the_error_in_the_log() {
     );
 }
 
-/// A stand-in for `ferrofold`: the preflight passes; in attempt 0 the job step waits for SIGUSR1,
-/// then "checkpoints" and exits 85 (the requeue status); in attempt 1 it finishes.
+/// A stand-in for `ferrofold`: the preflight passes; in attempt 0 the job step waits for SIGUSR1
+/// (or SIGTERM), then "checkpoints" and exits 85 (the requeue status); in attempt 1 it finishes.
 const FAKE_TRAINER: &str = r#"#!/usr/bin/env bash
 r=${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-?}}
-if [ "$1" = info ]; then echo "fake preflight rank $r"; exit 0; fi
+if [ "$1" = info ]; then
+  echo "fake preflight rank $r"
+  if [ "$r" = 0 ]; then echo "preflight ok: 2 ranks, all-reduce correct, same version and config"; fi
+  exit 0
+fi
 a=${SLURM_RESTART_COUNT:-0}
 echo "fake $1 rank $r attempt $a"
 if [ "$a" = 0 ]; then
-  trap 'echo "fake rank $r: USR1, checkpointed"; exit 85' USR1
+  # Like the trainer: every rank checkpoints (a collective), then all exit 85 together; without
+  # this barrier the launcher may kill a rank before it reports, once another exited non-zero.
+  ckpt() {
+    echo "fake rank $r: $1, checkpointed"
+    touch "$FAKE_DIR/ckpt.$r"
+    for _ in $(seq 100); do [ -e "$FAKE_DIR/ckpt.0" ] && [ -e "$FAKE_DIR/ckpt.1" ] && break; sleep 0.05; done
+    exit 85
+  }
+  trap 'ckpt USR1' USR1
+  trap 'ckpt TERM' TERM
   touch "$FAKE_DIR/ready.$r"
   for _ in $(seq 400); do sleep 0.1; done
   echo "fake rank $r: no signal"; exit 1
@@ -335,27 +360,23 @@ fi
 echo "fake rank $r: resumed, done"
 "#;
 
-/// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 85 →
-/// `scontrol requeue` → attempt 1 completes; one log per attempt in the run dir.
-fn requeue_once(launcher: &str) {
-    let c = Cluster::start(&format!("requeue-{launcher}"));
+/// Submit `launch/train.sbatch` with the stand-in trainer; returns the job id once both ranks wait
+/// for the signal in the job step.
+fn submit_fake(c: &Cluster, launcher: &str) -> String {
     let fake = c.dir.join("fake-ferrofold");
     std::fs::write(&fake, FAKE_TRAINER).unwrap();
     let mut perm = std::fs::metadata(&fake).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
     std::fs::set_permissions(&fake, perm).unwrap();
-    let fake_s = fake.to_str().unwrap();
-    let dir_s = c.dir.to_str().unwrap();
     let id = c.submit(
         "launch/train.sbatch",
         &[
-            ("FERROFOLD_BIN", fake_s),
+            ("FERROFOLD_BIN", fake.to_str().unwrap()),
             ("FERROFOLD_CMD", "train"),
             ("FERROFOLD_LAUNCHER", launcher),
-            ("FAKE_DIR", dir_s),
+            ("FAKE_DIR", c.dir.to_str().unwrap()),
         ],
     );
-    // Both ranks are in the job step with their handler installed.
     let t0 = Instant::now();
     while !(c.dir.join("ready.0").exists() && c.dir.join("ready.1").exists()) {
         assert!(
@@ -366,16 +387,32 @@ fn requeue_once(launcher: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    id
+}
+
+/// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 85 →
+/// `scontrol requeue` → attempt 1 completes; one log per attempt in the run dir.
+fn requeue_once(launcher: &str) {
+    let c = Cluster::start(&format!("requeue-{launcher}"));
+    let id = submit_fake(&c, launcher);
     let o = c
         .client("scancel")
         .args(["--batch", "--signal=USR1", &id])
         .output()
         .unwrap();
     assert!(o.status.success(), "scancel: {}", text(&o));
-    // Requeued: pending again, held by Slurm's requeue delay (BeginTime = now + 120 s); release it.
+    // Requeued: pending again, held by Slurm's requeue delay (BeginTime = now + 120 s). Release it
+    // early, but only once the last attempt's step daemons are gone (their PMIx sockets in the
+    // spool carry the step id, which the next attempt reuses) and 2 s after the requeue (slurmd
+    // refuses a launch whose credential dates from the same second as the requeue's kill). Slurm's
+    // own delay covers both on a real cluster.
     let t0 = Instant::now();
+    let mut requeued_at = None;
     loop {
         if c.field(&id, "Restarts") == "1" && c.field(&id, "JobState") == "PENDING" {
+            requeued_at.get_or_insert_with(Instant::now);
+        }
+        if requeued_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) && c.steps_gone() {
             let o = c
                 .client("scontrol")
                 .args(["update", &format!("JobId={id}"), "StartTime=now"])
@@ -488,4 +525,31 @@ fn slurm_env_fallback_topology_fails_preflight() {
         t.contains("preflight: communication error (rank 1): topology from slurm env (2 tasks) but the MPI world is 1"),
         "{t}"
     );
+}
+
+/// `scancel` (SIGTERM everywhere): the trainer checkpoints and exits 85, but a cancel stays a
+/// cancel: no requeue.
+#[test]
+fn slurm_cancelled_job_is_not_requeued() {
+    let c = Cluster::start("cancel");
+    let id = submit_fake(&c, "srun");
+    let o = c.client("scancel").arg(&id).output().unwrap();
+    assert!(o.status.success(), "scancel: {}", text(&o));
+    assert_eq!(c.wait_done(&id, Duration::from_secs(40)), "CANCELLED");
+    // The batch shell finishes its bookkeeping within Slurm's KillWait (5 s).
+    let t0 = Instant::now();
+    while !c.run_dir().join("attempts.tsv").exists() && t0.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logs = c.logs();
+    assert_eq!(logs, vec![format!("job{id}.attempt0.log")], "{logs:?}");
+    let log = c.log(&logs[0]);
+    assert!(log.contains("SIGTERM (cancelled"), "{log}");
+    assert!(!log.contains("requeueing job"), "{log}");
+    let attempts = read(&c.run_dir().join("attempts.tsv"));
+    assert_eq!(attempts.lines().count(), 1, "{attempts}");
+    assert!(!attempts.contains("\trequeued"), "{attempts}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.field(&id, "Restarts"), "0");
+    assert_eq!(c.field(&id, "JobState"), "CANCELLED");
 }
