@@ -237,10 +237,12 @@ ferrofold_job() {
       ferrofold_record "$rc" "checkpointed on signal; requeue disabled"
       exit "$rc"
     fi
-    if [ "$FERROFOLD_TERMINATED" = 1 ]; then
+    local state
+    state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null || true)
+    if [ "$FERROFOLD_TERMINATED" = 1 ] || { [ -n "$state" ] && [ "$state" != RUNNING ]; }; then
       # scancel, or preemption (Slurm requeues preempted jobs itself), or past the time limit:
       # requeueing here would undo a cancel.
-      ferrofold_log "checkpointed, but the job was terminated by Slurm: not requeueing"
+      ferrofold_log "checkpointed, but the job was terminated by Slurm (state ${state:-?}): not requeueing"
       ferrofold_record "$rc" "checkpointed on SIGTERM; not requeued"
       exit "$rc"
     fi

@@ -546,9 +546,16 @@ fn slurm_cancelled_job_is_not_requeued() {
     let log = c.log(&logs[0]);
     assert!(log.contains("SIGTERM (cancelled"), "{log}");
     assert!(!log.contains("requeueing job"), "{log}");
+    assert!(
+        log.contains("checkpointed, but the job was terminated by Slurm"),
+        "{log}"
+    );
     let attempts = read(&c.run_dir().join("attempts.tsv"));
     assert_eq!(attempts.lines().count(), 1, "{attempts}");
-    assert!(!attempts.contains("\trequeued"), "{attempts}");
+    assert!(
+        attempts.contains("\tcheckpointed on SIGTERM; not requeued"),
+        "{attempts}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.field(&id, "Restarts"), "0");
     assert_eq!(c.field(&id, "JobState"), "CANCELLED");
