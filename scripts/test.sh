@@ -4,6 +4,8 @@
 # dependency stack serves binary, tests and benches). Multi-rank tests spawn `mpirun -np 2` themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The launcher tests (tests/slurm_*.rs) run a real one-node Slurm: install it too.
+export FERROFOLD_WITH_SLURM=1
 source scripts/setup.sh
 
 # Tests read the shared data and golden fixtures beside the checkout unless told otherwise.

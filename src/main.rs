@@ -73,6 +73,7 @@ fn info(ctx: &ParallelCtx, args: &InfoArgs) -> anyhow::Result<()> {
 /// Every rank must run the same binary version with the same config, and an all-reduce of known
 /// values must give the known sum.
 fn preflight(ctx: &ParallelCtx, cfg: &ferrofold::config::Config) -> anyhow::Result<()> {
+    ctx.require_collectives().context("preflight")?;
     let n = ctx.world_size as f64;
     // Each rank contributes [1, rank]: sums are n and n(n-1)/2.
     let sums = ctx.all_reduce_sum_f64(&[1.0, ctx.rank as f64]);
