@@ -32,7 +32,7 @@
 #   FERROFOLD_SRUN_ARGS / FERROFOLD_MPIRUN_ARGS   extra launcher arguments.
 #   FERROFOLD_PREFLIGHT   1 (default) | 0 to skip the preflight step.
 #   FERROFOLD_REQUEUE     1 (default) | 0: never requeue (timed MLPerf runs).
-#   FERROFOLD_REQUEUE_EXIT  the trainer's "checkpointed on signal, please requeue" exit status: 85.
+#   FERROFOLD_REQUEUE_EXIT  the trainer's "checkpointed on signal, please requeue" exit status: 75 (`ferrofold::train::EXIT_STOPPED`, EX_TEMPFAIL).
 #   FERROFOLD_MAX_RESTARTS  give up (fail) instead of requeueing after this many restarts: 20.
 #
 # srun or mpirun (FERROFOLD_LAUNCHER):
@@ -125,7 +125,7 @@ ferrofold_job() {
   FERROFOLD_LAUNCHER=${FERROFOLD_LAUNCHER:-srun}
   FERROFOLD_PREFLIGHT=${FERROFOLD_PREFLIGHT:-1}
   FERROFOLD_REQUEUE=${FERROFOLD_REQUEUE:-1}
-  FERROFOLD_REQUEUE_EXIT=${FERROFOLD_REQUEUE_EXIT:-85}
+  FERROFOLD_REQUEUE_EXIT=${FERROFOLD_REQUEUE_EXIT:-75}
   FERROFOLD_MAX_RESTARTS=${FERROFOLD_MAX_RESTARTS:-20}
   FERROFOLD_ATTEMPT=${SLURM_RESTART_COUNT:-0}
   FERROFOLD_T0=$(date -u +%FT%TZ)

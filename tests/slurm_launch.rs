@@ -332,7 +332,7 @@ fn slurm_bad_config_or_missing_input_fails_fast_with_the_error_in_the_log() {
 }
 
 /// A stand-in for `ferrofold`: the preflight passes; in attempt 0 the job step waits for SIGUSR1
-/// (or SIGTERM), then "checkpoints" and exits 85 (the requeue status); in attempt 1 it finishes.
+/// (or SIGTERM), then "checkpoints" and exits 75 (the requeue status); in attempt 1 it finishes.
 const FAKE_TRAINER: &str = r#"#!/usr/bin/env bash
 r=${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-?}}
 if [ "$1" = info ]; then
@@ -343,13 +343,13 @@ fi
 a=${SLURM_RESTART_COUNT:-0}
 echo "fake $1 rank $r attempt $a"
 if [ "$a" = 0 ]; then
-  # Like the trainer: every rank checkpoints (a collective), then all exit 85 together; without
+  # Like the trainer: every rank checkpoints (a collective), then all exit 75 together; without
   # this barrier the launcher may kill a rank before it reports, once another exited non-zero.
   ckpt() {
     echo "fake rank $r: $1, checkpointed"
     touch "$FAKE_DIR/ckpt.$r"
     for _ in $(seq 100); do [ -e "$FAKE_DIR/ckpt.0" ] && [ -e "$FAKE_DIR/ckpt.1" ] && break; sleep 0.05; done
-    exit 85
+    exit 75
   }
   trap 'ckpt USR1' USR1
   trap 'ckpt TERM' TERM
@@ -390,7 +390,7 @@ fn submit_fake(c: &Cluster, launcher: &str) -> String {
     id
 }
 
-/// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 85 →
+/// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 75 →
 /// `scontrol requeue` → attempt 1 completes; one log per attempt in the run dir.
 fn requeue_once(launcher: &str) {
     let c = Cluster::start(&format!("requeue-{launcher}"));
@@ -455,7 +455,7 @@ fn requeue_once(launcher: &str) {
             "{first}"
         );
     }
-    assert!(first.contains("job step exited with status 85"), "{first}");
+    assert!(first.contains("job step exited with status 75"), "{first}");
     assert!(first.contains("requeueing job"), "{first}");
     let second = c.log(&logs[1]);
     for r in 0..2 {
@@ -527,7 +527,7 @@ fn slurm_env_fallback_topology_fails_preflight() {
     );
 }
 
-/// `scancel` (SIGTERM everywhere): the trainer checkpoints and exits 85, but a cancel stays a
+/// `scancel` (SIGTERM everywhere): the trainer checkpoints and exits 75, but a cancel stays a
 /// cancel: no requeue.
 #[test]
 fn slurm_cancelled_job_is_not_requeued() {
