@@ -69,3 +69,46 @@ fn data_all_sample_structures_match_index() {
     }
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }
+
+#[test]
+fn data_all_sample_msas_build_with_query_first() {
+    use ferrofold::data::alphabet::hhblits_id;
+    use ferrofold::data::msa::{build_msa, read_alignment_dir};
+    let idx = index();
+    let mut n = 0;
+    for e in idx["entries"].as_array().unwrap() {
+        let msas = e["msas"].as_array().unwrap();
+        if msas.is_empty() {
+            continue;
+        }
+        let dir = data_root().join(e["split"].as_str().unwrap()).join("alignments").join(e["id"].as_str().unwrap());
+        let seq = e["sequence"].as_str().unwrap();
+        let files = read_alignment_dir(&dir).unwrap();
+        assert_eq!(files.len(), msas.len(), "{}", e["id"]);
+        let msa = build_msa(&files, seq).unwrap_or_else(|err| panic!("{}: {err}", e["id"]));
+        let q: Vec<u8> = seq.bytes().map(|c| hhblits_id(c).unwrap()).collect();
+        assert_eq!(msa.row(0), q.as_slice(), "{}", e["id"]);
+        let total: u64 = msas.iter().map(|m| m["n_seqs"].as_u64().unwrap()).sum();
+        assert!(msa.rows >= 1 && msa.rows as u64 <= total, "{}", e["id"]);
+        n += 1;
+    }
+    assert_eq!(n, 14);
+}
+
+#[test]
+fn data_hhr_hits_parse() {
+    use ferrofold::data::msa::parse_hhr;
+    let p = data_root().join("extra_alignments/pdb70_hits.hhr");
+    let hits = parse_hhr(&std::fs::read_to_string(&p).unwrap(), &p).unwrap();
+    assert_eq!(hits.len(), 10);
+    let h = &hits[0];
+    assert_eq!((h.index, h.name.as_str(), h.aligned_cols), (1, "1HF9_B", 22));
+    assert_eq!(h.query, "AEHHHKAAEHHEQAAKHHHAAA");
+    assert_eq!(h.hit_sequence, "ISHHAKEIERLQKEIERHKQSI");
+    assert_eq!(h.indices_query[0], 6);
+    assert_eq!(h.indices_hit[0], 9);
+    assert!((h.sum_probs - 13.1).abs() < 1e-9 && (h.probability - 7.51).abs() < 1e-9);
+    for h in &hits {
+        assert_eq!(h.query.len(), h.hit_sequence.len(), "{}", h.name);
+    }
+}

@@ -8,3 +8,5 @@ pub mod cif;
 pub mod structure;
 
 pub use structure::{parse_structure_file, Chain};
+pub mod alignment_db;
+pub mod msa;
