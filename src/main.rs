@@ -16,6 +16,7 @@ fn main() {
         }
     };
     ferrofold::logging::init(ctx.rank, ctx.world_size);
+    tracing::info!("topology from {}: {}", ctx.source, ctx.describe());
     let result = match cli.command {
         Command::Info(args) => info(&ctx, &args),
     };

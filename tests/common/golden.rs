@@ -55,7 +55,12 @@ impl Fixture {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Fixture { name, json_path, meta, tensors }
+        Fixture {
+            name,
+            json_path,
+            meta,
+            tensors,
+        }
     }
 
     /// Load `<golden_dir>/<subdir>/<name>`.
@@ -83,10 +88,12 @@ impl Fixture {
     }
 
     pub fn arg_usize(&self, key: &str) -> usize {
-        self.args()[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{}: constructor arg `{key}` missing or not an integer", self.name))
-            as usize
+        self.args()[key].as_u64().unwrap_or_else(|| {
+            panic!(
+                "{}: constructor arg `{key}` missing or not an integer",
+                self.name
+            )
+        }) as usize
     }
 
     pub fn arg_f64(&self, key: &str) -> f64 {
@@ -159,14 +166,26 @@ impl Fixture {
 
 fn json_str_list(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Infinity-norm relative error `max|got - want| / max|want|` and the absolute error, in f64.
 pub fn errors(got: &Tensor, want: &Tensor) -> (f64, f64) {
-    let g = got.to_dtype(DType::F64).expect("f64").flatten_all().expect("flat");
-    let w = want.to_dtype(DType::F64).expect("f64").flatten_all().expect("flat");
+    let g = got
+        .to_dtype(DType::F64)
+        .expect("f64")
+        .flatten_all()
+        .expect("flat");
+    let w = want
+        .to_dtype(DType::F64)
+        .expect("f64")
+        .flatten_all()
+        .expect("flat");
     let g: Vec<f64> = g.to_vec1().expect("vec");
     let w: Vec<f64> = w.to_vec1().expect("vec");
     assert_eq!(g.len(), w.len(), "element count differs");
@@ -180,7 +199,11 @@ pub fn errors(got: &Tensor, want: &Tensor) -> (f64, f64) {
         max_abs = max_abs.max(d);
         max_ref = max_ref.max(b.abs());
     }
-    let rel = if max_ref > 0.0 { max_abs / max_ref } else { max_abs };
+    let rel = if max_ref > 0.0 {
+        max_abs / max_ref
+    } else {
+        max_abs
+    };
     (rel, max_abs)
 }
 
@@ -196,13 +219,18 @@ impl Report {
     pub fn check(&mut self, what: &str, got: &Tensor, want: &Tensor, rel_tol: f64, abs_tol: f64) {
         self.checked += 1;
         if got.dims() != want.dims() {
-            self.failures
-                .push(format!("{what}: shape {:?} != expected {:?}", got.dims(), want.dims()));
+            self.failures.push(format!(
+                "{what}: shape {:?} != expected {:?}",
+                got.dims(),
+                want.dims()
+            ));
             return;
         }
         let (rel, abs) = errors(got, want);
         if !(rel <= rel_tol || abs <= abs_tol) {
-            self.failures.push(format!("{what}: rel {rel:.3e} abs {abs:.3e} (tol rel {rel_tol:e})"));
+            self.failures.push(format!(
+                "{what}: rel {rel:.3e} abs {abs:.3e} (tol rel {rel_tol:e})"
+            ));
         }
     }
 
@@ -213,6 +241,11 @@ impl Report {
     /// Panic with every failure if any.
     pub fn assert_ok(&self, ctx: &str) {
         assert!(self.checked > 0, "{ctx}: nothing was compared");
-        assert!(self.failures.is_empty(), "{ctx}: {} failure(s):\n  {}", self.failures.len(), self.failures.join("\n  "));
+        assert!(
+            self.failures.is_empty(),
+            "{ctx}: {} failure(s):\n  {}",
+            self.failures.len(),
+            self.failures.join("\n  ")
+        );
     }
 }

@@ -1,1 +1,0 @@
-//! Residue constants (in progress).
