@@ -10,3 +10,4 @@ pub mod structure;
 pub use structure::{parse_structure_file, Chain};
 pub mod alignment_db;
 pub mod msa;
+pub mod features;
