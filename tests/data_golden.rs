@@ -191,3 +191,85 @@ fn golden_data_features_3u8v() {
 fn golden_data_features_2q2k() {
     check_features("protein_2q2k");
 }
+
+/// Our batch for the model fixture's protein (3u8v, crop 32 at residue 22, 8 clusters, 8 extra,
+/// 2 recycles): same 40 keys, shapes and dtypes; deterministic features equal OpenFold's.
+#[test]
+fn golden_data_batch_3u8v() {
+    use ferrofold::data::msa::{build_msa, read_alignment_dir};
+    use ferrofold::data::sample::BATCH_KEYS;
+    use ferrofold::data::transforms::{build_sample_at, FeatureConfig, ProteinInput};
+    let fx = Fixture::named("model", "alphafold_model");
+    let file = data_root().join("val/3u8v.cif");
+    let c = parse_structure_file(&file, "A").unwrap();
+    let msa = build_msa(&read_alignment_dir(&data_root().join("val/alignments/3u8v")).unwrap(), &c.sequence).unwrap();
+    let input = ProteinInput { id: "3u8v_A".into(), aatype: c.aatype.clone(), positions: c.positions.clone(), mask: c.mask.clone(), resolution: c.resolution.unwrap_or(0.0), msa };
+    let cfg = FeatureConfig {
+        crop_size: 32, max_msa_clusters: 8, max_extra_msa: 8, replace_fraction: 0.15, uniform_prob: 0.1, profile_prob: 0.1, same_prob: 0.1,
+        block_delete: true, msa_fraction_per_block: 0.3, num_blocks: 5, num_recycles: 2, clamp_prob: 1.0, seed: 3,
+    };
+    let s = build_sample_at(&input, &cfg, 0, Some(22)).unwrap();
+    let tensors = s.to_tensors(&Device::Cpu, DType::F64).unwrap();
+    let mut r = Report::default();
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    assert_eq!(keys, BATCH_KEYS.to_vec(), "keys");
+    for k in BATCH_KEYS {
+        let want = fx.get(&format!("input.{k}"));
+        let got = &tensors[k];
+        r.checked += 1;
+        if got.dims() != want.dims() || got.dtype() != want.dtype() {
+            r.fail(format!("{k}: {:?} {:?} vs {:?} {:?}", got.dims(), got.dtype(), want.dims(), want.dtype()));
+        }
+    }
+    // Deterministic (non-MSA) features: OpenFold's float32 pipeline vs our f64-then-f32.
+    for k in [
+        "aatype", "residue_index", "seq_length", "all_atom_positions", "all_atom_mask", "resolution", "seq_mask",
+        "atom14_atom_exists", "residx_atom14_to_atom37", "residx_atom37_to_atom14", "atom37_atom_exists", "atom14_gt_exists",
+        "atom14_gt_positions", "atom14_alt_gt_positions", "atom14_alt_gt_exists", "atom14_atom_is_ambiguous",
+        "rigidgroups_gt_exists", "rigidgroups_group_exists", "rigidgroups_group_is_ambiguous", "pseudo_beta",
+        "pseudo_beta_mask", "backbone_rigid_mask", "chi_mask", "target_feat", "is_distillation", "use_clamped_fape",
+        "msa_mask", "msa_row_mask", "extra_msa_mask", "extra_msa_row_mask",
+    ] {
+        r.check(k, &tensors[k], &fx.get(&format!("input.{k}")), 0.0, 0.0);
+    }
+    for k in ["rigidgroups_gt_frames", "rigidgroups_alt_gt_frames", "backbone_rigid_tensor"] {
+        let gm: Vec<f64> = fx.get(&format!("input.{}", if k == "backbone_rigid_tensor" { "backbone_rigid_mask" } else { "rigidgroups_gt_exists" })).flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f64> = tensors[k].flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f64> = fx.get(&format!("input.{k}")).flatten_all().unwrap().to_vec1().unwrap();
+        let shape = tensors[k].dims().to_vec();
+        // mask is [..., recycle]; frames are [..., 4, 4, recycle]: expand per 16 entries.
+        let per = g.len() / gm.len();
+        let mexp: Vec<f64> = (0..g.len()).map(|i| gm[(i / (per * 2)) * 2 + i % 2]).collect();
+        let mk = |v: &[f64]| -> Vec<f64> { v.iter().zip(&mexp).map(|(&x, &m)| if m > 0.0 { x } else { 0.0 }).collect() };
+        r.check(k, &t64(&mk(&g), &shape), &t64(&mk(&w), &shape), 1e-6, 1e-6);
+    }
+    let cm: Vec<f64> = fx.get("input.chi_mask").flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f64> = tensors["chi_angles_sin_cos"].flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f64> = fx.get("input.chi_angles_sin_cos").flatten_all().unwrap().to_vec1().unwrap();
+    // chi_angles_sin_cos is [N,4,2,R]; chi_mask [N,4,R].
+    let idx = |i: usize| { let rr = i % 2; let rest = i / 2; let chi = rest / 2; chi * 2 + rr };
+    let mk = |v: &[f64]| -> Vec<f64> { v.iter().enumerate().map(|(i, &x)| if cm[idx(i)] > 0.0 { x } else { 0.0 }).collect() };
+    r.check("chi_angles_sin_cos (masked)", &t64(&mk(&g), &[32, 4, 2, 2]), &t64(&mk(&w), &[32, 4, 2, 2]), 1e-5, 1e-5);
+    // MSA invariants: query row of true_msa is the cropped sequence; one-hots and profiles sum to 1.
+    let tm: Vec<i64> = tensors["true_msa"].flatten_all().unwrap().to_vec1().unwrap();
+    let aat: Vec<i64> = tensors["aatype"].flatten_all().unwrap().to_vec1().unwrap();
+    r.checked += 1;
+    if (0..64).any(|i| tm[i] != aat[i]) {
+        r.fail("true_msa row 0 != aatype");
+    }
+    let mf: Vec<f64> = tensors["msa_feat"].flatten_all().unwrap().to_vec1().unwrap();
+    r.checked += 1;
+    for pos in 0..8 * 32 {
+        for rc in 0..2 {
+            let ch = |c: usize| mf[(pos * 49 + c) * 2 + rc];
+            let oh: f64 = (0..23).map(ch).sum();
+            let pr: f64 = (25..48).map(ch).sum();
+            if (oh - 1.0).abs() > 1e-6 || (pr - 1.0).abs() > 1e-5 {
+                r.fail(format!("msa_feat at {pos}/{rc}: one-hot {oh} profile {pr}"));
+                break;
+            }
+        }
+    }
+    r.assert_ok("batch_3u8v");
+}

@@ -11,3 +11,6 @@ pub use structure::{parse_structure_file, Chain};
 pub mod alignment_db;
 pub mod msa;
 pub mod features;
+pub mod rng;
+pub mod sample;
+pub mod transforms;
