@@ -14,3 +14,7 @@ pub mod features;
 pub mod rng;
 pub mod sample;
 pub mod transforms;
+pub mod cache;
+pub mod command;
+pub mod dataset;
+pub mod manifest;
