@@ -18,3 +18,4 @@ pub mod cache;
 pub mod command;
 pub mod dataset;
 pub mod manifest;
+pub mod loader;
