@@ -1,0 +1,766 @@
+//! Multi-rank self-test driver for the parallel runtime. Run under MPI:
+//! `mpirun --allow-run-as-root --oversubscribe -np 2 ferrofold-selftest <case>`.
+//!
+//! Every rank prints `PASS <case> rank <r>/<n>` on success, or `FAIL <case> rank <r>/<n>: <why>`
+//! and takes the job down (exit status non-zero). Expected values are computed locally from the
+//! definition (each rank can rebuild every other rank's input), never hard-coded.
+//!
+//! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `dap-dp` (even rank count),
+//! `panic-rank1`, and `bench`
+//! (timings printed by rank 0 as `BENCH` lines; not a test).
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use ferrofold::config::{Overlap, ParallelConfig};
+use ferrofold::parallel::{
+    dap_grad_scale, global_grad_norm, mean_to_root, pad_mask, pad_to_multiple, unpad, Communicator,
+    Dap, GradSync, GridCoords, MpiComm, ParallelCtx, ProcessGroups, ReduceOp,
+};
+
+const CASES: &[&str] = &[
+    "collectives",
+    "groups",
+    "ddp",
+    "dap-dp",
+    "dap",
+    "panic-rank1",
+    "bench",
+];
+
+fn main() {
+    let case = std::env::args().nth(1).unwrap_or_default();
+    if !CASES.contains(&case.as_str()) {
+        eprintln!(
+            "usage: ferrofold-selftest <case>; cases: {}",
+            CASES.join(", ")
+        );
+        std::process::exit(2);
+    }
+    let ctx = match ParallelCtx::init() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL {case}: MPI init: {e}");
+            std::process::exit(1);
+        }
+    };
+    let (rank, n) = (ctx.rank, ctx.world_size);
+    let result = run(&case, &ctx);
+    let mut out = std::io::stdout();
+    match result {
+        Ok(()) => {
+            let _ = writeln!(out, "PASS {case} rank {rank}/{n}");
+            let _ = out.flush();
+        }
+        Err(e) => {
+            let _ = writeln!(out, "FAIL {case} rank {rank}/{n}: {e:#}");
+            let _ = out.flush();
+            if n > 1 {
+                ctx.abort(1);
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
+    match case {
+        "collectives" => collectives(ctx),
+        "groups" => groups(ctx),
+        "ddp" => ddp(ctx),
+        "dap" => dap(ctx),
+        "dap-dp" => dap_dp(ctx),
+        "panic-rank1" => panic_rank1(ctx),
+        "bench" => bench(ctx),
+        other => bail!("unknown case {other}"),
+    }
+}
+
+/// Max |got - want| after checking shape and dtype.
+fn max_diff(got: &Tensor, want: &Tensor) -> Result<f64> {
+    ensure!(
+        got.dims() == want.dims(),
+        "shape {:?} != expected {:?}",
+        got.dims(),
+        want.dims()
+    );
+    ensure!(
+        got.dtype() == want.dtype(),
+        "dtype {:?} != expected {:?}",
+        got.dtype(),
+        want.dtype()
+    );
+    let d = (got.to_dtype(DType::F64)? - want.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    Ok(d)
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+    let d = max_diff(got, want).with_context(|| what.to_string())?;
+    ensure!(d <= tol, "{what}: max |diff| {d:e} > {tol:e}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// collectives
+// ---------------------------------------------------------------------------------------------
+
+/// Rank `q`'s input: `[2*n, 3]` with value `100*q + 10*i + j` (distinct everywhere).
+fn input(q: usize, n: usize, dt: DType) -> Result<Tensor> {
+    let rows = 2 * n;
+    let v: Vec<f64> = (0..rows * 3)
+        .map(|k| 100.0 * q as f64 + 10.0 * (k / 3) as f64 + (k % 3) as f64)
+        .collect();
+    Ok(Tensor::from_vec(v, (rows, 3), &Device::Cpu)?.to_dtype(dt)?)
+}
+
+fn collectives(ctx: &ParallelCtx) -> Result<()> {
+    let world = MpiComm::world(ctx)?;
+    let c: &dyn Communicator = world.as_ref();
+    let (r, n) = (c.rank(), c.size());
+    ensure!(
+        (r, n) == (ctx.rank, ctx.world_size),
+        "world communicator rank/size mismatch"
+    );
+    for dt in [DType::F32, DType::F64, DType::BF16] {
+        // bf16 carries integers up to 256 exactly: scale inputs down for it.
+        let scale = if dt == DType::BF16 { 0.01 } else { 1.0 };
+        let x = (input(r, n, DType::F64)? * scale)?.to_dtype(dt)?;
+        let all: Vec<Tensor> = (0..n)
+            .map(|q| Ok((input(q, n, DType::F64)? * scale)?.to_dtype(dt)?))
+            .collect::<Result<_>>()?;
+        let tol = if dt == DType::BF16 { 0.05 } else { 1e-4 };
+        let mut sum = all[0].to_dtype(DType::F64)?;
+        for t in &all[1..] {
+            sum = (sum + t.to_dtype(DType::F64)?)?;
+        }
+        let avg = (&sum / n as f64)?.to_dtype(dt)?;
+        let sum = sum.to_dtype(dt)?;
+        let tag = format!("{dt:?}");
+
+        check(
+            &format!("all_reduce sum {tag}"),
+            &c.all_reduce(&x, ReduceOp::Sum)?,
+            &sum,
+            tol,
+        )?;
+        check(
+            &format!("all_reduce avg {tag}"),
+            &c.all_reduce(&x, ReduceOp::Avg)?,
+            &avg,
+            tol,
+        )?;
+        for dim in [0, 1] {
+            let want = Tensor::cat(&all, dim)?;
+            check(
+                &format!("all_gather dim {dim} {tag}"),
+                &c.all_gather(&x, dim)?,
+                &want,
+                0.0,
+            )?;
+            let h = c.start_all_gather(&x, dim)?;
+            check(
+                &format!("async all_gather dim {dim} {tag}"),
+                &h.wait()?,
+                &want,
+                0.0,
+            )?;
+        }
+        // all_to_all: split rows (dim 0) into n chunks, concat what arrives along dim 1.
+        let chunk = 2;
+        let want_a2a = Tensor::cat(
+            &all.iter()
+                .map(|t| t.narrow(0, r * chunk, chunk))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            1,
+        )?;
+        check(
+            &format!("all_to_all {tag}"),
+            &c.all_to_all(&x, 0, 1)?,
+            &want_a2a,
+            0.0,
+        )?;
+        // and back (the inverse all_to_all)
+        let back = c.all_to_all(&want_a2a, 1, 0)?;
+        check(&format!("all_to_all inverse {tag}"), &back, &x, 0.0)?;
+        let root = n - 1;
+        check(
+            &format!("broadcast {tag}"),
+            &c.broadcast(&x, root)?,
+            &all[root],
+            0.0,
+        )?;
+
+        // Async: several in flight, waited out of order, one dropped without wait.
+        let h_sum = c.start_all_reduce(&x, ReduceOp::Sum)?;
+        let h_a2a = c.start_all_to_all(&x, 0, 1)?;
+        let h_dropped = c.start_all_reduce(&x, ReduceOp::Avg)?;
+        let h_bc = c.start_broadcast(&x, 0)?;
+        drop(h_dropped);
+        check(
+            &format!("async broadcast {tag}"),
+            &h_bc.wait()?,
+            &all[0],
+            0.0,
+        )?;
+        check(
+            &format!("async all_to_all {tag}"),
+            &h_a2a.wait()?,
+            &want_a2a,
+            0.0,
+        )?;
+        check(
+            &format!("async all_reduce sum {tag}"),
+            &h_sum.wait()?,
+            &sum,
+            tol,
+        )?;
+        // A blocking collective after the dropped handle still matches correctly.
+        check(
+            &format!("all_reduce avg after drop {tag}"),
+            &c.all_reduce(&x, ReduceOp::Avg)?,
+            &avg,
+            tol,
+        )?;
+    }
+    // Host reductions.
+    let v = c.all_reduce_host_f64(&[r as f64, 1.0], ReduceOp::Sum)?;
+    ensure!(
+        v == vec![(n * (n - 1) / 2) as f64, n as f64],
+        "host all_reduce: {v:?}"
+    );
+    // Errors, not hangs, for bad arguments (checked locally before any communication).
+    ensure!(
+        c.all_to_all(
+            &Tensor::zeros((2 * n + 1, 3), DType::F32, &Device::Cpu)?,
+            0,
+            1
+        )
+        .is_err()
+            || n == 1
+    );
+    ensure!(
+        c.broadcast(&x_f32(r)?, n).is_err(),
+        "broadcast to an out-of-range root must fail"
+    );
+    c.barrier()?;
+    Ok(())
+}
+
+fn x_f32(r: usize) -> Result<Tensor> {
+    Ok(Tensor::full(r as f32, (2, 2), &Device::Cpu)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// groups
+// ---------------------------------------------------------------------------------------------
+
+fn groups(ctx: &ParallelCtx) -> Result<()> {
+    ensure!(ctx.world_size == 4, "the groups case needs 4 ranks");
+    let bad = ParallelConfig {
+        dap_size: 3,
+        ..Default::default()
+    };
+    let e = ProcessGroups::new(ctx, &bad)
+        .err()
+        .context("dap_size 3 on 4 ranks must be rejected")?;
+    ensure!(
+        e.to_string().contains("parallel.dap_size"),
+        "error must name parallel.dap_size: {e}"
+    );
+
+    let cfg = ParallelConfig {
+        dap_size: 2,
+        ..Default::default()
+    };
+    let g = ProcessGroups::new(ctx, &cfg)?;
+    let want = GridCoords::new(ctx.rank, 4, 2)?;
+    ensure!(g.coords == want, "coords {:?} != {want:?}", g.coords);
+    ensure!(g.dap.size() == 2 && g.dp.size() == 2, "group sizes");
+    ensure!(
+        g.dap.rank() == want.dap_rank && g.dp.rank() == want.dp_rank,
+        "group ranks"
+    );
+
+    let me = Tensor::new(&[ctx.rank as f64], &Device::Cpu)?;
+    let members = |m: Vec<usize>| -> Result<Tensor> {
+        let v: Vec<f64> = m.into_iter().map(|x| x as f64).collect();
+        Ok(Tensor::new(v.as_slice(), &Device::Cpu)?)
+    };
+    let dap_m = members(want.dap_members())?;
+    let dp_m = members(want.dp_members())?;
+    check("dap all_gather", &g.dap.all_gather(&me, 0)?, &dap_m, 0.0)?;
+    check("dp all_gather", &g.dp.all_gather(&me, 0)?, &dp_m, 0.0)?;
+    check(
+        "dap all_reduce",
+        &g.dap.all_reduce(&me, ReduceOp::Sum)?,
+        &dap_m.sum_keepdim(0)?,
+        0.0,
+    )?;
+    check(
+        "dp all_reduce",
+        &g.dp.all_reduce(&me, ReduceOp::Sum)?,
+        &dp_m.sum_keepdim(0)?,
+        0.0,
+    )?;
+    // Async on two independent communicators at once.
+    let h_dap = g.dap.start_all_gather(&me, 0)?;
+    let h_dp = g.dp.start_all_reduce(&me, ReduceOp::Avg)?;
+    check("async dp avg", &h_dp.wait()?, &dp_m.mean_keepdim(0)?, 0.0)?;
+    check("async dap gather", &h_dap.wait()?, &dap_m, 0.0)?;
+    check(
+        "dp broadcast",
+        &g.dp.broadcast(&me, 1)?,
+        &dp_m.narrow(0, 1, 1)?,
+        0.0,
+    )?;
+    check(
+        "world all_reduce",
+        &g.world.all_reduce(&me, ReduceOp::Sum)?,
+        &Tensor::new(&[6.0f64], &Device::Cpu)?,
+        0.0,
+    )?;
+    g.world.barrier()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// ddp
+// ---------------------------------------------------------------------------------------------
+
+/// Rank `q`'s gradients, sorted by name: a few normal tensors, many tiny ones, a scalar.
+fn grads_for(q: usize, dt: DType) -> Result<Vec<(String, Tensor)>> {
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("a.bias".into(), vec![3]),
+        ("a.weight".into(), vec![4, 5]),
+        ("c.big".into(), vec![37, 3]),
+        ("d.scalar".into(), vec![]),
+    ];
+    for i in 0..12 {
+        shapes.push((format!("b.tiny{i:02}"), vec![1 + i % 2]));
+    }
+    shapes.sort_by(|a, b| a.0.cmp(&b.0));
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, dims))| {
+            let cnt: usize = dims.iter().product();
+            let v: Vec<f64> = (0..cnt)
+                .map(|i| ((q as f64 + 1.0) * 0.37 + k as f64 * 0.11 + i as f64 * 0.7).sin())
+                .collect();
+            Ok((name, Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dt)?))
+        })
+        .collect()
+}
+
+fn ddp(ctx: &ParallelCtx) -> Result<()> {
+    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let (r, n) = (world.rank(), world.size());
+    for dt in [DType::F32, DType::F64] {
+        let mine = grads_for(r, dt)?;
+        let all: Vec<Vec<(String, Tensor)>> =
+            (0..n).map(|q| grads_for(q, dt)).collect::<Result<_>>()?;
+        let want: Vec<Tensor> = (0..mine.len())
+            .map(|k| {
+                let mut s = all[0][k].1.to_dtype(DType::F64)?;
+                for g in &all[1..] {
+                    s = (s + g[k].1.to_dtype(DType::F64)?)?;
+                }
+                Ok((s / n as f64)?.to_dtype(dt)?)
+            })
+            .collect::<Result<_>>()?;
+        let tol = if dt == DType::F32 { 1e-6 } else { 1e-14 };
+        let esz = dt.size_in_bytes();
+        // One element per bucket, buckets cutting tensors, a bucket per few tensors, one bucket.
+        for bucket_bytes in [esz, 7 * esz, 25 * esz, 1 << 20] {
+            let sync = GradSync::with_bucket_bytes(world.clone(), bucket_bytes);
+            let got = sync.all_reduce_mean(&mine)?;
+            ensure!(got.len() == mine.len(), "gradient count");
+            for ((name, g), ((name0, _), w)) in got.iter().zip(mine.iter().zip(&want)) {
+                ensure!(name == name0, "name order {name} vs {name0}");
+                check(
+                    &format!("ddp {dt:?} bucket {bucket_bytes}B {name}"),
+                    g,
+                    w,
+                    tol,
+                )?;
+            }
+            let norm = global_grad_norm(&got)?;
+            let want_norm = global_grad_norm(
+                &mine
+                    .iter()
+                    .zip(&want)
+                    .map(|((nm, _), w)| (nm.clone(), w.clone()))
+                    .collect::<Vec<_>>(),
+            )?;
+            ensure!(
+                (norm - want_norm).abs() <= 1e-5 * want_norm,
+                "grad norm {norm} vs {want_norm}"
+            );
+        }
+        // Scaled sum (DAP convention): a "sharded" parameter gets sum * dap/world.
+        let sync = GradSync::new(world.clone(), 25);
+        let got =
+            sync.all_reduce_scaled(&mine, &|name| dap_grad_scale(name.starts_with("c."), n, n))?;
+        for ((name, g), w) in got.iter().zip(&want) {
+            let w = if name.starts_with("c.") {
+                (w.to_dtype(DType::F64)? * n as f64)?.to_dtype(dt)?
+            } else {
+                w.clone()
+            };
+            check(&format!("scaled {name}"), g, &w, tol * n as f64)?;
+        }
+        // Unsorted input is rejected on every rank (before any communication).
+        let mut unsorted = mine.clone();
+        unsorted.swap(0, 1);
+        ensure!(
+            sync.all_reduce_mean(&unsorted).is_err(),
+            "unsorted gradients must be rejected"
+        );
+    }
+    let m = mean_to_root(world.as_ref(), &[r as f64, 2.0 * r as f64], 0)?;
+    let mean_r = (n - 1) as f64 / 2.0;
+    match (r, m) {
+        (0, Some(v)) => ensure!(v == vec![mean_r, 2.0 * mean_r], "metrics mean {v:?}"),
+        (0, None) => bail!("root got no metrics"),
+        (_, Some(_)) => bail!("non-root got metrics"),
+        (_, None) => {}
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// dap
+// ---------------------------------------------------------------------------------------------
+
+const S: usize = 4;
+const R: usize = 5;
+const C: usize = 3;
+
+fn det(dims: &[usize], seed: f64) -> Result<Tensor> {
+    let cnt: usize = dims.iter().product();
+    let v: Vec<f64> = (0..cnt).map(|i| (seed + 0.731 * i as f64).sin()).collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+}
+
+/// `[a, b, C] x [C, C]`.
+fn mm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (a, b, c) = x.dims3()?;
+    Ok(x.reshape((a * b, c))?.matmul(w)?.reshape((a, b, c))?)
+}
+
+/// Input `x` (one sample) and parameters: `w0`, `w3` act on replicated tensors (before `scatter`,
+/// after `gather`), `w1`, `w2` on DAP shards.
+struct Params {
+    x: Var,
+    w0: Var,
+    w1: Var,
+    w2: Var,
+    w3: Var,
+}
+
+impl Params {
+    fn new(sample: usize) -> Result<Self> {
+        Ok(Self {
+            x: Var::from_tensor(&det(&[S, R, C], 0.3 + sample as f64)?)?,
+            w0: Var::from_tensor(&det(&[C], 0.7)?)?,
+            w1: Var::from_tensor(&det(&[C, C], 1.1)?)?,
+            w2: Var::from_tensor(&det(&[C, C], 2.3)?)?,
+            w3: Var::from_tensor(&det(&[C], 3.9)?)?,
+        })
+    }
+
+    /// Sorted `(name, grad)` of the parameters (not `x`).
+    fn grads(&self, gs: &candle_core::backprop::GradStore) -> Result<Vec<(String, Tensor)>> {
+        [
+            ("w0", &self.w0),
+            ("w1", &self.w1),
+            ("w2", &self.w2),
+            ("w3", &self.w3),
+        ]
+        .into_iter()
+        .map(|(n, v)| {
+            let g = gs.get(v.as_tensor()).cloned();
+            Ok((
+                n.to_string(),
+                g.with_context(|| format!("missing gradient of {n}"))?,
+            ))
+        })
+        .collect()
+    }
+}
+
+/// DAP-sharded parameters (their per-rank gradients are partial).
+fn is_sharded(name: &str) -> bool {
+    name == "w1" || name == "w2"
+}
+
+/// The single-rank function: row-wise softmax over residues, column-wise softmax over sequences.
+fn reference(p: &Params, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let x = p.x.broadcast_mul(&p.w0)?;
+    let h = mm(&x, &p.w1)?;
+    let a = candle_nn::ops::softmax(&h, 1)?;
+    let c = candle_nn::ops::softmax(&(a * 3.0)?, 0)?;
+    let y = mm(&c, &p.w2)?.broadcast_mul(&p.w3)?;
+    let loss = (&y * g)?.sum_all()?;
+    Ok((y, loss))
+}
+
+/// The same function with the MSA-like tensor sharded over the DAP group: rows (dim 0) sharded for
+/// the row op, columns (dim 1, padded to a multiple of the group size) for the column op.
+fn distributed(dap: &Dap, p: &Params, g: &Tensor, asynchronous: bool) -> Result<(Tensor, Tensor)> {
+    let n = dap.size();
+    let x = p.x.broadcast_mul(&p.w0)?; // replicated compute
+    let xp = pad_to_multiple(&x, 1, n)?; // [S, Rp, C]
+    let mask = pad_mask(R, n, DType::F64, &Device::Cpu)?;
+    let rp = mask.dims1()?;
+    let bias = ((mask - 1.0)? * 1e9)?.reshape((1, rp, 1))?;
+    let xr = dap.scatter(&xp, 0)?; // [S/n, Rp, C]
+    let h = mm(&xr, &p.w1)?;
+    let a = candle_nn::ops::softmax(&h.broadcast_add(&bias)?, 1)?;
+    let ac = if asynchronous {
+        let pending = dap.start_row_to_col(&a, 0, 1)?;
+        let _overlap = mm(&xr, &p.w2)?; // independent compute while the all-to-all is in flight
+        pending.wait()?
+    } else {
+        dap.row_to_col(&a, 0, 1)? // [S, Rp/n, C]
+    };
+    let c = candle_nn::ops::softmax(&(ac * 3.0)?, 0)?;
+    let y = mm(&c, &p.w2)?;
+    let yr = if asynchronous {
+        dap.start_col_to_row(&y, 0, 1)?.wait()?
+    } else {
+        dap.col_to_row(&y, 0, 1)? // [S/n, Rp, C]
+    };
+    let yf = if asynchronous {
+        dap.start_gather(&yr, 0)?.wait()?
+    } else {
+        dap.gather(&yr, 0)? // [S, Rp, C]
+    };
+    let y = unpad(&yf, 1, R)?.broadcast_mul(&p.w3)?; // replicated compute
+    let loss = (&y * g)?.sum_all()?;
+    Ok((y, loss))
+}
+
+fn dap(ctx: &ParallelCtx) -> Result<()> {
+    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    ensure!(
+        S.is_multiple_of(world.size()),
+        "the dap case needs a group size dividing {S}"
+    );
+    let g = det(&[S, R, C], 4.7)?;
+
+    // Single-rank reference, computed locally.
+    let p = Params::new(0)?;
+    let (y_ref, loss_ref) = reference(&p, &g)?;
+    let gs = loss_ref.backward()?;
+    let gx_ref = gs.get(p.x.as_tensor()).cloned().context("grad x")?;
+    let grads_ref = p.grads(&gs)?;
+
+    let modes = [
+        ("sync", false, Overlap::DualityAsync),
+        ("async", true, Overlap::DualityAsync),
+        ("async-overlap-off", true, Overlap::Off),
+    ];
+    for (tag, asynchronous, overlap) in modes {
+        let dap = Dap::with_overlap(world.clone(), overlap);
+        let p = Params::new(0)?;
+        let (y, loss) = distributed(&dap, &p, &g, asynchronous)?;
+        check(&format!("{tag} forward y"), &y, &y_ref, 1e-12)?;
+        check(&format!("{tag} loss"), &loss, &loss_ref, 1e-12)?;
+        let gs = loss.backward()?;
+        // x is replicated (enters through scatter): its gradient is complete on every rank.
+        let gx = gs.get(p.x.as_tensor()).cloned().context("grad x")?;
+        check(&format!("{tag} grad x"), &gx, &gx_ref, 1e-12)?;
+        for ((name, gr), (_, want)) in p.grads(&gs)?.iter().zip(&grads_ref) {
+            // Sharded parameters hold partial gradients: sum over the DAP group. Replicated ones
+            // are complete already.
+            let got = if is_sharded(name) {
+                dap.comm().all_reduce(gr, ReduceOp::Sum)?
+            } else {
+                gr.clone()
+            };
+            check(&format!("{tag} grad {name}"), &got, want, 1e-12)?;
+        }
+    }
+    // scatter/gather along the last dim: d/dv sum((2v)^2) = 8v, complete on every rank.
+    let dap = Dap::new(world.clone());
+    let v = Var::from_tensor(&det(&[2, 3 * world.size()], 9.1)?)?;
+    let shard = dap.scatter(&v, 1)?;
+    let full = dap.gather(&(&shard * 2.0)?, 1)?;
+    let gs = full.sqr()?.sum(D::Minus1)?.sum_all()?.backward()?;
+    let want = (v.as_tensor() * 8.0)?;
+    let got = gs.get(v.as_tensor()).cloned().context("grad v")?;
+    check("scatter/gather dim 1 grad", &got, &want, 1e-12)?;
+    Ok(())
+}
+
+/// DAP inside data parallelism: a `dp × 2` grid, each DP replica a different sample, parameter
+/// gradients reduced once over the world with the DAP convention; they must equal the mean over
+/// samples of the single-rank gradients.
+fn dap_dp(ctx: &ParallelCtx) -> Result<()> {
+    let cfg = ParallelConfig {
+        dap_size: 2,
+        ..Default::default()
+    };
+    let groups = ProcessGroups::new(ctx, &cfg)?;
+    let co = groups.coords;
+    let g = det(&[S, R, C], 4.7)?;
+    // Reference: mean over the dp_size samples of single-rank gradients.
+    let mut want: Vec<(String, Tensor)> = Vec::new();
+    for sample in 0..co.dp_size {
+        let p = Params::new(sample)?;
+        let (_, loss) = reference(&p, &g)?;
+        let gr = p.grads(&loss.backward()?)?;
+        if want.is_empty() {
+            want = gr;
+        } else {
+            for ((_, w), (_, x)) in want.iter_mut().zip(&gr) {
+                *w = (&*w + x)?;
+            }
+        }
+    }
+    for (_, w) in want.iter_mut() {
+        *w = (&*w / co.dp_size as f64)?;
+    }
+    let dap = Dap::new(groups.dap.clone());
+    let p = Params::new(co.dp_rank)?;
+    let (_, loss) = distributed(&dap, &p, &g, true)?;
+    let local = p.grads(&loss.backward()?)?;
+    let sync = GradSync::new(groups.world.clone(), 25);
+    let (dap_size, world_size) = (co.dap_size, co.world_size);
+    let got = sync.all_reduce_scaled(&local, &|name| {
+        dap_grad_scale(is_sharded(name), dap_size, world_size)
+    })?;
+    for ((name, gr), (_, w)) in got.iter().zip(&want) {
+        check(&format!("dap x dp grad {name}"), gr, w, 1e-12)?;
+    }
+    // Loss averaged to rank 0 over the DP replicas (one DAP rank per replica reports).
+    let l = loss.to_scalar::<f64>()?;
+    let m = mean_to_root(groups.world.as_ref(), &[l], 0)?;
+    if let Some(m) = m {
+        let mut want_l = 0.0;
+        for sample in 0..co.dp_size {
+            want_l += reference(&Params::new(sample)?, &g)?.1.to_scalar::<f64>()?;
+        }
+        want_l /= co.dp_size as f64;
+        ensure!(
+            (m[0] - want_l).abs() <= 1e-12,
+            "mean loss {} vs {want_l}",
+            m[0]
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// panic-rank1
+// ---------------------------------------------------------------------------------------------
+
+fn panic_rank1(ctx: &ParallelCtx) -> Result<()> {
+    let world = MpiComm::world(ctx)?;
+    world.barrier()?;
+    if ctx.rank == 1 {
+        panic!("selftest: deliberate panic on rank 1");
+    }
+    // Without the abort-on-panic policy this would wait forever for rank 1.
+    let x = Tensor::ones(4, DType::F32, &Device::Cpu)?;
+    world.all_reduce(&x, ReduceOp::Sum)?;
+    bail!(
+        "rank {} returned from a collective that rank 1 never joined",
+        ctx.rank
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench (timings, not a test)
+// ---------------------------------------------------------------------------------------------
+
+/// Median wall time (ms) of `f` over 5 runs after one warm-up, ranks aligned by a barrier.
+fn median_ms(comm: &dyn Communicator, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut ts = Vec::new();
+    for _ in 0..5 {
+        comm.barrier()?;
+        let t = std::time::Instant::now();
+        f()?;
+        ts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[2])
+}
+
+fn bench(ctx: &ParallelCtx) -> Result<()> {
+    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let c = world.as_ref();
+    let mut lines = Vec::new();
+    let x = Tensor::ones(10_000_000, DType::F32, &Device::Cpu)?;
+    let t = median_ms(c, &mut || {
+        c.all_reduce(&x, ReduceOp::Sum)?;
+        Ok(())
+    })?;
+    lines.push(format!("all_reduce 10M f32 blocking: {t:.1} ms"));
+    let raw = vec![1.0f64; 5_000_000];
+    let t = median_ms(c, &mut || {
+        ctx.all_reduce_sum_f64(&raw);
+        Ok(())
+    })?;
+    lines.push(format!(
+        "raw MPI all_reduce 5M f64 (same 40 MB, no tensor copies): {t:.1} ms"
+    ));
+    let t = median_ms(c, &mut || {
+        c.start_all_reduce(&x, ReduceOp::Sum)?.wait()?;
+        Ok(())
+    })?;
+    lines.push(format!("all_reduce 10M f32 start+wait: {t:.1} ms"));
+    let grads: Vec<(String, Tensor)> = (0..10)
+        .map(|i| {
+            Ok((
+                format!("p{i:02}"),
+                Tensor::ones(1_000_000, DType::F32, &Device::Cpu)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let sync = GradSync::new(world.clone(), 25);
+    let t = median_ms(c, &mut || {
+        sync.all_reduce_mean(&grads)?;
+        Ok(())
+    })?;
+    lines.push(format!("GradSync 10x1M f32, 25 MiB buckets: {t:.1} ms"));
+    // DAP all-to-all of a pair-like activation [256/n, 256, 128] vs independent compute.
+    let n = c.size();
+    let dap = Dap::new(world.clone());
+    let z = Tensor::ones((256 / n, 256, 128), DType::F32, &Device::Cpu)?;
+    let w = Tensor::ones((128, 128), DType::F32, &Device::Cpu)?;
+    let compute = || -> Result<Tensor> { Ok(z.reshape((256 / n * 256, 128))?.matmul(&w)?) };
+    let t_comm = median_ms(c, &mut || {
+        dap.row_to_col(&z, 0, 1)?;
+        Ok(())
+    })?;
+    let t_comp = median_ms(c, &mut || {
+        compute()?;
+        Ok(())
+    })?;
+    let t_over = median_ms(c, &mut || {
+        let p = dap.start_row_to_col(&z, 0, 1)?;
+        compute()?;
+        p.wait()?;
+        Ok(())
+    })?;
+    lines.push(format!(
+        "DAP row_to_col [256/{n},256,128] f32: {t_comm:.1} ms; matmul {t_comp:.1} ms; \
+         started+matmul+wait {t_over:.1} ms (sequential sum {:.1} ms)",
+        t_comm + t_comp
+    ));
+    if ctx.rank == 0 {
+        for l in lines {
+            println!("BENCH np{n} {l}");
+        }
+    }
+    Ok(())
+}

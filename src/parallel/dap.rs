@@ -1,0 +1,421 @@
+//! Dynamic Axial Parallelism (DAP, FastFold, Cheng et al. 2022): collectives as differentiable ops.
+//!
+//! Inside a DAP group of `n` ranks the activations of one sample are sharded along one axis.
+//! Parameters are replicated. Compute outside the sharded region (input embedding before
+//! [`Dap::scatter`], structure module and losses after [`Dap::gather`]) is replicated: every rank
+//! computes the same values and the same loss `L`.
+//!
+//! # Gradient convention (the invariant the backward passes keep)
+//! After backward, each rank holds, for every tensor `T` of the graph:
+//! - if `T` is replicated: the full true gradient `∂L/∂T` (identical on all ranks);
+//! - if `T` is a shard `T_r` of a sharded tensor: the true gradient of its own shard, `∂L/∂T_r`.
+//!
+//! With that invariant the backward rules follow from the chain rule:
+//! - `scatter(X, dim)`: `X_r = chunk_r(X)`. `∂L/∂X = concat_r(∂L/∂X_r)` (the chunks are disjoint
+//!   slices of `X`): each rank has one chunk, so **bwd = all_gather along `dim`**.
+//! - `gather(X_r, dim)`: `Y = concat_r(X_r)` on every rank, then replicated compute of the *same*
+//!   `L` on every rank. `∂L/∂X_r = chunk_r(∂L/∂Y)`, and `∂L/∂Y` is already complete on every rank,
+//!   so **bwd = keep the own chunk** (no communication). A reduce-scatter here would be wrong:
+//!   it would sum `n` identical copies and give `n · ∂L/∂X_r`. (Reduce-scatter is the right
+//!   backward only when each rank computes a *different* loss term `L_r` with `L = Σ_r L_r`,
+//!   which this framework does not do.)
+//! - `row_to_col` / `col_to_row`: an all-to-all is a permutation of the elements across ranks, so
+//!   its adjoint is the inverse permutation: **bwd = the inverse all-to-all** (split and concat
+//!   dims swapped).
+//! - A replicated parameter `θ` used on shards: `∂L/∂θ = Σ_r (∂L/∂θ through shard r)`; each rank's
+//!   autograd sees only its own term, so such gradients must be **summed over the DAP group**
+//!   (done once per step together with the DP average: [`super::ddp::dap_grad_scale`]).
+//!   Parameters used only in replicated compute already hold the full gradient.
+//!
+//! # Collective order
+//! Forward ops issue their collective when applied; backward ops issue theirs when candle's
+//! backward reaches them. candle walks the graph in an order determined by the graph's structure
+//! only, so identical graphs on all ranks of the group (same model, same shapes) issue the same
+//! collectives in the same order. Every rank must therefore build the same graph, and a tensor that
+//! needs a gradient on one rank must need it on all.
+//!
+//! # Duality async
+//! `start_row_to_col` / `start_col_to_row` / `start_gather` issue the all-to-all (all-gather) now
+//! and return a [`DapPending`]; compute that does not depend on the result can run before
+//! [`DapPending::wait`], which completes the transfer and returns a tensor that autograd sees as
+//! the op's output (its backward is the same synchronous inverse collective).
+//!
+//! # Uneven sizes
+//! All sharded dims must be divisible by `n`: pad with [`pad_to_multiple`] (zeros), mask padded
+//! positions where they would change results (softmax keys, means) with [`pad_mask`], and drop them
+//! with [`unpad`] after the final `gather`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::comm::{check_all_to_all, check_dim, comm_err, CommHandle, Communicator};
+use crate::config::Overlap;
+use crate::error::Result;
+
+/// DAP collectives over one DAP group.
+#[derive(Debug, Clone)]
+pub struct Dap {
+    comm: Arc<dyn Communicator>,
+    overlap: Overlap,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Scatter { dim: usize },
+    Gather { dim: usize },
+    AllToAll { split_dim: usize, concat_dim: usize },
+}
+
+impl Dap {
+    /// DAP over `comm` with duality-async overlap.
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self::with_overlap(comm, Overlap::DualityAsync)
+    }
+
+    /// DAP over `comm`; with `Overlap::Off` (`parallel.overlap = "off"`) the `start_*` methods run
+    /// the collective to completion at once (same results, no overlap: for debugging/timing).
+    pub fn with_overlap(comm: Arc<dyn Communicator>, overlap: Overlap) -> Self {
+        Self { comm, overlap }
+    }
+
+    /// Ranks in the DAP group.
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// This rank's index in the DAP group (= which shard it holds).
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// Replicated → sharded: keep this rank's chunk of `dim` (bwd: all_gather).
+    pub fn scatter(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        self.check_divisible(x, dim, "scatter")?;
+        self.apply(x, Kind::Scatter { dim }, None)
+    }
+
+    /// Sharded → replicated: all_gather along `dim` (bwd: keep the own chunk; module docs).
+    pub fn gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        check_dim(x, dim, "gather", self.rank())?;
+        self.apply(x, Kind::Gather { dim }, None)
+    }
+
+    /// Sharded along `row_dim` → sharded along `col_dim` (all_to_all split `col_dim`, concat
+    /// `row_dim`); bwd: [`Dap::col_to_row`].
+    pub fn row_to_col(&self, x: &Tensor, row_dim: usize, col_dim: usize) -> Result<Tensor> {
+        self.all_to_all(x, col_dim, row_dim, None)
+    }
+
+    /// Sharded along `col_dim` → sharded along `row_dim`; bwd: [`Dap::row_to_col`].
+    pub fn col_to_row(&self, x: &Tensor, row_dim: usize, col_dim: usize) -> Result<Tensor> {
+        self.all_to_all(x, row_dim, col_dim, None)
+    }
+
+    /// Asynchronous [`Dap::row_to_col`]: issue now, [`DapPending::wait`] later.
+    pub fn start_row_to_col(
+        &self,
+        x: &Tensor,
+        row_dim: usize,
+        col_dim: usize,
+    ) -> Result<DapPending> {
+        self.start_all_to_all(x, col_dim, row_dim)
+    }
+
+    /// Asynchronous [`Dap::col_to_row`].
+    pub fn start_col_to_row(
+        &self,
+        x: &Tensor,
+        row_dim: usize,
+        col_dim: usize,
+    ) -> Result<DapPending> {
+        self.start_all_to_all(x, row_dim, col_dim)
+    }
+
+    /// Asynchronous [`Dap::gather`].
+    pub fn start_gather(&self, x: &Tensor, dim: usize) -> Result<DapPending> {
+        check_dim(x, dim, "gather", self.rank())?;
+        let x = x.contiguous()?;
+        let handle = if self.size() == 1 {
+            CommHandle::ready(x.clone())
+        } else if self.overlap == Overlap::Off {
+            CommHandle::ready(self.comm.all_gather(&x, dim)?)
+        } else {
+            self.comm.start_all_gather(&x, dim)?
+        };
+        Ok(DapPending {
+            dap: self.clone(),
+            x,
+            kind: Kind::Gather { dim },
+            handle,
+        })
+    }
+
+    fn start_all_to_all(
+        &self,
+        x: &Tensor,
+        split_dim: usize,
+        concat_dim: usize,
+    ) -> Result<DapPending> {
+        check_all_to_all(x, split_dim, concat_dim, self.size(), self.rank())?;
+        let x = x.contiguous()?;
+        let handle = if self.size() == 1 {
+            CommHandle::ready(x.clone())
+        } else if self.overlap == Overlap::Off {
+            CommHandle::ready(self.comm.all_to_all(&x, split_dim, concat_dim)?)
+        } else {
+            self.comm.start_all_to_all(&x, split_dim, concat_dim)?
+        };
+        Ok(DapPending {
+            dap: self.clone(),
+            x,
+            kind: Kind::AllToAll {
+                split_dim,
+                concat_dim,
+            },
+            handle,
+        })
+    }
+
+    fn all_to_all(
+        &self,
+        x: &Tensor,
+        split_dim: usize,
+        concat_dim: usize,
+        ready: Option<Tensor>,
+    ) -> Result<Tensor> {
+        check_all_to_all(x, split_dim, concat_dim, self.size(), self.rank())?;
+        self.apply(
+            x,
+            Kind::AllToAll {
+                split_dim,
+                concat_dim,
+            },
+            ready,
+        )
+    }
+
+    fn check_divisible(&self, x: &Tensor, dim: usize, what: &str) -> Result<()> {
+        check_dim(x, dim, what, self.rank())?;
+        if self.size() == 0 || !x.dims()[dim].is_multiple_of(self.size()) {
+            return Err(comm_err(
+                self.rank(),
+                format!(
+                    "dap {what}: dim {dim} of shape {:?} is not divisible by dap_size {} (use pad_to_multiple)",
+                    x.dims(),
+                    self.size()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply the op as a candle `CustomOp1` (so autograd records it). A group of one rank is the
+    /// identity. `ready` is the already-computed forward result (async path).
+    fn apply(&self, x: &Tensor, kind: Kind, ready: Option<Tensor>) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let op = DapOp {
+            comm: self.comm.clone(),
+            kind,
+            ready: Mutex::new(ready),
+        };
+        Ok(x.contiguous()?.apply_op1(op)?)
+    }
+}
+
+/// A DAP collective in flight (duality async). Dropping it completes the transfer.
+#[must_use = "call wait() to get the result"]
+pub struct DapPending {
+    dap: Dap,
+    x: Tensor,
+    kind: Kind,
+    handle: CommHandle,
+}
+
+impl DapPending {
+    /// Complete the collective; the result is differentiable with respect to the input.
+    pub fn wait(self) -> Result<Tensor> {
+        let out = self.handle.wait()?;
+        self.dap.apply(&self.x, self.kind, Some(out))
+    }
+}
+
+/// This rank's chunk of `dim` (size must divide it).
+fn own_chunk(x: &Tensor, dim: usize, rank: usize, size: usize) -> Result<Tensor> {
+    let c = x.dims()[dim] / size;
+    Ok(x.narrow(dim, rank * c, c)?)
+}
+
+/// The autograd node of one DAP collective.
+struct DapOp {
+    comm: Arc<dyn Communicator>,
+    kind: Kind,
+    /// Forward result computed ahead of time (async path); taken by `cpu_fwd`.
+    ready: Mutex<Option<Tensor>>,
+}
+
+fn to_candle(e: crate::error::Error) -> candle_core::Error {
+    match e {
+        crate::error::Error::Candle(c) => c,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}
+
+impl DapOp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rank, size) = (self.comm.rank(), self.comm.size());
+        match self.kind {
+            Kind::Scatter { dim } => own_chunk(x, dim, rank, size),
+            Kind::Gather { dim } => self.comm.all_gather(x, dim),
+            Kind::AllToAll {
+                split_dim,
+                concat_dim,
+            } => self.comm.all_to_all(x, split_dim, concat_dim),
+        }
+    }
+}
+
+impl CustomOp1 for DapOp {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Scatter { .. } => "dap-scatter",
+            Kind::Gather { .. } => "dap-gather",
+            Kind::AllToAll { .. } => "dap-all-to-all",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ready = self
+            .ready
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dap op: poisoned lock".into()))?
+            .take();
+        let out = match ready {
+            Some(t) => t,
+            None => {
+                let x = cpu_tensor(storage, layout)?;
+                self.forward(&x).map_err(to_candle)?
+            }
+        };
+        into_cpu_storage(&out)
+    }
+
+    // TODO(cuda): `cuda_fwd` calling the NCCL communicator on the tensor's stream.
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (rank, size) = (self.comm.rank(), self.comm.size());
+        let g = match self.kind {
+            Kind::Scatter { dim } => self.comm.all_gather(&grad.contiguous()?, dim),
+            Kind::Gather { dim } => own_chunk(grad, dim, rank, size),
+            Kind::AllToAll {
+                split_dim,
+                concat_dim,
+            } => self
+                .comm
+                .all_to_all(&grad.contiguous()?, concat_dim, split_dim),
+        }
+        .map_err(to_candle)?;
+        Ok(Some(g))
+    }
+}
+
+/// A tensor (copy) of a CPU storage region.
+fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("dap op: non-contiguous input".into()))?;
+    let shape = layout.shape();
+    let dev = &Device::Cpu;
+    match storage {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], shape, dev),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], shape, dev),
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], shape, dev),
+        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], shape, dev),
+        _ => Err(candle_core::Error::Msg(
+            "dap op: only f32/f64/bf16/f16 tensors".into(),
+        )),
+    }
+}
+
+fn into_cpu_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let flat = t.flatten_all()?;
+    let s = match t.dtype() {
+        DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+        DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "dap op: unsupported dtype {other:?}"
+            )))
+        }
+    };
+    Ok((s, t.shape().clone()))
+}
+
+/// `n` rounded up to a multiple of `multiple`.
+pub fn padded_len(n: usize, multiple: usize) -> usize {
+    n.div_ceil(multiple.max(1)) * multiple.max(1)
+}
+
+/// Zero-pad `dim` at the end up to a multiple of `multiple` (the DAP size).
+pub fn pad_to_multiple(x: &Tensor, dim: usize, multiple: usize) -> Result<Tensor> {
+    let n = x.dims()[dim];
+    let extra = padded_len(n, multiple) - n;
+    if extra == 0 {
+        Ok(x.clone())
+    } else {
+        Ok(x.pad_with_zeros(dim, 0, extra)?)
+    }
+}
+
+/// `[padded_len(n, multiple)]` mask: 1 for the `n` real positions, 0 for padding.
+pub fn pad_mask(n: usize, multiple: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let p = padded_len(n, multiple);
+    let v: Vec<f32> = (0..p).map(|i| if i < n { 1.0 } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(v, p, device)?.to_dtype(dtype)?)
+}
+
+/// Drop the padding of `dim` (keep the first `n`).
+pub fn unpad(x: &Tensor, dim: usize, n: usize) -> Result<Tensor> {
+    Ok(x.narrow(dim, 0, n)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_helpers() {
+        assert_eq!(padded_len(5, 2), 6);
+        assert_eq!(padded_len(6, 4), 8);
+        assert_eq!(padded_len(8, 4), 8);
+        let x = Tensor::ones((3, 5), DType::F64, &Device::Cpu).unwrap();
+        let p = pad_to_multiple(&x, 1, 4).unwrap();
+        assert_eq!(p.dims(), &[3, 8]);
+        let m = pad_mask(5, 4, DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            m.to_vec1::<f64>().unwrap(),
+            vec![1., 1., 1., 1., 1., 0., 0., 0.]
+        );
+        // padded entries are zero, real ones untouched
+        let row = p.get(0).unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(row, m.to_vec1::<f64>().unwrap());
+        assert_eq!(unpad(&p, 1, 5).unwrap().dims(), &[3, 5]);
+    }
+}

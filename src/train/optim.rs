@@ -1,0 +1,342 @@
+//! Adam (Kingma & Ba 2015) with state that can be checkpointed, global-norm gradient clipping, and
+//! the exponential moving average of the weights (AF2 supplement 1.11.3 and 1.11.7).
+//!
+//! Parameters, gradients, moments and EMA weights are all keyed by parameter name in `BTreeMap`s, so
+//! every loop visits them in sorted name order (deterministic across processes).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::config::OptimConfig;
+use crate::error::{Error, Result};
+
+/// Named trainable parameters (fp32 master weights).
+pub type Params = BTreeMap<String, Var>;
+/// Named gradients (same names as [`Params`]; a parameter without gradient is absent).
+pub type Grads = BTreeMap<String, Tensor>;
+
+/// The variables of a candle `VarMap` (what `VarBuilder::from_varmap` creates), sorted by name. The
+/// `Var`s are shared, not copied: updating them updates the model.
+pub fn params_from_varmap(vm: &candle_nn::VarMap) -> Result<Params> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Train("the VarMap lock is poisoned".into()))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// Adam without weight decay, as in AF2 (beta1 0.9, beta2 0.999, eps 1e-6).
+///
+/// Update for a parameter with gradient `g` at its `t`-th update (PyTorch `torch.optim.Adam` form):
+/// `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`,
+/// `p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)`.
+/// A parameter without gradient in a step is left alone (moments and its step count unchanged), as
+/// PyTorch does for `grad is None`.
+#[derive(Debug, Clone)]
+pub struct Adam {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// First moments (`exp_avg`), same dtype/shape as the parameters.
+    pub m: BTreeMap<String, Tensor>,
+    /// Second moments (`exp_avg_sq`).
+    pub v: BTreeMap<String, Tensor>,
+    /// Number of updates applied to each parameter (bias correction).
+    pub steps: BTreeMap<String, u64>,
+}
+
+impl Adam {
+    /// Zero moments for every parameter.
+    pub fn new(params: &Params, cfg: &OptimConfig) -> Result<Self> {
+        let mut m = BTreeMap::new();
+        let mut v = BTreeMap::new();
+        let mut steps = BTreeMap::new();
+        for (name, p) in params {
+            m.insert(name.clone(), p.as_tensor().zeros_like()?);
+            v.insert(name.clone(), p.as_tensor().zeros_like()?);
+            steps.insert(name.clone(), 0);
+        }
+        Ok(Self {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            m,
+            v,
+            steps,
+        })
+    }
+
+    /// Apply one update with learning rate `lr` to every parameter that has a gradient.
+    pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
+        for (name, p) in params {
+            let Some(g) = grads.get(name) else { continue };
+            let (Some(m), Some(v), Some(t)) = (
+                self.m.get_mut(name),
+                self.v.get_mut(name),
+                self.steps.get_mut(name),
+            ) else {
+                return Err(Error::Train(format!(
+                    "Adam has no state for parameter `{name}`"
+                )));
+            };
+            let g = if g.dtype() == p.dtype() {
+                g.clone()
+            } else {
+                g.to_dtype(p.dtype())?
+            };
+            *t += 1;
+            let tt = i32::try_from(*t).unwrap_or(i32::MAX);
+            let bc1 = 1.0 - self.beta1.powi(tt);
+            let bc2 = 1.0 - self.beta2.powi(tt);
+            let new_m = (m.affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
+            let new_v = (v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
+            let denom = new_v.sqrt()?.affine(1.0 / bc2.sqrt(), self.eps)?;
+            let update = (new_m.div(&denom)?).affine(lr / bc1, 0.0)?;
+            let new_p = p.as_tensor().sub(&update)?;
+            p.set(&new_p)?;
+            *m = new_m;
+            *v = new_v;
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of all gradients, accumulated in f64 in sorted name order. One device-to-host
+/// transfer for all tensors.
+pub fn global_grad_norm(grads: &Grads) -> Result<f64> {
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    let sums = grads
+        .values()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let per_tensor = Tensor::stack(&sums, 0)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(per_tensor.iter().sum::<f64>().sqrt())
+}
+
+/// Scale the gradients so that their global L2 norm is at most `max_norm` (PyTorch
+/// `clip_grad_norm_` rule: coefficient `max_norm / (norm + 1e-6)`, applied only when below 1).
+/// `norm` is the pre-clipping global norm from [`global_grad_norm`]. Returns the coefficient used.
+pub fn clip_grads(grads: &mut Grads, norm: f64, max_norm: f64) -> Result<f64> {
+    let coef = max_norm / (norm + 1e-6);
+    if coef >= 1.0 {
+        return Ok(1.0);
+    }
+    for g in grads.values_mut() {
+        *g = g.affine(coef, 0.0)?;
+    }
+    Ok(coef)
+}
+
+/// Exponential moving average of the weights, used for evaluation:
+/// `ema -= (1 - decay) * (ema - p)` after every applied update (OpenFold's form).
+#[derive(Debug, Clone)]
+pub struct Ema {
+    pub decay: f64,
+    pub weights: BTreeMap<String, Tensor>,
+}
+
+impl Ema {
+    /// Start from a copy of the current parameters.
+    pub fn new(params: &Params, decay: f64) -> Result<Self> {
+        let weights = params
+            .iter()
+            .map(|(n, p)| Ok((n.clone(), p.as_tensor().copy()?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Self { decay, weights })
+    }
+
+    /// Move the average towards the current parameters.
+    pub fn update(&mut self, params: &Params) -> Result<()> {
+        for (name, p) in params {
+            let Some(w) = self.weights.get_mut(name) else {
+                return Err(Error::Train(format!(
+                    "EMA has no weight for parameter `{name}`"
+                )));
+            };
+            let diff = w
+                .sub(&p.as_detached_tensor())?
+                .affine(1.0 - self.decay, 0.0)?;
+            *w = w.sub(&diff)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn params(vals: &[(&str, Vec<f32>)]) -> Params {
+        vals.iter()
+            .map(|(n, v)| {
+                let t = Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
+                (n.to_string(), Var::from_tensor(&t).unwrap())
+            })
+            .collect()
+    }
+
+    fn grads(vals: &[(&str, Vec<f32>)]) -> Grads {
+        vals.iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn vals(p: &Params, n: &str) -> Vec<f32> {
+        p[n].as_tensor().to_vec1::<f32>().unwrap()
+    }
+
+    /// Adam against a scalar f64 re-implementation of the published update rule.
+    #[test]
+    fn adam_matches_reference_rule() {
+        let cfg = OptimConfig::default();
+        let p = params(&[("a", vec![0.5, -1.0, 2.0]), ("b", vec![3.0])]);
+        let mut adam = Adam::new(&p, &cfg).unwrap();
+        let gs = [
+            vec![0.1f32, -0.2, 0.3],
+            vec![-0.05, 0.4, 0.0],
+            vec![1.0, 1.0, -2.0],
+        ];
+        let lrs = [1e-2, 5e-3, 2e-2];
+        // Reference, f64 scalars.
+        let mut rp = [0.5f64, -1.0, 2.0];
+        let mut rm = [0.0f64; 3];
+        let mut rv = [0.0f64; 3];
+        for (t, (g, lr)) in gs.iter().zip(lrs).enumerate() {
+            // "b" gets no gradient: must stay untouched.
+            adam.step(&p, &grads(&[("a", g.clone())]), lr).unwrap();
+            let t = t as i32 + 1;
+            for i in 0..3 {
+                let gi = f64::from(g[i]);
+                rm[i] = 0.9 * rm[i] + 0.1 * gi;
+                rv[i] = 0.999 * rv[i] + 0.001 * gi * gi;
+                let bc1 = 1.0 - 0.9f64.powi(t);
+                let bc2 = 1.0 - 0.999f64.powi(t);
+                rp[i] -= lr / bc1 * rm[i] / (rv[i].sqrt() / bc2.sqrt() + 1e-6);
+            }
+        }
+        let got = vals(&p, "a");
+        for i in 0..3 {
+            assert!(
+                (f64::from(got[i]) - rp[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                got[i],
+                rp[i]
+            );
+        }
+        assert_eq!(vals(&p, "b"), vec![3.0]);
+        assert_eq!(adam.steps["a"], 3);
+        assert_eq!(adam.steps["b"], 0);
+        // First Adam step moves each coordinate by ~lr * sign(g) (bias-corrected).
+        let p2 = params(&[("a", vec![0.0, 0.0])]);
+        let mut a2 = Adam::new(&p2, &cfg).unwrap();
+        a2.step(&p2, &grads(&[("a", vec![0.3, -7.0])]), 0.01)
+            .unwrap();
+        let got = vals(&p2, "a");
+        assert!(
+            (got[0] + 0.01).abs() < 1e-6 && (got[1] - 0.01).abs() < 1e-6,
+            "{got:?}"
+        );
+    }
+
+    /// bf16 forward from f32 master weights: gradients arrive in f32 and Adam updates the masters.
+    #[test]
+    fn bf16_forward_f32_master_update() {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let w = vb
+            .get_with_hints((3, 2), "lin.weight", candle_nn::Init::Const(0.5))
+            .unwrap();
+        let _b = vb
+            .get_with_hints(2, "lin.bias", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let p = params_from_varmap(&vm).unwrap();
+        assert_eq!(
+            p.keys().cloned().collect::<Vec<_>>(),
+            vec!["lin.bias".to_string(), "lin.weight".to_string()]
+        );
+        let x = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let y = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .matmul(&w.to_dtype(DType::BF16).unwrap())
+            .unwrap();
+        let loss = y.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        let mut g = Grads::new();
+        for (n, v) in &p {
+            if let Some(t) = store.get(v.as_tensor()) {
+                g.insert(n.clone(), t.clone());
+            }
+        }
+        assert_eq!(g.len(), 1); // the bias is unused
+        assert_eq!(g["lin.weight"].dtype(), DType::F32);
+        let mut adam = Adam::new(&p, &OptimConfig::default()).unwrap();
+        adam.step(&p, &g, 0.1).unwrap();
+        let got = p["lin.weight"].as_tensor().flatten_all().unwrap();
+        let got = got.to_vec1::<f32>().unwrap();
+        // All gradients are positive (x > 0): each weight moves by -lr on the first step.
+        assert!(got.iter().all(|v| (v - 0.4).abs() < 1e-5), "{got:?}");
+        assert_eq!(p["lin.weight"].dtype(), DType::F32);
+        assert_eq!(adam.m["lin.weight"].dtype(), DType::F32);
+    }
+
+    #[test]
+    fn clipping_by_global_norm() {
+        let mut g = grads(&[("a", vec![3.0, 0.0]), ("b", vec![0.0, 4.0])]);
+        let n = global_grad_norm(&g).unwrap();
+        assert!((n - 5.0).abs() < 1e-12);
+        let coef = clip_grads(&mut g, n, 0.1).unwrap();
+        assert!((coef - 0.1 / (5.0 + 1e-6)).abs() < 1e-12);
+        let after = global_grad_norm(&g).unwrap();
+        assert!((after - 0.1).abs() < 1e-6, "{after}");
+        // Direction kept.
+        let a = g["a"].to_vec1::<f32>().unwrap();
+        let b = g["b"].to_vec1::<f32>().unwrap();
+        assert!((a[0] / b[1] - 0.75).abs() < 1e-6);
+        // Below the threshold: untouched.
+        let mut g2 = grads(&[("a", vec![0.01, 0.02])]);
+        let n2 = global_grad_norm(&g2).unwrap();
+        assert_eq!(clip_grads(&mut g2, n2, 0.1).unwrap(), 1.0);
+        assert_eq!(g2["a"].to_vec1::<f32>().unwrap(), vec![0.01, 0.02]);
+        // Non-finite gradients give a non-finite norm (the trainer then skips the step).
+        let g3 = grads(&[("a", vec![f32::NAN, 1.0])]);
+        assert!(!global_grad_norm(&g3).unwrap().is_finite());
+        let g4 = grads(&[("a", vec![f32::INFINITY, 1.0])]);
+        assert!(!global_grad_norm(&g4).unwrap().is_finite());
+    }
+
+    #[test]
+    fn ema_tracks_weights() {
+        let p = params(&[("w", vec![0.0, 10.0])]);
+        let mut ema = Ema::new(&p, 0.9).unwrap();
+        p["w"]
+            .set(&Tensor::new(&[1.0f32, 0.0], &Device::Cpu).unwrap())
+            .unwrap();
+        ema.update(&p).unwrap();
+        let w = ema.weights["w"].to_vec1::<f32>().unwrap();
+        assert!(
+            (w[0] - 0.1).abs() < 1e-6 && (w[1] - 9.0).abs() < 1e-5,
+            "{w:?}"
+        );
+        ema.update(&p).unwrap();
+        let w = ema.weights["w"].to_vec1::<f32>().unwrap();
+        // 0.1 + 0.1 * (1 - 0.1) = 0.19; 9 - 0.1 * 9 = 8.1
+        assert!(
+            (w[0] - 0.19).abs() < 1e-6 && (w[1] - 8.1).abs() < 1e-5,
+            "{w:?}"
+        );
+        // The EMA holds copies, not views of the parameters.
+        assert_eq!(p["w"].as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 0.0]);
+    }
+}
