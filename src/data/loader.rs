@@ -291,11 +291,28 @@ impl Loader {
     /// A loader over a dataset: index `k` samples item `dataset.pick(seed, k)` and featurises it
     /// with stream index `k`.
     pub fn for_dataset(dataset: Arc<Dataset>, data: &DataConfig, features: FeatureConfig, lc: &LoaderConfig, state: &LoaderState) -> Loader {
+        Loader::for_dataset_sharded(dataset, data, features, lc, state, 0, 1)
+    }
+
+    /// [`Loader::for_dataset`] for data-parallel rank `rank` of `world`: local job `k` uses the
+    /// global sample index `k·world + rank`, so ranks never draw the same stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_dataset_sharded(
+        dataset: Arc<Dataset>,
+        data: &DataConfig,
+        features: FeatureConfig,
+        lc: &LoaderConfig,
+        state: &LoaderState,
+        rank: usize,
+        world: usize,
+    ) -> Loader {
         let data = data.clone();
+        let (rank, world) = (rank as u64, world.max(1) as u64);
         let build = move |k: u64| -> Result<Sample> {
-            let i = dataset.pick(features.seed, k);
+            let g = k * world + rank;
+            let i = dataset.pick(features.seed, g);
             let input = dataset.load(i, &data)?;
-            build_sample(&input, &features, k)
+            build_sample(&input, &features, g)
         };
         Loader::start(lc.num_workers, lc.prefetch, lc.order, state, Arc::new(build))
     }

@@ -187,6 +187,27 @@ pub fn mask_msa(tokens: &[u8], width: usize, profile: &[f32], cfg: &FeatureConfi
     (out, bert)
 }
 
+/// Number of positions where `a` and `b` hold the same byte (SIMD-friendly: 32-lane u8
+/// accumulators, flushed before they can overflow).
+pub fn count_equal(a: &[u8], b: &[u8]) -> u32 {
+    const W: usize = 32;
+    let n = a.len().min(b.len());
+    let full = n / W * W;
+    let mut total = 0u32;
+    let mut acc = [0u8; W];
+    for (blk, (ca, cb)) in a[..full].chunks_exact(W).zip(b[..full].chunks_exact(W)).enumerate() {
+        for i in 0..W {
+            acc[i] += u8::from(ca[i] == cb[i]);
+        }
+        if blk % 255 == 254 {
+            total += acc.iter().map(|&x| u32::from(x)).sum::<u32>();
+            acc = [0; W];
+        }
+    }
+    total += acc.iter().map(|&x| u32::from(x)).sum::<u32>();
+    total + a[full..n].iter().zip(&b[full..n]).filter(|(x, y)| x == y).count() as u32
+}
+
 /// `nearest_neighbor_clusters`: each extra row goes to the cluster centre with which it agrees on
 /// the most columns (agreement counted on amino-acid tokens 0..=20 of the centre; gaps and mask
 /// tokens count 0); ties go to the first centre.
@@ -200,7 +221,7 @@ pub fn assign_clusters(centres: &[u8], n_centres: usize, extra: &[u8], n_extra: 
             let mut best_n = -1i64;
             for k in 0..n_centres {
                 let cr = &c[k * width..(k + 1) * width];
-                let n = row.iter().zip(cr).filter(|(a, b)| a == b).count() as i64;
+                let n = count_equal(row, cr) as i64;
                 if n > best_n {
                     best_n = n;
                     best = k;
@@ -211,25 +232,67 @@ pub fn assign_clusters(centres: &[u8], n_centres: usize, extra: &[u8], n_extra: 
         .collect()
 }
 
-/// Per-recycle MSA features over the crop window `[start, start+len)` (unpadded).
-struct MsaFeatures {
-    n_clusters: usize,
-    n_extra: usize,
+/// Recycle-last, padded MSA feature buffers (`[..., R]`), written in place by each recycle.
+struct StackedMsa {
+    r: usize,
+    n: usize,
+    sc: usize,
+    se: usize,
     msa_feat: Vec<f32>,
     true_msa: Vec<i64>,
     bert_mask: Vec<f32>,
+    msa_mask: Vec<f32>,
+    msa_row_mask: Vec<f32>,
     extra_msa: Vec<i64>,
     extra_has_deletion: Vec<f32>,
     extra_deletion_value: Vec<f32>,
+    extra_msa_mask: Vec<f32>,
+    extra_msa_row_mask: Vec<f32>,
+}
+
+impl StackedMsa {
+    fn new(r: usize, n: usize, sc: usize, se: usize) -> StackedMsa {
+        StackedMsa {
+            r,
+            n,
+            sc,
+            se,
+            msa_feat: vec![0.0; sc * n * 49 * r],
+            true_msa: vec![0; sc * n * r],
+            bert_mask: vec![0.0; sc * n * r],
+            msa_mask: vec![0.0; sc * n * r],
+            msa_row_mask: vec![0.0; sc * r],
+            extra_msa: vec![0; se * n * r],
+            extra_has_deletion: vec![0.0; se * n * r],
+            extra_deletion_value: vec![0.0; se * n * r],
+            extra_msa_mask: vec![0.0; se * n * r],
+            extra_msa_row_mask: vec![0.0; se * r],
+        }
+    }
+
+    fn into_features(self, out: &mut BTreeMap<String, Array>) {
+        let (r, n, sc, se) = (self.r, self.n, self.sc, self.se);
+        out.insert("msa_feat".into(), Array::f32(&[sc, n, 49, r], self.msa_feat));
+        out.insert("true_msa".into(), Array::i64(&[sc, n, r], self.true_msa));
+        out.insert("bert_mask".into(), Array::f32(&[sc, n, r], self.bert_mask));
+        out.insert("msa_mask".into(), Array::f32(&[sc, n, r], self.msa_mask));
+        out.insert("msa_row_mask".into(), Array::f32(&[sc, r], self.msa_row_mask));
+        out.insert("extra_msa".into(), Array::i64(&[se, n, r], self.extra_msa));
+        out.insert("extra_has_deletion".into(), Array::f32(&[se, n, r], self.extra_has_deletion));
+        out.insert("extra_deletion_value".into(), Array::f32(&[se, n, r], self.extra_deletion_value));
+        out.insert("extra_msa_mask".into(), Array::f32(&[se, n, r], self.extra_msa_mask));
+        out.insert("extra_msa_row_mask".into(), Array::f32(&[se, r], self.extra_msa_row_mask));
+    }
 }
 
 fn del_value(d: f32) -> f32 {
     (d / 3.0).atan() * (2.0 / std::f32::consts::PI)
 }
 
+/// One recycle (`rc`) of MSA processing (block deletion → cluster sampling → masking →
+/// clustering → cluster summaries → extra-MSA selection → `msa_feat`), cropped to the window and
+/// written into the stacked buffers.
 #[allow(clippy::too_many_arguments)]
-/// One recycle's MSA processing (block deletion → cluster sampling → masking → clustering →
-/// cluster summaries → extra-MSA selection → `msa_feat`), cropped to the window.
 fn msa_features(
     tokens: &[u8],
     deletions: &[f32],
@@ -239,15 +302,18 @@ fn msa_features(
     window: (usize, usize),
     cfg: &FeatureConfig,
     rng: &mut Rng,
-) -> MsaFeatures {
+    out: &mut StackedMsa,
+    rc: usize,
+) {
     let (start, len) = window;
+    let (rr, n) = (out.r, out.n);
     let all: Vec<usize> = (0..rows).collect();
     let kept = if cfg.block_delete {
         block_delete(rows, cfg.msa_fraction_per_block, cfg.num_blocks, rng)
     } else {
         all
     };
-    let (centres, extra) = sample_clusters(&kept, cfg.max_msa_clusters, rng);
+    let (centres, extra) = sample_clusters(&kept, out.sc, rng);
     let gather = |idx: &[usize]| -> Vec<u8> {
         let mut v = Vec::with_capacity(idx.len() * width);
         for &r in idx {
@@ -259,7 +325,7 @@ fn msa_features(
     let (bert_tok, bert_mask) = mask_msa(&true_centres, width, profile, cfg, rng);
     let extra_tok = gather(&extra);
     let assign = assign_clusters(&bert_tok, centres.len(), &extra_tok, extra.len(), width);
-    let (s, e) = (centres.len(), extra.len());
+    let s = centres.len();
 
     // Cluster summaries over the crop window only.
     let mut counts = vec![0f32; s];
@@ -270,76 +336,62 @@ fn msa_features(
     let mut del_sum = vec![0f32; s * len];
     for (k, &a) in assign.iter().enumerate() {
         let r = extra[k];
+        let toks = &tokens[r * width + start..r * width + start + len];
+        let dels = &deletions[r * width + start..r * width + start + len];
         for j in 0..len {
-            let t = tokens[r * width + start + j] as usize;
-            prof[(a * len + j) * 23 + t] += 1.0;
-            del_sum[a * len + j] += deletions[r * width + start + j];
+            prof[(a * len + j) * 23 + toks[j] as usize] += 1.0;
+            del_sum[a * len + j] += dels[j];
         }
     }
-    let mut msa_feat = vec![0f32; s * len * 49];
-    let mut true_msa = Vec::with_capacity(s * len);
-    let mut bert = Vec::with_capacity(s * len);
     for (c, &r) in centres.iter().enumerate() {
         let denom = (1e-6f32 + 1.0) + counts[c];
+        out.msa_row_mask[c * rr + rc] = 1.0;
         for j in 0..len {
             let k = c * width + start + j;
             let t = bert_tok[k] as usize;
             let d = deletions[r * width + start + j];
-            let f = &mut msa_feat[(c * len + j) * 49..(c * len + j + 1) * 49];
-            f[t] = 1.0;
-            f[23] = d.clamp(0.0, 1.0);
-            f[24] = del_value(d);
             let p = &mut prof[(c * len + j) * 23..(c * len + j + 1) * 23];
             p[t] += 1.0;
+            let base = (c * n + j) * 49;
+            let mut put = |ch: usize, v: f32| out.msa_feat[(base + ch) * rr + rc] = v;
+            put(t, 1.0);
+            put(23, d.clamp(0.0, 1.0));
+            put(24, del_value(d));
             for (a, &v) in p.iter().enumerate() {
-                f[25 + a] = v / denom;
+                if v != 0.0 {
+                    put(25 + a, v / denom);
+                }
             }
-            f[48] = del_value((del_sum[c * len + j] + d) / denom);
-            true_msa.push(true_centres[k] as i64);
-            bert.push(bert_mask[k]);
+            put(48, del_value((del_sum[c * len + j] + d) / denom));
+            let pos = (c * n + j) * rr + rc;
+            out.true_msa[pos] = true_centres[k] as i64;
+            out.bert_mask[pos] = bert_mask[k];
+            out.msa_mask[pos] = 1.0;
         }
     }
     // crop_extra_msa: a random subset (in random order) of the extra rows.
-    let mut perm = rng.permutation(e);
-    perm.truncate(cfg.max_extra_msa.min(e));
-    let ne = perm.len();
-    let mut extra_msa = Vec::with_capacity(ne * len);
-    let mut ehd = Vec::with_capacity(ne * len);
-    let mut edv = Vec::with_capacity(ne * len);
-    for &p in &perm {
+    let mut perm = rng.permutation(extra.len());
+    perm.truncate(out.se.min(extra.len()));
+    for (q, &p) in perm.iter().enumerate() {
         let r = extra[p];
+        out.extra_msa_row_mask[q * rr + rc] = 1.0;
         for j in 0..len {
-            extra_msa.push(tokens[r * width + start + j] as i64);
             let d = deletions[r * width + start + j];
-            ehd.push(d.clamp(0.0, 1.0));
-            edv.push(del_value(d));
+            let pos = (q * n + j) * rr + rc;
+            out.extra_msa[pos] = tokens[r * width + start + j] as i64;
+            out.extra_has_deletion[pos] = d.clamp(0.0, 1.0);
+            out.extra_deletion_value[pos] = del_value(d);
+            out.extra_msa_mask[pos] = 1.0;
         }
     }
-    MsaFeatures {
-        n_clusters: s,
-        n_extra: ne,
-        msa_feat,
-        true_msa,
-        bert_mask: bert,
-        extra_msa,
-        extra_has_deletion: ehd,
-        extra_deletion_value: edv,
-    }
 }
 
-/// Slice residues `[start, start+len)` of a per-residue array with `per` values per residue and
-/// zero-pad to `n_pad` residues.
-fn crop_pad<T: Copy + Default>(v: &[T], per: usize, start: usize, len: usize, n_pad: usize) -> Vec<T> {
-    let mut out = vec![T::default(); n_pad * per];
-    out[..len * per].copy_from_slice(&v[start * per..(start + len) * per]);
-    out
-}
-
-/// Zero-pad a `[rows, len, per]` array to `[rows_pad, n_pad, per]`.
-fn pad_rows<T: Copy + Default>(v: &[T], rows: usize, len: usize, per: usize, rows_pad: usize, n_pad: usize) -> Vec<T> {
-    let mut out = vec![T::default(); rows_pad * n_pad * per];
-    for r in 0..rows.min(rows_pad) {
-        out[r * n_pad * per..r * n_pad * per + len * per].copy_from_slice(&v[r * len * per..(r + 1) * len * per]);
+/// Slice residues `[start, start+len)` of a per-residue array with `per` values per residue,
+/// zero-pad to `n_pad` residues and repeat every value `r` times (recycling axis last).
+fn crop_pad<T: Copy + Default>(v: &[T], per: usize, start: usize, len: usize, n_pad: usize, r: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n_pad * per * r];
+    for (k, &x) in v[start * per..(start + len) * per].iter().enumerate() {
+        out[k * r..(k + 1) * r].fill(x);
     }
     out
 }
@@ -380,11 +432,12 @@ pub fn build_sample_at(input: &ProteinInput, cfg: &FeatureConfig, index: u64, cr
     let (chi, chim) = tor.chi();
     let (pb, pbm) = features::pseudo_beta(aa, &pos, &mask);
 
-    let mut fixed: BTreeMap<String, Array> = BTreeMap::new();
+    let nr = cfg.num_recycles.max(1);
+    let mut fx: BTreeMap<String, Array> = BTreeMap::new();
+    let with_r = |shape: &[usize]| -> Vec<usize> { shape.iter().copied().chain([nr]).collect() };
     let mut put_f = |k: &str, shape: &[usize], per: usize, v: &[f32]| {
-        fixed.insert(k.to_string(), Array::f32(shape, crop_pad(v, per, start, len, n)));
+        fx.insert(k.to_string(), Array::f32(&with_r(shape), crop_pad(v, per, start, len, n, nr)));
     };
-    let aatype_i: Vec<i64> = aa.iter().map(|&a| a as i64).collect();
     put_f("all_atom_positions", &[n, 37, 3], 111, &input.positions);
     put_f("all_atom_mask", &[n, 37], 37, &input.mask);
     put_f("atom14_atom_exists", &[n, 14], 14, &m14.atom14_atom_exists);
@@ -411,63 +464,35 @@ pub fn build_sample_at(input: &ProteinInput, cfg: &FeatureConfig, index: u64, cr
         tf[i * 22 + 1 + (a as usize).min(20)] = 1.0; // channel 0: has_break (0 for one chain)
     }
     put_f("target_feat", &[n, 22], 22, &tf);
-    let put_i = |fixed: &mut BTreeMap<String, Array>, k: &str, shape: &[usize], per: usize, v: &[i64]| {
-        fixed.insert(k.to_string(), Array::i64(shape, crop_pad(v, per, start, len, n)));
+    let mut put_i = |k: &str, shape: &[usize], per: usize, v: &[i64]| {
+        fx.insert(k.to_string(), Array::i64(&with_r(shape), crop_pad(v, per, start, len, n, nr)));
     };
-    put_i(&mut fixed, "aatype", &[n], 1, &aatype_i);
+    let aatype_i: Vec<i64> = aa.iter().map(|&a| a as i64).collect();
+    put_i("aatype", &[n], 1, &aatype_i);
     let ri: Vec<i64> = (0..l as i64).collect();
-    put_i(&mut fixed, "residue_index", &[n], 1, &ri);
-    put_i(&mut fixed, "residx_atom14_to_atom37", &[n, 14], 14, &m14.residx_atom14_to_atom37);
-    put_i(&mut fixed, "residx_atom37_to_atom14", &[n, 37], 37, &m14.residx_atom37_to_atom14);
-    fixed.insert("seq_length".into(), Array::i64(&[], vec![len as i64]));
-    fixed.insert("resolution".into(), Array::f32(&[], vec![input.resolution]));
-    fixed.insert("is_distillation".into(), Array::f32(&[], vec![0.0]));
-    fixed.insert("use_clamped_fape".into(), Array::f32(&[], vec![if clamp { 1.0 } else { 0.0 }]));
+    put_i("residue_index", &[n], 1, &ri);
+    put_i("residx_atom14_to_atom37", &[n, 14], 14, &m14.residx_atom14_to_atom37);
+    put_i("residx_atom37_to_atom14", &[n, 37], 37, &m14.residx_atom37_to_atom14);
+    fx.insert("seq_length".into(), Array::i64(&[nr], vec![len as i64; nr]));
+    fx.insert("resolution".into(), Array::f32(&[nr], vec![input.resolution; nr]));
+    fx.insert("is_distillation".into(), Array::f32(&[nr], vec![0.0; nr]));
+    fx.insert("use_clamped_fape".into(), Array::f32(&[nr], vec![if clamp { 1.0 } else { 0.0 }; nr]));
 
-    // MSA in aatype order, full length.
+    // MSA in aatype order, full length; resampled per recycle.
     let msa = &input.msa;
     let tokens: Vec<u8> = msa.tokens.iter().map(|&t| hhblits_to_aatype(t)).collect();
     let dels: Vec<f32> = msa.deletions.iter().map(|&d| d as f32).collect();
     let profile = msa_profile(&tokens, msa.rows, l);
-    let (sc, se) = (cfg.max_msa_clusters.max(1), cfg.max_extra_msa);
-
-    let mut per_recycle: Vec<BTreeMap<String, Array>> = Vec::with_capacity(cfg.num_recycles);
-    for r in 0..cfg.num_recycles.max(1) {
+    let mut stacked = StackedMsa::new(nr, n, cfg.max_msa_clusters.max(1), cfg.max_extra_msa);
+    for r in 0..nr {
         let mut rng = Rng::stream(cfg.seed, index, r as u64, Purpose::Msa);
-        let mf = msa_features(&tokens, &dels, msa.rows, l, &profile, (start, len), cfg, &mut rng);
-        let mut f = fixed.clone();
-        let (s, e) = (mf.n_clusters.min(sc), mf.n_extra.min(se));
-        let ones = |rows: usize, rows_pad: usize| -> Vec<f32> {
-            let mut v = vec![0f32; rows_pad * n];
-            for r in 0..rows {
-                v[r * n..r * n + len].fill(1.0);
-            }
-            v
-        };
-        let row_mask = |rows: usize, rows_pad: usize| -> Vec<f32> {
-            (0..rows_pad).map(|r| if r < rows { 1.0 } else { 0.0 }).collect()
-        };
-        f.insert("msa_feat".into(), Array::f32(&[sc, n, 49], pad_rows(&mf.msa_feat, s, len, 49, sc, n)));
-        f.insert("true_msa".into(), Array::i64(&[sc, n], pad_rows(&mf.true_msa, s, len, 1, sc, n)));
-        f.insert("bert_mask".into(), Array::f32(&[sc, n], pad_rows(&mf.bert_mask, s, len, 1, sc, n)));
-        f.insert("msa_mask".into(), Array::f32(&[sc, n], ones(s, sc)));
-        f.insert("msa_row_mask".into(), Array::f32(&[sc], row_mask(s, sc)));
-        f.insert("extra_msa".into(), Array::i64(&[se, n], pad_rows(&mf.extra_msa, e, len, 1, se, n)));
-        f.insert("extra_has_deletion".into(), Array::f32(&[se, n], pad_rows(&mf.extra_has_deletion, e, len, 1, se, n)));
-        f.insert("extra_deletion_value".into(), Array::f32(&[se, n], pad_rows(&mf.extra_deletion_value, e, len, 1, se, n)));
-        f.insert("extra_msa_mask".into(), Array::f32(&[se, n], ones(e, se)));
-        f.insert("extra_msa_row_mask".into(), Array::f32(&[se], row_mask(e, se)));
-        per_recycle.push(f);
+        msa_features(&tokens, &dels, msa.rows, l, &profile, (start, len), cfg, &mut rng, &mut stacked, r);
     }
-    let mut features = BTreeMap::new();
-    for key in per_recycle[0].keys() {
-        let parts: Vec<&Array> = per_recycle.iter().filter_map(|f| f.get(key)).collect();
-        features.insert(key.clone(), Array::stack_last(&parts)?);
-    }
+    stacked.into_features(&mut fx);
     Ok(Sample {
         id: input.id.clone(),
         index,
-        features,
+        features: fx,
     })
 }
 
@@ -495,6 +520,17 @@ mod tests {
         let mut all: Vec<usize> = c.iter().chain(&e).copied().collect();
         all.sort();
         assert_eq!(all, rows);
+    }
+
+    #[test]
+    fn count_equal_matches_naive() {
+        let mut r = Rng::new(2);
+        for n in [0usize, 5, 31, 32, 33, 241, 9000] {
+            let a: Vec<u8> = (0..n).map(|_| r.below(3) as u8).collect();
+            let b: Vec<u8> = (0..n).map(|_| r.below(3) as u8).collect();
+            let naive = a.iter().zip(&b).filter(|(x, y)| x == y).count() as u32;
+            assert_eq!(count_equal(&a, &b), naive, "{n}");
+        }
     }
 
     #[test]
