@@ -173,3 +173,10 @@ fn comm_panic_rank1_aborts_job() {
         "rank 0 must not complete\n{report}"
     );
 }
+
+/// Data-parallel training (toy task, real trainer): DP-2 equals one process on both samples, and a
+/// DP-2 run resumes bitwise exactly.
+#[test]
+fn train_dp_toy_np2() {
+    expect_pass(2, "dp-toy");
+}

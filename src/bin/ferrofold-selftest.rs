@@ -6,7 +6,7 @@
 //! definition (each rank can rebuild every other rank's input), never hard-coded.
 //!
 //! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `dap-dp` (even rank count),
-//! `panic-rank1`, and `bench`
+//! `panic-rank1`, `dp-toy` (data-parallel training of the toy task), and `bench`
 //! (timings printed by rank 0 as `BENCH` lines; not a test).
 
 use std::io::Write;
@@ -27,6 +27,7 @@ const CASES: &[&str] = &[
     "dap-dp",
     "dap",
     "panic-rank1",
+    "dp-toy",
     "bench",
 ];
 
@@ -73,6 +74,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "dap" => dap(ctx),
         "dap-dp" => dap_dp(ctx),
         "panic-rank1" => panic_rank1(ctx),
+        "dp-toy" => dp_toy(ctx),
         "bench" => bench(ctx),
         other => bail!("unknown case {other}"),
     }
@@ -761,6 +763,159 @@ fn bench(ctx: &ParallelCtx) -> Result<()> {
         for l in lines {
             println!("BENCH np{n} {l}");
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// dp-toy: data-parallel training through the real trainer + GroupCollective
+// ---------------------------------------------------------------------------------------------
+
+fn toy_train_config(steps: u64) -> ferrofold::config::Config {
+    let mut c = ferrofold::config::Config::default();
+    c.train.seed = 99;
+    c.train.max_steps = steps;
+    c.train.checkpoint_every = 3;
+    c.train.eval_every = 1000;
+    c.optim.lr = 1e-2;
+    c.optim.warmup_steps = 2;
+    c.log.progress = ferrofold::config::Progress::Never;
+    c.log.mllog = ferrofold::config::MlLog::Off;
+    c
+}
+
+fn toy_weights<T: ferrofold::train::Task, C: ferrofold::train::Collective>(
+    t: &ferrofold::train::Trainer<T, C>,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    t.task()
+        .params()
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+        .collect()
+}
+
+/// A fresh directory shared by all ranks (rank 0 creates it, everyone agrees on the name).
+fn shared_dir(ctx: &ParallelCtx, tag: &str) -> Result<std::path::PathBuf> {
+    let id = ctx.all_reduce_max_u64(u64::from(std::process::id()));
+    let d = std::env::temp_dir().join(format!("ff-selftest-{tag}-{id}"));
+    if ctx.rank == 0 {
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d)?;
+    }
+    ctx.barrier();
+    Ok(d)
+}
+
+/// DP-2 training of the toy task equals one process training on both replicas' samples (each step's
+/// gradient = the mean over 2B samples), and a DP-2 run stopped after k steps and resumed equals
+/// the straight DP-2 run bitwise.
+fn dp_toy(ctx: &ParallelCtx) -> Result<()> {
+    use ferrofold::parallel::GroupCollective;
+    use ferrofold::train::toy::{ToyConfig, ToyTask};
+    use ferrofold::train::{Outcome, Resume, SingleProcess, Trainer, TrainerOptions};
+    use std::collections::BTreeSet;
+
+    let n = ctx.world_size;
+    let steps = 7u64;
+    let cfg = toy_train_config(steps);
+    let groups = Arc::new(ProcessGroups::new(ctx, &cfg.parallel)?);
+    let coll = || GroupCollective::new(groups.clone(), 1, BTreeSet::new());
+    // No label noise: the single-process reference must see exactly the same samples.
+    let toy = |shard: (usize, usize), batch: usize| ToyConfig {
+        batch,
+        noise_std: 0.0,
+        shard,
+        ..ToyConfig::default()
+    };
+    let opts = |dir: &std::path::Path| {
+        let mut o = TrainerOptions::new(dir);
+        o.handle_signals = false;
+        o
+    };
+
+    // 1. straight DP-n run.
+    let dir = shared_dir(ctx, "dp-straight")?;
+    let mut dp = Trainer::new(
+        ToyTask::new(toy((ctx.rank, n), 4))?,
+        coll(),
+        &cfg,
+        opts(&dir),
+    )?;
+    ensure!(
+        dp.run()? == Outcome::Finished { step: steps },
+        "dp run did not finish"
+    );
+    let dp_w = toy_weights(&dp)?;
+
+    // 2. one process, batch n*B, no sharding: the same gradients up to rounding.
+    let single_dir =
+        std::env::temp_dir().join(format!("ff-selftest-single-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&single_dir);
+    let mut single = Trainer::new(
+        ToyTask::new(toy((0, 1), 4 * n))?,
+        SingleProcess,
+        &cfg,
+        opts(&single_dir),
+    )?;
+    ensure!(
+        single.run()? == Outcome::Finished { step: steps },
+        "single run did not finish"
+    );
+    for ((name, a), (_, b)) in dp_w.iter().zip(toy_weights(&single)?) {
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        ensure!(
+            d <= 1e-6,
+            "{name}: DP-{n} vs single process max |diff| {d:e} > 1e-6"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&single_dir);
+
+    // 3. DP-n stopped at k, resumed by fresh trainers: bitwise equal to the straight run.
+    let dir2 = shared_dir(ctx, "dp-resume")?;
+    let mut o = opts(&dir2);
+    o.stop_at = Some(4);
+    let mut first = Trainer::new(ToyTask::new(toy((ctx.rank, n), 4))?, coll(), &cfg, o)?;
+    ensure!(
+        first.run()? == Outcome::Finished { step: 4 },
+        "first half did not stop at 4"
+    );
+    drop(first);
+    ctx.barrier();
+    let mut o = opts(&dir2);
+    o.resume = Resume::Auto;
+    let mut resumed = Trainer::new(ToyTask::new(toy((ctx.rank, n), 4))?, coll(), &cfg, o)?;
+    ensure!(
+        resumed.step() == 4,
+        "resumed at step {} instead of 4",
+        resumed.step()
+    );
+    ensure!(
+        resumed.run()? == Outcome::Finished { step: steps },
+        "resumed run did not finish"
+    );
+    ensure!(
+        toy_weights(&resumed)? == dp_w,
+        "resumed DP run differs from the straight DP run"
+    );
+    // Every rank holds the same weights (the all-reduce kept replicas identical).
+    let fp: f64 = dp_w
+        .iter()
+        .flat_map(|(_, v)| v.iter())
+        .map(|x| f64::from(*x))
+        .sum();
+    let all = ctx.all_reduce_sum_f64(&[fp]);
+    ensure!(
+        (all[0] - fp * n as f64).abs() <= 1e-9 * fp.abs().max(1.0),
+        "replicas diverged"
+    );
+    ctx.barrier();
+    if ctx.rank == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir2);
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! - [`ddp`]: bucketed gradient all-reduce ([`GradSync`]), global grad norm, metric averaging.
 //! - [`dap`]: DAP collectives as differentiable ops ([`Dap`]), padding helpers.
 
+pub mod collective;
 pub mod comm;
 pub mod ctx;
 pub mod dap;
@@ -21,6 +22,7 @@ pub mod mpi_backend;
 // collectives on a communication stream, `PendingOp::wait` = compute stream waits on an event;
 // see `comm` docs), selected in `ProcessGroups::new` for `parallel.backend = nccl | auto` on GPU.
 
+pub use collective::GroupCollective;
 pub use comm::{CommHandle, Communicator, PendingOp, ReduceOp};
 pub use ctx::{ParallelCtx, TopologySource};
 pub use dap::{pad_mask, pad_to_multiple, padded_len, unpad, Dap, DapPending};

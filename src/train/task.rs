@@ -36,6 +36,9 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Named loss terms and other per-step metrics, for the metrics log.
     pub metrics: BTreeMap<String, f64>,
+    /// Gradients, when the task ran the backward itself (e.g. with activation recomputation);
+    /// `None` lets the trainer call `loss.backward()`.
+    pub grads: Option<crate::train::optim::Grads>,
 }
 
 /// A trainable task: a model, its loss and its sample source.

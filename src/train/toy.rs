@@ -28,6 +28,9 @@ pub struct ToyConfig {
     /// Sleep this long in every step (to give signal/kill tests time).
     pub step_delay_ms: u64,
     pub eval_size: usize,
+    /// Data-parallel sharding `(replica, replicas)`: each step consumes `replicas * batch` samples
+    /// of the global stream; replica `r` reads the `r`-th block of `batch`. `(0, 1)` = no sharding.
+    pub shard: (usize, usize),
 }
 
 impl Default for ToyConfig {
@@ -41,6 +44,7 @@ impl Default for ToyConfig {
             nan_steps: Vec::new(),
             step_delay_ms: 0,
             eval_size: 64,
+            shard: (0, 1),
         }
     }
 }
@@ -152,8 +156,11 @@ impl Task for ToyTask {
         if self.cfg.step_delay_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(self.cfg.step_delay_ms));
         }
-        let x = self.batch_inputs(self.position)?;
-        self.position += self.cfg.batch as u64;
+        let (replica, replicas) = self.cfg.shard;
+        let batch = self.cfg.batch as u64;
+        let x = self.batch_inputs(self.position + replica as u64 * batch)?;
+        // The position is global (all replicas' samples), as checkpoints require.
+        self.position += replicas as u64 * batch;
         let mut rng = ctx.rng;
         let noise = randn(&mut rng, &[self.cfg.batch, 1], self.cfg.noise_std)?;
         let y = (mlp(&self.teacher, &x)? + noise)?;
@@ -167,7 +174,11 @@ impl Task for ToyTask {
         };
         let mut metrics = BTreeMap::new();
         metrics.insert("mse".to_string(), mse_val);
-        Ok(StepOutput { loss, metrics })
+        Ok(StepOutput {
+            loss,
+            metrics,
+            grads: None,
+        })
     }
 
     fn samples_per_step(&self) -> usize {

@@ -522,15 +522,27 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         // Backward even for a non-finite loss: in data-parallel runs every rank must take part in
         // the gradient all-reduce; the non-finite norm then makes every rank skip.
-        let store = out.loss.backward()?;
+        // A task that ran its own backward (activation recomputation) hands the gradients over.
         let params = self.task.params().clone();
-        let mut grads: Grads = BTreeMap::new();
+        let mut grads: Grads = match out.grads {
+            Some(g) => g,
+            None => {
+                let store = out.loss.backward()?;
+                let mut grads = BTreeMap::new();
+                for (name, var) in &params {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        grads.insert(name.clone(), g.clone());
+                    }
+                }
+                grads
+            }
+        };
+        // Every rank must reduce the same list: a parameter this sample did not reach gets zeros.
         for (name, var) in &params {
-            if let Some(g) = store.get(var.as_tensor()) {
-                grads.insert(name.clone(), g.clone());
+            if !grads.contains_key(name) {
+                grads.insert(name.clone(), var.as_tensor().zeros_like()?);
             }
         }
-        drop(store);
         self.coll.all_reduce_grads(&mut grads)?;
         let grad_norm = global_grad_norm(&grads)?;
         let skip = self.coll.any(!loss.is_finite() || !grad_norm.is_finite())?;
