@@ -23,7 +23,8 @@ fn data_root() -> PathBuf {
 fn cache() -> PathBuf {
     let out = std::env::temp_dir().join(format!("ff-bench-{}.h5", std::process::id()));
     let root = data_root();
-    let m = manifest_from_index(&root).expect("index.json under the data root (set FERROFOLD_DATA)");
+    let m =
+        manifest_from_index(&root).expect("index.json under the data root (set FERROFOLD_DATA)");
     prepare(&root, &m.entries, &out, None, false).expect("prepare");
     out
 }
@@ -57,9 +58,19 @@ fn benches(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let lc = LoaderConfig { num_workers: workers, prefetch: 2 * workers, order: LoaderOrder::NonBlocking };
+                    let lc = LoaderConfig {
+                        num_workers: workers,
+                        prefetch: 2 * workers,
+                        order: LoaderOrder::NonBlocking,
+                    };
                     let t = Instant::now();
-                    let mut l = Loader::for_dataset(ds.clone(), &cfg.data, f.clone(), &lc, &LoaderState::default());
+                    let mut l = Loader::for_dataset(
+                        ds.clone(),
+                        &cfg.data,
+                        f.clone(),
+                        &lc,
+                        &LoaderState::default(),
+                    );
                     for _ in 0..n {
                         l.next_sample().expect("sample");
                     }
@@ -77,7 +88,9 @@ fn benches(c: &mut Criterion) {
         let p = data_root().join(format!("train/{id}.cif"));
         let text = std::fs::read_to_string(&p).expect("cif");
         g.throughput(Throughput::Bytes(text.len() as u64));
-        g.bench_function(id, |b| b.iter(|| parse_mmcif(&text, &p, id, chain).expect("parse")));
+        g.bench_function(id, |b| {
+            b.iter(|| parse_mmcif(&text, &p, id, chain).expect("parse"))
+        });
     }
     g.finish();
     std::fs::remove_file(&path).ok();

@@ -14,8 +14,10 @@ fn data_root() -> PathBuf {
 
 fn index() -> serde_json::Value {
     let p = data_root().join("index.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -41,9 +43,17 @@ fn data_all_sample_structures_match_index() {
             }
         };
         let seq = e["sequence"].as_str().unwrap();
-        check("sequence", c.sequence == seq, format!("\n  got  {}\n  want {seq}", c.sequence));
+        check(
+            "sequence",
+            c.sequence == seq,
+            format!("\n  got  {}\n  want {seq}", c.sequence),
+        );
         let obs = e["observed_residues"].as_u64().unwrap() as usize;
-        check("observed", c.resolved_residues() == obs, format!("{} vs {obs}", c.resolved_residues()));
+        check(
+            "observed",
+            c.resolved_residues() == obs,
+            format!("{} vs {obs}", c.resolved_residues()),
+        );
         let res = e["resolution"].as_f64();
         check(
             "resolution",
@@ -55,19 +65,45 @@ fn data_all_sample_structures_match_index() {
             format!("{:?} vs {res:?}", c.resolution),
         );
         let date = e["date"].as_str().unwrap();
-        let want_date = if date.len() == 9 { pdb_date_to_iso(date).unwrap() } else { date.to_string() };
-        check("date", c.release_date.as_deref() == Some(&want_date), format!("{:?} vs {want_date}", c.release_date));
+        let want_date = if date.len() == 9 {
+            pdb_date_to_iso(date).unwrap()
+        } else {
+            date.to_string()
+        };
+        check(
+            "date",
+            c.release_date.as_deref() == Some(&want_date),
+            format!("{:?} vs {want_date}", c.release_date),
+        );
         let method = e["method"].as_str().unwrap();
-        check("method", c.method == method, format!("{} vs {method}", c.method));
-        check("label", c.label_chain_id.as_deref() == e["label_asym_id"].as_str(), format!("{:?}", c.label_chain_id));
+        check(
+            "method",
+            c.method == method,
+            format!("{} vs {method}", c.method),
+        );
+        check(
+            "label",
+            c.label_chain_id.as_deref() == e["label_asym_id"].as_str(),
+            format!("{:?}", c.label_chain_id),
+        );
         check("chain", c.chain_id == chain_id, c.chain_id.clone());
         // Masked atoms are zero; resolved residues have N, CA, C where the residue has them.
         let l = c.len();
-        check("shape", c.positions.len() == l * 37 * 3 && c.mask.len() == l * 37, String::new());
-        let bad_zero = (0..l * 37).any(|k| c.mask[k] == 0.0 && c.positions[k * 3..k * 3 + 3].iter().any(|&v| v != 0.0));
+        check(
+            "shape",
+            c.positions.len() == l * 37 * 3 && c.mask.len() == l * 37,
+            String::new(),
+        );
+        let bad_zero = (0..l * 37)
+            .any(|k| c.mask[k] == 0.0 && c.positions[k * 3..k * 3 + 3].iter().any(|&v| v != 0.0));
         check("masked positions zero", !bad_zero, String::new());
     }
-    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -81,7 +117,10 @@ fn data_all_sample_msas_build_with_query_first() {
         if msas.is_empty() {
             continue;
         }
-        let dir = data_root().join(e["split"].as_str().unwrap()).join("alignments").join(e["id"].as_str().unwrap());
+        let dir = data_root()
+            .join(e["split"].as_str().unwrap())
+            .join("alignments")
+            .join(e["id"].as_str().unwrap());
         let seq = e["sequence"].as_str().unwrap();
         let files = read_alignment_dir(&dir).unwrap();
         assert_eq!(files.len(), msas.len(), "{}", e["id"]);
@@ -102,7 +141,10 @@ fn data_hhr_hits_parse() {
     let hits = parse_hhr(&std::fs::read_to_string(&p).unwrap(), &p).unwrap();
     assert_eq!(hits.len(), 10);
     let h = &hits[0];
-    assert_eq!((h.index, h.name.as_str(), h.aligned_cols), (1, "1HF9_B", 22));
+    assert_eq!(
+        (h.index, h.name.as_str(), h.aligned_cols),
+        (1, "1HF9_B", 22)
+    );
     assert_eq!(h.query, "AEHHHKAAEHHEQAAKHHHAAA");
     assert_eq!(h.hit_sequence, "ISHHAKEIERLQKEIERHKQSI");
     assert_eq!(h.indices_query[0], 6);

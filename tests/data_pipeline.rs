@@ -40,7 +40,8 @@ fn small_cfg() -> (Config, FeatureConfig) {
 #[test]
 fn data_all_sample_proteins_featurise() {
     let root = data_root();
-    let m = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sample.toml")).unwrap();
+    let m = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sample.toml"))
+        .unwrap();
     let entries = m.check(&root, false).unwrap();
     assert_eq!(entries.len(), 36);
     let (_, f) = small_cfg();
@@ -66,7 +67,12 @@ fn data_cache_roundtrip_and_reproducible_loader() {
     let root = data_root();
     let dir = tmpdir("cache");
     let m = manifest_from_index(&root).unwrap();
-    let entries: Vec<_> = m.entries.iter().filter(|e| ["4zey_A", "3u8v_A", "1psm_A", "1orc_A"].contains(&e.id.as_str())).cloned().collect();
+    let entries: Vec<_> = m
+        .entries
+        .iter()
+        .filter(|e| ["4zey_A", "3u8v_A", "1psm_A", "1orc_A"].contains(&e.id.as_str()))
+        .cloned()
+        .collect();
     let out = dir.join("c.h5");
     let st = prepare(&root, &entries, &out, Some(2), false).unwrap();
     assert_eq!((st.written, st.failed.len()), (4, 0));
@@ -80,11 +86,24 @@ fn data_cache_roundtrip_and_reproducible_loader() {
     }
     let (cfg, f) = small_cfg();
     let ds = Arc::new(Dataset::from_cache(&out, &cfg.data, None).unwrap());
-    let lc = LoaderConfig { num_workers: 2, prefetch: 3, order: LoaderOrder::Deterministic };
-    let mut a = Loader::for_dataset(ds.clone(), &cfg.data, f.clone(), &lc, &LoaderState::default());
+    let lc = LoaderConfig {
+        num_workers: 2,
+        prefetch: 3,
+        order: LoaderOrder::Deterministic,
+    };
+    let mut a = Loader::for_dataset(
+        ds.clone(),
+        &cfg.data,
+        f.clone(),
+        &lc,
+        &LoaderState::default(),
+    );
     let sa: Vec<_> = (0..4).map(|_| a.next_sample().unwrap()).collect();
     // A second loader resumed at index 2 rebuilds samples 2 and 3 identically.
-    let st = LoaderState { watermark: 2, ..Default::default() };
+    let st = LoaderState {
+        watermark: 2,
+        ..Default::default()
+    };
     let mut b = Loader::for_dataset(ds, &cfg.data, f, &lc, &st);
     assert_eq!(b.next_sample().unwrap(), sa[2]);
     assert_eq!(b.next_sample().unwrap(), sa[3]);
@@ -163,7 +182,11 @@ fn expect_bad(tag: &str, cif: &[u8], a3m: &[u8], chain: &str, needles: &[&str]) 
     cfg.model.recycling.max_iters = 0;
     let f = FeatureConfig::from_config(&cfg);
     let ds = Arc::new(Dataset::from_manifest(&dir, &m, &cfg.data, None).unwrap());
-    let lc = LoaderConfig { num_workers: 2, prefetch: 4, order: LoaderOrder::Deterministic };
+    let lc = LoaderConfig {
+        num_workers: 2,
+        prefetch: 4,
+        order: LoaderOrder::Deterministic,
+    };
     let mut l = Loader::for_dataset(ds, &cfg.data, f, &lc, &LoaderState::default());
     for _ in 0..12 {
         assert_eq!(l.next_sample().unwrap().id, "g_A");
@@ -171,7 +194,13 @@ fn expect_bad(tag: &str, cif: &[u8], a3m: &[u8], chain: &str, needles: &[&str]) 
     let st = l.state();
     assert!(st.skipped > 0, "{tag}: nothing skipped");
     assert_eq!(st.served, 12);
-    assert!(l.skipped_errors().iter().all(|e| needles.iter().all(|n| e.contains(n))), "{tag}: {:?}", l.skipped_errors());
+    assert!(
+        l.skipped_errors()
+            .iter()
+            .all(|e| needles.iter().all(|n| e.contains(n))),
+        "{tag}: {:?}",
+        l.skipped_errors()
+    );
     drop(l);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -179,29 +208,59 @@ fn expect_bad(tag: &str, cif: &[u8], a3m: &[u8], chain: &str, needles: &[&str]) 
 #[test]
 fn data_bad_truncated_mmcif() {
     let cut = TINY_CIF.len() - 20; // inside the last atom_site row
-    expect_bad("trunc", &TINY_CIF.as_bytes()[..cut], b">q\nGAS\n", "A", &["t.cif:", "incomplete row"]);
+    expect_bad(
+        "trunc",
+        &TINY_CIF.as_bytes()[..cut],
+        b">q\nGAS\n",
+        "A",
+        &["t.cif:", "incomplete row"],
+    );
 }
 
 #[test]
 fn data_bad_missing_chain() {
-    expect_bad("chain", TINY_CIF.as_bytes(), b">q\nGAS\n", "Z", &["t.cif", "chain `Z` not found", "[A]"]);
+    expect_bad(
+        "chain",
+        TINY_CIF.as_bytes(),
+        b">q\nGAS\n",
+        "Z",
+        &["t.cif", "chain `Z` not found", "[A]"],
+    );
 }
 
 #[test]
 fn data_bad_msa_query_mismatch() {
-    expect_bad("query", TINY_CIF.as_bytes(), b">q\nGAA\n", "A", &["t.a3m", "differs from the chain sequence"]);
+    expect_bad(
+        "query",
+        TINY_CIF.as_bytes(),
+        b">q\nGAA\n",
+        "A",
+        &["t.a3m", "differs from the chain sequence"],
+    );
 }
 
 #[test]
 fn data_bad_empty_msa() {
-    expect_bad("empty", TINY_CIF.as_bytes(), b"", "A", &["t.a3m", "empty MSA"]);
+    expect_bad(
+        "empty",
+        TINY_CIF.as_bytes(),
+        b"",
+        "A",
+        &["t.a3m", "empty MSA"],
+    );
 }
 
 #[test]
 fn data_bad_non_utf8() {
     let mut bytes = TINY_CIF.as_bytes().to_vec();
     bytes[30] = 0xff; // line 3
-    expect_bad("utf8", &bytes, b">q\nGAS\n", "A", &["t.cif:3", "invalid UTF-8"]);
+    expect_bad(
+        "utf8",
+        &bytes,
+        b">q\nGAS\n",
+        "A",
+        &["t.cif:3", "invalid UTF-8"],
+    );
 }
 
 #[test]
@@ -210,7 +269,12 @@ fn data_bad_cache_version() {
     let p = dir.join("old.h5");
     write_versioned_stub(&p, 999).unwrap();
     let err = CacheReader::open(&p).err().unwrap().to_string();
-    assert!(err.contains("old.h5") && err.contains("version 999") && err.contains("ferrofold data prepare"), "{err}");
+    assert!(
+        err.contains("old.h5")
+            && err.contains("version 999")
+            && err.contains("ferrofold data prepare"),
+        "{err}"
+    );
     let (cfg, _) = small_cfg();
     assert!(Dataset::from_cache(&p, &cfg.data, None).is_err());
     std::fs::remove_dir_all(&dir).ok();

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::msa::AlignmentText;
 use crate::error::{Error, Result};
 
+/// `(key, [(file name, bytes)])` of one chain, for [`AlignmentDb::write`].
+pub type ChainFiles = (String, Vec<(String, Vec<u8>)>);
+
 /// One chain's entry in the index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DbEntry {
@@ -31,9 +34,8 @@ impl AlignmentDb {
     /// Open `index.json`; shards are looked up next to it.
     pub fn open(index_path: &Path) -> Result<AlignmentDb> {
         let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-        let index: BTreeMap<String, DbEntry> = serde_json::from_str(&text).map_err(|e| {
-            Error::parse(index_path, e.line(), format!("alignment_db index: {e}"))
-        })?;
+        let index: BTreeMap<String, DbEntry> = serde_json::from_str(&text)
+            .map_err(|e| Error::parse(index_path, e.line(), format!("alignment_db index: {e}")))?;
         Ok(AlignmentDb {
             dir: index_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             index_path: index_path.to_path_buf(),
@@ -73,7 +75,7 @@ impl AlignmentDb {
         dir: &Path,
         shard: &str,
         index_name: &str,
-        chains: &[(String, Vec<(String, Vec<u8>)>)],
+        chains: &[ChainFiles],
     ) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let shard_path = dir.join(shard);
@@ -107,8 +109,20 @@ mod tests {
     fn roundtrip() {
         let dir = std::env::temp_dir().join(format!("ff-aldb-{}", std::process::id()));
         let chains = vec![
-            ("1abc_A".to_string(), vec![("b.sto".to_string(), b"# STOCKHOLM 1.0\nquery AC\n//\n".to_vec()), ("a.a3m".to_string(), b">q\nAC\n".to_vec())]),
-            ("2xyz_B".to_string(), vec![("a.a3m".to_string(), b">q\nDD\n".to_vec())]),
+            (
+                "1abc_A".to_string(),
+                vec![
+                    (
+                        "b.sto".to_string(),
+                        b"# STOCKHOLM 1.0\nquery AC\n//\n".to_vec(),
+                    ),
+                    ("a.a3m".to_string(), b">q\nAC\n".to_vec()),
+                ],
+            ),
+            (
+                "2xyz_B".to_string(),
+                vec![("a.a3m".to_string(), b">q\nDD\n".to_vec())],
+            ),
         ];
         let idx = AlignmentDb::write(&dir, "shard0.db", "index.json", &chains).unwrap();
         let db = AlignmentDb::open(&idx).unwrap();

@@ -25,7 +25,10 @@ pub fn aatype_of_name(name: &str) -> u8 {
 /// True for component names the PDB-format parser accepts as amino-acid residues of a chain
 /// (standard, `UNK`, and the modified residues with a known parent).
 pub fn is_amino_acid_name(name: &str) -> bool {
-    rc::resname_order(name).is_some() || rc::NONSTANDARD_RESIDUE_PARENTS.iter().any(|(n, _)| *n == name)
+    rc::resname_order(name).is_some()
+        || rc::NONSTANDARD_RESIDUE_PARENTS
+            .iter()
+            .any(|(n, _)| *n == name)
 }
 
 /// atom37 index of an atom name.

@@ -82,19 +82,54 @@ impl CacheWriter {
     pub fn add(&mut self, c: &CachedChain) -> Result<()> {
         let p = &self.path;
         let id = &c.input.id;
-        let g = self.chains.create_group(id).map_err(|e| h5err(p, format!("{id}: {e}")))?;
+        let g = self
+            .chains
+            .create_group(id)
+            .map_err(|e| h5err(p, format!("{id}: {e}")))?;
         let l = c.input.len();
         let m = &c.input.msa;
         let err = |e: hdf5_metno::Error| h5err(p, format!("{id}: {e}"));
-        g.new_dataset::<u8>().shape([l]).create("aatype").and_then(|d| d.write_raw(&c.input.aatype[..])).map_err(err)?;
-        g.new_dataset::<f32>().shape([l, 37, 3]).create("positions").and_then(|d| d.write_raw(&c.input.positions[..])).map_err(err)?;
-        g.new_dataset::<f32>().shape([l, 37]).create("mask").and_then(|d| d.write_raw(&c.input.mask[..])).map_err(err)?;
-        let arn: Vec<i32> = c.author_residue_number.iter().map(|v| v.unwrap_or(i32::MIN)).collect();
-        g.new_dataset::<i32>().shape([l]).create("author_residue_number").and_then(|d| d.write_raw(&arn[..])).map_err(err)?;
-        g.new_dataset::<u8>().shape([m.rows, m.width]).create("msa").and_then(|d| d.write_raw(&m.tokens[..])).map_err(err)?;
-        g.new_dataset::<u32>().shape([m.rows, m.width]).create("deletions").and_then(|d| d.write_raw(&m.deletions[..])).map_err(err)?;
+        g.new_dataset::<u8>()
+            .shape([l])
+            .create("aatype")
+            .and_then(|d| d.write_raw(&c.input.aatype[..]))
+            .map_err(err)?;
+        g.new_dataset::<f32>()
+            .shape([l, 37, 3])
+            .create("positions")
+            .and_then(|d| d.write_raw(&c.input.positions[..]))
+            .map_err(err)?;
+        g.new_dataset::<f32>()
+            .shape([l, 37])
+            .create("mask")
+            .and_then(|d| d.write_raw(&c.input.mask[..]))
+            .map_err(err)?;
+        let arn: Vec<i32> = c
+            .author_residue_number
+            .iter()
+            .map(|v| v.unwrap_or(i32::MIN))
+            .collect();
+        g.new_dataset::<i32>()
+            .shape([l])
+            .create("author_residue_number")
+            .and_then(|d| d.write_raw(&arn[..]))
+            .map_err(err)?;
+        g.new_dataset::<u8>()
+            .shape([m.rows, m.width])
+            .create("msa")
+            .and_then(|d| d.write_raw(&m.tokens[..]))
+            .map_err(err)?;
+        g.new_dataset::<u32>()
+            .shape([m.rows, m.width])
+            .create("deletions")
+            .and_then(|d| d.write_raw(&m.deletions[..]))
+            .map_err(err)?;
         let json = serde_json::to_vec(&c.meta).map_err(|e| Error::Msg(e.to_string()))?;
-        g.new_dataset::<u8>().shape([json.len()]).create("meta").and_then(|d| d.write_raw(&json[..])).map_err(err)?;
+        g.new_dataset::<u8>()
+            .shape([json.len()])
+            .create("meta")
+            .and_then(|d| d.write_raw(&json[..]))
+            .map_err(err)?;
         Ok(())
     }
 }
@@ -109,11 +144,17 @@ pub struct CacheReader {
 impl CacheReader {
     /// Open and check the format version.
     pub fn open(path: &Path) -> Result<CacheReader> {
-        let file = hdf5_metno::File::open(path).map_err(|e| h5err(path, format!("cannot open as HDF5: {e}")))?;
+        let file = hdf5_metno::File::open(path)
+            .map_err(|e| h5err(path, format!("cannot open as HDF5: {e}")))?;
         let version = file
             .attr("format_version")
             .and_then(|a| a.read_scalar::<u32>())
-            .map_err(|_| h5err(path, "no `format_version` attribute: not a ferrofold feature cache"))?;
+            .map_err(|_| {
+                h5err(
+                    path,
+                    "no `format_version` attribute: not a ferrofold feature cache",
+                )
+            })?;
         if version != CACHE_FORMAT_VERSION {
             return Err(h5err(
                 path,
@@ -147,7 +188,10 @@ impl CacheReader {
     /// Metadata of one chain.
     pub fn meta(&self, id: &str) -> Result<ChainMeta> {
         let g = self.group(id)?;
-        let bytes: Vec<u8> = g.dataset("meta").and_then(|d| d.read_raw()).map_err(|e| h5err(&self.path, format!("{id}: {e}")))?;
+        let bytes: Vec<u8> = g
+            .dataset("meta")
+            .and_then(|d| d.read_raw())
+            .map_err(|e| h5err(&self.path, format!("{id}: {e}")))?;
         serde_json::from_slice(&bytes).map_err(|e| h5err(&self.path, format!("{id}/meta: {e}")))
     }
 
@@ -163,16 +207,31 @@ impl CacheReader {
         let g = self.group(id)?;
         let p = &self.path;
         let err = |e: hdf5_metno::Error| h5err(p, format!("{id}: {e}"));
-        let aatype: Vec<u8> = g.dataset("aatype").and_then(|d| d.read_raw()).map_err(err)?;
-        let positions: Vec<f32> = g.dataset("positions").and_then(|d| d.read_raw()).map_err(err)?;
+        let aatype: Vec<u8> = g
+            .dataset("aatype")
+            .and_then(|d| d.read_raw())
+            .map_err(err)?;
+        let positions: Vec<f32> = g
+            .dataset("positions")
+            .and_then(|d| d.read_raw())
+            .map_err(err)?;
         let mask: Vec<f32> = g.dataset("mask").and_then(|d| d.read_raw()).map_err(err)?;
-        let arn: Vec<i32> = g.dataset("author_residue_number").and_then(|d| d.read_raw()).map_err(err)?;
+        let arn: Vec<i32> = g
+            .dataset("author_residue_number")
+            .and_then(|d| d.read_raw())
+            .map_err(err)?;
         let msa_ds = g.dataset("msa").map_err(err)?;
         let shape = msa_ds.shape();
         let tokens: Vec<u8> = msa_ds.read_raw().map_err(err)?;
-        let deletions: Vec<u32> = g.dataset("deletions").and_then(|d| d.read_raw()).map_err(err)?;
+        let deletions: Vec<u32> = g
+            .dataset("deletions")
+            .and_then(|d| d.read_raw())
+            .map_err(err)?;
         let meta = self.meta(id)?;
-        let (rows, width) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0));
+        let (rows, width) = (
+            shape.first().copied().unwrap_or(0),
+            shape.get(1).copied().unwrap_or(0),
+        );
         let input = ProteinInput {
             id: id.to_string(),
             aatype,
@@ -190,7 +249,10 @@ impl CacheReader {
         Ok(CachedChain {
             meta,
             input,
-            author_residue_number: arn.into_iter().map(|v| (v != i32::MIN).then_some(v)).collect(),
+            author_residue_number: arn
+                .into_iter()
+                .map(|v| (v != i32::MIN).then_some(v))
+                .collect(),
         })
     }
 }

@@ -141,10 +141,7 @@ impl<'a> Lexer<'a, '_> {
             loop {
                 match memchr_nl(b, p) {
                     None => {
-                        return Err(self.err(
-                            line,
-                            "unterminated ';' text field (file truncated?)",
-                        ))
+                        return Err(self.err(line, "unterminated ';' text field (file truncated?)"))
                     }
                     Some(nl) => {
                         self.line += 1;
@@ -241,7 +238,9 @@ pub fn parse<'a>(text: &'a str, path: &Path) -> Result<Vec<Block<'a>>> {
                 let value = match lx.next()? {
                     Some((Tok::Value(v), _)) => v,
                     _ => {
-                        return Err(lx.err(line, format!("tag `{tag}` has no value (file truncated?)")))
+                        return Err(
+                            lx.err(line, format!("tag `{tag}` has no value (file truncated?)"))
+                        )
                     }
                 };
                 let t = block.categories.entry(cat).or_default();
@@ -269,7 +268,9 @@ pub fn parse<'a>(text: &'a str, path: &Path) -> Result<Vec<Block<'a>>> {
                     match &cat_name {
                         None => cat_name = Some(cat),
                         Some(c) if *c != cat => {
-                            return Err(lx.err(tl, format!("loop mixes categories `{c}` and `{cat}`")))
+                            return Err(
+                                lx.err(tl, format!("loop mixes categories `{c}` and `{cat}`"))
+                            )
                         }
                         _ => {}
                     }
@@ -285,14 +286,14 @@ pub fn parse<'a>(text: &'a str, path: &Path) -> Result<Vec<Block<'a>>> {
                 };
                 let mut last_line = line;
                 while let Some((Tok::Value(v), vl)) = next {
-                    if table.values.len() % ncol == 0 {
+                    if table.values.len().is_multiple_of(ncol) {
                         table.row_lines.push(vl);
                     }
                     table.values.push(v);
                     last_line = vl;
                     next = lx.next()?;
                 }
-                if table.values.len() % ncol != 0 {
+                if !table.values.len().is_multiple_of(ncol) {
                     return Err(lx.err(
                         last_line,
                         format!(

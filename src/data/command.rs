@@ -83,13 +83,25 @@ pub fn run(args: &DataArgs) -> Result<()> {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
             m.save(out)?;
-            println!("wrote {} ({} chains, checksums verified)", out.display(), m.entries.len());
+            println!(
+                "wrote {} ({} chains, checksums verified)",
+                out.display(),
+                m.entries.len()
+            );
             Ok(())
         }
-        DataCommand::Check { data_root: r, manifest } => {
+        DataCommand::Check {
+            data_root: r,
+            manifest,
+        } => {
             let root = data_root(r);
             let entries = Manifest::load(manifest)?.check(&root, true)?;
-            println!("{}: {} chains, all files present under {}", manifest.display(), entries.len(), root.display());
+            println!(
+                "{}: {} chains, all files present under {}",
+                manifest.display(),
+                entries.len(),
+                root.display()
+            );
             Ok(())
         }
         DataCommand::Prepare {
@@ -134,7 +146,10 @@ fn cached_chain(root: &Path, e: &Entry) -> Result<CachedChain> {
         sha256_file(&root.join(&e.structure.path))?,
     )];
     for f in super::dataset::entry_alignments(root, e)? {
-        sources.push((f.path.display().to_string(), super::manifest::sha256_hex(f.text.as_bytes())));
+        sources.push((
+            f.path.display().to_string(),
+            super::manifest::sha256_hex(f.text.as_bytes()),
+        ));
     }
     let meta = ChainMeta {
         id: e.id.clone(),
@@ -157,7 +172,13 @@ fn cached_chain(root: &Path, e: &Entry) -> Result<CachedChain> {
 
 /// Parse `entries` in parallel (rayon, `jobs` threads) and write them to `out`. Chains that fail
 /// are skipped and reported.
-pub fn prepare(root: &Path, entries: &[Entry], out: &Path, jobs: Option<usize>, progress: bool) -> Result<PrepareStats> {
+pub fn prepare(
+    root: &Path,
+    entries: &[Entry],
+    out: &Path,
+    jobs: Option<usize>,
+    progress: bool,
+) -> Result<PrepareStats> {
     let t0 = std::time::Instant::now();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs.unwrap_or(0))
@@ -165,7 +186,9 @@ pub fn prepare(root: &Path, entries: &[Entry], out: &Path, jobs: Option<usize>, 
         .map_err(|e| Error::Msg(format!("thread pool: {e}")))?;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(entries.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} chains {elapsed} {msg}") {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} chains {elapsed} {msg}")
+        {
             b.set_style(style);
         }
         b
@@ -232,11 +255,19 @@ pub fn inspect(file: &Path, per_chain: bool) -> Result<()> {
             c.input.msa.rows,
             c.meta.resolution.map_or("-".into(), |v| format!("{v:.2}")),
             c.meta.release_date.as_deref().unwrap_or("-"),
-            c.meta.sources.first().map_or("", |s| &s.1[..12.min(s.1.len())]),
+            c.meta
+                .sources
+                .first()
+                .map_or("", |s| &s.1[..12.min(s.1.len())]),
         ));
     }
     println!("{}: format version {CACHE_FORMAT_VERSION}", file.display());
-    println!("{} chains, {} residues, {} MSA rows", r.ids().len(), total_res, total_rows);
+    println!(
+        "{} chains, {} residues, {} MSA rows",
+        r.ids().len(),
+        total_res,
+        total_rows
+    );
     if per_chain {
         for l in lines {
             println!("{l}");

@@ -53,7 +53,11 @@ pub fn load_entry(root: &Path, e: &Entry) -> Result<(Chain, ProteinInput)> {
 /// Why a chain is excluded from training (OpenFold's deterministic filters), None if it passes.
 pub fn filter_reason(cfg: &DataConfig, seq: &[u8], resolution: f32) -> Option<String> {
     if seq.len() < cfg.min_length {
-        return Some(format!("length {} < min_length {}", seq.len(), cfg.min_length));
+        return Some(format!(
+            "length {} < min_length {}",
+            seq.len(),
+            cfg.min_length
+        ));
     }
     if resolution > 0.0 && resolution as f64 > cfg.max_resolution {
         return Some(format!("resolution {resolution} > {}", cfg.max_resolution));

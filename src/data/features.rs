@@ -23,7 +23,10 @@ pub struct Atom14Masks {
 /// `make_atom14_masks`.
 pub fn atom14_masks(aatype: &[u8]) -> Atom14Masks {
     let (m14, m37) = (rc::restype_atom14_mask(), rc::restype_atom37_mask());
-    let (to37, to14) = (rc::restype_atom14_to_atom37(), rc::restype_atom37_to_atom14());
+    let (to37, to14) = (
+        rc::restype_atom14_to_atom37(),
+        rc::restype_atom37_to_atom14(),
+    );
     let mut out = Atom14Masks {
         atom14_atom_exists: Vec::with_capacity(aatype.len() * 14),
         residx_atom14_to_atom37: Vec::with_capacity(aatype.len() * 14),
@@ -33,8 +36,10 @@ pub fn atom14_masks(aatype: &[u8]) -> Atom14Masks {
     for &a in aatype {
         let r = (a as usize).min(20);
         out.atom14_atom_exists.extend_from_slice(&m14[r]);
-        out.residx_atom14_to_atom37.extend(to37[r].iter().map(|&v| v as i64));
-        out.residx_atom37_to_atom14.extend(to14[r].iter().map(|&v| v as i64));
+        out.residx_atom14_to_atom37
+            .extend(to37[r].iter().map(|&v| v as i64));
+        out.residx_atom37_to_atom14
+            .extend(to14[r].iter().map(|&v| v as i64));
         out.atom37_atom_exists.extend_from_slice(&m37[r]);
     }
     out
@@ -55,7 +60,10 @@ pub struct Atom14Positions {
 pub fn atom14_positions(aatype: &[u8], pos37: &[f64], mask37: &[f64]) -> Atom14Positions {
     let l = aatype.len();
     let (m14, to37) = (rc::restype_atom14_mask(), rc::restype_atom14_to_atom37());
-    let (swap, amb) = (rc::restype_atom14_ambiguous_swap(), rc::restype_atom14_is_ambiguous());
+    let (swap, amb) = (
+        rc::restype_atom14_ambiguous_swap(),
+        rc::restype_atom14_is_ambiguous(),
+    );
     let mut o = Atom14Positions {
         atom14_gt_exists: vec![0.0; l * 14],
         atom14_gt_positions: vec![0.0; l * 42],
@@ -74,8 +82,7 @@ pub fn atom14_positions(aatype: &[u8], pos37: &[f64], mask37: &[f64]) -> Atom14P
             }
             o.atom14_atom_is_ambiguous[i * 14 + s] = amb[r][s] as f64;
         }
-        for s in 0..14 {
-            let t = swap[r][s];
+        for (s, &t) in swap[r].iter().enumerate() {
             o.atom14_alt_gt_exists[i * 14 + s] = o.atom14_gt_exists[i * 14 + t];
             for c in 0..3 {
                 o.atom14_alt_gt_positions[(i * 14 + s) * 3 + c] =
@@ -98,12 +105,24 @@ impl Rigid {
     /// OpenFold `Rigid.from_3_points(p_neg_x_axis, origin, p_xy_plane, eps)` (Gram–Schmidt, AF2
     /// suppl. Algorithm 21 with the x axis pointing from `p_neg_x_axis` to `origin`).
     pub fn from_3_points(p_neg_x: V3, origin: V3, p_xy: V3, eps: f64) -> Rigid {
-        let mut e0 = [origin[0] - p_neg_x[0], origin[1] - p_neg_x[1], origin[2] - p_neg_x[2]];
-        let mut e1 = [p_xy[0] - origin[0], p_xy[1] - origin[1], p_xy[2] - origin[2]];
+        let mut e0 = [
+            origin[0] - p_neg_x[0],
+            origin[1] - p_neg_x[1],
+            origin[2] - p_neg_x[2],
+        ];
+        let mut e1 = [
+            p_xy[0] - origin[0],
+            p_xy[1] - origin[1],
+            p_xy[2] - origin[2],
+        ];
         let d0 = (e0[0] * e0[0] + e0[1] * e0[1] + e0[2] * e0[2] + eps).sqrt();
         e0 = [e0[0] / d0, e0[1] / d0, e0[2] / d0];
         let dot = e0[0] * e1[0] + e0[1] * e1[1] + e0[2] * e1[2];
-        e1 = [e1[0] - e0[0] * dot, e1[1] - e0[1] * dot, e1[2] - e0[2] * dot];
+        e1 = [
+            e1[0] - e0[0] * dot,
+            e1[1] - e0[1] * dot,
+            e1[2] - e0[2] * dot,
+        ];
         let d1 = (e1[0] * e1[0] + e1[1] * e1[1] + e1[2] * e1[2] + eps).sqrt();
         e1 = [e1[0] / d1, e1[1] / d1, e1[2] / d1];
         let e2 = [
@@ -112,7 +131,11 @@ impl Rigid {
             e0[0] * e1[1] - e0[1] * e1[0],
         ];
         // Columns are e0, e1, e2.
-        let rot = [[e0[0], e1[0], e2[0]], [e0[1], e1[1], e2[1]], [e0[2], e1[2], e2[2]]];
+        let rot = [
+            [e0[0], e1[0], e2[0]],
+            [e0[1], e1[1], e2[1]],
+            [e0[2], e1[2], e2[2]],
+        ];
         Rigid { rot, trans: origin }
     }
 
@@ -126,7 +149,10 @@ impl Rigid {
                 *v = a[i][0] * m[0][j] + a[i][1] * m[1][j] + a[i][2] * m[2][j];
             }
         }
-        Rigid { rot, trans: self.trans }
+        Rigid {
+            rot,
+            trans: self.trans,
+        }
     }
 
     /// `invert().apply(p)` in OpenFold's order: `Rᵀp + (−Rᵀt)`.
@@ -205,7 +231,12 @@ pub fn atom37_to_frames(aatype: &[u8], pos37: &[f64], mask37: &[f64]) -> GroupFr
         let r = (a as usize).min(20);
         for g in 0..8 {
             let idx = base.atom37_idx[r][g];
-            let mut f = Rigid::from_3_points(p3(pos37, i, idx[0]), p3(pos37, i, idx[1]), p3(pos37, i, idx[2]), 1e-8);
+            let mut f = Rigid::from_3_points(
+                p3(pos37, i, idx[0]),
+                p3(pos37, i, idx[1]),
+                p3(pos37, i, idx[2]),
+                1e-8,
+            );
             if g == 0 {
                 f = f.compose_rot(&flip);
             }
@@ -215,7 +246,10 @@ pub fn atom37_to_frames(aatype: &[u8], pos37: &[f64], mask37: &[f64]) -> GroupFr
             o.rigidgroups_gt_frames[k..k + 16].copy_from_slice(&f.to_4x4());
             o.rigidgroups_alt_gt_frames[k..k + 16].copy_from_slice(&alt.to_4x4());
             let gm = base.mask[r][g] as f64;
-            let atoms = idx.iter().map(|&x| mask37[i * 37 + x]).fold(f64::INFINITY, f64::min);
+            let atoms = idx
+                .iter()
+                .map(|&x| mask37[i * 37 + x])
+                .fold(f64::INFINITY, f64::min);
             o.rigidgroups_gt_exists[i * 8 + g] = atoms * gm;
             o.rigidgroups_group_exists[i * 8 + g] = gm;
             o.rigidgroups_group_is_ambiguous[i * 8 + g] = base.is_ambiguous[r][g] as f64;
@@ -290,7 +324,11 @@ pub fn atom37_to_torsion_angles(aatype: &[u8], pos37: &[f64], mask37: &[f64]) ->
             let (s, c) = (s / denom * sign, c / denom * sign);
             o.torsion_angles_sin_cos[i * 14 + t * 2] = s;
             o.torsion_angles_sin_cos[i * 14 + t * 2 + 1] = c;
-            let mirror = if t >= 3 { 1.0 - 2.0 * rc::CHI_PI_PERIODIC[r][t - 3] as f64 } else { 1.0 };
+            let mirror = if t >= 3 {
+                1.0 - 2.0 * rc::CHI_PI_PERIODIC[r][t - 3] as f64
+            } else {
+                1.0
+            };
             o.alt_torsion_angles_sin_cos[i * 14 + t * 2] = s * mirror;
             o.alt_torsion_angles_sin_cos[i * 14 + t * 2 + 1] = c * mirror;
             o.torsion_angles_mask[i * 7 + t] = mask[t];

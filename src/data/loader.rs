@@ -47,7 +47,11 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    fn finish(source: Source, items: Vec<DatasetItem>, filtered: Vec<(String, String)>) -> Result<Dataset> {
+    fn finish(
+        source: Source,
+        items: Vec<DatasetItem>,
+        filtered: Vec<(String, String)>,
+    ) -> Result<Dataset> {
         if items.is_empty() {
             return Err(Error::Data {
                 what: "dataset".into(),
@@ -98,7 +102,12 @@ impl Dataset {
     }
 
     /// Chains of `split` from a manifest's text files under `root` (parsed on demand by workers).
-    pub fn from_manifest(root: &Path, manifest: &Manifest, cfg: &DataConfig, split: Option<&str>) -> Result<Dataset> {
+    pub fn from_manifest(
+        root: &Path,
+        manifest: &Manifest,
+        cfg: &DataConfig,
+        split: Option<&str>,
+    ) -> Result<Dataset> {
         let entries = manifest.check(root, false)?;
         let mut items = Vec::new();
         let mut filtered = Vec::new();
@@ -113,14 +122,23 @@ impl Dataset {
                     continue;
                 }
             }
-            let len = e.seq_len.or(e.sequence.as_ref().map(String::len)).unwrap_or(256);
+            let len = e
+                .seq_len
+                .or(e.sequence.as_ref().map(String::len))
+                .unwrap_or(256);
             items.push(DatasetItem {
                 id: e.id.clone(),
                 weight: sample_weight(len, e.cluster_size),
                 entry: Some(e),
             });
         }
-        Dataset::finish(Source::Files { root: root.to_path_buf() }, items, filtered)
+        Dataset::finish(
+            Source::Files {
+                root: root.to_path_buf(),
+            },
+            items,
+            filtered,
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -144,7 +162,9 @@ impl Dataset {
         let input = match (&self.source, &item.entry) {
             (Source::Cache(r), _) => r.read(&item.id)?.input,
             (Source::Files { root }, Some(e)) => load_entry(root, e)?.1,
-            (Source::Files { .. }, None) => return Err(Error::Msg(format!("{}: no manifest entry", item.id))),
+            (Source::Files { .. }, None) => {
+                return Err(Error::Msg(format!("{}: no manifest entry", item.id)))
+            }
         };
         if let Some(r) = filter_reason(cfg, &input.aatype, input.resolution) {
             return Err(Error::Data {
@@ -160,7 +180,9 @@ impl Dataset {
     pub fn pick(&self, seed: u64, k: u64) -> usize {
         let total = self.cumulative.last().copied().unwrap_or(0.0);
         let u = Rng::stream(seed, k, 0, Purpose::Sampler).next_f64() * total;
-        self.cumulative.partition_point(|&c| c <= u).min(self.items.len() - 1)
+        self.cumulative
+            .partition_point(|&c| c <= u)
+            .min(self.items.len() - 1)
     }
 }
 
@@ -250,7 +272,13 @@ pub struct Loader {
 impl Loader {
     /// Start `num_workers` threads building `build(k)` for k = 0, 1, 2, … (skipping indices
     /// consumed in `state`), at most `prefetch` samples ahead.
-    pub fn start(num_workers: usize, prefetch: usize, order: LoaderOrder, state: &LoaderState, build: Arc<BuildFn>) -> Loader {
+    pub fn start(
+        num_workers: usize,
+        prefetch: usize,
+        order: LoaderOrder,
+        state: &LoaderState,
+        build: Arc<BuildFn>,
+    ) -> Loader {
         let mut consumed: BTreeSet<u64> = state.consumed_above.iter().copied().collect();
         consumed.retain(|&k| k >= state.watermark);
         let inner = Inner {
@@ -290,7 +318,13 @@ impl Loader {
 
     /// A loader over a dataset: index `k` samples item `dataset.pick(seed, k)` and featurises it
     /// with stream index `k`.
-    pub fn for_dataset(dataset: Arc<Dataset>, data: &DataConfig, features: FeatureConfig, lc: &LoaderConfig, state: &LoaderState) -> Loader {
+    pub fn for_dataset(
+        dataset: Arc<Dataset>,
+        data: &DataConfig,
+        features: FeatureConfig,
+        lc: &LoaderConfig,
+        state: &LoaderState,
+    ) -> Loader {
         Loader::for_dataset_sharded(dataset, data, features, lc, state, 0, 1)
     }
 
@@ -314,7 +348,13 @@ impl Loader {
             let input = dataset.load(i, &data)?;
             build_sample(&input, &features, g)
         };
-        Loader::start(lc.num_workers, lc.prefetch, lc.order, state, Arc::new(build))
+        Loader::start(
+            lc.num_workers,
+            lc.prefetch,
+            lc.order,
+            state,
+            Arc::new(build),
+        )
     }
 
     /// The next sample (see the module docs for the order). Errors only when
@@ -337,7 +377,11 @@ impl Loader {
                         msg: "all loader workers have stopped".into(),
                     });
                 }
-                g = self.shared.cv_ready.wait(g).unwrap_or_else(|p| p.into_inner());
+                g = self
+                    .shared
+                    .cv_ready
+                    .wait(g)
+                    .unwrap_or_else(|p| p.into_inner());
                 continue;
             };
             let r = g.ready.remove(&k);
@@ -439,10 +483,20 @@ mod tests {
     fn deterministic_order_is_strict() {
         let build = Arc::new(|k: u64| {
             // Later indices finish first.
-            std::thread::sleep(Duration::from_millis(if k % 3 == 0 { 15 } else { 1 }));
+            std::thread::sleep(Duration::from_millis(if k.is_multiple_of(3) {
+                15
+            } else {
+                1
+            }));
             fake(k)
         });
-        let mut l = Loader::start(3, 4, LoaderOrder::Deterministic, &LoaderState::default(), build);
+        let mut l = Loader::start(
+            3,
+            4,
+            LoaderOrder::Deterministic,
+            &LoaderState::default(),
+            build,
+        );
         let got: Vec<u64> = (0..12).map(|_| l.next_sample().unwrap().index).collect();
         assert_eq!(got, (0..12).collect::<Vec<_>>());
     }
@@ -455,11 +509,21 @@ mod tests {
             }
             fake(k)
         });
-        let mut l = Loader::start(2, 4, LoaderOrder::NonBlocking, &LoaderState::default(), build);
+        let mut l = Loader::start(
+            2,
+            4,
+            LoaderOrder::NonBlocking,
+            &LoaderState::default(),
+            build,
+        );
         let t = Instant::now();
         let first = l.next_sample().unwrap().index;
         assert_ne!(first, 0);
-        assert!(t.elapsed() < Duration::from_millis(300), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
         let mut seen: Vec<u64> = vec![first];
         for _ in 0..5 {
             seen.push(l.next_sample().unwrap().index);
@@ -479,7 +543,13 @@ mod tests {
                 fake(k)
             }
         });
-        let mut l = Loader::start(2, 3, LoaderOrder::Deterministic, &LoaderState::default(), build);
+        let mut l = Loader::start(
+            2,
+            3,
+            LoaderOrder::Deterministic,
+            &LoaderState::default(),
+            build,
+        );
         let got: Vec<u64> = (0..6).map(|_| l.next_sample().unwrap().index).collect();
         assert_eq!(got, vec![0, 2, 3, 4, 6, 7]);
         let st = l.state();
@@ -493,7 +563,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(if k == 2 { 50 } else { 1 }));
             fake(k)
         });
-        let mut l = Loader::start(2, 4, LoaderOrder::NonBlocking, &LoaderState::default(), build.clone());
+        let mut l = Loader::start(
+            2,
+            4,
+            LoaderOrder::NonBlocking,
+            &LoaderState::default(),
+            build.clone(),
+        );
         let mut first: Vec<u64> = (0..5).map(|_| l.next_sample().unwrap().index).collect();
         let st = LoaderState::from_json(&l.state().to_json().unwrap()).unwrap();
         drop(l);

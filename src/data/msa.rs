@@ -28,7 +28,12 @@ impl ParsedMsa {
     pub fn query_ungapped(&self) -> String {
         self.aligned
             .first()
-            .map(|q| q.iter().filter(|&&c| c != b'-').map(|&c| c as char).collect())
+            .map(|q| {
+                q.iter()
+                    .filter(|&&c| c != b'-')
+                    .map(|&c| c as char)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -53,7 +58,11 @@ impl Msa {
 
 fn check_width(p: &ParsedMsa, path: &Path) -> Result<()> {
     let Some(w) = p.aligned.first().map(Vec::len) else {
-        return Err(Error::parse(path, 0, "alignment has no sequences (empty MSA file)"));
+        return Err(Error::parse(
+            path,
+            0,
+            "alignment has no sequences (empty MSA file)",
+        ));
     };
     for (i, row) in p.aligned.iter().enumerate() {
         if row.len() != w {
@@ -95,7 +104,11 @@ pub fn parse_a3m(text: &str, path: &Path) -> Result<ParsedMsa> {
             continue;
         }
         let Some((aligned, dels, count)) = cur.as_mut() else {
-            return Err(Error::parse(path, ln + 1, "sequence data before the first `>` header"));
+            return Err(Error::parse(
+                path,
+                ln + 1,
+                "sequence data before the first `>` header",
+            ));
         };
         for &c in line.as_bytes() {
             if c.is_ascii_lowercase() {
@@ -104,7 +117,11 @@ pub fn parse_a3m(text: &str, path: &Path) -> Result<ParsedMsa> {
                 // Insert-state gap in some a3m writers: neither a column nor a deletion.
             } else {
                 if hhblits_id(c).is_none() {
-                    return Err(Error::parse(path, ln + 1, format!("invalid character `{}` in sequence", c as char)));
+                    return Err(Error::parse(
+                        path,
+                        ln + 1,
+                        format!("invalid character `{}` in sequence", c as char),
+                    ));
                 }
                 aligned.push(c);
                 dels.push(*count);
@@ -142,7 +159,11 @@ pub fn parse_stockholm(text: &str, path: &Path) -> Result<ParsedMsa> {
         seqs[i].extend_from_slice(seq.as_bytes());
     }
     let Some(query) = seqs.first().cloned() else {
-        return Err(Error::parse(path, 0, "alignment has no sequences (empty MSA file)"));
+        return Err(Error::parse(
+            path,
+            0,
+            "alignment has no sequences (empty MSA file)",
+        ));
     };
     let mut out = ParsedMsa {
         names,
@@ -154,7 +175,12 @@ pub fn parse_stockholm(text: &str, path: &Path) -> Result<ParsedMsa> {
             return Err(Error::parse(
                 path,
                 out.lines[i],
-                format!("sequence `{}` has {} columns, the query has {}", out.names[i], s.len(), query.len()),
+                format!(
+                    "sequence `{}` has {} columns, the query has {}",
+                    out.names[i],
+                    s.len(),
+                    query.len()
+                ),
             ));
         }
         let mut aligned = Vec::with_capacity(query.len());
@@ -165,9 +191,17 @@ pub fn parse_stockholm(text: &str, path: &Path) -> Result<ParsedMsa> {
                 if q == b'-' {
                     count += 1;
                 } else {
-                    let c = if c == b'.' { b'-' } else { c.to_ascii_uppercase() };
+                    let c = if c == b'.' {
+                        b'-'
+                    } else {
+                        c.to_ascii_uppercase()
+                    };
                     if hhblits_id(c).is_none() {
-                        return Err(Error::parse(path, out.lines[i], format!("invalid character `{}` in sequence", c as char)));
+                        return Err(Error::parse(
+                            path,
+                            out.lines[i],
+                            format!("invalid character `{}` in sequence", c as char),
+                        ));
                     }
                     aligned.push(c);
                     dels.push(count);
@@ -228,7 +262,8 @@ pub fn merge(parts: &[ParsedMsa]) -> Msa {
             if a.len() != width || !seen.insert(a.as_slice()) {
                 continue;
             }
-            msa.tokens.extend(a.iter().map(|&c| hhblits_id(c).unwrap_or(20)));
+            msa.tokens
+                .extend(a.iter().map(|&c| hhblits_id(c).unwrap_or(20)));
             msa.deletions.extend_from_slice(d);
             msa.rows += 1;
         }
@@ -279,7 +314,9 @@ pub fn build_msa(files: &[AlignmentText], sequence: &str) -> Result<Msa> {
         let p = parse_msa_text(&f.text, &f.path, fmt)?;
         let q = p.query_ungapped();
         let matches = q.len() == sequence.len()
-            && q.bytes().zip(sequence.bytes()).all(|(a, b)| a == b || b == b'X' || a == b'X');
+            && q.bytes()
+                .zip(sequence.bytes())
+                .all(|(a, b)| a == b || b == b'X' || a == b'X');
         if !matches {
             return Err(Error::Data {
                 what: f.path.display().to_string(),
@@ -293,7 +330,10 @@ pub fn build_msa(files: &[AlignmentText], sequence: &str) -> Result<Msa> {
     }
     if parts.is_empty() {
         // No alignments: the query alone (AF2 single-sequence mode).
-        let tokens: Vec<u8> = sequence.bytes().map(|c| hhblits_id(c).unwrap_or(20)).collect();
+        let tokens: Vec<u8> = sequence
+            .bytes()
+            .map(|c| hhblits_id(c).unwrap_or(20))
+            .collect();
         return Ok(Msa {
             rows: 1,
             width: tokens.len(),
@@ -351,7 +391,10 @@ pub fn parse_hhr(text: &str, path: &Path) -> Result<Vec<HhrHit>> {
             if let Some(h) = hits.last_mut() {
                 finish(h, q_start, t_start);
             }
-            let index = n.trim().parse().map_err(|_| Error::parse(path, ln + 1, "bad hit number"))?;
+            let index = n
+                .trim()
+                .parse()
+                .map_err(|_| Error::parse(path, ln + 1, "bad hit number"))?;
             hits.push(HhrHit {
                 index,
                 ..Default::default()
@@ -425,7 +468,8 @@ mod tests {
 
     #[test]
     fn stockholm_blocks_and_query_gaps() {
-        let text = "# STOCKHOLM 1.0\n#=GS a DE x\nquery AC-D\nhit   ACED\n\nquery EE\nhit   -E\n//\n";
+        let text =
+            "# STOCKHOLM 1.0\n#=GS a DE x\nquery AC-D\nhit   ACED\n\nquery EE\nhit   -E\n//\n";
         let p = parse_stockholm(text, Path::new("t.sto")).unwrap();
         assert_eq!(p.aligned[0], b"ACDEE");
         assert_eq!(p.aligned[1], b"ACD-E");
@@ -436,9 +480,13 @@ mod tests {
     fn errors_name_file_and_line() {
         let e = parse_a3m("", Path::new("e.a3m")).unwrap_err().to_string();
         assert!(e.contains("e.a3m") && e.contains("empty"), "{e}");
-        let e = parse_a3m(">q\nACD\n>s\nAC\n", Path::new("w.a3m")).unwrap_err().to_string();
+        let e = parse_a3m(">q\nACD\n>s\nAC\n", Path::new("w.a3m"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("w.a3m:3"), "{e}");
-        let e = parse_a3m(">q\nAC1\n", Path::new("c.a3m")).unwrap_err().to_string();
+        let e = parse_a3m(">q\nAC1\n", Path::new("c.a3m"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.a3m:2"), "{e}");
     }
 }

@@ -143,7 +143,9 @@ mod tests {
 
     #[test]
     fn reproducible_and_independent_streams() {
-        let a: Vec<u64> = (0..4).map(|_| Rng::stream(7, 3, 1, Purpose::Msa).next_u64()).collect();
+        let a: Vec<u64> = (0..4)
+            .map(|_| Rng::stream(7, 3, 1, Purpose::Msa).next_u64())
+            .collect();
         assert!(a.iter().all(|&x| x == a[0]));
         let b = Rng::stream(7, 3, 2, Purpose::Msa).next_u64();
         let c = Rng::stream(7, 4, 1, Purpose::Msa).next_u64();

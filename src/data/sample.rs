@@ -69,7 +69,9 @@ impl Array {
     /// A candle tensor: floats as `float_dtype` (F32/F64/BF16…), integers as I64.
     pub fn to_tensor(&self, device: &Device, float_dtype: DType) -> Result<Tensor> {
         let t = match &self.data {
-            ArrayData::F32(v) => Tensor::from_slice(v, self.shape.as_slice(), device)?.to_dtype(float_dtype)?,
+            ArrayData::F32(v) => {
+                Tensor::from_slice(v, self.shape.as_slice(), device)?.to_dtype(float_dtype)?
+            }
             ArrayData::I64(v) => Tensor::from_slice(v, self.shape.as_slice(), device)?,
         };
         Ok(t)
@@ -83,7 +85,9 @@ impl Array {
         let r = parts.len();
         let mut shape = first.shape.clone();
         if parts.iter().any(|p| p.shape != first.shape) {
-            return Err(Error::Msg(format!("stack_last: shape mismatch for {shape:?}")));
+            return Err(Error::Msg(format!(
+                "stack_last: shape mismatch for {shape:?}"
+            )));
         }
         shape.push(r);
         fn interleave<T: Copy + Default>(vs: &[&[T]]) -> Vec<T> {
@@ -186,7 +190,11 @@ impl Sample {
     }
 
     /// All features as candle tensors (no batch dimension, recycling last), floats as `float_dtype`.
-    pub fn to_tensors(&self, device: &Device, float_dtype: DType) -> Result<HashMap<String, Tensor>> {
+    pub fn to_tensors(
+        &self,
+        device: &Device,
+        float_dtype: DType,
+    ) -> Result<HashMap<String, Tensor>> {
         self.features
             .iter()
             .map(|(k, a)| Ok((k.clone(), a.to_tensor(device, float_dtype)?)))
@@ -200,7 +208,11 @@ impl Sample {
 }
 
 /// Stack several samples' tensors along a new leading batch dimension.
-pub fn batch_tensors(samples: &[Sample], device: &Device, float_dtype: DType) -> Result<HashMap<String, Tensor>> {
+pub fn batch_tensors(
+    samples: &[Sample],
+    device: &Device,
+    float_dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
     let first = samples
         .first()
         .ok_or_else(|| Error::Msg("batch_tensors: no samples".into()))?;
@@ -225,9 +237,18 @@ mod tests {
         let b = Array::f32(&[2, 2], vec![5.0, 6.0, 7.0, 8.0]);
         let s = Array::stack_last(&[&a, &b]).unwrap();
         assert_eq!(s.shape, vec![2, 2, 2]);
-        assert_eq!(s.as_f32().unwrap(), &[1.0, 5.0, 2.0, 6.0, 3.0, 7.0, 4.0, 8.0]);
+        assert_eq!(
+            s.as_f32().unwrap(),
+            &[1.0, 5.0, 2.0, 6.0, 3.0, 7.0, 4.0, 8.0]
+        );
         let t = s.to_tensor(&Device::Cpu, DType::F64).unwrap();
-        let back: Vec<f64> = t.narrow(2, 1, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let back: Vec<f64> = t
+            .narrow(2, 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(back, vec![5.0, 6.0, 7.0, 8.0]);
     }
 }

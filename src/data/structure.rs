@@ -55,7 +55,9 @@ impl Chain {
 
     /// Residues with a CA atom.
     pub fn resolved_residues(&self) -> usize {
-        (0..self.len()).filter(|&i| self.mask[i * 37 + 1] > 0.0).count()
+        (0..self.len())
+            .filter(|&i| self.mask[i * 37 + 1] > 0.0)
+            .count()
     }
 
     /// OpenFold residue index (0..L, whatever the author numbering).
@@ -188,7 +190,11 @@ pub fn parse_structure_file(path: &Path, chain: &str) -> Result<Chain> {
 
 fn num<T: std::str::FromStr>(v: &str, path: &Path, line: u32, what: &str) -> Result<T> {
     v.trim().parse::<T>().map_err(|_| {
-        Error::parse(path, line as usize, format!("{what}: cannot parse `{v}` as a number"))
+        Error::parse(
+            path,
+            line as usize,
+            format!("{what}: cannot parse `{v}` as a number"),
+        )
     })
 }
 
@@ -236,9 +242,9 @@ pub fn parse_mmcif(text: &str, path: &Path, id: &str, chain: &str) -> Result<Cha
         .category("atom_site")
         .ok_or_else(|| Error::parse(path, 0, "no _atom_site category"))?;
     let col = |name: &str| {
-        atoms.col(name).ok_or_else(|| {
-            Error::parse(path, 0, format!("_atom_site.{name} column missing"))
-        })
+        atoms
+            .col(name)
+            .ok_or_else(|| Error::parse(path, 0, format!("_atom_site.{name} column missing")))
     };
     let c_type = atoms.col("type_symbol");
     let c_atom = col("label_atom_id")?;
@@ -289,7 +295,8 @@ pub fn parse_mmcif(text: &str, path: &Path, id: &str, chain: &str) -> Result<Cha
     };
     let is_polymer_row = |r: usize| -> bool {
         !is_null(atoms.get(r, c_seq))
-            && (poly_entities.is_empty() || row_entity(r).is_some_and(|e| poly_entities.contains(e)))
+            && (poly_entities.is_empty()
+                || row_entity(r).is_some_and(|e| poly_entities.contains(e)))
     };
 
     // Find the label chain: author id first, then label id.
@@ -347,7 +354,10 @@ pub fn parse_mmcif(text: &str, path: &Path, id: &str, chain: &str) -> Result<Cha
         ) {
             for ((a, nu), mo) in asyms.iter().zip(nums).zip(mons) {
                 if *a == label {
-                    seq.push((num(nu, path, 0, "_pdbx_poly_seq_scheme.seq_id")?, mo.to_string()));
+                    seq.push((
+                        num(nu, path, 0, "_pdbx_poly_seq_scheme.seq_id")?,
+                        mo.to_string(),
+                    ));
                 }
             }
         }
@@ -355,7 +365,12 @@ pub fn parse_mmcif(text: &str, path: &Path, id: &str, chain: &str) -> Result<Cha
     if seq.is_empty() {
         for r in 0..n {
             if in_model(r) && atoms.get(r, c_asym) == label && !is_null(atoms.get(r, c_seq)) {
-                let s: i64 = num(atoms.get(r, c_seq), path, atoms.row_lines[r], "label_seq_id")?;
+                let s: i64 = num(
+                    atoms.get(r, c_seq),
+                    path,
+                    atoms.row_lines[r],
+                    "label_seq_id",
+                )?;
                 if seq.last().is_none_or(|(last, _)| *last != s) {
                     seq.push((s, atoms.get(r, c_comp).to_string()));
                 }
@@ -386,7 +401,9 @@ pub fn parse_mmcif(text: &str, path: &Path, id: &str, chain: &str) -> Result<Cha
         if comp != seq_names[idx] {
             continue; // an alternative monomer at a heterogeneous position
         }
-        let res = residues.entry(idx).or_insert_with(|| ResidueAtoms::new(comp));
+        let res = residues
+            .entry(idx)
+            .or_insert_with(|| ResidueAtoms::new(comp));
         if res.author_number.is_none() {
             res.author_number = c_auth_seq.and_then(|c| atoms.get(r, c).parse().ok());
         }
@@ -483,7 +500,11 @@ pub fn parse_pdb(text: &str, path: &Path, id: &str, chain: &str) -> Result<Chain
                     continue;
                 }
                 if line.len() < 54 {
-                    return Err(Error::parse(path, lno, "ATOM record shorter than 54 columns (truncated?)"));
+                    return Err(Error::parse(
+                        path,
+                        lno,
+                        "ATOM record shorter than 54 columns (truncated?)",
+                    ));
                 }
                 let resseq: i32 = num(field(line, 22, 26), path, lno as u32, "residue number")?;
                 let icode = field(line, 26, 27).chars().next().unwrap_or(' ');
@@ -506,7 +527,11 @@ pub fn parse_pdb(text: &str, path: &Path, id: &str, chain: &str) -> Result<Chain
                 let name = field(line, 12, 16).trim();
                 let mut element = field(line, 76, 78).trim().to_string();
                 if element.is_empty() {
-                    element = name.trim_start_matches(|c: char| c.is_ascii_digit()).chars().take(1).collect();
+                    element = name
+                        .trim_start_matches(|c: char| c.is_ascii_digit())
+                        .chars()
+                        .take(1)
+                        .collect();
                 }
                 res.add(name, &element, xyz, occ);
             }
@@ -542,7 +567,9 @@ pub fn parse_pdb(text: &str, path: &Path, id: &str, chain: &str) -> Result<Chain
         .map(|(j, r)| (j, r.clone()))
         .collect();
     let date = dates.into_iter().min();
-    Ok(assemble(id, chain, None, &seq_names, &residues, resolution, date, method))
+    Ok(assemble(
+        id, chain, None, &seq_names, &residues, resolution, date, method,
+    ))
 }
 
 /// Place observed residues (in order) on the sequence: an increasing map `i → j` that prefers
@@ -557,8 +584,8 @@ fn align_observed(seq: &[String], obs: &[&ResidueAtoms]) -> Option<Vec<usize>> {
     let inf = u64::MAX / 4;
     let mut cost = vec![inf; n * m];
     let mut back = vec![usize::MAX; n * m];
-    for j in 0..m {
-        cost[j] = if same(0, j) { 0 } else { 100 };
+    for (j, c) in cost.iter_mut().enumerate().take(m) {
+        *c = if same(0, j) { 0 } else { 100 };
     }
     for i in 1..n {
         let dnum = i64::from(obs[i].author_number.unwrap_or(0))
@@ -613,7 +640,10 @@ mod tests {
 
     #[test]
     fn alignment_follows_numbering() {
-        let seq: Vec<String> = ["GLY", "ALA", "ALA", "ALA", "GLY"].iter().map(|s| s.to_string()).collect();
+        let seq: Vec<String> = ["GLY", "ALA", "ALA", "ALA", "GLY"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let mk = |n: &str, k: i32| {
             let mut r = ResidueAtoms::new(n);
             r.author_number = Some(k);

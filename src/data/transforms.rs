@@ -57,12 +57,19 @@ impl ProteinInput {
             return Err(bad("empty chain".into()));
         }
         if self.positions.len() != l * 111 || self.mask.len() != l * 37 {
-            return Err(bad("positions/mask shape does not match the sequence".into()));
+            return Err(bad(
+                "positions/mask shape does not match the sequence".into()
+            ));
         }
         if self.msa.rows == 0 || self.msa.width != l {
-            return Err(bad(format!("MSA width {} != chain length {l}", self.msa.width)));
+            return Err(bad(format!(
+                "MSA width {} != chain length {l}",
+                self.msa.width
+            )));
         }
-        if self.msa.tokens.len() != self.msa.rows * l || self.msa.deletions.len() != self.msa.rows * l {
+        if self.msa.tokens.len() != self.msa.rows * l
+            || self.msa.deletions.len() != self.msa.rows * l
+        {
             return Err(bad("MSA arrays have the wrong size".into()));
         }
         Ok(())
@@ -132,7 +139,11 @@ pub fn block_delete(n_rows: usize, fraction: f64, num_blocks: usize, rng: &mut R
 
 /// `sample_msa`: the query, then the other rows in random order; the first `max_clusters` are the
 /// cluster centres, the rest the extra MSA.
-pub fn sample_clusters(rows: &[usize], max_clusters: usize, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
+pub fn sample_clusters(
+    rows: &[usize],
+    max_clusters: usize,
+    rng: &mut Rng,
+) -> (Vec<usize>, Vec<usize>) {
     if rows.is_empty() {
         return (Vec::new(), Vec::new());
     }
@@ -163,7 +174,13 @@ pub fn msa_profile(tokens: &[u8], rows: usize, width: usize) -> Vec<f32> {
 /// probability `replace_fraction`; a selected token becomes a uniform amino acid (`uniform_prob`),
 /// a draw from the column profile (`profile_prob`), itself (`same_prob`) or the mask token 22
 /// (the rest). Returns (masked tokens, bert_mask). `tokens` are aatype order, `[S,L]`.
-pub fn mask_msa(tokens: &[u8], width: usize, profile: &[f32], cfg: &FeatureConfig, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+pub fn mask_msa(
+    tokens: &[u8],
+    width: usize,
+    profile: &[f32],
+    cfg: &FeatureConfig,
+    rng: &mut Rng,
+) -> (Vec<u8>, Vec<f32>) {
     let mask_prob = (1.0 - cfg.uniform_prob - cfg.profile_prob - cfg.same_prob).max(0.0);
     let mut out = tokens.to_vec();
     let mut bert = vec![0f32; tokens.len()];
@@ -195,7 +212,11 @@ pub fn count_equal(a: &[u8], b: &[u8]) -> u32 {
     let full = n / W * W;
     let mut total = 0u32;
     let mut acc = [0u8; W];
-    for (blk, (ca, cb)) in a[..full].chunks_exact(W).zip(b[..full].chunks_exact(W)).enumerate() {
+    for (blk, (ca, cb)) in a[..full]
+        .chunks_exact(W)
+        .zip(b[..full].chunks_exact(W))
+        .enumerate()
+    {
         for i in 0..W {
             acc[i] += u8::from(ca[i] == cb[i]);
         }
@@ -205,15 +226,29 @@ pub fn count_equal(a: &[u8], b: &[u8]) -> u32 {
         }
     }
     total += acc.iter().map(|&x| u32::from(x)).sum::<u32>();
-    total + a[full..n].iter().zip(&b[full..n]).filter(|(x, y)| x == y).count() as u32
+    total
+        + a[full..n]
+            .iter()
+            .zip(&b[full..n])
+            .filter(|(x, y)| x == y)
+            .count() as u32
 }
 
 /// `nearest_neighbor_clusters`: each extra row goes to the cluster centre with which it agrees on
 /// the most columns (agreement counted on amino-acid tokens 0..=20 of the centre; gaps and mask
 /// tokens count 0); ties go to the first centre.
-pub fn assign_clusters(centres: &[u8], n_centres: usize, extra: &[u8], n_extra: usize, width: usize) -> Vec<usize> {
+pub fn assign_clusters(
+    centres: &[u8],
+    n_centres: usize,
+    extra: &[u8],
+    n_extra: usize,
+    width: usize,
+) -> Vec<usize> {
     // Centre tokens that can never agree (gap, mask) become 255.
-    let c: Vec<u8> = centres.iter().map(|&t| if t > 20 { 255 } else { t }).collect();
+    let c: Vec<u8> = centres
+        .iter()
+        .map(|&t| if t > 20 { 255 } else { t })
+        .collect();
     (0..n_extra)
         .map(|e| {
             let row = &extra[e * width..(e + 1) * width];
@@ -272,16 +307,34 @@ impl StackedMsa {
 
     fn into_features(self, out: &mut BTreeMap<String, Array>) {
         let (r, n, sc, se) = (self.r, self.n, self.sc, self.se);
-        out.insert("msa_feat".into(), Array::f32(&[sc, n, 49, r], self.msa_feat));
+        out.insert(
+            "msa_feat".into(),
+            Array::f32(&[sc, n, 49, r], self.msa_feat),
+        );
         out.insert("true_msa".into(), Array::i64(&[sc, n, r], self.true_msa));
         out.insert("bert_mask".into(), Array::f32(&[sc, n, r], self.bert_mask));
         out.insert("msa_mask".into(), Array::f32(&[sc, n, r], self.msa_mask));
-        out.insert("msa_row_mask".into(), Array::f32(&[sc, r], self.msa_row_mask));
+        out.insert(
+            "msa_row_mask".into(),
+            Array::f32(&[sc, r], self.msa_row_mask),
+        );
         out.insert("extra_msa".into(), Array::i64(&[se, n, r], self.extra_msa));
-        out.insert("extra_has_deletion".into(), Array::f32(&[se, n, r], self.extra_has_deletion));
-        out.insert("extra_deletion_value".into(), Array::f32(&[se, n, r], self.extra_deletion_value));
-        out.insert("extra_msa_mask".into(), Array::f32(&[se, n, r], self.extra_msa_mask));
-        out.insert("extra_msa_row_mask".into(), Array::f32(&[se, r], self.extra_msa_row_mask));
+        out.insert(
+            "extra_has_deletion".into(),
+            Array::f32(&[se, n, r], self.extra_has_deletion),
+        );
+        out.insert(
+            "extra_deletion_value".into(),
+            Array::f32(&[se, n, r], self.extra_deletion_value),
+        );
+        out.insert(
+            "extra_msa_mask".into(),
+            Array::f32(&[se, n, r], self.extra_msa_mask),
+        );
+        out.insert(
+            "extra_msa_row_mask".into(),
+            Array::f32(&[se, r], self.extra_msa_row_mask),
+        );
     }
 }
 
@@ -388,7 +441,14 @@ fn msa_features(
 
 /// Slice residues `[start, start+len)` of a per-residue array with `per` values per residue,
 /// zero-pad to `n_pad` residues and repeat every value `r` times (recycling axis last).
-fn crop_pad<T: Copy + Default>(v: &[T], per: usize, start: usize, len: usize, n_pad: usize, r: usize) -> Vec<T> {
+fn crop_pad<T: Copy + Default>(
+    v: &[T],
+    per: usize,
+    start: usize,
+    len: usize,
+    n_pad: usize,
+    r: usize,
+) -> Vec<T> {
     let mut out = vec![T::default(); n_pad * per * r];
     for (k, &x) in v[start * per..(start + len) * per].iter().enumerate() {
         out[k * r..(k + 1) * r].fill(x);
@@ -408,7 +468,12 @@ pub fn build_sample(input: &ProteinInput, cfg: &FeatureConfig, index: u64) -> Re
 }
 
 /// [`build_sample`] with an optional fixed crop start (tests, evaluation).
-pub fn build_sample_at(input: &ProteinInput, cfg: &FeatureConfig, index: u64, crop_start: Option<usize>) -> Result<Sample> {
+pub fn build_sample_at(
+    input: &ProteinInput,
+    cfg: &FeatureConfig,
+    index: u64,
+    crop_start: Option<usize>,
+) -> Result<Sample> {
     input.validate()?;
     let l = input.len();
     let n = cfg.crop_size.max(1);
@@ -436,22 +501,75 @@ pub fn build_sample_at(input: &ProteinInput, cfg: &FeatureConfig, index: u64, cr
     let mut fx: BTreeMap<String, Array> = BTreeMap::new();
     let with_r = |shape: &[usize]| -> Vec<usize> { shape.iter().copied().chain([nr]).collect() };
     let mut put_f = |k: &str, shape: &[usize], per: usize, v: &[f32]| {
-        fx.insert(k.to_string(), Array::f32(&with_r(shape), crop_pad(v, per, start, len, n, nr)));
+        fx.insert(
+            k.to_string(),
+            Array::f32(&with_r(shape), crop_pad(v, per, start, len, n, nr)),
+        );
     };
     put_f("all_atom_positions", &[n, 37, 3], 111, &input.positions);
     put_f("all_atom_mask", &[n, 37], 37, &input.mask);
     put_f("atom14_atom_exists", &[n, 14], 14, &m14.atom14_atom_exists);
     put_f("atom37_atom_exists", &[n, 37], 37, &m14.atom37_atom_exists);
-    put_f("atom14_gt_exists", &[n, 14], 14, &f64s(&p14.atom14_gt_exists));
-    put_f("atom14_gt_positions", &[n, 14, 3], 42, &f64s(&p14.atom14_gt_positions));
-    put_f("atom14_alt_gt_positions", &[n, 14, 3], 42, &f64s(&p14.atom14_alt_gt_positions));
-    put_f("atom14_alt_gt_exists", &[n, 14], 14, &f64s(&p14.atom14_alt_gt_exists));
-    put_f("atom14_atom_is_ambiguous", &[n, 14], 14, &f64s(&p14.atom14_atom_is_ambiguous));
-    put_f("rigidgroups_gt_frames", &[n, 8, 4, 4], 128, &f64s(&fr.rigidgroups_gt_frames));
-    put_f("rigidgroups_alt_gt_frames", &[n, 8, 4, 4], 128, &f64s(&fr.rigidgroups_alt_gt_frames));
-    put_f("rigidgroups_gt_exists", &[n, 8], 8, &f64s(&fr.rigidgroups_gt_exists));
-    put_f("rigidgroups_group_exists", &[n, 8], 8, &f64s(&fr.rigidgroups_group_exists));
-    put_f("rigidgroups_group_is_ambiguous", &[n, 8], 8, &f64s(&fr.rigidgroups_group_is_ambiguous));
+    put_f(
+        "atom14_gt_exists",
+        &[n, 14],
+        14,
+        &f64s(&p14.atom14_gt_exists),
+    );
+    put_f(
+        "atom14_gt_positions",
+        &[n, 14, 3],
+        42,
+        &f64s(&p14.atom14_gt_positions),
+    );
+    put_f(
+        "atom14_alt_gt_positions",
+        &[n, 14, 3],
+        42,
+        &f64s(&p14.atom14_alt_gt_positions),
+    );
+    put_f(
+        "atom14_alt_gt_exists",
+        &[n, 14],
+        14,
+        &f64s(&p14.atom14_alt_gt_exists),
+    );
+    put_f(
+        "atom14_atom_is_ambiguous",
+        &[n, 14],
+        14,
+        &f64s(&p14.atom14_atom_is_ambiguous),
+    );
+    put_f(
+        "rigidgroups_gt_frames",
+        &[n, 8, 4, 4],
+        128,
+        &f64s(&fr.rigidgroups_gt_frames),
+    );
+    put_f(
+        "rigidgroups_alt_gt_frames",
+        &[n, 8, 4, 4],
+        128,
+        &f64s(&fr.rigidgroups_alt_gt_frames),
+    );
+    put_f(
+        "rigidgroups_gt_exists",
+        &[n, 8],
+        8,
+        &f64s(&fr.rigidgroups_gt_exists),
+    );
+    put_f(
+        "rigidgroups_group_exists",
+        &[n, 8],
+        8,
+        &f64s(&fr.rigidgroups_group_exists),
+    );
+    put_f(
+        "rigidgroups_group_is_ambiguous",
+        &[n, 8],
+        8,
+        &f64s(&fr.rigidgroups_group_is_ambiguous),
+    );
     put_f("backbone_rigid_tensor", &[n, 4, 4], 16, &f64s(&bb));
     put_f("backbone_rigid_mask", &[n], 1, &f64s(&bbm));
     put_f("chi_angles_sin_cos", &[n, 4, 2], 8, &f64s(&chi));
@@ -465,18 +583,37 @@ pub fn build_sample_at(input: &ProteinInput, cfg: &FeatureConfig, index: u64, cr
     }
     put_f("target_feat", &[n, 22], 22, &tf);
     let mut put_i = |k: &str, shape: &[usize], per: usize, v: &[i64]| {
-        fx.insert(k.to_string(), Array::i64(&with_r(shape), crop_pad(v, per, start, len, n, nr)));
+        fx.insert(
+            k.to_string(),
+            Array::i64(&with_r(shape), crop_pad(v, per, start, len, n, nr)),
+        );
     };
     let aatype_i: Vec<i64> = aa.iter().map(|&a| a as i64).collect();
     put_i("aatype", &[n], 1, &aatype_i);
     let ri: Vec<i64> = (0..l as i64).collect();
     put_i("residue_index", &[n], 1, &ri);
-    put_i("residx_atom14_to_atom37", &[n, 14], 14, &m14.residx_atom14_to_atom37);
-    put_i("residx_atom37_to_atom14", &[n, 37], 37, &m14.residx_atom37_to_atom14);
+    put_i(
+        "residx_atom14_to_atom37",
+        &[n, 14],
+        14,
+        &m14.residx_atom14_to_atom37,
+    );
+    put_i(
+        "residx_atom37_to_atom14",
+        &[n, 37],
+        37,
+        &m14.residx_atom37_to_atom14,
+    );
     fx.insert("seq_length".into(), Array::i64(&[nr], vec![len as i64; nr]));
-    fx.insert("resolution".into(), Array::f32(&[nr], vec![input.resolution; nr]));
+    fx.insert(
+        "resolution".into(),
+        Array::f32(&[nr], vec![input.resolution; nr]),
+    );
     fx.insert("is_distillation".into(), Array::f32(&[nr], vec![0.0; nr]));
-    fx.insert("use_clamped_fape".into(), Array::f32(&[nr], vec![if clamp { 1.0 } else { 0.0 }; nr]));
+    fx.insert(
+        "use_clamped_fape".into(),
+        Array::f32(&[nr], vec![if clamp { 1.0 } else { 0.0 }; nr]),
+    );
 
     // MSA in aatype order, full length; resampled per recycle.
     let msa = &input.msa;
@@ -486,7 +623,18 @@ pub fn build_sample_at(input: &ProteinInput, cfg: &FeatureConfig, index: u64, cr
     let mut stacked = StackedMsa::new(nr, n, cfg.max_msa_clusters.max(1), cfg.max_extra_msa);
     for r in 0..nr {
         let mut rng = Rng::stream(cfg.seed, index, r as u64, Purpose::Msa);
-        msa_features(&tokens, &dels, msa.rows, l, &profile, (start, len), cfg, &mut rng, &mut stacked, r);
+        msa_features(
+            &tokens,
+            &dels,
+            msa.rows,
+            l,
+            &profile,
+            (start, len),
+            cfg,
+            &mut rng,
+            &mut stacked,
+            r,
+        );
     }
     stacked.into_features(&mut fx);
     Ok(Sample {
@@ -505,7 +653,7 @@ mod tests {
         let mut rng = Rng::new(3);
         let kept = block_delete(100, 0.3, 5, &mut rng);
         assert_eq!(kept[0], 0);
-        assert!(kept.len() < 100 && kept.len() >= 100 - 150usize.min(99));
+        assert!(kept.len() < 100 && kept.len() > 1);
         assert!(kept.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(block_delete(1, 0.3, 5, &mut rng), vec![0]);
     }
@@ -565,7 +713,8 @@ mod tests {
         let (out, bert) = mask_msa(&tokens, 1, &profile, &cfg, &mut Rng::new(9));
         let sel: f32 = bert.iter().sum::<f32>() / bert.len() as f32;
         assert!((sel - 0.15).abs() < 0.01, "{sel}");
-        let masked = out.iter().filter(|&&t| t == MASK_TOKEN).count() as f32 / bert.iter().sum::<f32>();
+        let masked =
+            out.iter().filter(|&&t| t == MASK_TOKEN).count() as f32 / bert.iter().sum::<f32>();
         assert!((masked - 0.7).abs() < 0.02, "{masked}");
         // Unselected positions are untouched.
         assert!(out.iter().zip(&bert).all(|(&t, &b)| b == 1.0 || t == 3));
