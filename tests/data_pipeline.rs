@@ -279,3 +279,112 @@ fn data_bad_cache_version() {
     assert!(Dataset::from_cache(&p, &cfg.data, None).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The OpenFold layout (`<pdb>_<chain>/` directories, or an alignment_db) gives the same inputs as
+/// the sample layout.
+#[test]
+fn data_openfold_layout_and_alignment_db() {
+    use ferrofold::data::alignment_db::AlignmentDb;
+    let root = data_root();
+    let dir = tmpdir("oflayout");
+    std::fs::create_dir_all(dir.join("mmcif")).unwrap();
+    std::fs::create_dir_all(dir.join("alignments/4zey_A")).unwrap();
+    std::fs::copy(root.join("train/4zey.cif"), dir.join("mmcif/4zey.cif")).unwrap();
+    let mut files = Vec::new();
+    for f in [
+        "bfd_uniclust_hits.a3m",
+        "mgnify_hits.sto",
+        "uniref90_hits.sto",
+    ] {
+        let bytes = std::fs::read(root.join("train/alignments/4zey").join(f)).unwrap();
+        std::fs::write(dir.join("alignments/4zey_A").join(f), &bytes).unwrap();
+        files.push((f.to_string(), bytes));
+    }
+    files.reverse(); // shard order must not matter
+    AlignmentDb::write(
+        &dir.join("db"),
+        "shard0.db",
+        "index.json",
+        &[("4zey_A".to_string(), files)],
+    )
+    .unwrap();
+    let sample = manifest_from_index(&root).unwrap();
+    let e = sample.entries.iter().find(|e| e.id == "4zey_A").unwrap();
+    let (_, want) = load_entry(&root, e).unwrap();
+    for layout in [
+        "alignment_dir = \"alignments\"",
+        "alignment_db_index = \"db/index.json\"",
+    ] {
+        let text = format!("kind = \"openfold\"\n[openfold]\nmmcif_dir = \"mmcif\"\n{layout}\nchains = [\"4zey_A\"]\n");
+        let m: Manifest = toml::from_str(&text).unwrap();
+        let entries = m.check(&dir, false).unwrap();
+        assert_eq!(entries.len(), 1);
+        let (_, got) = load_entry(&dir, &entries[0]).unwrap();
+        assert_eq!(got, want, "{layout}");
+    }
+    // Chains discovered from the directory names when `chains` is empty.
+    let m: Manifest = toml::from_str(
+        "kind = \"openfold\"\n[openfold]\nmmcif_dir = \"mmcif\"\nalignment_dir = \"alignments\"\n",
+    )
+    .unwrap();
+    assert_eq!(m.resolve_entries(&dir).unwrap()[0].id, "4zey_A");
+    // Missing files are all listed.
+    let m: Manifest = toml::from_str("kind = \"openfold\"\n[openfold]\nmmcif_dir = \"nope\"\nalignment_dir = \"alignments\"\nchains = [\"4zey_A\", \"1abc_B\"]\n").unwrap();
+    let err = m.check(&dir, false).unwrap_err().to_string();
+    assert!(
+        err.contains("nope/4zey.cif")
+            && err.contains("nope/1abc.cif")
+            && err.contains("alignments/1abc_B"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `ferrofold data prepare` + `inspect` through the binary.
+#[test]
+fn data_cli_prepare_and_inspect() {
+    let dir = tmpdir("cli");
+    let root = data_root();
+    let mut m = manifest_from_index(&root).unwrap();
+    m.entries
+        .retain(|e| ["2q2k_A", "6mrr_A"].contains(&e.id.as_str()));
+    m.save(&dir.join("m.toml")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ferrofold");
+    let out = std::process::Command::new(bin)
+        .args(["data", "prepare", "--quiet", "--data-root"])
+        .arg(&root)
+        .arg("--manifest")
+        .arg(dir.join("m.toml"))
+        .arg("--out")
+        .arg(dir.join("c.h5"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 chains (0 skipped)"), "{text}");
+    let out = std::process::Command::new(bin)
+        .args(["data", "inspect", "--chains"])
+        .arg(dir.join("c.h5"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success()
+            && text.contains("2 chains")
+            && text.contains("2q2k_A")
+            && text.contains("resolved=45"),
+        "{text}"
+    );
+    // Missing data root: a clear error listing what is missing.
+    let out = std::process::Command::new(bin)
+        .args(["data", "check", "--data-root"])
+        .arg(dir.join("nowhere"))
+        .arg("--manifest")
+        .arg(dir.join("m.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && text.contains("nowhere"), "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
