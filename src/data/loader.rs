@@ -204,6 +204,19 @@ impl LoaderState {
         serde_json::to_string(self).map_err(|e| Error::Msg(e.to_string()))
     }
 
+    /// As a JSON value (for `Task::data_state` in checkpoints).
+    pub fn to_value(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(self).map_err(|e| Error::Msg(e.to_string()))
+    }
+
+    /// From a JSON value written by [`LoaderState::to_value`].
+    pub fn from_value(v: &serde_json::Value) -> Result<LoaderState> {
+        serde_json::from_value(v.clone()).map_err(|e| Error::Checkpoint {
+            path: PathBuf::from("loader_state"),
+            msg: e.to_string(),
+        })
+    }
+
     pub fn from_json(s: &str) -> Result<LoaderState> {
         serde_json::from_str(s).map_err(|e| Error::Checkpoint {
             path: PathBuf::from("loader_state"),
@@ -572,6 +585,10 @@ mod tests {
         );
         let mut first: Vec<u64> = (0..5).map(|_| l.next_sample().unwrap().index).collect();
         let st = LoaderState::from_json(&l.state().to_json().unwrap()).unwrap();
+        assert_eq!(
+            LoaderState::from_value(&st.to_value().unwrap()).unwrap(),
+            st
+        );
         drop(l);
         assert_eq!(st.served, 5);
         let mut l2 = Loader::start(2, 4, LoaderOrder::Deterministic, &st, build);

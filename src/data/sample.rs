@@ -207,6 +207,23 @@ impl Sample {
     }
 }
 
+/// Several samples trained together (one per data-parallel replica step).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub samples: Vec<Sample>,
+}
+
+impl Batch {
+    /// Tensors with a leading batch dimension (`[B, ..., R]`), floats as `float_dtype`.
+    pub fn to_tensors(
+        &self,
+        device: &Device,
+        float_dtype: DType,
+    ) -> Result<HashMap<String, Tensor>> {
+        batch_tensors(&self.samples, device, float_dtype)
+    }
+}
+
 /// Stack several samples' tensors along a new leading batch dimension.
 pub fn batch_tensors(
     samples: &[Sample],

@@ -378,6 +378,8 @@ pub fn parse_mmcif(text: &str, path: &Path, id: &str, chain: &str) -> Result<Cha
         }
     }
     // Micro-heterogeneity: keep the first monomer listed for each position.
+    // DISCREPANCY: OpenFold appends every `_entity_poly_seq` row, so a heterogeneous position
+    // lengthens its sequence; we keep one residue per position (none of the sample files has one).
     seq.sort_by_key(|(s, _)| *s);
     seq.dedup_by_key(|(s, _)| *s);
     let index_of: HashMap<i64, usize> = seq.iter().enumerate().map(|(i, (s, _))| (*s, i)).collect();
