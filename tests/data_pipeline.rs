@@ -388,3 +388,28 @@ fn data_cli_prepare_and_inspect() {
     assert!(!out.status.success() && text.contains("nowhere"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `Dataset::from_config` reads the manifest under the data root, keeps one split, applies
+/// `max_msa_seqs`, and its sampler draws every chain.
+#[test]
+fn data_dataset_from_config_split_and_msa_cap() {
+    let mut cfg = Config::default();
+    cfg.data.data_root = Some(data_root());
+    cfg.data.manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sample.toml");
+    cfg.data.max_msa_seqs = 5;
+    let ds = Dataset::from_config(&cfg.data, Some("val")).unwrap();
+    let mut ids: Vec<&str> = ds.items().iter().map(|i| i.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["102m_A", "1aki_A", "3o5r_A", "3u8v_A", "5zyh_A"]);
+    let i = ds.items().iter().position(|i| i.id == "3u8v_A").unwrap();
+    let input = ds.load(i, &cfg.data).unwrap();
+    assert_eq!(input.msa.rows, 5);
+    let mut seen = std::collections::BTreeSet::new();
+    for k in 0..200 {
+        seen.insert(ds.pick(1, k));
+    }
+    assert_eq!(seen.len(), 5);
+    // The training split drops nothing from the sample (all pass the filters).
+    let train = Dataset::from_config(&cfg.data, Some("train")).unwrap();
+    assert_eq!((train.len(), train.filtered.len()), (31, 0));
+}

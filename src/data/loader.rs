@@ -141,6 +141,19 @@ impl Dataset {
         )
     }
 
+    /// The dataset a run configuration names: `data.cache` (HDF5) when set, else `data.manifest`
+    /// under the resolved data root.
+    pub fn from_config(cfg: &DataConfig, split: Option<&str>) -> Result<Dataset> {
+        match &cfg.cache {
+            Some(cache) => Dataset::from_cache(cache, cfg, split),
+            None => {
+                let root = cfg.resolved_data_root();
+                let manifest = Manifest::load(&cfg.manifest)?;
+                Dataset::from_manifest(&root, &manifest, cfg, split)
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -159,13 +172,20 @@ impl Dataset {
             .items
             .get(i)
             .ok_or_else(|| Error::Msg(format!("dataset index {i} out of range")))?;
-        let input = match (&self.source, &item.entry) {
+        let mut input = match (&self.source, &item.entry) {
             (Source::Cache(r), _) => r.read(&item.id)?.input,
             (Source::Files { root }, Some(e)) => load_entry(root, e)?.1,
             (Source::Files { .. }, None) => {
                 return Err(Error::Msg(format!("{}: no manifest entry", item.id)))
             }
         };
+        // `max_msa_seqs`: keep the first rows of the merged MSA (query first).
+        let m = &mut input.msa;
+        if m.rows > cfg.max_msa_seqs.max(1) {
+            m.rows = cfg.max_msa_seqs.max(1);
+            m.tokens.truncate(m.rows * m.width);
+            m.deletions.truncate(m.rows * m.width);
+        }
         if let Some(r) = filter_reason(cfg, &input.aatype, input.resolution) {
             return Err(Error::Data {
                 what: item.id.clone(),
