@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what ferrofold needs on a fresh Debian/Ubuntu machine (idempotent; the Rust toolchain is
 # assumed, rust-toolchain.toml pins it): Open MPI + libclang (rsmpi), HDF5 (hdf5-metno), pkg-config,
+# a TrueType font for `ferrofold plot`,
 # and cargo-nextest (tests run one process per test, because MPI initialises once per process).
 #   FERROFOLD_WITH_SLURM=1 scripts/setup.sh   also installs Slurm + munge (launcher tests)
 set -euo pipefail
 
-need=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config)
+need=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config fonts-dejavu-core)
 if [ "${FERROFOLD_WITH_SLURM:-0}" = 1 ]; then
   need+=(slurmd slurmctld slurm-client munge)
 fi

@@ -416,6 +416,17 @@ pub struct LossConfig {
     pub plddt_cutoff: f64,
     pub plddt_min_resolution: f64,
     pub plddt_max_resolution: f64,
+    /// Global loss eps (OpenFold `config.loss.eps`): distogram, masked MSA, chi, exp. resolved, lDDT.
+    pub eps: f64,
+    /// Distogram bins (head output size).
+    pub distogram_no_bins: usize,
+    /// pLDDT bins (head output size).
+    pub plddt_no_bins: usize,
+    /// Masked-MSA classes (head output size).
+    pub masked_msa_num_classes: usize,
+    /// Resolution filter of the experimentally-resolved loss.
+    pub experimentally_resolved_min_resolution: f64,
+    pub experimentally_resolved_max_resolution: f64,
 }
 
 impl Default for LossConfig {
@@ -437,6 +448,12 @@ impl Default for LossConfig {
             plddt_cutoff: 15.0,
             plddt_min_resolution: 0.1,
             plddt_max_resolution: 3.0,
+            eps: 1e-8,
+            distogram_no_bins: 64,
+            plddt_no_bins: 50,
+            masked_msa_num_classes: 23,
+            experimentally_resolved_min_resolution: 0.1,
+            experimentally_resolved_max_resolution: 3.0,
         }
     }
 }
@@ -451,6 +468,8 @@ pub struct FapeConfig {
     pub loss_unit_distance: f64,
     /// Probability that a training sample uses clamped backbone FAPE (AF2: 0.9).
     pub clamp_prob: f64,
+    /// FAPE eps (OpenFold function default 1e-4; the config value is never passed).
+    pub eps: f64,
 }
 
 impl Default for FapeConfig {
@@ -461,6 +480,7 @@ impl Default for FapeConfig {
             clamp_distance: 10.0,
             loss_unit_distance: 10.0,
             clamp_prob: 0.9,
+            eps: 1e-4,
         }
     }
 }
@@ -489,6 +509,8 @@ pub struct ViolationConfig {
     pub tolerance_factor: f64,
     pub clash_overlap_tolerance: f64,
     pub average_clashes: ClashAveraging,
+    /// eps of `violation_loss` only (OpenFold `config.loss.violation.eps`).
+    pub eps: f64,
 }
 
 impl Default for ViolationConfig {
@@ -497,6 +519,7 @@ impl Default for ViolationConfig {
             tolerance_factor: 12.0,
             clash_overlap_tolerance: 1.5,
             average_clashes: ClashAveraging::Off,
+            eps: 1e-8,
         }
     }
 }

@@ -16,12 +16,15 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;
+pub mod pdb_out;
+pub mod plot;
 pub mod schedule;
 pub mod seed;
 pub mod signals;
 pub mod task;
 pub mod toy;
 pub mod trainer;
+pub mod weights;
 
 pub use optim::{Adam, Ema, Grads, Params};
 pub use seed::{recycles_for_step, seed_for, Rng};
