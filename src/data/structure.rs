@@ -633,6 +633,61 @@ fn align_observed(seq: &[String], obs: &[&ResidueAtoms]) -> Option<Vec<usize>> {
 mod tests {
     use super::*;
 
+    const CIF: &str = "data_T
+loop_
+_entity_poly.entity_id
+_entity_poly.type
+1 'polypeptide(L)'
+loop_
+_atom_site.group_PDB
+_atom_site.type_symbol
+_atom_site.label_atom_id
+_atom_site.label_alt_id
+_atom_site.label_comp_id
+_atom_site.label_asym_id
+_atom_site.label_entity_id
+_atom_site.label_seq_id
+_atom_site.Cartn_x
+_atom_site.Cartn_y
+_atom_site.Cartn_z
+_atom_site.occupancy
+_atom_site.auth_seq_id
+_atom_site.auth_asym_id
+_atom_site.pdbx_PDB_model_num
+ATOM N N . GLY A 1 1 1.0 0.0 0.0 1.0 10 X 1
+ATOM C CA A GLY A 1 1 2.0 0.0 0.0 0.4 10 X 1
+ATOM C CA B GLY A 1 1 3.0 0.0 0.0 0.6 10 X 1
+ATOM H H . GLY A 1 1 9.0 9.0 9.0 1.0 10 X 1
+HETATM SE SE . MSE A 1 2 4.0 0.0 0.0 1.0 11 X 1
+HETATM C CA . MSE A 1 2 5.0 0.0 0.0 1.0 11 X 1
+HETATM O O . HOH B 2 . 7.0 0.0 0.0 1.0 99 X 1
+ATOM N N . GLY A 1 1 8.0 0.0 0.0 1.0 10 X 2
+";
+
+    #[test]
+    fn altloc_hydrogen_mse_models_and_label_fallback() {
+        let c = parse_mmcif(CIF, Path::new("t.cif"), "t", "X").unwrap();
+        assert_eq!(c.sequence, "GM"); // no _entity_poly_seq: from the model's residues
+        assert_eq!(c.author_residue_number, vec![Some(10), Some(11)]);
+        assert_eq!(c.positions[0], 1.0); // model 1 only
+        assert_eq!(c.positions[3], 3.0); // CA altloc B (occupancy 0.6)
+        let sd = atom37_index("SD").unwrap();
+        assert_eq!(c.mask[37 + sd], 1.0);
+        assert_eq!(c.positions[(37 + sd) * 3], 4.0);
+        let n_atoms: f32 = c.mask.iter().sum();
+        assert_eq!(n_atoms, 4.0); // N, CA | SD, CA: hydrogen and water dropped
+                                  // The label chain id works when no author chain matches.
+        let by_label = parse_mmcif(CIF, Path::new("t.cif"), "t", "A").unwrap();
+        assert_eq!(by_label.sequence, "GM");
+        let e = parse_mmcif(CIF, Path::new("t.cif"), "t", "Q")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.cif") && e.contains("`Q`") && e.contains("[X]"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn pdb_dates() {
         assert_eq!(pdb_date_to_iso("23-DEC-96").as_deref(), Some("1996-12-23"));
