@@ -380,30 +380,42 @@ fn msa_features(
     let assign = assign_clusters(&bert_tok, centres.len(), &extra_tok, extra.len(), width);
     let s = centres.len();
 
-    // Cluster summaries over the crop window only.
-    let mut counts = vec![0f32; s];
+    // Cluster summaries over the crop window only; extra rows grouped by cluster (counting sort)
+    // so one small accumulator is reused per centre.
+    let mut offsets = vec![0usize; s + 1];
     for &a in &assign {
-        counts[a] += 1.0;
+        offsets[a + 1] += 1;
     }
-    let mut prof = vec![0f32; s * len * 23];
-    let mut del_sum = vec![0f32; s * len];
+    for c in 0..s {
+        offsets[c + 1] += offsets[c];
+    }
+    let mut fill = offsets.clone();
+    let mut members = vec![0usize; assign.len()];
     for (k, &a) in assign.iter().enumerate() {
-        let r = extra[k];
-        let toks = &tokens[r * width + start..r * width + start + len];
-        let dels = &deletions[r * width + start..r * width + start + len];
-        for j in 0..len {
-            prof[(a * len + j) * 23 + toks[j] as usize] += 1.0;
-            del_sum[a * len + j] += dels[j];
-        }
+        members[fill[a]] = extra[k];
+        fill[a] += 1;
     }
+    let mut prof = vec![0f32; len * 23];
+    let mut del_sum = vec![0f32; len];
     for (c, &r) in centres.iter().enumerate() {
-        let denom = (1e-6f32 + 1.0) + counts[c];
+        prof.fill(0.0);
+        del_sum.fill(0.0);
+        let group = &members[offsets[c]..offsets[c + 1]];
+        for &e in group {
+            let toks = &tokens[e * width + start..e * width + start + len];
+            let dels = &deletions[e * width + start..e * width + start + len];
+            for j in 0..len {
+                prof[j * 23 + toks[j] as usize] += 1.0;
+                del_sum[j] += dels[j];
+            }
+        }
+        let denom = (1e-6f32 + 1.0) + group.len() as f32;
         out.msa_row_mask[c * rr + rc] = 1.0;
         for j in 0..len {
             let k = c * width + start + j;
             let t = bert_tok[k] as usize;
             let d = deletions[r * width + start + j];
-            let p = &mut prof[(c * len + j) * 23..(c * len + j + 1) * 23];
+            let p = &mut prof[j * 23..(j + 1) * 23];
             p[t] += 1.0;
             let base = (c * n + j) * 49;
             let mut put = |ch: usize, v: f32| out.msa_feat[(base + ch) * rr + rc] = v;
@@ -415,7 +427,7 @@ fn msa_features(
                     put(25 + a, v / denom);
                 }
             }
-            put(48, del_value((del_sum[c * len + j] + d) / denom));
+            put(48, del_value((del_sum[j] + d) / denom));
             let pos = (c * n + j) * rr + rc;
             out.true_msa[pos] = true_centres[k] as i64;
             out.bert_mask[pos] = bert_mask[k];
