@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Print version, features, MPI topology, devices and (with --config/--set) the resolved config.
     Info(InfoArgs),
+    /// Data pipeline: build dataset manifests, prepare and inspect the HDF5 feature cache.
+    Data(crate::data::command::DataArgs),
 }
 
 /// Flags shared by every subcommand that reads a configuration.

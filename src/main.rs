@@ -19,6 +19,7 @@ fn main() {
     tracing::info!("topology from {}: {}", ctx.source, ctx.describe());
     let result = match cli.command {
         Command::Info(args) => info(&ctx, &args),
+        Command::Data(args) => ferrofold::data::command::run(&args).map_err(anyhow::Error::from),
     };
     if let Err(e) = result {
         eprintln!("[rank {}] error: {e:#}", ctx.rank);
