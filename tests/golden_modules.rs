@@ -4,39 +4,46 @@
 //! `fn(&Fixture, DType) -> Result<Outcome>` that builds the module from the sidecar's
 //! `constructor_args`, loads `param.*`, runs forward on `input.*` and backpropagates
 //! `L = Σ_k sum(output_k · cotangent_k)`. The comparison (outputs, `grad.param.*`, `grad.input.*`)
-//! is shared. To add a module: write a runner with [`Harness`] (see `run_msa_row`), add one
-//! [`REGISTRY`] line and remove the class from [`PENDING`]:
+//! is shared. Sizes come only from the sidecar, so a new fixture of a registered class needs no
+//! code change. To add a class: write a runner with [`Harness`] (see `run_msa_row`) and add one
+//! [`REGISTRY`] line, e.g.
 //!
 //! ```ignore
-//! Entry { class: "InvariantPointAttention", run: run_ipa, valid_region: Some(ipa_valid), f32_rel: 1e-5 },
+//! masked("InvariantPointAttention", run_ipa, sm_valid_region, SINGLE),
 //! ```
 //!
-//! Tolerances: float64 rel ≤ 1e-10 against the fixture; float32 rel ≤ `f32_rel`; gradients listed
+//! Tolerances (fixtures' README): float64 rel ≤ 1e-10 against the fixture; float32 rel ≤ `f32_rel`
+//! (1e-5 single modules and heads, 5e-5 stacks/blocks and the structure module); gradients listed
 //! as structurally zero use abs ≤ 1e-12 (f64) / 5e-5 (f32). Fixtures whose float32 error summary
 //! says fully-masked rows blow up (`outputs_max_rel > 1e-4`: `evoformer_block_padded`, IPA, SM)
 //! are compared in float32 in the valid region only: outputs masked with `valid_region(fx, name)`,
 //! gradients recomputed with cotangents zeroed outside it and compared with our own float64 run
 //! (itself checked against the fixture by `golden_modules_f64`).
 //!
-//! Classes in [`PENDING`] are implemented on another branch: they are reported and skipped. Any
-//! other unknown class fails the tests.
+//! A fixture whose class is not in [`REGISTRY`] fails the tests: nothing is skipped.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::golden::{errors, fixtures_in, Fixture, Report};
 use ferrofold::config::StackConfig;
+use ferrofold::geometry::rigid::Rigid;
 use ferrofold::model::embedders::{InputEmbedder, RecyclingEmbedder};
 use ferrofold::model::evoformer::{BlockConfig, EvoformerBlock, EvoformerStack};
 use ferrofold::model::extra_msa::ExtraMsaBlock;
+use ferrofold::model::heads::{
+    DistogramHead, ExperimentallyResolvedHead, MaskedMsaHead, PerResidueLddtCaPredictor,
+};
+use ferrofold::model::ipa::{InvariantPointAttention, IpaConfig};
 use ferrofold::model::msa::{
     MsaColumnAttention, MsaColumnGlobalAttention, MsaRowAttentionWithPairBias,
 };
 use ferrofold::model::outer_product_mean::OuterProductMean;
 use ferrofold::model::params::{sorted_vars, varmap_from_tensors};
+use ferrofold::model::structure_module::StructureModule;
 use ferrofold::model::transition::Transition;
 use ferrofold::model::triangle_attention::TriangleAttention;
 use ferrofold::model::triangle_multiplication::TriangleMultiplication;
@@ -64,7 +71,7 @@ pub struct Entry {
     pub class: &'static str,
     pub run: RunFn,
     pub valid_region: Option<ValidRegionFn>,
-    /// float32 relative tolerance (1e-5 single modules, 5e-5 stacks/blocks).
+    /// float32 relative tolerance (1e-5 single modules and heads, 5e-5 stacks/blocks and SM).
     pub f32_rel: f64,
 }
 
@@ -91,6 +98,16 @@ pub const fn trunk(class: &'static str, run: RunFn) -> Entry {
     }
 }
 
+/// A module with fully-masked rows in its fixture: compared in float32 in `region` only.
+pub const fn masked(class: &'static str, run: RunFn, region: ValidRegionFn, f32_rel: f64) -> Entry {
+    Entry {
+        class,
+        run,
+        valid_region: Some(region),
+        f32_rel,
+    }
+}
+
 pub const REGISTRY: &[Entry] = &[
     single("MSARowAttentionWithPairBias", run_msa_row),
     single("MSAColumnAttention", run_msa_col),
@@ -107,16 +124,23 @@ pub const REGISTRY: &[Entry] = &[
     trunk("ExtraMSABlock", run_extra_msa_block),
     single("InputEmbedder", run_input_embedder),
     single("RecyclingEmbedder", run_recycling_embedder),
-];
-
-/// Implemented on another branch (heads, IPA, structure module): reported and skipped.
-pub const PENDING: &[&str] = &[
-    "DistogramHead",
-    "MaskedMSAHead",
-    "PerResidueLDDTCaPredictor",
-    "ExperimentallyResolvedHead",
-    "InvariantPointAttention",
-    "StructureModule",
+    masked("InvariantPointAttention", run_ipa, sm_valid_region, SINGLE),
+    masked(
+        "StructureModule",
+        run_structure_module,
+        sm_valid_region,
+        STACK,
+    ),
+    single("DistogramHead", run_head::<DistogramHead>),
+    single("MaskedMSAHead", run_head::<MaskedMsaHead>),
+    single(
+        "PerResidueLDDTCaPredictor",
+        run_head::<PerResidueLddtCaPredictor>,
+    ),
+    single(
+        "ExperimentallyResolvedHead",
+        run_head::<ExperimentallyResolvedHead>,
+    ),
 ];
 
 fn entry(class: &str) -> Option<&'static Entry> {
@@ -228,7 +252,7 @@ impl<'f> Harness<'f> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Runners (this branch: trunk + embedders)
+// Runners: trunk and embedders
 // ---------------------------------------------------------------------------------------------
 
 fn run_msa_row(fx: &Fixture, dt: DType) -> Result<Outcome> {
@@ -459,6 +483,91 @@ fn trunk_valid_region(fx: &Fixture, output: &str) -> Option<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Runners: IPA, structure module, heads
+// ---------------------------------------------------------------------------------------------
+
+fn run_ipa(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let ipa = InvariantPointAttention::new(h.vb(), &IpaConfig::from_constructor_args(fx.args())?)?;
+    let (s, z, mask) = (h.input("s")?, h.input("z")?, h.input("mask")?);
+    let r = Rigid::new(h.input("rots")?, h.input("trans")?)?;
+    let out = ipa.forward(&s, &z, &r, &mask)?;
+    h.finish(vec![("s_update", out)])
+}
+
+fn run_structure_module(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let sm = StructureModule::from_constructor_args(h.vb(), fx.args())?;
+    let (s, z, mask) = (h.input("s")?, h.input("z")?, h.input("mask")?);
+    let o = sm.forward(&s, &z, &h.int_input("aatype"), &mask, None)?;
+    // `final_*`: the last layer (forward-only outputs).
+    let last = |t: &Tensor| -> Result<Tensor> { Ok(t.i(t.dim(0)? - 1)?) };
+    let finals = (last(&o.positions)?, last(&o.frames)?, last(&o.angles)?);
+    h.finish(vec![
+        ("frames", o.frames),
+        ("sidechain_frames", o.sidechain_frames),
+        ("unnormalized_angles", o.unnormalized_angles),
+        ("angles", o.angles),
+        ("positions", o.positions),
+        ("states", o.states),
+        ("single", o.single),
+        ("final_atom14_positions", finals.0),
+        ("final_frames", finals.1),
+        ("final_angles", finals.2),
+    ])
+}
+
+/// IPA / SM: residue rows where `input.mask` is 1. The residue dim of an output is 0 for
+/// `s_update`, `single` and `final_*`, 1 for the per-layer stacks (`frames`, `positions`, ...).
+fn sm_valid_region(fx: &Fixture, output: &str) -> Option<Tensor> {
+    let rank = fx.tensors.get(&format!("output.{output}"))?.rank();
+    let per_layer = !(output == "s_update" || output == "single" || output.starts_with("final_"));
+    let dim = usize::from(per_layer);
+    let mask = fx.get("input.mask");
+    let mut shape = vec![1usize; rank];
+    shape[dim] = mask.dim(0).ok()?;
+    mask.reshape(shape).ok()
+}
+
+/// An output head built from constructor args: one input, `logits` out.
+trait Head: Sized {
+    fn build(vb: VarBuilder, args: &serde_json::Value) -> Result<Self>;
+    fn logits(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+macro_rules! impl_head {
+    ($($t:ty),*) => {$(
+        impl Head for $t {
+            fn build(vb: VarBuilder, args: &serde_json::Value) -> Result<Self> {
+                <$t>::from_constructor_args(vb, args)
+            }
+            fn logits(&self, x: &Tensor) -> Result<Tensor> {
+                self.forward(x)
+            }
+        }
+    )*};
+}
+
+impl_head!(
+    DistogramHead,
+    MaskedMsaHead,
+    PerResidueLddtCaPredictor,
+    ExperimentallyResolvedHead
+);
+
+/// A head's input is its fixture's single differentiated input (`z`, `m` or `s`).
+fn run_head<H: Head>(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let [input] = fx.grad_inputs().try_into().map_err(|g: Vec<String>| {
+        Error::Model(format!("{}: a head takes one input, got {g:?}", fx.name))
+    })?;
+    let mut h = Harness::new(fx, dt)?;
+    let head = H::build(h.vb(), fx.args())?;
+    let x = h.input(&input)?;
+    let logits = head.logits(&x)?;
+    h.finish(vec![("logits", logits)])
+}
+
+// ---------------------------------------------------------------------------------------------
 // Comparison
 // ---------------------------------------------------------------------------------------------
 
@@ -610,44 +719,37 @@ fn check_fixture(rep: &mut Report, fx: &Fixture, e: &Entry, dtype: DType) -> (f6
     }
 }
 
-/// Every module fixture, dispatched through the registry. Unknown classes fail; pending ones are
-/// printed and skipped.
-fn run_all(dtype: DType) {
+/// Check fixtures at `dtype`, each dispatched by its class through the registry. A fixture of an
+/// unregistered class is a failure.
+fn check_fixtures(fixtures: impl IntoIterator<Item = Fixture>, dtype: DType) -> Report {
     let mut rep = Report::default();
-    let mut unknown = Vec::new();
-    for path in fixtures_in("modules") {
-        let fx = Fixture::load(&path);
+    for fx in fixtures {
         let class = fx.target();
-        match entry(&class) {
-            Some(e) => {
-                let before = rep.failures.len();
-                let (wo, wg) = check_fixture(&mut rep, &fx, e, dtype);
-                let status = if rep.failures.len() == before {
-                    "ok"
-                } else {
-                    "FAILED"
-                };
-                println!(
-                    "{dtype:?} {} ({class}): {status}, worst rel outputs {wo:.2e} grads {wg:.2e}",
-                    fx.name
-                );
-            }
-            None if PENDING.contains(&class.as_str()) => {
-                println!(
-                    "{:?} {} ({class}): PENDING (other branch), skipped",
-                    dtype, fx.name
-                );
-            }
-            None => unknown.push(format!("{} ({class})", fx.name)),
-        }
+        let Some(e) = entry(&class) else {
+            rep.fail(format!("{}: unregistered class `{class}`", fx.name));
+            continue;
+        };
+        let before = rep.failures.len();
+        let (wo, wg) = check_fixture(&mut rep, &fx, e, dtype);
+        let status = if rep.failures.len() == before {
+            "ok"
+        } else {
+            "FAILED"
+        };
+        println!(
+            "{dtype:?} {} ({class}): {status}, worst rel outputs {wo:.2e} grads {wg:.2e}",
+            fx.name
+        );
     }
-    if !unknown.is_empty() {
-        rep.fail(format!(
-            "fixtures of unregistered classes: {}",
-            unknown.join(", ")
-        ));
-    }
-    rep.assert_ok(&format!("golden modules {dtype:?}"));
+    rep
+}
+
+/// Every module fixture, dispatched through the registry.
+fn run_all(dtype: DType) {
+    let fixtures = fixtures_in("modules")
+        .into_iter()
+        .map(|p| Fixture::load(&p));
+    check_fixtures(fixtures, dtype).assert_ok(&format!("golden modules {dtype:?}"));
 }
 
 #[test]
@@ -698,23 +800,33 @@ fn golden_gradient_flow() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The registry and the pending list do not overlap, and every registered class has a fixture.
+/// Registry classes are unique and each has a fixture; every fixture's class is registered.
 #[test]
 fn golden_registry_is_consistent() {
     let classes: BTreeSet<String> = fixtures_in("modules")
         .iter()
         .map(|p| Fixture::load(p).target())
         .collect();
+    let registered: BTreeSet<&str> = REGISTRY.iter().map(|e| e.class).collect();
+    assert_eq!(registered.len(), REGISTRY.len(), "duplicate registry class");
     for e in REGISTRY {
-        assert!(
-            !PENDING.contains(&e.class),
-            "{} is both registered and pending",
-            e.class
-        );
         assert!(
             classes.contains(e.class),
             "no fixture for registered class {}",
             e.class
         );
     }
+    for c in &classes {
+        assert!(registered.contains(c.as_str()), "unregistered class {c}");
+    }
+}
+
+/// A fixture of an unknown class is reported as a failure, not skipped.
+#[test]
+fn golden_unknown_class_fails() {
+    let mut fx = Fixture::named("modules", "distogram_head");
+    fx.meta["openfold_class"] = "openfold.model.heads.NoSuchHead".into();
+    let rep = check_fixtures([fx], DType::F64);
+    assert_eq!(rep.failures.len(), 1, "{:?}", rep.failures);
+    assert!(rep.failures[0].contains("unregistered class `NoSuchHead`"));
 }

@@ -1,13 +1,15 @@
 //! Golden parity of `model::residue_constants` against OpenFold's tables
-//! (`data/residue_constants` and `data/violation_bounds` fixtures).
+//! (`data/residue_constants` and `data/violation_bounds` fixtures), and of the tensor tables the
+//! structure module uses (`AtomTables`). Module fixtures are checked by `golden_modules.rs`.
 
 mod common;
 
 use std::path::PathBuf;
 
-use candle_core::DType;
-use common::golden::{golden_dir, Fixture};
+use candle_core::{DType, Device};
+use common::golden::{golden_dir, Fixture, Report};
 use ferrofold::model::residue_constants as rc;
+use ferrofold::model::structure_module::AtomTables;
 
 /// A golden tensor as (dims, values in f64).
 fn flat(fx: &Fixture, name: &str) -> (Vec<usize>, Vec<f64>) {
@@ -234,6 +236,32 @@ fn rc_golden_rigid_groups() {
         &frames,
         1e-6,
     );
+}
+
+/// The structure module's tensor tables equal OpenFold's (the `structure_module` fixture parity in
+/// `golden_modules.rs` runs with these tables).
+#[test]
+fn rc_golden_structure_module_atom_tables() {
+    let fx = Fixture::named("data", "residue_constants");
+    let t = AtomTables::new(&Device::Cpu).unwrap();
+    let mut report = Report::default();
+    let pairs = [
+        ("restype_rigid_group_default_frame", &t.default_frames),
+        ("restype_atom14_to_rigid_group", &t.group_idx),
+        ("restype_atom14_mask", &t.atom_mask),
+        ("restype_atom14_rigid_group_positions", &t.lit_positions),
+    ];
+    for (name, got) in pairs {
+        // The default frames are derived (Gram–Schmidt in f64, then rounded to f32); entries that
+        // are zero in exact arithmetic may differ by ~1e-16. Everything else is bitwise.
+        let abs = if name.contains("default_frame") {
+            1e-12
+        } else {
+            0.0
+        };
+        report.check(name, got, &fx.get(name), 0.0, abs);
+    }
+    report.assert_ok("AtomTables vs residue_constants");
 }
 
 /// `stereo_chemical_props.txt`: `$FERROFOLD_STEREO_PROPS`, else next to the golden dir
