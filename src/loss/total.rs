@@ -118,6 +118,55 @@ pub struct LossBatch {
 }
 
 impl LossBatch {
+    /// Build from named features (OpenFold batch keys) of one recycling iteration, e.g. the last
+    /// cycle of an OpenFold-layout batch. `get` returns the tensor of a key or an error naming it.
+    pub fn from_features(get: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            aatype: get("aatype")?,
+            residue_index: get("residue_index")?,
+            seq_mask: get("seq_mask")?,
+            seq_length: get("seq_length")?,
+            pseudo_beta: get("pseudo_beta")?,
+            pseudo_beta_mask: get("pseudo_beta_mask")?,
+            true_msa: get("true_msa")?,
+            bert_mask: get("bert_mask")?,
+            backbone_rigid_tensor: get("backbone_rigid_tensor")?,
+            backbone_rigid_mask: get("backbone_rigid_mask")?,
+            use_clamped_fape: Some(get("use_clamped_fape")?),
+            rigidgroups_gt_frames: get("rigidgroups_gt_frames")?,
+            rigidgroups_alt_gt_frames: get("rigidgroups_alt_gt_frames")?,
+            rigidgroups_gt_exists: get("rigidgroups_gt_exists")?,
+            atom14_gt_positions: get("atom14_gt_positions")?,
+            atom14_alt_gt_positions: get("atom14_alt_gt_positions")?,
+            atom14_gt_exists: get("atom14_gt_exists")?,
+            atom14_alt_gt_exists: get("atom14_alt_gt_exists")?,
+            atom14_atom_is_ambiguous: get("atom14_atom_is_ambiguous")?,
+            atom14_atom_exists: get("atom14_atom_exists")?,
+            residx_atom14_to_atom37: get("residx_atom14_to_atom37")?,
+            all_atom_positions: get("all_atom_positions")?,
+            all_atom_mask: get("all_atom_mask")?,
+            atom37_atom_exists: get("atom37_atom_exists")?,
+            resolution: get("resolution")?,
+            chi_mask: get("chi_mask")?,
+            chi_angles_sin_cos: get("chi_angles_sin_cos")?,
+        })
+    }
+
+    /// The features of recycling iteration `cycle` of an OpenFold-layout batch (every tensor has
+    /// the recycling dimension last), as `train_openfold.py`'s `batch_last` for the last cycle.
+    pub fn from_last_dim(
+        feats: &std::collections::BTreeMap<String, Tensor>,
+        cycle: usize,
+    ) -> Result<Self> {
+        Self::from_features(|k| {
+            let t = feats
+                .get(k)
+                .ok_or_else(|| crate::error::Error::Loss(format!("batch has no `{k}`")))?;
+            let last = t.rank().saturating_sub(1);
+            Ok(t.narrow(last, cycle, 1)?.squeeze(last)?)
+        })
+    }
+
     /// Float features converted to `dtype`; integer features unchanged.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let c = |t: &Tensor| -> Result<Tensor> {

@@ -125,43 +125,16 @@ pub fn batch(fx: &Fixture) -> AfBatch {
 
 /// Label features of the LAST cycle (`batch_last` in OpenFold's training script).
 pub fn loss_batch(fx: &Fixture) -> LossBatch {
-    let b = |k: &str| {
-        let t = fx.get(&format!("input.{k}"));
-        let last = t.rank() - 1;
-        t.narrow(last, t.dim(last).unwrap() - 1, 1)
-            .unwrap()
-            .squeeze(last)
-            .unwrap()
-    };
-    LossBatch {
-        aatype: b("aatype"),
-        residue_index: b("residue_index"),
-        seq_mask: b("seq_mask"),
-        seq_length: b("seq_length"),
-        pseudo_beta: b("pseudo_beta"),
-        pseudo_beta_mask: b("pseudo_beta_mask"),
-        true_msa: b("true_msa"),
-        bert_mask: b("bert_mask"),
-        backbone_rigid_tensor: b("backbone_rigid_tensor"),
-        backbone_rigid_mask: b("backbone_rigid_mask"),
-        use_clamped_fape: Some(b("use_clamped_fape")),
-        rigidgroups_gt_frames: b("rigidgroups_gt_frames"),
-        rigidgroups_alt_gt_frames: b("rigidgroups_alt_gt_frames"),
-        rigidgroups_gt_exists: b("rigidgroups_gt_exists"),
-        atom14_gt_positions: b("atom14_gt_positions"),
-        atom14_alt_gt_positions: b("atom14_alt_gt_positions"),
-        atom14_gt_exists: b("atom14_gt_exists"),
-        atom14_alt_gt_exists: b("atom14_alt_gt_exists"),
-        atom14_atom_is_ambiguous: b("atom14_atom_is_ambiguous"),
-        atom14_atom_exists: b("atom14_atom_exists"),
-        residx_atom14_to_atom37: b("residx_atom14_to_atom37"),
-        all_atom_positions: b("all_atom_positions"),
-        all_atom_mask: b("all_atom_mask"),
-        atom37_atom_exists: b("atom37_atom_exists"),
-        resolution: b("resolution"),
-        chi_mask: b("chi_mask"),
-        chi_angles_sin_cos: b("chi_angles_sin_cos"),
-    }
+    let feats: BTreeMap<String, Tensor> = fx
+        .names_with_prefix("input.")
+        .into_iter()
+        .map(|k| {
+            let t = fx.get(&format!("input.{k}"));
+            (k, t)
+        })
+        .collect();
+    let last = feats["aatype"].dims().last().copied().unwrap() - 1;
+    LossBatch::from_last_dim(&feats, last).unwrap()
 }
 
 /// `stereo_chemical_props.txt`: `$FERROFOLD_STEREO_PROPS`, else `<golden>/../../data/`, else
