@@ -22,6 +22,61 @@ pub enum Command {
     Info(InfoArgs),
     /// Data pipeline: build dataset manifests, prepare and inspect the HDF5 feature cache.
     Data(crate::data::command::DataArgs),
+    /// Train (or resume, or fine-tune) the AF2 model; writes checkpoints, metrics and evaluations
+    /// to --run-dir. Exits 75 after a signal-triggered checkpoint (SIGUSR1/SIGTERM) so launchers
+    /// can requeue.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on the validation chains (lDDT-Cα, GDT, RMSD, dRMSD; PDB outputs).
+    Eval(EvalArgs),
+    /// Plot a run's metrics (loss terms, evaluation, LR, gradient norm) as PNG files.
+    Plot(PlotArgs),
+}
+
+/// `ferrofold train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// `auto`: continue from the newest checkpoint in the run dir if any; `never`: fresh (error if
+    /// checkpoints exist); or a checkpoint directory to resume from.
+    #[arg(long, default_value = "auto", value_name = "auto|never|DIR")]
+    pub resume: String,
+    /// Fine-tuning: initialise the weights (only) from a checkpoint directory or a .safetensors
+    /// file; fresh optimiser and step. Ignored when the run dir already holds checkpoints.
+    #[arg(long, value_name = "PATH")]
+    pub init_from: Option<PathBuf>,
+    /// Which weights of an --init-from checkpoint: `ema` or `model`.
+    #[arg(long, default_value = "ema", value_parser = ["ema", "model"])]
+    pub init_weights: String,
+    /// Stop (with a checkpoint) after this many completed steps.
+    #[arg(long, value_name = "N")]
+    pub stop_at: Option<u64>,
+}
+
+/// `ferrofold eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Checkpoint directory (or a .safetensors weights file).
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// `ema` (default, what AF2 evaluates) or `model`.
+    #[arg(long, default_value = "ema", value_parser = ["ema", "model"])]
+    pub weights: String,
+    /// Directory for predicted PDB files (default: <run-dir>/eval or ./eval-out).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// `ferrofold plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run directory holding metrics.jsonl.
+    pub run_dir: PathBuf,
+    /// Output directory for the PNG files (default: the run directory).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// Flags shared by every subcommand that reads a configuration.

@@ -511,6 +511,9 @@ pub struct ViolationConfig {
     pub average_clashes: ClashAveraging,
     /// eps of `violation_loss` only (OpenFold `config.loss.violation.eps`).
     pub eps: f64,
+    /// `stereo_chemical_props.txt` (bond/angle tables); `None` = env `FERROFOLD_STEREO_PROPS`,
+    /// else beside the data root.
+    pub stereo_props: Option<PathBuf>,
 }
 
 impl Default for ViolationConfig {
@@ -520,6 +523,7 @@ impl Default for ViolationConfig {
             clash_overlap_tolerance: 1.5,
             average_clashes: ClashAveraging::Off,
             eps: 1e-8,
+            stereo_props: None,
         }
     }
 }

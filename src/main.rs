@@ -20,6 +20,18 @@ fn main() {
     let result = match cli.command {
         Command::Info(args) => info(&ctx, &args),
         Command::Data(args) => ferrofold::data::command::run(&args).map_err(anyhow::Error::from),
+        Command::Train(args) => match ferrofold::train::run::train(&ctx, &args) {
+            Ok(0) => Ok(()),
+            Ok(code) => {
+                drop(ctx);
+                std::process::exit(code);
+            }
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
+        Command::Eval(args) => {
+            ferrofold::train::run::eval(&ctx, &args).map_err(anyhow::Error::from)
+        }
+        Command::Plot(args) => ferrofold::train::run::plot(&args).map_err(anyhow::Error::from),
     };
     if let Err(e) = result {
         eprintln!("[rank {}] error: {e:#}", ctx.rank);

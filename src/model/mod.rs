@@ -12,6 +12,7 @@ pub mod evoformer;
 pub mod extra_msa;
 mod fused;
 pub mod heads;
+pub mod init;
 pub mod ipa;
 pub mod msa;
 pub mod outer_product_mean;

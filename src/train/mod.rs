@@ -12,12 +12,14 @@
 //! - [`metrics`], [`mllog`]: per-step JSONL metrics, progress bar, `:::MLLOG` lines.
 //! - [`signals`]: SIGTERM/SIGUSR1 → checkpoint and exit with [`trainer::EXIT_STOPPED`].
 
+pub mod af2;
 pub mod checkpoint;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;
 pub mod pdb_out;
 pub mod plot;
+pub mod run;
 pub mod schedule;
 pub mod seed;
 pub mod signals;

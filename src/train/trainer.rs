@@ -346,6 +346,11 @@ impl<T: Task, C: Collective> Trainer<T, C> {
     pub fn step(&self) -> u64 {
         self.step
     }
+
+    /// The latest evaluation `(step, metrics)` of this run, if any.
+    pub fn last_eval(&self) -> Option<&(u64, BTreeMap<String, f64>)> {
+        self.last_eval.as_ref()
+    }
     /// Steps skipped (non-finite loss or gradient norm).
     pub fn skipped_steps(&self) -> u64 {
         self.skipped
@@ -662,7 +667,13 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             eval_time_s: dt,
         })?;
         if self.coll.rank() == 0 {
-            tracing::info!("step {}: eval {:?}", self.step, metrics);
+            // Means only (per-protein values, `<id>/<metric>`, are in metrics.jsonl).
+            let means: BTreeMap<&String, f64> = metrics
+                .iter()
+                .filter(|(k, _)| !k.contains('/'))
+                .map(|(k, v)| (k, *v))
+                .collect();
+            tracing::info!("step {}: eval {:?}", self.step, means);
         }
         self.last_eval = Some((self.step, metrics.clone()));
         Ok(metrics)
