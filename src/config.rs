@@ -1133,6 +1133,11 @@ mod tests {
             vec![base.clone(), root.join("tiny.toml")],
             vec![base.clone(), root.join("stage/initial.toml")],
             vec![base.clone(), root.join("stage/finetune.toml")],
+            vec![
+                base.clone(),
+                root.join("stage/initial.toml"),
+                root.join("overlay/mlperf.toml"),
+            ],
         ] {
             Config::load(&stack, &[]).unwrap_or_else(|e| panic!("{stack:?}: {e}"));
         }
