@@ -392,24 +392,17 @@ fn submit_fake(c: &Cluster, launcher: &str) -> String {
 
 /// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 75 →
 /// `scontrol requeue` → attempt 1 completes; one log per attempt in the run dir.
-fn requeue_once(launcher: &str) {
-    let c = Cluster::start(&format!("requeue-{launcher}"));
-    let id = submit_fake(&c, launcher);
-    let o = c
-        .client("scancel")
-        .args(["--batch", "--signal=USR1", &id])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "scancel: {}", text(&o));
-    // Requeued: pending again, held by Slurm's requeue delay (BeginTime = now + 120 s). Release it
-    // early, but only once the last attempt's step daemons are gone (their PMIx sockets in the
-    // spool carry the step id, which the next attempt reuses) and 2 s after the requeue (slurmd
-    // refuses a launch whose credential dates from the same second as the requeue's kill). Slurm's
-    // own delay covers both on a real cluster.
+
+/// Wait until job `id` is requeued (pending, 1 restart), then release it early from Slurm's requeue
+/// delay (BeginTime = now + 120 s), but only once the last attempt's step daemons are gone (their
+/// PMIx sockets in the spool carry the step id, which the next attempt reuses) and 2 s after the
+/// requeue (slurmd refuses a launch whose credential dates from the same second as the requeue's
+/// kill). Slurm's own delay covers both on a real cluster.
+fn release_requeued(c: &Cluster, id: &str) {
     let t0 = Instant::now();
     let mut requeued_at = None;
     loop {
-        if c.field(&id, "Restarts") == "1" && c.field(&id, "JobState") == "PENDING" {
+        if c.field(id, "Restarts") == "1" && c.field(id, "JobState") == "PENDING" {
             requeued_at.get_or_insert_with(Instant::now);
         }
         if requeued_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) && c.steps_gone() {
@@ -425,11 +418,28 @@ fn requeue_once(launcher: &str) {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "not requeued: {:?}\n{}",
-            c.job(&id),
+            c.job(id),
             c.logs().iter().map(|l| c.log(l)).collect::<String>()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn requeue_once(launcher: &str) {
+    let c = Cluster::start(&format!("requeue-{launcher}"));
+    let id = submit_fake(&c, launcher);
+    let o = c
+        .client("scancel")
+        .args(["--batch", "--signal=USR1", &id])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scancel: {}", text(&o));
+    // Requeued: pending again, held by Slurm's requeue delay (BeginTime = now + 120 s). Release it
+    // early, but only once the last attempt's step daemons are gone (their PMIx sockets in the
+    // spool carry the step id, which the next attempt reuses) and 2 s after the requeue (slurmd
+    // refuses a launch whose credential dates from the same second as the requeue's kill). Slurm's
+    // own delay covers both on a real cluster.
+    release_requeued(&c, &id);
     assert_eq!(c.wait_done(&id, Duration::from_secs(40)), "COMPLETED");
     assert_eq!(c.field(&id, "Restarts"), "1");
     let logs = c.logs();
@@ -559,4 +569,112 @@ fn slurm_cancelled_job_is_not_requeued() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.field(&id, "Restarts"), "0");
     assert_eq!(c.field(&id, "JobState"), "CANCELLED");
+}
+
+/// A manifest with only `ids` from `datasets/sample.toml`.
+fn small_manifest(dir: &Path, ids: &[&str]) -> PathBuf {
+    let text = read(&repo().join("datasets/sample.toml"));
+    let mut parts = text.split("[[entries]]\n");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for block in parts {
+        if ids
+            .iter()
+            .any(|id| block.starts_with(&format!("id = \"{id}\"")))
+        {
+            out.push_str("[[entries]]\n");
+            out.push_str(block);
+        }
+    }
+    let p = dir.join("manifest.toml");
+    std::fs::write(&p, out).unwrap();
+    p
+}
+
+/// The real trainer under `sbatch`: preempted mid-run with SIGUSR1 (what `--signal=B:USR1@S` sends
+/// before the time limit), it checkpoints at the next step boundary on both ranks, exits 75, the job
+/// requeues itself, resumes from the checkpoint and finishes; the final weights equal those of an
+/// uninterrupted 2-rank run of the same configuration (bitwise: same checkpoint digests).
+#[test]
+fn slurm_preempted_training_requeues_and_matches_uninterrupted_run() {
+    let c = Cluster::start("preempt");
+    let m = small_manifest(
+        &c.run_dir().parent().unwrap().to_path_buf(),
+        &["2q2k_A", "3u8v_A"],
+    );
+    let extra = format!(
+        "--set data.manifest={} --set data.crop_size=72 --set data.loader.order=deterministic \
+         --set train.max_steps=10 --set train.checkpoint_every=4 --set train.eval_every=1000 \
+         --set log.progress=never",
+        m.display()
+    );
+    let env = [
+        ("FERROFOLD_CMD", "train"),
+        ("FERROFOLD_EXTRA_ARGS", extra.as_str()),
+    ];
+    let id = c.submit("launch/train.sbatch", &env);
+    // Preempt once a few steps are logged.
+    let metrics = c.run_dir().join("metrics.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "training did not start: {:?}\n{}",
+            c.job(&id),
+            c.logs().iter().map(|l| c.log(l)).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = c
+        .client("scancel")
+        .args(["--batch", "--signal=USR1", &id])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scancel: {}", text(&o));
+    release_requeued(&c, &id);
+    assert_eq!(
+        c.wait_done(&id, Duration::from_secs(120)),
+        "COMPLETED",
+        "{}",
+        c.logs().iter().map(|l| c.log(l)).collect::<String>()
+    );
+    let logs = c.logs();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    let first = c.log(&logs[0]);
+    assert!(first.contains("job step exited with status 75"), "{first}");
+    let second = c.log(&logs[1]);
+    assert!(second.contains("job step exited with status 0"), "{second}");
+    // Uninterrupted reference with the same configuration (2 ranks, mpirun outside Slurm).
+    let reference = c.run_dir().parent().unwrap().join("reference");
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--config".into(),
+        "configs/base.toml".into(),
+        "--config".into(),
+        "configs/tiny.toml".into(),
+    ];
+    args.extend(extra.split_whitespace().map(str::to_string));
+    args.extend(["--run-dir".into(), reference.to_str().unwrap().into()]);
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", bin()])
+        .args(&args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "reference run: {}", text(&o));
+    let files = |d: &Path| -> serde_json::Value {
+        let meta: serde_json::Value =
+            serde_json::from_str(&read(&d.join("ckpt-000000010/meta.json"))).unwrap();
+        meta["files"].clone()
+    };
+    assert_eq!(
+        files(&c.run_dir()),
+        files(&reference),
+        "preempted+requeued run differs from the uninterrupted run"
+    );
 }
