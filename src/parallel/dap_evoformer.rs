@@ -40,8 +40,12 @@ use candle_core::{DType, Tensor};
 use super::dap::{padded_len, Dap};
 use crate::error::Result;
 use crate::model::dropout::{dropout_shared, DropoutCtx};
-use crate::model::evoformer::{EvoformerBlock, EvoformerOutput, EvoformerStack};
+use crate::model::evoformer::{EvoformerBlock, EvoformerOutput, EvoformerStack, PairStack};
+use crate::model::extra_msa::{ExtraMsaBlock, ExtraMsaStack};
+use crate::model::msa::MsaRowAttentionWithPairBias;
+use crate::model::outer_product_mean::OuterProductMean;
 use crate::model::primitives::mul_const;
+use crate::model::transition::MsaTransition;
 
 /// Dimensions of one sharded sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,82 +155,117 @@ fn dap_dropout(
     mul_const(x, &mask)
 }
 
-/// A DAP view of an [`EvoformerStack`] (parameters shared with it, not copied).
+/// The parts of one Evoformer-like block (main Evoformer block or extra-MSA block).
+struct BlockParts<'b> {
+    msa_att_row: &'b MsaRowAttentionWithPairBias,
+    /// MSA column attention (Algorithm 8) or global column attention (Algorithm 19) on
+    /// column-sharded m `[Sp, Rp/n, c]` with its mask `[Sp, Rp/n]`.
+    msa_att_col: Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + 'b>,
+    msa_transition: &'b MsaTransition,
+    /// The extra-MSA block masks its MSA transition; the Evoformer block does not.
+    mask_msa_transition: bool,
+    outer_product_mean: &'b OuterProductMean,
+    pair_stack: &'b PairStack,
+    msa_dropout: f64,
+}
+
+impl<'b> From<&'b EvoformerBlock> for BlockParts<'b> {
+    fn from(b: &'b EvoformerBlock) -> Self {
+        Self {
+            msa_att_row: &b.msa_att_row,
+            msa_att_col: Box::new(move |m, mask| b.msa_att_col.forward(m, mask)),
+            msa_transition: &b.msa_transition,
+            // `_mask_trans = False`: the Evoformer MSA transition is unmasked.
+            mask_msa_transition: false,
+            outer_product_mean: &b.outer_product_mean,
+            pair_stack: &b.pair_stack,
+            msa_dropout: b.msa_dropout,
+        }
+    }
+}
+
+impl<'b> From<&'b ExtraMsaBlock> for BlockParts<'b> {
+    fn from(b: &'b ExtraMsaBlock) -> Self {
+        Self {
+            msa_att_row: &b.msa_att_row,
+            msa_att_col: Box::new(move |m, mask| b.msa_att_col.forward(m, mask)),
+            msa_transition: &b.msa_transition,
+            // The extra-MSA transition always receives the MSA mask (OpenFold).
+            mask_msa_transition: true,
+            outer_product_mean: &b.outer_product_mean,
+            pair_stack: &b.pair_stack,
+            msa_dropout: b.msa_dropout,
+        }
+    }
+}
+
+/// The sharded block loop shared by [`DapEvoformer`] and [`DapExtraMsa`], with the overlap timers.
 #[derive(Debug)]
-pub struct DapEvoformer<'a> {
-    pub stack: &'a EvoformerStack,
-    pub dap: Dap,
+struct DapTrunk {
+    dap: Dap,
     /// Nanoseconds spent waiting for m's asynchronous `col_to_row` (after the pair stack).
     wait_ns: AtomicU64,
     /// Nanoseconds spent issuing it (the whole transfer when `parallel.overlap = off`).
     start_ns: AtomicU64,
 }
 
-impl<'a> DapEvoformer<'a> {
-    /// Overlap follows `dap` ([`Dap::with_overlap`], `parallel.overlap`).
-    pub fn new(stack: &'a EvoformerStack, dap: Dap) -> Self {
+impl DapTrunk {
+    fn new(dap: Dap) -> Self {
         Self {
-            stack,
             dap,
             wait_ns: AtomicU64::new(0),
             start_ns: AtomicU64::new(0),
         }
     }
 
-    /// Whether the gradient of parameter `name` (a stack `vb` name, e.g. `blocks.0.…`) is a
-    /// per-shard partial sum (to be summed over the DAP group) or already full (`linear.*`).
-    pub fn is_sharded_param(name: &str) -> bool {
-        name.starts_with("blocks.")
-    }
-
-    /// Seconds spent in the wait for m's asynchronous all-to-all since the last reset.
-    pub fn wait_seconds(&self) -> f64 {
-        self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9
-    }
-
-    /// Seconds spent issuing m's `col_to_row` (blocking transfer when overlap is off).
-    pub fn start_seconds(&self) -> f64 {
-        self.start_ns.load(Ordering::Relaxed) as f64 * 1e-9
-    }
-
-    pub fn reset_timers(&self) {
-        self.wait_ns.store(0, Ordering::Relaxed);
-        self.start_ns.store(0, Ordering::Relaxed);
-    }
-
-    /// Replicated inputs (identical on every rank of the group): `m` `[S, R, c_m]`, `z`
-    /// `[R, R, c_z]`, `msa_mask` `[S, R]`, `pair_mask` `[R, R]` → replicated outputs, equal to
-    /// [`EvoformerStack::forward`] (block `i` uses `dropout.fork(i)`, as there).
-    pub fn forward(
+    /// Pad, shard, run `blocks` (block `i` with `dropout.fork(i)`), gather, unpad → `(m, z)`.
+    fn forward<'b>(
         &self,
+        blocks: impl Iterator<Item = BlockParts<'b>>,
         m: &Tensor,
         z: &Tensor,
         msa_mask: &Tensor,
         pair_mask: &Tensor,
         dropout: Option<&DropoutCtx>,
-    ) -> Result<EvoformerOutput> {
+    ) -> Result<(Tensor, Tensor)> {
         let (s, r, _) = m.dims3()?;
         let l = DapLayout::new(s, r, &self.dap);
         let masks = Masks::new(msa_mask, pair_mask, &l, m.dtype())?;
         // Pad and shard: m along S, z along its first residue axis.
-        let mp = m.pad_with_zeros(0, 0, l.sp - s)?.pad_with_zeros(1, 0, l.rp - r)?;
-        let zp = z.pad_with_zeros(0, 0, l.rp - r)?.pad_with_zeros(1, 0, l.rp - r)?;
+        let mp = m
+            .pad_with_zeros(0, 0, l.sp - s)?
+            .pad_with_zeros(1, 0, l.rp - r)?;
+        let zp = z
+            .pad_with_zeros(0, 0, l.rp - r)?
+            .pad_with_zeros(1, 0, l.rp - r)?;
         let mut m_row = self.dap.scatter(&mp, 0)?; // [Sp/n, Rp, c_m]
         let mut z_row = self.dap.scatter(&zp, 0)?; // [Rp/n, Rp, c_z]
-        for (i, b) in self.stack.blocks.iter().enumerate() {
+        for (i, b) in blocks.enumerate() {
             let d = dropout.map(|c| c.fork(i as u64));
-            (m_row, z_row) = self.block(b, &m_row, &z_row, &masks, &l, d.as_ref())?;
+            (m_row, z_row) = self.block(&b, &m_row, &z_row, &masks, &l, d.as_ref())?;
         }
         let m = self.dap.gather(&m_row, 0)?.narrow(0, 0, s)?.narrow(1, 0, r)?;
         let z = self.dap.gather(&z_row, 0)?.narrow(0, 0, r)?.narrow(1, 0, r)?;
-        let s_out = self.stack.single(&m)?;
-        Ok(EvoformerOutput { m, z, s: s_out })
+        Ok((m, z))
+    }
+
+    fn wait_seconds(&self) -> f64 {
+        self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    fn start_seconds(&self) -> f64 {
+        self.start_ns.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    fn reset_timers(&self) {
+        self.wait_ns.store(0, Ordering::Relaxed);
+        self.start_ns.store(0, Ordering::Relaxed);
     }
 
     /// One Evoformer block on row-sharded `m` `[Sp/n, Rp, c_m]` and `z` `[Rp/n, Rp, c_z]`.
     fn block(
         &self,
-        b: &EvoformerBlock,
+        b: &BlockParts,
         m_row: &Tensor,
         z_row: &Tensor,
         k: &Masks,
@@ -250,21 +289,21 @@ impl<'a> DapEvoformer<'a> {
         )?;
         let m_row = (m_row + row)?;
         let m_col = dap.row_to_col(&m_row, 0, 1)?; // [Sp, Rp/n, c_m]
-        let m_col = (&m_col + b.msa_att_col.forward(&m_col, &k.msa_col)?)?;
-        // `_mask_trans = False`: the MSA transition is unmasked.
-        let m_col = (&m_col + b.msa_transition.forward(&m_col, None)?)?;
+        let m_col = (&m_col + (b.msa_att_col)(&m_col, &k.msa_col)?)?;
+        let tmask = b.mask_msa_transition.then_some(&k.msa_col);
+        let m_col = (&m_col + b.msa_transition.forward(&m_col, tmask)?)?;
         // Duality async: m's transfer to the next block's layout overlaps the pair stack.
         let t = Instant::now();
         let pending = dap.start_col_to_row(&m_col, 0, 1)?;
         self.start_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         // --- outer product mean: this rank's rows i × all columns j ------------------------
-        let opm = &b.outer_product_mean;
+        let opm = b.outer_product_mean;
         let (a, bb) = opm.project(&m_col, &k.msa_col)?; // [Sp, Rp/n, C]
         let bb = dap.gather_sharded(&bb, 1)?; // [Sp, Rp, C]
         let z_row = (z_row + opm.combine(&a, &bb, &k.msa_col, &k.msa_full)?)?;
         // --- pair stack ----------------------------------------------------------------------
-        let z_row = self.pair_stack(b, &z_row, k, l, dropout)?;
+        let z_row = self.pair_stack(b.pair_stack, &z_row, k, l, dropout)?;
         let t = Instant::now();
         let m_row = pending.wait()?;
         self.wait_ns
@@ -275,14 +314,13 @@ impl<'a> DapEvoformer<'a> {
     /// Algorithm 6 lines 6-10 on row-sharded `z` `[Rp/n, Rp, c_z]`; returns row-sharded z.
     fn pair_stack(
         &self,
-        b: &EvoformerBlock,
+        ps: &PairStack,
         z_row: &Tensor,
         k: &Masks,
         l: &DapLayout,
         dropout: Option<&DropoutCtx>,
     ) -> Result<Tensor> {
         let dap = &self.dap;
-        let ps = &b.pair_stack;
         let p = ps.pair_dropout;
         let c_z = z_row.dim(2)?;
         let d = |i: u64| dropout.map(|c| c.fork(i));
@@ -355,5 +393,117 @@ impl<'a> DapEvoformer<'a> {
         // `_mask_trans = False`: the pair transition is unmasked.
         let z_col = (&z_col + ps.pair_transition.forward(&z_col, None)?)?;
         dap.col_to_row(&z_col, 0, 1)
+    }
+}
+
+/// A DAP view of an [`EvoformerStack`] (parameters shared with it, not copied).
+#[derive(Debug)]
+pub struct DapEvoformer<'a> {
+    pub stack: &'a EvoformerStack,
+    trunk: DapTrunk,
+}
+
+impl<'a> DapEvoformer<'a> {
+    /// Overlap follows `dap` ([`Dap::with_overlap`], `parallel.overlap`).
+    pub fn new(stack: &'a EvoformerStack, dap: Dap) -> Self {
+        Self {
+            stack,
+            trunk: DapTrunk::new(dap),
+        }
+    }
+
+    pub fn dap(&self) -> &Dap {
+        &self.trunk.dap
+    }
+
+    /// Whether the gradient of parameter `name` (a stack `vb` name, e.g. `blocks.0.…`) is a
+    /// per-shard partial sum (to be summed over the DAP group) or already full (`linear.*`).
+    pub fn is_sharded_param(name: &str) -> bool {
+        name.starts_with("blocks.")
+    }
+
+    /// Seconds spent in the wait for m's asynchronous all-to-all since the last reset.
+    pub fn wait_seconds(&self) -> f64 {
+        self.trunk.wait_seconds()
+    }
+
+    /// Seconds spent issuing m's `col_to_row` (blocking transfer when overlap is off).
+    pub fn start_seconds(&self) -> f64 {
+        self.trunk.start_seconds()
+    }
+
+    pub fn reset_timers(&self) {
+        self.trunk.reset_timers()
+    }
+
+    /// Replicated inputs (identical on every rank of the group): `m` `[S, R, c_m]`, `z`
+    /// `[R, R, c_z]`, `msa_mask` `[S, R]`, `pair_mask` `[R, R]` → replicated outputs, equal to
+    /// [`EvoformerStack::forward`] (block `i` uses `dropout.fork(i)`, as there).
+    pub fn forward(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<EvoformerOutput> {
+        let blocks = self.stack.blocks.iter().map(BlockParts::from);
+        let (m, z) = self
+            .trunk
+            .forward(blocks, m, z, msa_mask, pair_mask, dropout)?;
+        let s = self.stack.single(&m)?;
+        Ok(EvoformerOutput { m, z, s })
+    }
+}
+
+/// A DAP view of an [`ExtraMsaStack`] (Algorithm 18 blocks: global column attention, masked MSA
+/// transition; same layout and communication as [`DapEvoformer`]).
+#[derive(Debug)]
+pub struct DapExtraMsa<'a> {
+    pub stack: &'a ExtraMsaStack,
+    trunk: DapTrunk,
+}
+
+impl<'a> DapExtraMsa<'a> {
+    pub fn new(stack: &'a ExtraMsaStack, dap: Dap) -> Self {
+        Self {
+            stack,
+            trunk: DapTrunk::new(dap),
+        }
+    }
+
+    pub fn dap(&self) -> &Dap {
+        &self.trunk.dap
+    }
+
+    /// Every extra-MSA stack parameter is used in sharded compute only.
+    pub fn is_sharded_param(name: &str) -> bool {
+        name.starts_with("blocks.")
+    }
+
+    /// Like [`ExtraMsaStack::forward`] (the updated pair `[R, R, c_z]`), replicated.
+    pub fn forward(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<Tensor> {
+        Ok(self.forward_msa_pair(m, z, msa_mask, pair_mask, dropout)?.1)
+    }
+
+    /// The updated `(m, z)` (the MSA output too, for tests).
+    pub fn forward_msa_pair(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor)> {
+        let blocks = self.stack.blocks.iter().map(BlockParts::from);
+        self.trunk
+            .forward(blocks, m, z, msa_mask, pair_mask, dropout)
     }
 }

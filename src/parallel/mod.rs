@@ -28,7 +28,7 @@ pub use collective::GroupCollective;
 pub use comm::{CommHandle, Communicator, PendingOp, ReduceOp};
 pub use ctx::{ParallelCtx, TopologySource};
 pub use dap::{pad_mask, pad_to_multiple, padded_len, unpad, Dap, DapPending};
-pub use dap_evoformer::{DapEvoformer, DapLayout};
+pub use dap_evoformer::{DapEvoformer, DapExtraMsa, DapLayout};
 pub use ddp::{dap_grad_scale, global_grad_norm, mean_to_root, sorted_grads, GradSync};
 pub use groups::{GridCoords, ProcessGroups};
 pub use mpi_backend::MpiComm;
