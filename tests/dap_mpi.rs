@@ -58,7 +58,10 @@ fn expect_pass(np: usize, case: &str) {
         let _ = child.kill();
     }
     let _ = child.wait();
-    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     let report = format!(
         "case {case} np {np}: status {status:?} after {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         start.elapsed()

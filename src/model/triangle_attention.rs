@@ -70,7 +70,7 @@ impl TriangleAttention {
     pub fn attend_starting(&self, x: &Tensor, mask: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let mask = &super::primitives::cast(mask, x.dtype())?;
         let tb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, Q, K]
-                                                                        // Mask bias [I, 1, 1, K] first, then the triangle bias.
+                                                                       // Mask bias [I, 1, 1, K] first, then the triangle bias.
         self.mha.forward_masked(x, mask, self.inf, &[&tb])
     }
 }

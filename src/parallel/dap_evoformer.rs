@@ -42,7 +42,9 @@ use crate::error::Result;
 use crate::model::dropout::{dropout_shared, DropoutCtx};
 use crate::model::evoformer::{EvoformerBlock, EvoformerOutput, EvoformerStack, PairStack};
 use crate::model::extra_msa::{ExtraMsaBlock, ExtraMsaStack};
-use crate::model::msa::MsaRowAttentionWithPairBias;
+use crate::model::msa::{
+    MsaColumnAttention, MsaColumnGlobalAttention, MsaRowAttentionWithPairBias,
+};
 use crate::model::outer_product_mean::OuterProductMean;
 use crate::model::primitives::mul_const;
 use crate::model::transition::MsaTransition;
@@ -113,7 +115,8 @@ impl Masks {
 /// Zero-pad a 2-D tensor at the end to `[a, b]`.
 fn pad2(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
     let (x0, x1) = x.dims2()?;
-    Ok(x.pad_with_zeros(0, 0, a - x0)?.pad_with_zeros(1, 0, b - x1)?)
+    Ok(x.pad_with_zeros(0, 0, a - x0)?
+        .pad_with_zeros(1, 0, b - x1)?)
 }
 
 /// Zero-pad every dim of `x` at the end to `dims`.
@@ -155,12 +158,27 @@ fn dap_dropout(
     mul_const(x, &mask)
 }
 
+/// The column attention of a block: Algorithm 8 (Evoformer) or 19 (extra MSA).
+enum ColumnAttention<'b> {
+    Local(&'b MsaColumnAttention),
+    Global(&'b MsaColumnGlobalAttention),
+}
+
+impl ColumnAttention<'_> {
+    fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Local(a) => a.forward(m, mask),
+            Self::Global(a) => a.forward(m, mask),
+        }
+    }
+}
+
 /// The parts of one Evoformer-like block (main Evoformer block or extra-MSA block).
 struct BlockParts<'b> {
     msa_att_row: &'b MsaRowAttentionWithPairBias,
     /// MSA column attention (Algorithm 8) or global column attention (Algorithm 19) on
     /// column-sharded m `[Sp, Rp/n, c]` with its mask `[Sp, Rp/n]`.
-    msa_att_col: Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + 'b>,
+    msa_att_col: ColumnAttention<'b>,
     msa_transition: &'b MsaTransition,
     /// The extra-MSA block masks its MSA transition; the Evoformer block does not.
     mask_msa_transition: bool,
@@ -173,7 +191,7 @@ impl<'b> From<&'b EvoformerBlock> for BlockParts<'b> {
     fn from(b: &'b EvoformerBlock) -> Self {
         Self {
             msa_att_row: &b.msa_att_row,
-            msa_att_col: Box::new(move |m, mask| b.msa_att_col.forward(m, mask)),
+            msa_att_col: ColumnAttention::Local(&b.msa_att_col),
             msa_transition: &b.msa_transition,
             // `_mask_trans = False`: the Evoformer MSA transition is unmasked.
             mask_msa_transition: false,
@@ -188,7 +206,7 @@ impl<'b> From<&'b ExtraMsaBlock> for BlockParts<'b> {
     fn from(b: &'b ExtraMsaBlock) -> Self {
         Self {
             msa_att_row: &b.msa_att_row,
-            msa_att_col: Box::new(move |m, mask| b.msa_att_col.forward(m, mask)),
+            msa_att_col: ColumnAttention::Global(&b.msa_att_col),
             msa_transition: &b.msa_transition,
             // The extra-MSA transition always receives the MSA mask (OpenFold).
             mask_msa_transition: true,
@@ -244,8 +262,16 @@ impl DapTrunk {
             let d = dropout.map(|c| c.fork(i as u64));
             (m_row, z_row) = self.block(&b, &m_row, &z_row, &masks, &l, d.as_ref())?;
         }
-        let m = self.dap.gather(&m_row, 0)?.narrow(0, 0, s)?.narrow(1, 0, r)?;
-        let z = self.dap.gather(&z_row, 0)?.narrow(0, 0, r)?.narrow(1, 0, r)?;
+        let m = self
+            .dap
+            .gather(&m_row, 0)?
+            .narrow(0, 0, s)?
+            .narrow(1, 0, r)?;
+        let z = self
+            .dap
+            .gather(&z_row, 0)?
+            .narrow(0, 0, r)?
+            .narrow(1, 0, r)?;
         Ok((m, z))
     }
 
@@ -289,7 +315,7 @@ impl DapTrunk {
         )?;
         let m_row = (m_row + row)?;
         let m_col = dap.row_to_col(&m_row, 0, 1)?; // [Sp, Rp/n, c_m]
-        let m_col = (&m_col + (b.msa_att_col)(&m_col, &k.msa_col)?)?;
+        let m_col = (&m_col + b.msa_att_col.forward(&m_col, &k.msa_col)?)?;
         let tmask = b.mask_msa_transition.then_some(&k.msa_col);
         let m_col = (&m_col + b.msa_transition.forward(&m_col, tmask)?)?;
         // Duality async: m's transfer to the next block's layout overlaps the pair stack.
@@ -329,15 +355,7 @@ impl DapTrunk {
         let (zln, a, bb) = ps.tri_mul_out.project(z_row, &k.pair_row)?; // [Rp/n, Rp, C]
         let bb = dap.gather_sharded(&bb, 0)?; // [Rp, Rp, C]
         let u = ps.tri_mul_out.combine(&zln, &a, &bb)?;
-        let u = dap_dropout(
-            &u,
-            p,
-            d(1).as_ref(),
-            0,
-            &row_logical,
-            &row_padded,
-            None,
-        )?;
+        let u = dap_dropout(&u, p, d(1).as_ref(), 0, &row_logical, &row_padded, None)?;
         let z_row = (z_row + u)?;
         // Triangle multiplication, incoming: x[i,j] = Σ_k a[k,i] b[k,j]; own columns j, all i.
         let z_col = dap.row_to_col(&z_row, 0, 1)?; // [Rp, Rp/n, c_z]
@@ -360,21 +378,15 @@ impl DapTrunk {
         let x = tas.layer_norm.forward(&z_row)?;
         let tb = dap.gather_sharded(&tas.triangle_bias(&x)?, 0)?; // [Rp, Rp, H]
         let u = tas.attend_starting(&x, &k.pair_row, &tb)?;
-        let u = dap_dropout(
-            &u,
-            p,
-            d(3).as_ref(),
-            0,
-            &row_logical,
-            &row_padded,
-            None,
-        )?;
+        let u = dap_dropout(&u, p, d(3).as_ref(), 0, &row_logical, &row_padded, None)?;
         let z_row = (z_row + u)?;
         // Triangle attention, ending node: the starting-node math on zᵀ, whose rows are our
         // columns.
         let z_col = dap.row_to_col(&z_row, 0, 1)?; // [Rp, Rp/n, c_z]
         let tae = &ps.tri_att_end;
-        let x = tae.layer_norm.forward(&z_col.transpose(0, 1)?.contiguous()?)?; // [Rp/n, Rp, c_z]
+        let x = tae
+            .layer_norm
+            .forward(&z_col.transpose(0, 1)?.contiguous()?)?; // [Rp/n, Rp, c_z]
         let tb = dap.gather_sharded(&tae.triangle_bias(&x)?, 0)?;
         let u = tae
             .attend_starting(&x, &k.pair_col_t, &tb)?

@@ -20,9 +20,9 @@ use candle_nn::{VarBuilder, VarMap};
 use ferrofold::config::{Overlap, StackConfig};
 use ferrofold::model::dropout::DropoutCtx;
 use ferrofold::model::evoformer::{BlockConfig, EvoformerOutput, EvoformerStack};
+use ferrofold::model::extra_msa::ExtraMsaStack;
 use ferrofold::model::params::{sorted_vars, varmap_from_tensors};
 use ferrofold::model::remat::vjp_loss;
-use ferrofold::model::extra_msa::ExtraMsaStack;
 use ferrofold::parallel::{
     Communicator, Dap, DapEvoformer, DapExtraMsa, MpiComm, ParallelCtx, ReduceOp,
 };
@@ -238,13 +238,21 @@ fn compare(tag: &str, got: &Run, want: &Run, m_rows: usize, tol: f64, abs_tol: f
     c("grad z", &got.dz, &want.dz)?;
     ensure!(got.grads.len() == want.grads.len(), "{tag}: param count");
     for (k, g) in &got.grads {
-        let w = want.grads.get(k).with_context(|| format!("{tag}: no {k}"))?;
+        let w = want
+            .grads
+            .get(k)
+            .with_context(|| format!("{tag}: no {k}"))?;
         c(&format!("grad {k}"), g, w)?;
     }
     Ok(worst)
 }
 
-fn build(params: &BTreeMap<String, Tensor>, cfg: &BlockConfig, c_s: usize, dt: DType) -> Result<(VarMap, EvoformerStack)> {
+fn build(
+    params: &BTreeMap<String, Tensor>,
+    cfg: &BlockConfig,
+    c_s: usize,
+    dt: DType,
+) -> Result<(VarMap, EvoformerStack)> {
     let vm = varmap_from_tensors(params.clone(), dt)?;
     let vb = VarBuilder::from_varmap(&vm, dt, &Device::Cpu);
     let stack = EvoformerStack::new(vb, cfg, c_s)?;
@@ -286,7 +294,14 @@ pub fn dap_evo(ctx: &ParallelCtx) -> Result<()> {
     for overlap in [Overlap::DualityAsync, Overlap::Off] {
         let de = DapEvoformer::new(&stack, Dap::with_overlap(world.clone(), overlap));
         let got = run_once(&vm, &stack, Some(&de), &x, None)?;
-        let w = compare(&format!("golden {overlap:?}"), &got, &golden, s_seq, 1e-10, 1e-12)?;
+        let w = compare(
+            &format!("golden {overlap:?}"),
+            &got,
+            &golden,
+            s_seq,
+            1e-10,
+            1e-12,
+        )?;
         if rank == 0 {
             println!("dap-evo n={n} golden overlap={overlap:?}: worst rel {w:e}");
         }
@@ -297,7 +312,9 @@ pub fn dap_evo(ctx: &ParallelCtx) -> Result<()> {
     // its m outputs and cotangent are left out.
     let last = s_seq - 1;
     let keep = Tensor::from_vec(
-        (0..s_seq).map(|i| if i == last { 0.0 } else { 1.0 }).collect::<Vec<f64>>(),
+        (0..s_seq)
+            .map(|i| if i == last { 0.0 } else { 1.0 })
+            .collect::<Vec<f64>>(),
         (s_seq, 1),
         &Device::Cpu,
     )?;
@@ -416,14 +433,23 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
     };
     for overlap in [Overlap::DualityAsync, Overlap::Off] {
         let got = run(&stack, &vm, Some(overlap), &x, None)?;
-        let w = compare(&format!("extra golden {overlap:?}"), &got, &golden, s_seq, 1e-10, 1e-12)?;
+        let w = compare(
+            &format!("extra golden {overlap:?}"),
+            &got,
+            &golden,
+            s_seq,
+            1e-10,
+            1e-12,
+        )?;
         if rank == 0 {
             println!("dap-evo n={n} extra-msa golden overlap={overlap:?}: worst rel {w:e}");
         }
     }
     let last = s_seq - 1;
     let keep = Tensor::from_vec(
-        (0..s_seq).map(|i| if i == last { 0.0 } else { 1.0 }).collect::<Vec<f64>>(),
+        (0..s_seq)
+            .map(|i| if i == last { 0.0 } else { 1.0 })
+            .collect::<Vec<f64>>(),
         (s_seq, 1),
         &Device::Cpu,
     )?;
@@ -437,7 +463,14 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
     let want = run(&stack, &vm, None, &xm, Some(&drop.fork(0)))?;
     for overlap in [Overlap::DualityAsync, Overlap::Off] {
         let got = run(&stack, &vm, Some(overlap), &xm, Some(&drop))?;
-        let w = compare(&format!("extra dropout+masked {overlap:?}"), &got, &want, last, 1e-10, 1e-12)?;
+        let w = compare(
+            &format!("extra dropout+masked {overlap:?}"),
+            &got,
+            &want,
+            last,
+            1e-10,
+            1e-12,
+        )?;
         if rank == 0 {
             println!("dap-evo n={n} extra-msa dropout+masked overlap={overlap:?}: worst rel vs DAP-1 {w:e}");
         }
@@ -449,7 +482,9 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
 fn det(dims: &[usize], seed: f64, scale: f64) -> Result<Tensor> {
     let n: usize = dims.iter().product();
     let v: Vec<f32> = (0..n)
-        .map(|i| ((i as f64 * 0.7548776662 + seed).sin() * 43758.5453).fract() as f32 * scale as f32)
+        .map(|i| {
+            ((i as f64 * 0.7548776662 + seed).sin() * 43758.5453).fract() as f32 * scale as f32
+        })
         .collect();
     Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
 }
@@ -491,7 +526,11 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
     };
     // Parameters: the default init, then made identical on every rank by a broadcast.
     let vm = VarMap::new();
-    let stack = EvoformerStack::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg, 16)?;
+    let stack = EvoformerStack::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        &cfg,
+        16,
+    )?;
     for (_, v) in sorted_vars(&vm) {
         v.set(&world.broadcast(v.as_tensor(), 0)?)?;
     }
@@ -502,7 +541,12 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
     let (cm, cz) = (det(&[s, r, c_m], 3.0, 1.0)?, det(&[r, r, c_z], 4.0, 1.0)?);
     let drop = DropoutCtx::new(7);
     let iters = get("BENCH_ITERS", 3);
-    for overlap in [Overlap::Off, Overlap::DualityAsync, Overlap::Off, Overlap::DualityAsync] {
+    for overlap in [
+        Overlap::Off,
+        Overlap::DualityAsync,
+        Overlap::Off,
+        Overlap::DualityAsync,
+    ] {
         let de = DapEvoformer::new(&stack, Dap::with_overlap(world.clone(), overlap));
         let mut fwd = Vec::new();
         let mut tot = Vec::new();
