@@ -96,3 +96,10 @@ fn dap_evoformer_np2_golden_and_dap1() {
 fn dap_evoformer_np4_golden_and_dap1() {
     expect_pass(4, "dap-evo");
 }
+
+/// DP-2 × DAP-2 (4 ranks): different samples per replica, dropout, one world gradient all-reduce
+/// with the DAP scale = mean over samples of single-rank gradients (rel <= 1e-10).
+#[test]
+fn dap_evoformer_dp2_dap2_np4() {
+    expect_pass(4, "dap-evo-dp");
+}

@@ -7,7 +7,8 @@
 //!
 //! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `dap-dp` (even rank count),
 //! `panic-rank1`, `dp-toy` (data-parallel training of the toy task), `dap-evo` (the DAP Evoformer
-//! stack vs the golden fixture and vs one rank; see `selftest/dap_evo.rs`), and `bench` /
+//! stack vs the golden fixture and vs one rank), `dap-evo-dp` (DP-2 x DAP-2, 4 ranks; see
+//! `selftest/dap_evo.rs`), and `bench` /
 //! `dap-evo-bench` (timings printed by rank 0 as `BENCH` lines; not tests).
 
 #[path = "selftest/dap_evo.rs"]
@@ -35,6 +36,7 @@ const CASES: &[&str] = &[
     "bench",
     "dap-evo",
     "dap-evo-bench",
+    "dap-evo-dp",
 ];
 
 fn main() {
@@ -84,6 +86,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "bench" => bench(ctx),
         "dap-evo" => dap_evo::dap_evo(ctx),
         "dap-evo-bench" => dap_evo::dap_evo_bench(ctx),
+        "dap-evo-dp" => dap_evo::dap_evo_dp(ctx),
         other => bail!("unknown case {other}"),
     }
 }

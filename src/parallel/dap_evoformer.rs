@@ -38,6 +38,8 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use super::dap::{padded_len, Dap};
+use super::groups::ProcessGroups;
+use crate::config::ParallelConfig;
 use crate::error::Result;
 use crate::model::dropout::{dropout_shared, DropoutCtx};
 use crate::model::evoformer::{EvoformerBlock, EvoformerOutput, EvoformerStack, PairStack};
@@ -48,6 +50,11 @@ use crate::model::msa::{
 use crate::model::outer_product_mean::OuterProductMean;
 use crate::model::primitives::mul_const;
 use crate::model::transition::MsaTransition;
+
+/// The DAP collectives of `groups` (its DAP group) with `parallel.overlap` from `cfg`.
+pub fn dap_from_config(groups: &ProcessGroups, cfg: &ParallelConfig) -> Dap {
+    Dap::with_overlap(groups.dap.clone(), cfg.overlap)
+}
 
 /// Dimensions of one sharded sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

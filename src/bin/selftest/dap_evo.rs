@@ -583,3 +583,84 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
     }
     Ok(())
 }
+
+/// DAP inside data parallelism (`-np 4`: DP-2 × DAP-2, `parallel.dap_size = 2`): each DP replica
+/// runs a different sample (the fixture input scaled per replica) through the DAP Evoformer with
+/// seeded dropout; one world all-reduce with [`dap_grad_scale`] must give the mean over samples of
+/// the single-rank gradients.
+pub fn dap_evo_dp(ctx: &ParallelCtx) -> Result<()> {
+    let cfg_p = ferrofold::config::ParallelConfig {
+        dap_size: 2,
+        ..Default::default()
+    };
+    let groups = ferrofold::parallel::ProcessGroups::new(ctx, &cfg_p)?;
+    let co = groups.coords;
+    let fx = Fixture::load("evoformer_stack_2blocks")?;
+    let cfg = block_config(&fx)?;
+    let (vm, stack) = build(&fx.params(), &cfg, fx.arg("c_s")?, DType::F64)?;
+    let sample = |q: usize| -> Result<Inputs> {
+        let f = 1.0 + 0.25 * q as f64;
+        Ok(Inputs {
+            m: (fx.get("input.m")? * f)?,
+            z: (fx.get("input.z")? * (2.0 - f))?,
+            msa_mask: fx.get("input.msa_mask")?,
+            pair_mask: fx.get("input.pair_mask")?,
+            cm: fx.get("cotangent.m")?,
+            cz: fx.get("cotangent.z")?,
+            cs: fx.get("cotangent.s")?,
+        })
+    };
+    let drop = DropoutCtx::new(5);
+    // Reference: mean over samples of the single-rank gradients (sorted by name).
+    let mut want: BTreeMap<String, Tensor> = BTreeMap::new();
+    for q in 0..co.dp_size {
+        // Each replica draws its own dropout masks (a per-replica seed), as training does.
+        let r = run_once(&vm, &stack, None, &sample(q)?, Some(&drop.fork(q as u64)))?;
+        for (k, g) in r.grads {
+            let g = (g / co.dp_size as f64)?;
+            let e = match want.remove(&k) {
+                Some(w) => (w + g)?,
+                None => g,
+            };
+            want.insert(k, e);
+        }
+    }
+    let de = DapEvoformer::new(
+        &stack,
+        ferrofold::parallel::dap_evoformer::dap_from_config(&groups, &cfg_p),
+    );
+    let x = sample(co.dp_rank)?;
+    let mv = candle_core::Var::from_tensor(&x.m)?;
+    let zv = candle_core::Var::from_tensor(&x.z)?;
+    let out = de.forward(
+        mv.as_tensor(),
+        zv.as_tensor(),
+        &x.msa_mask,
+        &x.pair_mask,
+        Some(&drop.fork(co.dp_rank as u64)),
+    )?;
+    let store = vjp_loss(&[(&out.m, &x.cm), (&out.z, &x.cz), (&out.s, &x.cs)])?.backward()?;
+    let local = ferrofold::parallel::sorted_grads(&sorted_vars(&vm), &store)?;
+    let sync = ferrofold::parallel::GradSync::new(groups.world.clone(), 1);
+    let (dap_size, world_size) = (co.dap_size, co.world_size);
+    let got = sync.all_reduce_scaled(&local, &|name| {
+        ferrofold::parallel::dap_grad_scale(
+            DapEvoformer::is_sharded_param(name),
+            dap_size,
+            world_size,
+        )
+    })?;
+    ensure!(got.len() == want.len(), "param count");
+    let mut worst = 0.0f64;
+    for (name, g) in &got {
+        let w = want.get(name).with_context(|| format!("no {name}"))?;
+        worst = worst.max(check(&format!("dp x dap grad {name}"), g, w, 1e-10, 1e-12)?);
+    }
+    if co.world_size > 0 && groups.world.rank() == 0 {
+        println!(
+            "dap-evo-dp dp={} dap={}: worst rel {worst:e}",
+            co.dp_size, co.dap_size
+        );
+    }
+    Ok(())
+}
