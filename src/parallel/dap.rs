@@ -19,6 +19,10 @@
 //!   it would sum `n` identical copies and give `n · ∂L/∂X_r`. (Reduce-scatter is the right
 //!   backward only when each rank computes a *different* loss term `L_r` with `L = Σ_r L_r`,
 //!   which this framework does not do.)
+//! - `gather_sharded(X_r, dim)` ([`Dap::gather_sharded`]): the same all-gather, but the full `Y`
+//!   feeds *sharded* compute (rank `q` uses it to produce its own shard, e.g. the pair bias of MSA
+//!   row attention in the DAP Evoformer), so rank `q` holds only its term `G_q` of
+//!   `∂L/∂Y = Σ_q G_q`: **bwd = reduce-scatter** (all-reduce sum, keep the own chunk).
 //! - `row_to_col` / `col_to_row`: an all-to-all is a permutation of the elements across ranks, so
 //!   its adjoint is the inverse permutation: **bwd = the inverse all-to-all** (split and concat
 //!   dims swapped).

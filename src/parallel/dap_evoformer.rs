@@ -28,6 +28,12 @@
 //! [`super::dap_grad_scale`] with `sharded = true`, see [`DapEvoformer::is_sharded_param`]).
 //! The final projection `linear` runs replicated (after the gather) and holds the full gradient.
 //!
+//! Padding: a padded key is masked, so every attention row with at least one real unmasked key is
+//! unchanged. // DISCREPANCY: a row whose real keys are *all* masked (e.g. a fully masked
+//! sequence) also sees the masked padded keys, so its (meaningless) output differs from the
+//! unpadded stack; such rows feed only masked positions (tested with a masked sequence, outputs
+//! and cotangents compared where valid).
+//!
 //! Dropout: each shared mask is drawn for the *unpadded, unsharded* logical shape from the same
 //! [`DropoutCtx`] as the single-rank stack (every rank of the group must pass the same seed),
 //! then padded and sliced to this rank's part, so DAP-n applies exactly the masks of DAP-1.
