@@ -6,8 +6,13 @@
 //! definition (each rank can rebuild every other rank's input), never hard-coded.
 //!
 //! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `dap-dp` (even rank count),
-//! `panic-rank1`, `dp-toy` (data-parallel training of the toy task), and `bench`
-//! (timings printed by rank 0 as `BENCH` lines; not a test).
+//! `panic-rank1`, `dp-toy` (data-parallel training of the toy task), `dap-evo` (the DAP Evoformer
+//! stack vs the golden fixture and vs one rank), `dap-evo-dp` (DP-2 x DAP-2, 4 ranks; see
+//! `selftest/dap_evo.rs`), and `bench` /
+//! `dap-evo-bench` (timings printed by rank 0 as `BENCH` lines; not tests).
+
+#[path = "selftest/dap_evo.rs"]
+mod dap_evo;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -29,6 +34,9 @@ const CASES: &[&str] = &[
     "panic-rank1",
     "dp-toy",
     "bench",
+    "dap-evo",
+    "dap-evo-bench",
+    "dap-evo-dp",
 ];
 
 fn main() {
@@ -76,6 +84,9 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "panic-rank1" => panic_rank1(ctx),
         "dp-toy" => dp_toy(ctx),
         "bench" => bench(ctx),
+        "dap-evo" => dap_evo::dap_evo(ctx),
+        "dap-evo-bench" => dap_evo::dap_evo_bench(ctx),
+        "dap-evo-dp" => dap_evo::dap_evo_dp(ctx),
         other => bail!("unknown case {other}"),
     }
 }

@@ -39,14 +39,21 @@ impl MsaRowAttentionWithPairBias {
 
     /// `m` `[S, R, c_m]`, `z` `[R, R, c_z]`, `mask` `[S, R]` → update `[S, R, c_m]`.
     pub fn forward(&self, m: &Tensor, z: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.forward_with_bias(m, &self.pair_bias(z)?, mask)
+    }
+
+    /// The pair bias `linear_z(LN_z(z))` `[Rq, Rk, H]` of the pair rows `z` `[Rq, Rk, c_z]` (DAP
+    /// computes it from its own pair rows and all-gathers the rows).
+    pub fn pair_bias(&self, z: &Tensor) -> Result<Tensor> {
+        self.linear_z.forward(&self.layer_norm_z.forward(z)?)
+    }
+
+    /// [`Self::forward`] with a precomputed (full) pair bias `bias` `[R, R, H]` (from
+    /// [`Self::pair_bias`]).
+    pub fn forward_with_bias(&self, m: &Tensor, bias: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let m = self.layer_norm_m.forward(m)?;
         // [R, R, H] → [1, H, R, R]: bias[h, i, j] shared over sequences.
-        let zb = self
-            .linear_z
-            .forward(&self.layer_norm_z.forward(z)?)?
-            .permute((2, 0, 1))?
-            .contiguous()?
-            .unsqueeze(0)?;
+        let zb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?;
         // Mask bias [S, 1, 1, R] first, then the pair bias.
         self.mha.forward_masked(&m, mask, self.inf, &[&zb])
     }

@@ -38,25 +38,46 @@ impl OuterProductMean {
 
     /// `m` `[S, R, c_m]`, `mask` `[S, R]` → pair update `[R, R, c_z]`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (a, b) = self.project(m, mask)?;
+        self.combine(&a, &b, mask, mask)
+    }
+
+    /// The masked projections `(a, b)`, each `[S, R, C]`, of `m` `[S, R, c_m]` (`mask` `[S, R]`).
+    pub fn project(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
         let mask = &super::primitives::cast(mask, m.dtype())?;
-        let (s, r, _) = m.dims3()?;
-        let c = self.c_hidden;
         let ln = self.layer_norm.forward(m)?;
         let mask3 = mask.unsqueeze(2)?; // [S, R, 1]
         let a = mul_const(&self.linear_1.forward(&ln)?, &mask3)?; // [S, R, C]
         let b = mul_const(&self.linear_2.forward(&ln)?, &mask3)?; // [S, R, C]
-                                                                  // outer[i, j, c1, c2] = Σ_s a[s, i, c1] b[s, j, c2] as one (R·C, S) x (S, R·C) matmul.
-        let a2 = a.reshape((s, r * c))?.t()?; // [R*C, S] (transposed view)
-        let b2 = b.reshape((s, r * c))?; // [S, R*C]
+        Ok((a, b))
+    }
+
+    /// Outer product of `a` `[S, Ri, C]` (rows `i`) and `b` `[S, Rj, C]` (columns `j`), then
+    /// `linear_out` and the mean over sequences (`mask_a` `[S, Ri]`, `mask_b` `[S, Rj]`) →
+    /// `[Ri, Rj, c_z]`. `Ri != Rj` when DAP gives this rank only some rows `i`.
+    pub fn combine(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        mask_a: &Tensor,
+        mask_b: &Tensor,
+    ) -> Result<Tensor> {
+        let mask_a = &super::primitives::cast(mask_a, a.dtype())?;
+        let mask_b = &super::primitives::cast(mask_b, a.dtype())?;
+        let (s, ri, c) = a.dims3()?;
+        let (_, rj, _) = b.dims3()?;
+        // outer[i, j, c1, c2] = Σ_s a[s, i, c1] b[s, j, c2] as one (Ri·C, S) x (S, Rj·C) matmul.
+        let a2 = a.reshape((s, ri * c))?.t()?; // [Ri*C, S] (transposed view)
+        let b2 = b.reshape((s, rj * c))?; // [S, Rj*C]
         let outer = a2
-            .matmul(&b2)? // [R*C (i,c1), R*C (j,c2)]
-            .reshape((r, c, r, c))?
-            .transpose(1, 2)? // [R_i, R_j, c1, c2]
+            .matmul(&b2)? // [Ri*C (i,c1), Rj*C (j,c2)]
+            .reshape((ri, c, rj, c))?
+            .transpose(1, 2)? // [Ri, Rj, c1, c2]
             .contiguous()?
-            .reshape((r, r, c * c))?; // index c1*C + c2
+            .reshape((ri, rj, c * c))?; // index c1*C + c2
         let outer = self.linear_out.forward(&outer)?; // bias included before normalisation
                                                       // norm[i, j] = Σ_s mask[s, i] mask[s, j] + eps
-        let norm = (mask.t()?.matmul(mask)? + self.eps)?.unsqueeze(2)?; // [R, R, 1]
+        let norm = (mask_a.t()?.matmul(mask_b)? + self.eps)?.unsqueeze(2)?; // [Ri, Rj, 1]
         mul_const(&outer, &norm.recip()?)
     }
 }

@@ -55,13 +55,22 @@ impl TriangleAttention {
 
     fn forward_starting(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = self.layer_norm.forward(x)?;
-        let tb = self
-            .linear
-            .forward(&x)? // [J, K, H]
-            .permute((2, 0, 1))?
-            .contiguous()?
-            .unsqueeze(0)?; // [1, H, Q, K]
-                            // Mask bias [I, 1, 1, K] first, then the triangle bias.
-        self.mha.forward_masked(&x, mask, self.inf, &[&tb])
+        let tb = self.triangle_bias(&x)?;
+        self.attend_starting(&x, mask, &tb)
+    }
+
+    /// The triangle bias `linear(x)` `[J, K, H]` of layer-normed pair rows `x` `[J, K, c]` (in the
+    /// starting-node frame; DAP computes it from its own rows and all-gathers the rows).
+    pub fn triangle_bias(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear.forward(x)
+    }
+
+    /// Starting-node attention of layer-normed rows `x` `[I, J, c]` with key mask `mask` `[I, J]`
+    /// and the full triangle bias `bias` `[J, J, H]` (queries × keys).
+    pub fn attend_starting(&self, x: &Tensor, mask: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let mask = &super::primitives::cast(mask, x.dtype())?;
+        let tb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, Q, K]
+                                                                       // Mask bias [I, 1, 1, K] first, then the triangle bias.
+        self.mha.forward_masked(x, mask, self.inf, &[&tb])
     }
 }

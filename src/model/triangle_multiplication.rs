@@ -49,14 +49,28 @@ impl TriangleMultiplication {
 
     /// `z` `[R, R, c_z]`, `mask` `[R, R]` → update `[R, R, c_z]`.
     pub fn forward(&self, z: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (zln, a, b) = self.project(z, mask)?;
+        self.combine(&zln, &a, &b)
+    }
+
+    /// `(LN_in(z), a, b)` for the pair entries `z` `[I, J, c_z]` (`mask` `[I, J]`); `a`, `b` are
+    /// `[I, J, C]`.
+    pub fn project(&self, z: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let mask = &super::primitives::cast(mask, z.dtype())?;
         let z = self.layer_norm_in.forward(z)?;
-        let mask3 = mask.unsqueeze(2)?; // [R, R, 1]
+        let mask3 = mask.unsqueeze(2)?; // [I, J, 1]
         let a = mul_const(&sigmoid(&self.linear_a_g.forward(&z)?)?, &mask3)?
-            .mul(&self.linear_a_p.forward(&z)?)?; // [R, R, C]
+            .mul(&self.linear_a_p.forward(&z)?)?; // [I, J, C]
         let b = mul_const(&sigmoid(&self.linear_b_g.forward(&z)?)?, &mask3)?
-            .mul(&self.linear_b_p.forward(&z)?)?; // [R, R, C]
-                                                  // Channel-first batched matmul: [C, I, K] x [C, K, J] → [C, I, J].
+            .mul(&self.linear_b_p.forward(&z)?)?; // [I, J, C]
+        Ok((z, a, b))
+    }
+
+    /// The triangle product of `a` and `b`, `LN_out`, `linear_z` and the gate from `zln`
+    /// `[I, J, c_z]`. Outgoing: `a` `[I, K, C]`, `b` `[J, K, C]`; incoming: `a` `[K, I, C]`,
+    /// `b` `[K, J, C]` (under DAP one of them is all-gathered, the other is this rank's part).
+    pub fn combine(&self, zln: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        // Channel-first batched matmul: [C, I, K] x [C, K, J] → [C, I, J].
         let (a_cik, b_ckj) = if self.outgoing {
             // x[i,j,c] = Σ_k a[i,k,c] b[j,k,c]
             (a.permute((2, 0, 1))?, b.permute((2, 1, 0))?)
@@ -68,9 +82,9 @@ impl TriangleMultiplication {
             .contiguous()?
             .matmul(&b_ckj.contiguous()?)?
             .permute((1, 2, 0))?
-            .contiguous()?; // [R, R, C]
+            .contiguous()?; // [I, J, C]
         let x = self.linear_z.forward(&self.layer_norm_out.forward(&x)?)?;
-        let g = sigmoid(&self.linear_g.forward(&z)?)?;
+        let g = sigmoid(&self.linear_g.forward(zln)?)?;
         Ok((x * g)?)
     }
 }

@@ -19,6 +19,10 @@
 //!   it would sum `n` identical copies and give `n · ∂L/∂X_r`. (Reduce-scatter is the right
 //!   backward only when each rank computes a *different* loss term `L_r` with `L = Σ_r L_r`,
 //!   which this framework does not do.)
+//! - `gather_sharded(X_r, dim)` ([`Dap::gather_sharded`]): the same all-gather, but the full `Y`
+//!   feeds *sharded* compute (rank `q` uses it to produce its own shard, e.g. the pair bias of MSA
+//!   row attention in the DAP Evoformer), so rank `q` holds only its term `G_q` of
+//!   `∂L/∂Y = Σ_q G_q`: **bwd = reduce-scatter** (all-reduce sum, keep the own chunk).
 //! - `row_to_col` / `col_to_row`: an all-to-all is a permutation of the elements across ranks, so
 //!   its adjoint is the inverse permutation: **bwd = the inverse all-to-all** (split and concat
 //!   dims swapped).
@@ -49,7 +53,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::comm::{check_all_to_all, check_dim, comm_err, CommHandle, Communicator};
+use super::comm::{check_all_to_all, check_dim, comm_err, CommHandle, Communicator, ReduceOp};
 use crate::config::Overlap;
 use crate::error::Result;
 
@@ -64,6 +68,7 @@ pub struct Dap {
 enum Kind {
     Scatter { dim: usize },
     Gather { dim: usize },
+    GatherSharded { dim: usize },
     AllToAll { split_dim: usize, concat_dim: usize },
 }
 
@@ -103,6 +108,16 @@ impl Dap {
     pub fn gather(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
         check_dim(x, dim, "gather", self.rank())?;
         self.apply(x, Kind::Gather { dim }, None)
+    }
+
+    /// Sharded → full copy that feeds *sharded* compute (rank-local work producing this rank's
+    /// shard, e.g. the pair bias of MSA row attention or the triangle-multiplication operand
+    /// inside the DAP Evoformer): all_gather along `dim`; bwd = reduce-scatter (all-reduce sum, keep
+    /// the own chunk), since each rank's gradient of the full copy is only its own shard's
+    /// contribution (module docs: unlike [`Dap::gather`], whose output feeds replicated compute).
+    pub fn gather_sharded(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        check_dim(x, dim, "gather_sharded", self.rank())?;
+        self.apply(x, Kind::GatherSharded { dim }, None)
     }
 
     /// Sharded along `row_dim` → sharded along `col_dim` (all_to_all split `col_dim`, concat
@@ -272,7 +287,7 @@ impl DapOp {
         let (rank, size) = (self.comm.rank(), self.comm.size());
         match self.kind {
             Kind::Scatter { dim } => own_chunk(x, dim, rank, size),
-            Kind::Gather { dim } => self.comm.all_gather(x, dim),
+            Kind::Gather { dim } | Kind::GatherSharded { dim } => self.comm.all_gather(x, dim),
             Kind::AllToAll {
                 split_dim,
                 concat_dim,
@@ -286,6 +301,7 @@ impl CustomOp1 for DapOp {
         match self.kind {
             Kind::Scatter { .. } => "dap-scatter",
             Kind::Gather { .. } => "dap-gather",
+            Kind::GatherSharded { .. } => "dap-gather-sharded",
             Kind::AllToAll { .. } => "dap-all-to-all",
         }
     }
@@ -322,6 +338,10 @@ impl CustomOp1 for DapOp {
         let g = match self.kind {
             Kind::Scatter { dim } => self.comm.all_gather(&grad.contiguous()?, dim),
             Kind::Gather { dim } => own_chunk(grad, dim, rank, size),
+            Kind::GatherSharded { dim } => self
+                .comm
+                .all_reduce(&grad.contiguous()?, ReduceOp::Sum)
+                .and_then(|g| own_chunk(&g, dim, rank, size)),
             Kind::AllToAll {
                 split_dim,
                 concat_dim,

@@ -1,0 +1,666 @@
+//! Self-test cases of the DAP Evoformer stack (`ferrofold::parallel::DapEvoformer`):
+//! - `dap-evo`: on every world size `n`, the DAP-n stack (world = one DAP group) against
+//!   (a) the OpenFold golden fixture `evoformer_stack_2blocks` (eval mode: outputs, every parameter
+//!   gradient summed over the group, input gradients), with `parallel.overlap` = `duality_async`
+//!   and `off`; (b) the single-rank stack (DAP-1) computed locally on every rank, in training mode
+//!   (seeded shared dropout) with a fully masked sequence, in f64 and f32. `n_res = 11` and
+//!   `n_seq = 5` are padded for every `n > 1`.
+//! - `dap-evo-bench`: time of forward + backward of a larger random stack, overlap off vs
+//!   duality async, and the time spent waiting for the asynchronous MSA all-to-all (rank 0 prints
+//!   `BENCH` lines; not a test).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ferrofold::config::{Overlap, StackConfig};
+use ferrofold::model::dropout::DropoutCtx;
+use ferrofold::model::evoformer::{BlockConfig, EvoformerOutput, EvoformerStack};
+use ferrofold::model::extra_msa::ExtraMsaStack;
+use ferrofold::model::params::{sorted_vars, varmap_from_tensors};
+use ferrofold::model::remat::vjp_loss;
+use ferrofold::parallel::{
+    Communicator, Dap, DapEvoformer, DapExtraMsa, MpiComm, ParallelCtx, ReduceOp,
+};
+
+fn golden_dir() -> PathBuf {
+    match std::env::var_os("FERROFOLD_GOLDEN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/golden/openfold"
+        )),
+    }
+}
+
+struct Fixture {
+    meta: serde_json::Value,
+    t: std::collections::HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    fn load(name: &str) -> Result<Self> {
+        let base = golden_dir().join("modules").join(name);
+        let json = base.with_extension("json");
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&json).with_context(|| json.display().to_string())?,
+        )?;
+        let st = base.with_extension("safetensors");
+        let t = candle_core::safetensors::load(&st, &Device::Cpu)
+            .with_context(|| st.display().to_string())?;
+        Ok(Self { meta, t })
+    }
+    fn get(&self, name: &str) -> Result<Tensor> {
+        self.t
+            .get(name)
+            .cloned()
+            .with_context(|| format!("fixture has no {name}"))
+    }
+    fn arg(&self, key: &str) -> Result<usize> {
+        self.meta["constructor_args"][key]
+            .as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("constructor_args.{key}"))
+    }
+    fn params(&self) -> BTreeMap<String, Tensor> {
+        self.t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+}
+
+fn block_config(fx: &Fixture) -> Result<BlockConfig> {
+    Ok(BlockConfig {
+        c_m: fx.arg("c_m")?,
+        c_z: fx.arg("c_z")?,
+        stack: StackConfig {
+            num_blocks: fx.arg("no_blocks")?,
+            c_hidden_msa_att: fx.arg("c_hidden_msa_att")?,
+            no_heads_msa: fx.arg("no_heads_msa")?,
+            c_hidden_opm: fx.arg("c_hidden_opm")?,
+            c_hidden_mul: fx.arg("c_hidden_mul")?,
+            c_hidden_pair_att: fx.arg("c_hidden_pair_att")?,
+            no_heads_pair: fx.arg("no_heads_pair")?,
+            transition_n: fx.arg("transition_n")?,
+            msa_dropout: 0.15,
+            pair_dropout: 0.25,
+        },
+        inf: 1e9,
+        eps_opm: 1e-3,
+        eps_global: 1e-8,
+    })
+}
+
+/// `max|got - want| / max|want|` (infinity-norm relative error) and the max abs diff.
+fn rel_err(got: &Tensor, want: &Tensor) -> Result<(f64, f64)> {
+    ensure!(
+        got.dims() == want.dims(),
+        "shape {:?} != {:?}",
+        got.dims(),
+        want.dims()
+    );
+    let g = got.to_dtype(DType::F64)?;
+    let w = want.to_dtype(DType::F64)?;
+    let d = (g - &w)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    let s = w.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+    Ok((d / s.max(1e-300), d))
+}
+
+/// Require `rel <= tol` or (structurally-zero gradients) `abs <= abs_tol`.
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64, abs_tol: f64) -> Result<f64> {
+    let (rel, abs) = rel_err(got, want).with_context(|| what.to_string())?;
+    ensure!(
+        rel <= tol || abs <= abs_tol,
+        "{what}: rel {rel:e} > {tol:e} (abs {abs:e})"
+    );
+    // A tensor that passes on the absolute tolerance (structurally zero) does not count.
+    Ok(if rel <= tol { rel } else { 0.0 })
+}
+
+/// Outputs and gradients of one run.
+struct Run {
+    m: Tensor,
+    z: Tensor,
+    s: Tensor,
+    /// Parameter gradients by name; DAP partial sums already summed over the group.
+    grads: BTreeMap<String, Tensor>,
+    dm: Tensor,
+    dz: Tensor,
+}
+
+struct Inputs {
+    m: Tensor,
+    z: Tensor,
+    msa_mask: Tensor,
+    pair_mask: Tensor,
+    cm: Tensor,
+    cz: Tensor,
+    cs: Tensor,
+}
+
+impl Inputs {
+    fn to_dtype(&self, dt: DType) -> Result<Self> {
+        let c = |t: &Tensor| t.to_dtype(dt);
+        Ok(Self {
+            m: c(&self.m)?,
+            z: c(&self.z)?,
+            msa_mask: c(&self.msa_mask)?,
+            pair_mask: c(&self.pair_mask)?,
+            cm: c(&self.cm)?,
+            cz: c(&self.cz)?,
+            cs: c(&self.cs)?,
+        })
+    }
+}
+
+/// Forward + backward of `L = Σ out·cotangent`; `dap = None` is the single-rank stack.
+fn run_once(
+    vm: &VarMap,
+    stack: &EvoformerStack,
+    dap: Option<&DapEvoformer>,
+    x: &Inputs,
+    dropout: Option<&DropoutCtx>,
+) -> Result<Run> {
+    let fwd = |m: &Tensor, z: &Tensor| -> Result<Vec<Tensor>> {
+        let out: EvoformerOutput = match dap {
+            Some(d) => d.forward(m, z, &x.msa_mask, &x.pair_mask, dropout)?,
+            None => stack.forward(m, z, &x.msa_mask, &x.pair_mask, dropout)?,
+        };
+        Ok(vec![out.m, out.z, out.s])
+    };
+    run_generic(vm, dap.map(|d| d.dap()), x, &fwd)
+}
+
+/// Forward `fwd(m, z)` → `[m, z, (s)]` and backward; with `dap`, every gradient of a `blocks.*`
+/// parameter (sharded compute) is summed over the group.
+fn run_generic(
+    vm: &VarMap,
+    dap: Option<&Dap>,
+    x: &Inputs,
+    fwd: &dyn Fn(&Tensor, &Tensor) -> Result<Vec<Tensor>>,
+) -> Result<Run> {
+    let mv = candle_core::Var::from_tensor(&x.m)?;
+    let zv = candle_core::Var::from_tensor(&x.z)?;
+    let (m, z) = (mv.as_tensor(), zv.as_tensor());
+    let outs = fwd(m, z)?;
+    let cots = [&x.cm, &x.cz, &x.cs];
+    let pairs: Vec<(&Tensor, &Tensor)> = outs.iter().zip(cots).collect();
+    let store = vjp_loss(&pairs)?.backward()?;
+    let mut grads = BTreeMap::new();
+    // Sorted names: the same collective order on every rank.
+    for (name, v) in sorted_vars(vm) {
+        let g = match store.get(v.as_tensor()) {
+            Some(g) => g.clone(),
+            None => v.as_tensor().zeros_like()?,
+        };
+        let g = match dap {
+            Some(d) if DapEvoformer::is_sharded_param(&name) => {
+                d.comm().all_reduce(&g, ReduceOp::Sum)?
+            }
+            _ => g,
+        };
+        grads.insert(name, g);
+    }
+    let dm = store.get(m).context("no input grad m")?.clone();
+    let dz = store.get(z).context("no input grad z")?.clone();
+    let mut it = outs.into_iter();
+    let (om, oz) = (it.next().context("m")?, it.next().context("z")?);
+    let os = match it.next() {
+        Some(s) => s,
+        None => Tensor::zeros(1, om.dtype(), om.device())?,
+    };
+    Ok(Run {
+        m: om,
+        z: oz,
+        s: os,
+        grads,
+        dm,
+        dz,
+    })
+}
+
+/// Compare two runs (outputs restricted to MSA rows `..m_rows`). Returns the worst relative error.
+fn compare(tag: &str, got: &Run, want: &Run, m_rows: usize, tol: f64, abs_tol: f64) -> Result<f64> {
+    let mut worst = 0.0f64;
+    let mut c = |what: &str, a: &Tensor, b: &Tensor| -> Result<()> {
+        worst = worst.max(check(&format!("{tag}: {what}"), a, b, tol, abs_tol)?);
+        Ok(())
+    };
+    c("m", &got.m.i(..m_rows)?, &want.m.i(..m_rows)?)?;
+    c("z", &got.z, &want.z)?;
+    c("s", &got.s, &want.s)?;
+    c("grad m", &got.dm, &want.dm)?;
+    c("grad z", &got.dz, &want.dz)?;
+    ensure!(got.grads.len() == want.grads.len(), "{tag}: param count");
+    for (k, g) in &got.grads {
+        let w = want
+            .grads
+            .get(k)
+            .with_context(|| format!("{tag}: no {k}"))?;
+        c(&format!("grad {k}"), g, w)?;
+    }
+    Ok(worst)
+}
+
+fn build(
+    params: &BTreeMap<String, Tensor>,
+    cfg: &BlockConfig,
+    c_s: usize,
+    dt: DType,
+) -> Result<(VarMap, EvoformerStack)> {
+    let vm = varmap_from_tensors(params.clone(), dt)?;
+    let vb = VarBuilder::from_varmap(&vm, dt, &Device::Cpu);
+    let stack = EvoformerStack::new(vb, cfg, c_s)?;
+    Ok((vm, stack))
+}
+
+pub fn dap_evo(ctx: &ParallelCtx) -> Result<()> {
+    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let (rank, n) = (world.rank(), world.size());
+    let fx = Fixture::load("evoformer_stack_2blocks")?;
+    let cfg = block_config(&fx)?;
+    let c_s = fx.arg("c_s")?;
+    let params = fx.params();
+    let x = Inputs {
+        m: fx.get("input.m")?,
+        z: fx.get("input.z")?,
+        msa_mask: fx.get("input.msa_mask")?,
+        pair_mask: fx.get("input.pair_mask")?,
+        cm: fx.get("cotangent.m")?,
+        cz: fx.get("cotangent.z")?,
+        cs: fx.get("cotangent.s")?,
+    };
+    let (s_seq, _, _) = x.m.dims3()?;
+    let (vm, stack) = build(&params, &cfg, c_s, DType::F64)?;
+
+    // (a) eval mode against the golden fixture, overlap on and off.
+    let golden_grads: BTreeMap<String, Tensor> = params
+        .keys()
+        .map(|k| Ok((k.clone(), fx.get(&format!("grad.param.{k}"))?)))
+        .collect::<Result<_>>()?;
+    let golden = Run {
+        m: fx.get("output.m")?,
+        z: fx.get("output.z")?,
+        s: fx.get("output.s")?,
+        grads: golden_grads,
+        dm: fx.get("grad.input.m")?,
+        dz: fx.get("grad.input.z")?,
+    };
+    for overlap in [Overlap::DualityAsync, Overlap::Off] {
+        let de = DapEvoformer::new(&stack, Dap::with_overlap(world.clone(), overlap));
+        let got = run_once(&vm, &stack, Some(&de), &x, None)?;
+        let w = compare(
+            &format!("golden {overlap:?}"),
+            &got,
+            &golden,
+            s_seq,
+            1e-10,
+            1e-12,
+        )?;
+        if rank == 0 {
+            println!("dap-evo n={n} golden overlap={overlap:?}: worst rel {w:e}");
+        }
+    }
+
+    // (b) training mode (seeded dropout), last sequence fully masked: DAP-n vs DAP-1, f64 + f32.
+    // The masked row's own outputs depend on the padding (its softmax sees only masked keys), so
+    // its m outputs and cotangent are left out.
+    let last = s_seq - 1;
+    let keep = Tensor::from_vec(
+        (0..s_seq)
+            .map(|i| if i == last { 0.0 } else { 1.0 })
+            .collect::<Vec<f64>>(),
+        (s_seq, 1),
+        &Device::Cpu,
+    )?;
+    let xm = Inputs {
+        msa_mask: x.msa_mask.broadcast_mul(&keep)?,
+        cm: x.cm.broadcast_mul(&keep.unsqueeze(2)?)?,
+        ..x.to_dtype(DType::F64)?
+    };
+    let drop = DropoutCtx::new(20261123);
+    for (dt, tol, abs_tol) in [(DType::F64, 1e-10, 1e-12), (DType::F32, 1e-5, 5e-5)] {
+        let (vm, stack) = build(&params, &cfg, c_s, dt)?;
+        let xd = xm.to_dtype(dt)?;
+        let want = run_once(&vm, &stack, None, &xd, Some(&drop))?;
+        for overlap in [Overlap::DualityAsync, Overlap::Off] {
+            let de = DapEvoformer::new(&stack, Dap::with_overlap(world.clone(), overlap));
+            let got = run_once(&vm, &stack, Some(&de), &xd, Some(&drop))?;
+            let w = compare(
+                &format!("dropout+masked {dt:?} {overlap:?}"),
+                &got,
+                &want,
+                last,
+                tol,
+                abs_tol,
+            )?;
+            if rank == 0 {
+                println!("dap-evo n={n} dropout+masked {dt:?} overlap={overlap:?}: worst rel vs DAP-1 {w:e}");
+            }
+        }
+        // Dropout is really on: the eval-mode output differs.
+        let eval = stack.forward(&xd.m, &xd.z, &xd.msa_mask, &xd.pair_mask, None)?;
+        let (r, _) = rel_err(&eval.z, &want.z)?;
+        ensure!(r > 1e-3, "dropout had no effect ({r:e})");
+    }
+    dap_extra_msa(&world)
+}
+
+/// The extra-MSA stack (one block, fixture `extra_msa_block`, `n_extra = 9`, `n_res = 11`):
+/// golden (eval, overlap on/off) and DAP-1 (dropout, last sequence masked).
+fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
+    let (rank, n) = (world.rank(), world.size());
+    let fx = Fixture::load("extra_msa_block")?;
+    let mut cfg = BlockConfig {
+        c_m: fx.arg("c_m")?,
+        c_z: fx.arg("c_z")?,
+        stack: StackConfig {
+            num_blocks: 1,
+            c_hidden_msa_att: fx.arg("c_hidden_msa_att")?,
+            no_heads_msa: fx.arg("no_heads_msa")?,
+            c_hidden_opm: fx.arg("c_hidden_opm")?,
+            c_hidden_mul: fx.arg("c_hidden_mul")?,
+            c_hidden_pair_att: fx.arg("c_hidden_pair_att")?,
+            no_heads_pair: fx.arg("no_heads_pair")?,
+            transition_n: fx.arg("transition_n")?,
+            msa_dropout: 0.15,
+            pair_dropout: 0.25,
+        },
+        inf: 1e9,
+        eps_opm: 1e-3,
+        eps_global: 1e-8,
+    };
+    cfg.stack.num_blocks = 1;
+    let params: BTreeMap<String, Tensor> = fx
+        .params()
+        .into_iter()
+        .map(|(k, v)| (format!("blocks.0.{k}"), v))
+        .collect();
+    let x = Inputs {
+        m: fx.get("input.m")?,
+        z: fx.get("input.z")?,
+        msa_mask: fx.get("input.msa_mask")?,
+        pair_mask: fx.get("input.pair_mask")?,
+        cm: fx.get("cotangent.m")?,
+        cz: fx.get("cotangent.z")?,
+        cs: Tensor::zeros(1, DType::F64, &Device::Cpu)?,
+    };
+    let s_seq = x.m.dim(0)?;
+    let golden = Run {
+        m: fx.get("output.m")?,
+        z: fx.get("output.z")?,
+        s: x.cs.clone(),
+        grads: fx
+            .params()
+            .keys()
+            .map(|k| Ok((format!("blocks.0.{k}"), fx.get(&format!("grad.param.{k}"))?)))
+            .collect::<Result<_>>()?,
+        dm: fx.get("grad.input.m")?,
+        dz: fx.get("grad.input.z")?,
+    };
+    let build_extra = |dt: DType| -> Result<(VarMap, ExtraMsaStack)> {
+        let vm = varmap_from_tensors(params.clone(), dt)?;
+        let stack = ExtraMsaStack::new(VarBuilder::from_varmap(&vm, dt, &Device::Cpu), &cfg)?;
+        Ok((vm, stack))
+    };
+    let (vm, stack) = build_extra(DType::F64)?;
+    let run = |stack: &ExtraMsaStack,
+               vm: &VarMap,
+               overlap: Option<Overlap>,
+               x: &Inputs,
+               drop: Option<&DropoutCtx>|
+     -> Result<Run> {
+        let de = overlap.map(|o| DapExtraMsa::new(stack, Dap::with_overlap(world.clone(), o)));
+        let fwd = |m: &Tensor, z: &Tensor| -> Result<Vec<Tensor>> {
+            match &de {
+                Some(d) => {
+                    let (m, z) = d.forward_msa_pair(m, z, &x.msa_mask, &x.pair_mask, drop)?;
+                    Ok(vec![m, z])
+                }
+                None => {
+                    let b = &stack.blocks[0];
+                    let (m, z) = b.forward(m, z, &x.msa_mask, &x.pair_mask, drop)?;
+                    Ok(vec![m, z])
+                }
+            }
+        };
+        run_generic(vm, de.as_ref().map(|d| d.dap()), x, &fwd)
+    };
+    for overlap in [Overlap::DualityAsync, Overlap::Off] {
+        let got = run(&stack, &vm, Some(overlap), &x, None)?;
+        let w = compare(
+            &format!("extra golden {overlap:?}"),
+            &got,
+            &golden,
+            s_seq,
+            1e-10,
+            1e-12,
+        )?;
+        if rank == 0 {
+            println!("dap-evo n={n} extra-msa golden overlap={overlap:?}: worst rel {w:e}");
+        }
+    }
+    let last = s_seq - 1;
+    let keep = Tensor::from_vec(
+        (0..s_seq)
+            .map(|i| if i == last { 0.0 } else { 1.0 })
+            .collect::<Vec<f64>>(),
+        (s_seq, 1),
+        &Device::Cpu,
+    )?;
+    let xm = Inputs {
+        msa_mask: x.msa_mask.broadcast_mul(&keep)?,
+        cm: x.cm.broadcast_mul(&keep.unsqueeze(2)?)?,
+        ..x.to_dtype(DType::F64)?
+    };
+    // Block 0 of a stack uses `dropout.fork(0)`.
+    let drop = DropoutCtx::new(99);
+    let want = run(&stack, &vm, None, &xm, Some(&drop.fork(0)))?;
+    for overlap in [Overlap::DualityAsync, Overlap::Off] {
+        let got = run(&stack, &vm, Some(overlap), &xm, Some(&drop))?;
+        let w = compare(
+            &format!("extra dropout+masked {overlap:?}"),
+            &got,
+            &want,
+            last,
+            1e-10,
+            1e-12,
+        )?;
+        if rank == 0 {
+            println!("dap-evo n={n} extra-msa dropout+masked overlap={overlap:?}: worst rel vs DAP-1 {w:e}");
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random tensor (no RNG state shared between ranks needed).
+fn det(dims: &[usize], seed: f64, scale: f64) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            ((i as f64 * 0.7548776662 + seed).sin() * 43758.5453).fract() as f32 * scale as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+}
+
+pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
+    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let (rank, n) = (world.rank(), world.size());
+    let get = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (s, r, c_m, c_z, blocks) = (
+        get("BENCH_S", 32),
+        get("BENCH_R", 64),
+        get("BENCH_CM", 32),
+        get("BENCH_CZ", 32),
+        get("BENCH_BLOCKS", 2),
+    );
+    let cfg = BlockConfig {
+        c_m,
+        c_z,
+        stack: StackConfig {
+            num_blocks: blocks,
+            c_hidden_msa_att: 8,
+            no_heads_msa: 4,
+            c_hidden_opm: 8,
+            c_hidden_mul: 32,
+            c_hidden_pair_att: 8,
+            no_heads_pair: 4,
+            transition_n: 4,
+            msa_dropout: 0.15,
+            pair_dropout: 0.25,
+        },
+        inf: 1e9,
+        eps_opm: 1e-3,
+        eps_global: 1e-8,
+    };
+    // Parameters: the default init, then made identical on every rank by a broadcast.
+    let vm = VarMap::new();
+    let stack = EvoformerStack::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        &cfg,
+        16,
+    )?;
+    for (_, v) in sorted_vars(&vm) {
+        v.set(&world.broadcast(v.as_tensor(), 0)?)?;
+    }
+    let m = det(&[s, r, c_m], 1.0, 1.0)?;
+    let z = det(&[r, r, c_z], 2.0, 1.0)?;
+    let mm = Tensor::ones((s, r), DType::F32, &Device::Cpu)?;
+    let pm = Tensor::ones((r, r), DType::F32, &Device::Cpu)?;
+    let (cm, cz) = (det(&[s, r, c_m], 3.0, 1.0)?, det(&[r, r, c_z], 4.0, 1.0)?);
+    let drop = DropoutCtx::new(7);
+    let iters = get("BENCH_ITERS", 3);
+    for overlap in [
+        Overlap::Off,
+        Overlap::DualityAsync,
+        Overlap::Off,
+        Overlap::DualityAsync,
+    ] {
+        let de = DapEvoformer::new(&stack, Dap::with_overlap(world.clone(), overlap));
+        let mut fwd = Vec::new();
+        let mut tot = Vec::new();
+        let mut waits = Vec::new();
+        let mut starts = Vec::new();
+        for _ in 0..iters {
+            world.barrier()?;
+            de.reset_timers();
+            let t0 = Instant::now();
+            let out = de.forward(&m, &z, &mm, &pm, Some(&drop))?;
+            let t1 = t0.elapsed().as_secs_f64();
+            vjp_loss(&[(&out.m, &cm), (&out.z, &cz)])?.backward()?;
+            tot.push(t0.elapsed().as_secs_f64());
+            fwd.push(t1);
+            waits.push(de.wait_seconds());
+            starts.push(de.start_seconds());
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2] * 1e3
+        };
+        if rank == 0 {
+            println!(
+                "BENCH dap-evo n={n} S={s} R={r} c_m={c_m} c_z={c_z} blocks={blocks} overlap={overlap:?}: fwd {:.1} ms, fwd+bwd {:.1} ms, m col_to_row issue {:.2} ms + wait {:.2} ms (per fwd, median of {iters})",
+                med(&mut fwd),
+                med(&mut tot),
+                med(&mut starts),
+                med(&mut waits)
+            );
+        }
+    }
+    if n == 0 {
+        bail!("empty world");
+    }
+    Ok(())
+}
+
+/// DAP inside data parallelism (`-np 4`: DP-2 × DAP-2, `parallel.dap_size = 2`): each DP replica
+/// runs a different sample (the fixture input scaled per replica) through the DAP Evoformer with
+/// seeded dropout; one world all-reduce with [`dap_grad_scale`] must give the mean over samples of
+/// the single-rank gradients.
+pub fn dap_evo_dp(ctx: &ParallelCtx) -> Result<()> {
+    let cfg_p = ferrofold::config::ParallelConfig {
+        dap_size: 2,
+        ..Default::default()
+    };
+    let groups = ferrofold::parallel::ProcessGroups::new(ctx, &cfg_p)?;
+    let co = groups.coords;
+    let fx = Fixture::load("evoformer_stack_2blocks")?;
+    let cfg = block_config(&fx)?;
+    let (vm, stack) = build(&fx.params(), &cfg, fx.arg("c_s")?, DType::F64)?;
+    let sample = |q: usize| -> Result<Inputs> {
+        let f = 1.0 + 0.25 * q as f64;
+        Ok(Inputs {
+            m: (fx.get("input.m")? * f)?,
+            z: (fx.get("input.z")? * (2.0 - f))?,
+            msa_mask: fx.get("input.msa_mask")?,
+            pair_mask: fx.get("input.pair_mask")?,
+            cm: fx.get("cotangent.m")?,
+            cz: fx.get("cotangent.z")?,
+            cs: fx.get("cotangent.s")?,
+        })
+    };
+    let drop = DropoutCtx::new(5);
+    // Reference: mean over samples of the single-rank gradients (sorted by name).
+    let mut want: BTreeMap<String, Tensor> = BTreeMap::new();
+    for q in 0..co.dp_size {
+        // Each replica draws its own dropout masks (a per-replica seed), as training does.
+        let r = run_once(&vm, &stack, None, &sample(q)?, Some(&drop.fork(q as u64)))?;
+        for (k, g) in r.grads {
+            let g = (g / co.dp_size as f64)?;
+            let e = match want.remove(&k) {
+                Some(w) => (w + g)?,
+                None => g,
+            };
+            want.insert(k, e);
+        }
+    }
+    let de = DapEvoformer::new(
+        &stack,
+        ferrofold::parallel::dap_evoformer::dap_from_config(&groups, &cfg_p),
+    );
+    let x = sample(co.dp_rank)?;
+    let mv = candle_core::Var::from_tensor(&x.m)?;
+    let zv = candle_core::Var::from_tensor(&x.z)?;
+    let out = de.forward(
+        mv.as_tensor(),
+        zv.as_tensor(),
+        &x.msa_mask,
+        &x.pair_mask,
+        Some(&drop.fork(co.dp_rank as u64)),
+    )?;
+    let store = vjp_loss(&[(&out.m, &x.cm), (&out.z, &x.cz), (&out.s, &x.cs)])?.backward()?;
+    let local = ferrofold::parallel::sorted_grads(&sorted_vars(&vm), &store)?;
+    let sync = ferrofold::parallel::GradSync::new(groups.world.clone(), 1);
+    let (dap_size, world_size) = (co.dap_size, co.world_size);
+    let got = sync.all_reduce_scaled(&local, &|name| {
+        ferrofold::parallel::dap_grad_scale(
+            DapEvoformer::is_sharded_param(name),
+            dap_size,
+            world_size,
+        )
+    })?;
+    ensure!(got.len() == want.len(), "param count");
+    let mut worst = 0.0f64;
+    for (name, g) in &got {
+        let w = want.get(name).with_context(|| format!("no {name}"))?;
+        worst = worst.max(check(&format!("dp x dap grad {name}"), g, w, 1e-10, 1e-12)?);
+    }
+    if co.world_size > 0 && groups.world.rank() == 0 {
+        println!(
+            "dap-evo-dp dp={} dap={}: worst rel {worst:e}",
+            co.dp_size, co.dap_size
+        );
+    }
+    Ok(())
+}
