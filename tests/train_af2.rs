@@ -271,3 +271,52 @@ fn af2_bad_inputs_give_one_clear_error() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--run-dir"));
 }
+
+/// DAP-2 (the Evoformer and extra-MSA stacks sharded over 2 ranks, one sample) follows the
+/// single-rank trajectory (same losses up to float rounding) and resumes bitwise exactly.
+#[test]
+fn af2_dap2_np2_matches_single_rank_and_resumes_exactly() {
+    let d = tmp("dap");
+    let m = manifest(&d, &["2q2k_A", "3u8v_A"]);
+    let dap = |dir: &Path, steps: u64| {
+        let mut a = train_args(&m, dir, steps);
+        a.extend([
+            "--set".into(),
+            "parallel.dap_size=2".into(),
+            "--set".into(),
+            "model.remat=\"none\"".into(),
+        ]);
+        a
+    };
+    let single = d.join("single");
+    let mut s = train_args(&m, &single, 4);
+    s.extend(["--set".into(), "model.remat=\"none\"".into()]);
+    ok(&run(&s));
+    let straight = d.join("dap-straight");
+    let o = mpirun(&dap(&straight, 4));
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("DAP-2 × DP-1:") && err.contains("parameter tensors sharded"),
+        "{err}"
+    );
+    let (a, b) = (curve(&single), curve(&straight));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x.0 - y.0).abs() <= 1e-4 * x.0.abs(),
+            "DAP-2 loss {} vs single {}",
+            y.0,
+            x.0
+        );
+    }
+    let split = d.join("dap-split");
+    let mut first = dap(&split, 4);
+    first.extend(["--stop-at".into(), "2".into()]);
+    ok(&mpirun(&first));
+    ok(&mpirun(&dap(&split, 4)));
+    assert_eq!(
+        digests(&straight.join("ckpt-000000004")),
+        digests(&split.join("ckpt-000000004"))
+    );
+}

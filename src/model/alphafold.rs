@@ -24,7 +24,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::dropout::DropoutCtx;
 use super::embedders::{InputEmbedder, RecyclingEmbedder};
-use super::evoformer::{BlockConfig, EvoformerStack};
+use super::evoformer::{BlockConfig, EvoformerOutput, EvoformerStack};
 use super::extra_msa::ExtraMsaStack;
 use super::heads::AuxiliaryHeads;
 use super::params::sorted_vars;
@@ -283,6 +283,9 @@ pub struct AlphaFold {
     pub aux_heads: AuxiliaryHeads,
     /// Activation dtype of the Evoformer/extra-MSA stacks; `None` = the parameters' dtype.
     trunk_dtype: Option<DType>,
+    /// Dynamic Axial Parallelism over a DAP group: the two stacks run sharded
+    /// ([`crate::parallel::DapEvoformer`]); `None` = single-rank stacks.
+    dap: Option<crate::parallel::Dap>,
 }
 
 fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
@@ -324,11 +327,54 @@ impl AlphaFold {
                 &cfg.heads,
             )?,
             trunk_dtype: None,
+            dap: None,
         })
     }
 
     /// Trunk precision (`train.precision`): bf16 runs the Evoformer and extra-MSA stacks on bf16
     /// activations; fp32 keeps the parameters' dtype.
+    /// Run the Evoformer and extra-MSA stacks with DAP over `dap`'s group (every rank of the group
+    /// passes the same batch and dropout seed). Training then uses [`AlphaFold::forward`] and a
+    /// plain backward: the DAP stacks have no remat tapes.
+    pub fn set_dap(&mut self, dap: Option<crate::parallel::Dap>) {
+        self.dap = dap;
+    }
+
+    /// The DAP group this model's stacks are sharded over, if any.
+    pub fn dap(&self) -> Option<&crate::parallel::Dap> {
+        self.dap.as_ref()
+    }
+
+    /// Extra-MSA stack then Evoformer on one cycle's embedding (DAP-sharded when configured).
+    fn stacks(&self, e: &Embedded, dropout: Option<DropoutCtx>) -> Result<EvoformerOutput> {
+        let d1 = dropout.map(|d| d.fork(1));
+        let d2 = dropout.map(|d| d.fork(2));
+        match &self.dap {
+            Some(dap) => {
+                let z = crate::parallel::DapExtraMsa::new(&self.extra_msa_stack, dap.clone())
+                    .forward(&e.a, &e.z, &e.extra_mask, &e.pair_mask, d1.as_ref())?;
+                crate::parallel::DapEvoformer::new(&self.evoformer, dap.clone()).forward(
+                    &e.m,
+                    &z,
+                    &e.msa_mask,
+                    &e.pair_mask,
+                    d2.as_ref(),
+                )
+            }
+            None => {
+                let z = self.extra_msa_stack.forward(
+                    &e.a,
+                    &e.z,
+                    &e.extra_mask,
+                    &e.pair_mask,
+                    d1.as_ref(),
+                )?;
+                self.evoformer
+                    .forward(&e.m, &z, &e.msa_mask, &e.pair_mask, d2.as_ref())
+            }
+        }
+    }
+
     pub fn set_precision(&mut self, p: Precision) {
         self.trunk_dtype = match p {
             Precision::Fp32 => None,
@@ -471,6 +517,17 @@ impl AlphaFold {
     ) -> Result<RecycleState> {
         let pdt = self.param_dtype();
         let e = self.embed(f, &prev_detached(prev))?;
+        if self.dap.is_some() {
+            let out = self.stacks(&e, dropout)?;
+            let single = cast(&out.s, pdt)?.detach();
+            let pair = cast(&out.z, pdt)?.detach();
+            let (_, x) = self.structure(f, &single, &pair, dropout.as_ref())?;
+            return Ok(RecycleState {
+                m_1_prev: cast(&out.m.i(0)?, pdt)?.detach(),
+                z_prev: pair,
+                x_prev: x.detach(),
+            });
+        }
         let (z, _) = self.extra_msa_stack.forward_train(
             &e.a.detach(),
             &e.z.detach(),
@@ -578,20 +635,7 @@ impl AlphaFold {
         let d = dropout.map(|d| d.fork(100 + num_recycles as u64));
         let pdt = self.param_dtype();
         let e = self.embed(f, &prev)?;
-        let z = self.extra_msa_stack.forward(
-            &e.a,
-            &e.z,
-            &e.extra_mask,
-            &e.pair_mask,
-            d.map(|d| d.fork(1)).as_ref(),
-        )?;
-        let out = self.evoformer.forward(
-            &e.m,
-            &z,
-            &e.msa_mask,
-            &e.pair_mask,
-            d.map(|d| d.fork(2)).as_ref(),
-        )?;
+        let out = self.stacks(&e, d)?;
         let (msa, pair, single) = (cast(&out.m, pdt)?, cast(&out.z, pdt)?, cast(&out.s, pdt)?);
         let (sm, x) = self.structure(f, &single, &pair, d.as_ref())?;
         self.finish(f, msa, pair, single, sm, x, recycled)
@@ -610,6 +654,19 @@ impl AlphaFold {
         dropout: Option<DropoutCtx>,
         loss_fn: impl FnOnce(&AlphaFoldOutput) -> Result<(Tensor, T)>,
     ) -> Result<LossAndGrads<T>> {
+        if self.dap.is_some() {
+            // DAP stacks: one graph through the (differentiable) DAP collectives.
+            let output = self.forward(batch, num_recycles, dropout)?;
+            let (loss, aux) = loss_fn(&output)?;
+            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = backward_vars(&loss)?;
+            return Ok(LossAndGrads {
+                loss: loss_value,
+                aux,
+                grads: named_grads(params, &store)?,
+                output: output.detach(),
+            });
+        }
         let remat = self.cfg.remat;
         let recycled = self.recycle(batch, num_recycles, dropout)?;
         let f = &batch.cycles[num_recycles].to_device(&self.device())?;

@@ -146,6 +146,11 @@ impl Af2Task {
         })
     }
 
+    /// Shard the Evoformer/extra-MSA stacks over a DAP group (see [`AlphaFold::set_dap`]).
+    pub fn set_dap(&mut self, dap: crate::parallel::Dap) {
+        self.model.set_dap(Some(dap));
+    }
+
     /// The model (for inference tools).
     pub fn model(&self) -> &AlphaFold {
         &self.model

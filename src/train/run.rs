@@ -19,14 +19,6 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     let run_dir = args.common.run_dir.clone().ok_or_else(|| {
         Error::Msg("train needs --run-dir DIR (checkpoints, logs, metrics)".into())
     })?;
-    if cfg.parallel.dap_size > 1 {
-        return Err(Error::config(
-            "resolved",
-            "parallel.dap_size",
-            "DAP is not wired into the training step yet (the DAP stack is tested on its own); \
-             use data parallelism (dap_size = 1)",
-        ));
-    }
     let groups = Arc::new(ProcessGroups::new(ctx, &cfg.parallel)?);
     let device = crate::device::select(cfg.train.device, ctx.local_rank)?;
     if ctx.is_root() {
@@ -37,7 +29,31 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
         pdb_dir: ctx.is_root().then(|| run_dir.join("eval")),
         ..Af2Options::default()
     };
-    let task = Af2Task::new(&cfg, device, opts)?;
+    let mut task = Af2Task::new(&cfg, device, opts)?;
+    // DAP: the stacks run sharded over the DAP group; their block parameters then receive
+    // per-shard partial gradients, summed over the group by the gradient all-reduce.
+    let mut sharded = BTreeSet::new();
+    if groups.coords.dap_size > 1 {
+        task.set_dap(crate::parallel::dap_evoformer::dap_from_config(
+            &groups,
+            &cfg.parallel,
+        ));
+        sharded = task
+            .params()
+            .keys()
+            .filter(|k| is_dap_sharded(k))
+            .cloned()
+            .collect();
+        if ctx.is_root() {
+            tracing::info!(
+                "DAP-{} × DP-{}: {} of {} parameter tensors sharded",
+                groups.coords.dap_size,
+                groups.coords.dp_size,
+                sharded.len(),
+                task.params().len()
+            );
+        }
+    }
     let resume = match args.resume.as_str() {
         "auto" => Resume::Auto,
         "never" => Resume::Never,
@@ -61,7 +77,7 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
             tracing::info!("initialised {} parameters from {}", w.len(), init.display());
         }
     }
-    let coll = GroupCollective::new(groups.clone(), cfg.parallel.bucket_mib, BTreeSet::new());
+    let coll = GroupCollective::new(groups.clone(), cfg.parallel.bucket_mib, sharded);
     let mut topts = TrainerOptions::new(&run_dir);
     topts.resume = resume;
     topts.stop_at = args.stop_at;
@@ -80,6 +96,13 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
         }
     }
     Ok(outcome.exit_code())
+}
+
+/// Parameters used inside the DAP-sharded stacks (their gradients are per-shard partial sums).
+pub fn is_dap_sharded(name: &str) -> bool {
+    name.strip_prefix("evoformer.")
+        .or_else(|| name.strip_prefix("extra_msa_stack."))
+        .is_some_and(crate::parallel::DapEvoformer::is_sharded_param)
 }
 
 /// `ferrofold eval`: evaluate a checkpoint (EMA weights by default) on the validation split.
