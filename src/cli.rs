@@ -22,6 +22,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Data pipeline: build dataset manifests, prepare and inspect the HDF5 feature cache.
     Data(crate::data::command::DataArgs),
+    /// Micro-benchmarks: time an Evoformer block/stack, or check CPU-vs-CUDA parity.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags shared by every subcommand that reads a configuration.

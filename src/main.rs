@@ -20,6 +20,7 @@ fn main() {
     let result = match cli.command {
         Command::Info(args) => info(&ctx, &args),
         Command::Data(args) => ferrofold::data::command::run(&args).map_err(anyhow::Error::from),
+        Command::Bench(args) => ferrofold::bench::run(&args).map_err(anyhow::Error::from),
     };
     if let Err(e) = result {
         eprintln!("[rank {}] error: {e:#}", ctx.rank);
