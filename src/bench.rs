@@ -191,6 +191,9 @@ pub struct EvoformerBenchArgs {
     /// Seed of the random parameters and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also time each sub-module of the first block alone (forward and forward+backward).
+    #[arg(long)]
+    pub breakdown: bool,
     #[command(flatten)]
     pub dims: BlockDims,
 }
@@ -249,12 +252,39 @@ pub struct EvoformerBench {
     pub resident_bytes: Option<u64>,
     /// Forward FLOPs of one block.
     pub block_flops: f64,
+    /// Per sub-module timings of the first block (`--breakdown`): (name, fwd, fwd+bwd).
+    pub breakdown: Vec<(&'static str, PassTiming, PassTiming)>,
 }
 
 /// Forward matmul FLOPs (2·m·n·k per product) of one Evoformer block at `n_seq × n_res`.
 /// Elementwise ops, softmax and layer norms are not counted. At AF2 sizes and 128 × 256 this is
 /// ≈ 216 GFLOP.
 pub fn evoformer_block_flops(n_seq: usize, n_res: usize, cfg: &BlockConfig) -> f64 {
+    evoformer_op_flops(n_seq, n_res, cfg)
+        .iter()
+        .map(|(_, f)| f)
+        .sum()
+}
+
+/// Names of the block's sub-modules, in execution order.
+pub const BLOCK_OPS: [&str; 9] = [
+    "msa_att_row",
+    "msa_att_col",
+    "msa_transition",
+    "outer_product_mean",
+    "tri_mul_out",
+    "tri_mul_in",
+    "tri_att_start",
+    "tri_att_end",
+    "pair_transition",
+];
+
+/// Forward matmul FLOPs of each sub-module of one block (names as [`BLOCK_OPS`]).
+pub fn evoformer_op_flops(
+    n_seq: usize,
+    n_res: usize,
+    cfg: &BlockConfig,
+) -> Vec<(&'static str, f64)> {
     let (s, r) = (n_seq as f64, n_res as f64);
     let (cm, cz) = (cfg.c_m as f64, cfg.c_z as f64);
     let st = &cfg.stack;
@@ -274,15 +304,18 @@ pub fn evoformer_block_flops(n_seq: usize, n_res: usize, cfg: &BlockConfig) -> f
     let col = 4.0 * mm(s * r, hm, cm) + mm(s * r, cm, hm) + 2.0 * r * mm(s, s, hm);
     let msa_trans = mm(s * r, tn * cm, cm) + mm(s * r, cm, tn * cm);
     let opm = 2.0 * mm(s * r, copm, cm) + mm(r * copm, r * copm, s) + mm(r * r, cz, copm * copm);
-    // Triangle multiplication (×2): a/b projections and gates, output gate, the triangle product,
+    // Triangle multiplication: a/b projections and gates, output gate, the triangle product,
     // output projection.
     let tri_mul =
         4.0 * mm(r * r, cmul, cz) + mm(r * r, cz, cz) + cmul * mm(r, r, r) + mm(r * r, cz, cmul);
-    // Triangle attention (×2): q,k,v,g, triangle bias, logits, values, output projection.
+    // Triangle attention: q,k,v,g, triangle bias, logits, values, output projection.
     let tri_att =
         4.0 * mm(r * r, hp, cz) + mm(r * r, nh_p, cz) + 2.0 * r * mm(r, r, hp) + mm(r * r, cz, hp);
     let pair_trans = mm(r * r, tn * cz, cz) + mm(r * r, cz, tn * cz);
-    row + col + msa_trans + opm + 2.0 * tri_mul + 2.0 * tri_att + pair_trans
+    let f = [
+        row, col, msa_trans, opm, tri_mul, tri_mul, tri_att, tri_att, pair_trans,
+    ];
+    BLOCK_OPS.iter().copied().zip(f).collect()
 }
 
 /// SplitMix64: a tiny deterministic generator (identical values on every device and platform).
@@ -466,24 +499,91 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
             drop(out);
         }
         let peak_bytes = mem.as_ref().map(|w| w.peak()).transpose()?;
-        let min_ms = ms.iter().copied().fold(f64::INFINITY, f64::min);
-        let max_ms = ms.iter().copied().fold(0.0, f64::max);
         let mult = if backward { 3.0 } else { 1.0 };
-        passes.push(PassTiming {
-            pass: if backward { "fwd+bwd" } else { "fwd" },
-            median_ms: median(&mut ms),
-            min_ms,
-            max_ms,
-            flops: mult * block_flops * a.blocks as f64,
+        passes.push(timing(
+            if backward { "fwd+bwd" } else { "fwd" },
+            ms,
+            mult * block_flops * a.blocks as f64,
             peak_bytes,
-        });
+        ));
+    }
+    let mut breakdown = Vec::new();
+    if a.breakdown {
+        let flops = evoformer_op_flops(a.n_seq, a.n_res, &cfg);
+        for (i, &(name, f)) in flops.iter().enumerate() {
+            let mut t = [None, None];
+            for (k, backward) in [false, true].into_iter().enumerate() {
+                for _ in 0..a.warmup {
+                    drop(run_op(&blocks[0], i, &x, backward)?);
+                    dev.synchronize()?;
+                }
+                let mut ms = Vec::with_capacity(a.iters);
+                for _ in 0..a.iters {
+                    let t0 = Instant::now();
+                    let out = run_op(&blocks[0], i, &x, backward)?;
+                    dev.synchronize()?;
+                    ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                    drop(out);
+                }
+                t[k] = Some(timing(
+                    if backward { "fwd+bwd" } else { "fwd" },
+                    ms,
+                    if backward { 3.0 * f } else { f },
+                    None,
+                ));
+            }
+            if let [Some(fw), Some(fb)] = t {
+                breakdown.push((name, fw, fb));
+            }
+        }
     }
     Ok(EvoformerBench {
         device: describe_device(&dev),
         passes,
         resident_bytes,
         block_flops,
+        breakdown,
     })
+}
+
+fn timing(pass: &'static str, mut ms: Vec<f64>, flops: f64, peak_bytes: Option<u64>) -> PassTiming {
+    let min_ms = ms.iter().copied().fold(f64::INFINITY, f64::min);
+    let max_ms = ms.iter().copied().fold(0.0, f64::max);
+    PassTiming {
+        pass,
+        median_ms: median(&mut ms),
+        min_ms,
+        max_ms,
+        flops,
+        peak_bytes,
+    }
+}
+
+/// Sub-module `op` (index into [`BLOCK_OPS`]) of `b` alone on the bench inputs (its update only,
+/// no residual); with `backward`, also the gradients of its inputs and parameters.
+fn run_op(b: &EvoformerBlock, op: usize, x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
+    let m = candle_core::Var::from_tensor(&x.m)?;
+    let z = candle_core::Var::from_tensor(&x.z)?;
+    let (m, z) = (m.as_tensor(), z.as_tensor());
+    let ps = &b.pair_stack;
+    let out = match op {
+        0 => b.msa_att_row.forward(m, z, &x.msa_mask)?,
+        1 => b.msa_att_col.forward(m, &x.msa_mask)?,
+        2 => b.msa_transition.forward(m, None)?,
+        3 => b.outer_product_mean.forward(m, &x.msa_mask)?,
+        4 => ps.tri_mul_out.forward(z, &x.pair_mask)?,
+        5 => ps.tri_mul_in.forward(z, &x.pair_mask)?,
+        6 => ps.tri_att_start.forward(z, &x.pair_mask)?,
+        7 => ps.tri_att_end.forward(z, &x.pair_mask)?,
+        _ => ps.pair_transition.forward(z, None)?,
+    };
+    if !backward {
+        return Ok(vec![out]);
+    }
+    let g = if op <= 2 { &x.dm } else { &x.dz };
+    let grads = crate::model::remat::backward_vars(&crate::model::remat::vjp_loss(&[(&out, g)])?)?;
+    drop(grads);
+    Ok(vec![out])
 }
 
 fn describe_device(dev: &Device) -> String {
@@ -526,6 +626,23 @@ pub fn format_evoformer(a: &EvoformerBenchArgs, b: &EvoformerBench) -> String {
         "memory: resident before timing {} MiB; peak = CUDA memory-pool USED_MEM_HIGH during the timed passes (live tensors incl. params/inputs; cuBLAS workspace and context excluded)\n",
         mib(b.resident_bytes)
     );
+    if !b.breakdown.is_empty() {
+        s += "breakdown (first block, each sub-module alone, update only):\n| op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | GFLOP fwd |\n|---|---|---|---|---|---|\n";
+        let (mut sf, mut sb) = (0.0, 0.0);
+        for (name, f, fb) in &b.breakdown {
+            sf += f.median_ms;
+            sb += fb.median_ms;
+            s += &format!(
+                "| {name} | {:.3} | {:.1} | {:.3} | {:.1} | {:.2} |\n",
+                f.median_ms,
+                f.tflops(),
+                fb.median_ms,
+                fb.tflops(),
+                f.flops / 1e9
+            );
+        }
+        s += &format!("| sum | {sf:.3} | | {sb:.3} | | |\n");
+    }
     for p in &b.passes {
         s += &format!(
             "RESULT bench=evoformer device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} pass={} median_ms={:.3} tflops={:.2} peak_mib={}\n",
