@@ -675,11 +675,14 @@ fn max_abs(t: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
+/// Outputs/input gradients and named parameter gradients of one parity run (on the CPU).
+type ParityRun = (Vec<Tensor>, Vec<(String, Tensor)>);
+
 /// Run one block forward+backward (remat none) on two devices with identical parameters and
 /// inputs; compare `m`, `z`, `dm`, `dz` and every parameter gradient.
 pub fn parity(a: &ParityArgs) -> Result<Vec<ParityRow>> {
     let cfg = a.dims.block_config(1);
-    let run = |dev: &Device, dtype: DType| -> Result<(Vec<Tensor>, Vec<(String, Tensor)>)> {
+    let run = |dev: &Device, dtype: DType| -> Result<ParityRun> {
         let (vm, blocks) = build_blocks(&cfg, dev, a.seed)?;
         let x = make_inputs(a.n_seq, a.n_res, &cfg, dtype, dev, a.seed)?;
         let (m, z, tape) = forward_blocks(
