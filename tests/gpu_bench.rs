@@ -139,6 +139,46 @@ fn bench_parity_cpu_passes_f32_and_fails_bf16_at_tight_tolerance() {
     assert!(out.contains("PARITY FAIL"), "{out}");
 }
 
+#[test]
+fn bench_ops_cpu_prints_one_row_per_primitive() {
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrofold"))
+        .args([
+            "bench",
+            "ops",
+            "--device",
+            "cpu",
+            "--n-seq",
+            "2",
+            "--n-res",
+            "4",
+            "--c-m",
+            "8",
+            "--heads",
+            "2",
+            "--c-hidden",
+            "4",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .output()
+        .expect("spawn ferrofold");
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("| op | fwd ms |"), "{out}");
+    let rows = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| op"))
+        .count();
+    assert_eq!(rows, 11, "{out}");
+    assert!(out.contains("| softmax [S,H,R,R] |"), "{out}");
+}
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn bench_cuda_device_errors_cleanly_without_the_feature() {
