@@ -30,6 +30,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Plot a run's metrics (loss terms, evaluation, LR, gradient norm) as PNG files.
     Plot(PlotArgs),
+    /// Micro-benchmarks: time an Evoformer block/stack, or check CPU-vs-CUDA parity.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `ferrofold train`.

@@ -3,6 +3,7 @@
 //! Layout: [`config`] (layered TOML), [`parallel`] (MPI bootstrap, communicators, DP, DAP),
 //! [`model`] (AF2 modules), [`loss`], [`data`], [`geometry`], [`train`], [`kernels`].
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
