@@ -410,9 +410,6 @@ fn submit_fake(c: &Cluster, launcher: &str) -> String {
     id
 }
 
-/// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 75 →
-/// `scontrol requeue` → attempt 1 completes; one log per attempt in the run dir.
-
 /// Wait until job `id` is requeued (pending, 1 restart), then release it early from Slurm's requeue
 /// delay (BeginTime = now + 120 s), but only once the last attempt's step daemons are gone (their
 /// PMIx sockets in the spool carry the step id, which the next attempt reuses) and 2 s after the
@@ -445,6 +442,8 @@ fn release_requeued(c: &Cluster, id: &str) {
     }
 }
 
+/// USR1 to the batch shell (what `--signal=B:USR1@S` does) → forwarded to every rank → exit 75 →
+/// `scontrol requeue` → attempt 1 completes; one log per attempt in the run dir.
 fn requeue_once(launcher: &str) {
     let c = Cluster::start(&format!("requeue-{launcher}"));
     let id = submit_fake(&c, launcher);
@@ -454,11 +453,6 @@ fn requeue_once(launcher: &str) {
         .output()
         .unwrap();
     assert!(o.status.success(), "scancel: {}", text(&o));
-    // Requeued: pending again, held by Slurm's requeue delay (BeginTime = now + 120 s). Release it
-    // early, but only once the last attempt's step daemons are gone (their PMIx sockets in the
-    // spool carry the step id, which the next attempt reuses) and 2 s after the requeue (slurmd
-    // refuses a launch whose credential dates from the same second as the requeue's kill). Slurm's
-    // own delay covers both on a real cluster.
     release_requeued(&c, &id);
     assert_eq!(c.wait_done(&id, Duration::from_secs(40)), "COMPLETED");
     assert_eq!(c.field(&id, "Restarts"), "1");
@@ -617,10 +611,7 @@ fn small_manifest(dir: &Path, ids: &[&str]) -> PathBuf {
 #[test]
 fn slurm_preempted_training_requeues_and_matches_uninterrupted_run() {
     let c = Cluster::start("preempt");
-    let m = small_manifest(
-        &c.run_dir().parent().unwrap().to_path_buf(),
-        &["2q2k_A", "3u8v_A"],
-    );
+    let m = small_manifest(c.run_dir().parent().unwrap(), &["2q2k_A", "3u8v_A"]);
     let extra = format!(
         "--set data.manifest={} --set data.crop_size=72 --set data.loader.order=deterministic \
          --set train.max_steps=10 --set train.checkpoint_every=4 --set train.eval_every=1000 \
