@@ -65,6 +65,22 @@ pub fn read_curves(text: &str, path: &Path) -> Result<Curves> {
     Ok(c)
 }
 
+/// Trailing moving average over `w` points (same length as the input).
+pub fn moving_average(v: &[(f64, f64)], w: usize) -> Vec<(f64, f64)> {
+    let w = w.max(1);
+    let mut sum = 0.0;
+    v.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            sum += p.1;
+            if i >= w {
+                sum -= v[i - w].1;
+            }
+            (p.0, sum / (i + 1).min(w) as f64)
+        })
+        .collect()
+}
+
 /// Fonts plotters can use: DejaVu Sans from the usual system places (`fonts-dejavu-core`), or the
 /// file in `FERROFOLD_FONT`.
 fn load_font() -> Result<()> {
@@ -100,7 +116,24 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 /// Draw one chart of several series; `log_y` for losses spanning decades.
-fn draw(path: &Path, title: &str, series: &Series, log_y: bool) -> Result<()> {
+fn draw(path: &Path, title: &str, all: &Series, log_y: bool) -> Result<()> {
+    // A log axis cannot show zeros (e.g. a term with weight 0 on some steps).
+    let positive: Series;
+    let series = if log_y {
+        positive = all
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.iter().copied().filter(|p| p.1 > 0.0).collect::<Vec<_>>(),
+                )
+            })
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        &positive
+    } else {
+        all
+    };
     let pts: Vec<(f64, f64)> = series.values().flatten().copied().collect();
     if pts.is_empty() {
         return Ok(());
@@ -177,7 +210,7 @@ fn draw(path: &Path, title: &str, series: &Series, log_y: bool) -> Result<()> {
     Ok(())
 }
 
-/// Write `loss.png`, `eval.png`, `lr.png`, `grad_norm.png` into `out_dir` (default: the run dir);
+/// Write `loss.png`, `train_lddt.png`, `eval.png`, `eval_distances.png`, `lr.png`, `grad_norm.png` into `out_dir` (default: the run dir);
 /// returns the files written.
 pub fn plot_run(run_dir: &Path, out_dir: Option<&Path>) -> Result<Vec<PathBuf>> {
     let path = run_dir.join(METRICS_FILE);
@@ -193,17 +226,45 @@ pub fn plot_run(run_dir: &Path, out_dir: Option<&Path>) -> Result<Vec<PathBuf>> 
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
-    let jobs: [(&str, &str, Series, bool); 4] = [
+    // Loss terms (not the counters), smoothed: single-sample steps are noisy.
+    let smooth = |keep: &dyn Fn(&str) -> bool| -> Series {
+        curves
+            .loss
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), moving_average(v, 20)))
+            .collect()
+    };
+    let losses = smooth(&|k| {
+        k == "loss" || (k.starts_with("loss/") && k != "loss/loss" && !k.contains("non_finite"))
+    });
+    let train_lddt = smooth(&|k| k == "train_lddt_ca");
+    // Means over the validation chains only (per-chain series are `<chain>/<metric>`).
+    let scores = pick(&curves.eval, &["lddt_ca", "gdt_ts", "gdt_ha"]);
+    let distances = pick(&curves.eval, &["rmsd_ca", "drmsd_ca"]);
+    let jobs: Vec<(&str, &str, Series, bool)> = vec![
         (
             "loss.png",
-            "training loss and terms",
-            curves.loss.clone(),
+            "training loss and terms (moving average, 20 steps)",
+            losses,
             true,
         ),
         (
+            "train_lddt.png",
+            "training-crop lDDT-Ca (moving average, 20 steps)",
+            train_lddt,
+            false,
+        ),
+        (
             "eval.png",
-            "evaluation (EMA weights)",
-            curves.eval.clone(),
+            "validation lDDT-Ca, GDT (mean, EMA weights)",
+            scores,
+            false,
+        ),
+        (
+            "eval_distances.png",
+            "validation RMSD / dRMSD in A (mean, EMA weights)",
+            distances,
             false,
         ),
         (

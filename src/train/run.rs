@@ -2,7 +2,7 @@
 //! trainer from the resolved configuration, and report.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::cli::{EvalArgs, PlotArgs, TrainArgs};
@@ -176,9 +176,4 @@ pub fn print_eval_summary(step: u64, metrics: &BTreeMap<String, f64>) {
         println!("{id:<10} {}", row(&format!("{id}/")));
     }
     println!("{:<10} {}", "mean", row(""));
-}
-
-/// True when `dir` looks like a ferrofold run directory.
-pub fn is_run_dir(dir: &Path) -> bool {
-    dir.join(crate::train::metrics::METRICS_FILE).exists()
 }
