@@ -115,8 +115,6 @@ fn preflight(ctx: &ParallelCtx, cfg: &ferrofold::config::Config) -> anyhow::Resu
 }
 
 fn fingerprint(s: &str) -> u64 {
-    // FNV-1a: a stable 64-bit hash (std's hasher is not stable across builds).
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
+    // FNV-1a: stable across builds (std's hasher is not).
+    ferrofold::train::seed::fnv1a64(s.as_bytes())
 }

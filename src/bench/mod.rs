@@ -30,6 +30,7 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::config::{Remat, StackConfig};
+pub(crate) use crate::data::rng::splitmix64;
 use crate::error::{Error, Result};
 use crate::model::evoformer::{BlockConfig, EvoformerBlock};
 
@@ -259,19 +260,8 @@ pub struct ParityArgs {
     pub dims: BlockDims,
 }
 
-/// SplitMix64: a tiny deterministic generator (identical values on every device and platform).
-pub(crate) fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 pub(crate) fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::train::seed::fnv1a64(s.as_bytes())
 }
 
 /// `n` uniform values in `[-1, 1)` from `seed`.

@@ -18,13 +18,12 @@ pub enum Purpose {
     Sampler = 4,
 }
 
-/// SplitMix64 step (Steele, Lea & Flood 2014): a strong 64-bit mixer.
+/// SplitMix64 step (Steele, Lea & Flood 2014): advance `state` by the golden gamma and return the
+/// mixed output ([`crate::train::seed::splitmix64`] of the old state).
 pub fn splitmix64(state: &mut u64) -> u64 {
+    let out = crate::train::seed::splitmix64(*state);
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    out
 }
 
 /// Seed of one stream: a hash of (base seed, sample index, recycle, purpose).

@@ -4,6 +4,7 @@
 
 use candle_core::Tensor;
 
+use crate::data::rng::splitmix64;
 use crate::error::Result;
 
 /// Training-mode dropout context. `None` where a forward takes `Option<&DropoutCtx>` means eval
@@ -11,15 +12,6 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropoutCtx {
     pub seed: u64,
-}
-
-/// SplitMix64 step (Steele et al. 2014): a fast, well-mixed 64-bit generator.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl DropoutCtx {

@@ -16,6 +16,7 @@ use crate::geometry::rigid::{QuatRigid, Rigid};
 use crate::model::ipa::{arg_f64, arg_usize, InvariantPointAttention, IpaConfig};
 use crate::model::primitives::{cast, LayerNorm, Linear, LinearInit};
 use crate::model::residue_constants as rc;
+use crate::train::seed::splitmix64;
 
 /// Residue-constant tables the structure module needs (OpenFold keeps them as float32 buffers and
 /// casts them to the activation dtype; we do the same).
@@ -207,13 +208,6 @@ pub fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
         .to_dtype(x.dtype())?
         .to_device(x.device())?;
     Ok((x * m)?)
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// One residual layer of the structure-module transition (Algorithm 20 line 8).
