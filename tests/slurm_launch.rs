@@ -9,7 +9,11 @@
 //! tests fail, they never skip. The launcher runs `info` as its job command until `ferrofold train`
 //! exists (`FERROFOLD_CMD=info`), and a stand-in binary for the requeue path.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::data::manifest_subset;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -245,7 +249,7 @@ fn section<'a>(log: &'a str, from: &str, to: &str) -> &'a str {
 #[test]
 fn slurm_sbatch_train_runs_preflight_and_job_on_two_ranks() {
     let c = Cluster::start("train");
-    let m = small_manifest(c.run_dir().parent().unwrap(), &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(c.run_dir().parent().unwrap(), &["2q2k_A", "3u8v_A"]);
     let extra = format!(
         "--set data.manifest={} --set data.crop_size=48 --set train.max_steps=4 \
          --set train.checkpoint_every=2 --set train.eval_every=1000 --set log.progress=never",
@@ -585,25 +589,6 @@ fn slurm_cancelled_job_is_not_requeued() {
     assert_eq!(c.field(&id, "JobState"), "CANCELLED");
 }
 
-/// A manifest with only `ids` from `datasets/sample.toml`.
-fn small_manifest(dir: &Path, ids: &[&str]) -> PathBuf {
-    let text = read(&repo().join("datasets/sample.toml"));
-    let mut parts = text.split("[[entries]]\n");
-    let mut out = parts.next().unwrap_or_default().to_string();
-    for block in parts {
-        if ids
-            .iter()
-            .any(|id| block.starts_with(&format!("id = \"{id}\"")))
-        {
-            out.push_str("[[entries]]\n");
-            out.push_str(block);
-        }
-    }
-    let p = dir.join("manifest.toml");
-    std::fs::write(&p, out).unwrap();
-    p
-}
-
 /// The real trainer under `sbatch`: preempted mid-run with SIGUSR1 (what `--signal=B:USR1@S` sends
 /// before the time limit), it checkpoints at the next step boundary on both ranks, exits 75, the job
 /// requeues itself, resumes from the checkpoint and finishes; the final weights equal those of an
@@ -611,7 +596,7 @@ fn small_manifest(dir: &Path, ids: &[&str]) -> PathBuf {
 #[test]
 fn slurm_preempted_training_requeues_and_matches_uninterrupted_run() {
     let c = Cluster::start("preempt");
-    let m = small_manifest(c.run_dir().parent().unwrap(), &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(c.run_dir().parent().unwrap(), &["2q2k_A", "3u8v_A"]);
     let extra = format!(
         "--set data.manifest={} --set data.crop_size=72 --set data.loader.order=deterministic \
          --set train.max_steps=10 --set train.checkpoint_every=4 --set train.eval_every=1000 \

@@ -4,7 +4,11 @@
 //! data-parallel over `mpirun -np 2`); `eval` and `plot` work on the result; bad inputs fail
 //! with one clear error.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::data::manifest_subset;
 use std::process::{Command, Output};
 
 fn bin() -> &'static str {
@@ -20,26 +24,6 @@ fn tmp(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A manifest with only `ids` from `datasets/sample.toml` (one training chain overfits fast).
-fn manifest(dir: &Path, ids: &[&str]) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("datasets/sample.toml")).unwrap();
-    let mut parts = text.split("[[entries]]\n");
-    let head = parts.next().unwrap().to_string();
-    let mut out = head;
-    for block in parts {
-        if ids
-            .iter()
-            .any(|id| block.starts_with(&format!("id = \"{id}\"")))
-        {
-            out.push_str("[[entries]]\n");
-            out.push_str(block);
-        }
-    }
-    let p = dir.join("manifest.toml");
-    std::fs::write(&p, out).unwrap();
-    p
 }
 
 /// Tiny model, whole 70-residue chain (deterministic crop), strict loader order.
@@ -129,7 +113,7 @@ fn digests(ckpt: &Path) -> serde_json::Value {
 #[test]
 fn af2_training_loss_falls_and_lddt_rises() {
     let d = tmp("learn");
-    let m = manifest(&d, &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
     let run_dir = d.join("run");
     let o = run(&train_args(&m, &run_dir, 20));
     ok(&o);
@@ -184,7 +168,7 @@ fn af2_training_loss_falls_and_lddt_rises() {
 #[test]
 fn af2_resume_is_bitwise_exact() {
     let d = tmp("resume");
-    let m = manifest(&d, &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
     let straight = d.join("straight");
     ok(&run(&train_args(&m, &straight, 4)));
     let split = d.join("split");
@@ -202,7 +186,7 @@ fn af2_resume_is_bitwise_exact() {
 #[test]
 fn af2_data_parallel_np2_trains_and_resumes_exactly() {
     let d = tmp("dp");
-    let m = manifest(&d, &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
     let straight = d.join("straight");
     let o = mpirun(&train_args(&m, &straight, 4));
     ok(&o);
@@ -231,7 +215,7 @@ fn af2_data_parallel_np2_trains_and_resumes_exactly() {
 #[test]
 fn af2_bad_inputs_give_one_clear_error() {
     let d = tmp("bad");
-    let m = manifest(&d, &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
     // Missing checkpoint for --init-from.
     let mut a = train_args(&m, &d.join("r1"), 2);
     a.extend(["--init-from".into(), "/nonexistent/ckpt".into()]);
@@ -277,7 +261,7 @@ fn af2_bad_inputs_give_one_clear_error() {
 #[test]
 fn af2_dap2_np2_matches_single_rank_and_resumes_exactly() {
     let d = tmp("dap");
-    let m = manifest(&d, &["2q2k_A", "3u8v_A"]);
+    let m = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
     let dap = |dir: &Path, steps: u64| {
         let mut a = train_args(&m, dir, steps);
         a.extend([
