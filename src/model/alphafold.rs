@@ -517,33 +517,29 @@ impl AlphaFold {
     ) -> Result<RecycleState> {
         let pdt = self.param_dtype();
         let e = self.embed(f, &prev_detached(prev))?;
-        if self.dap.is_some() {
-            let out = self.stacks(&e, dropout)?;
-            let single = cast(&out.s, pdt)?.detach();
-            let pair = cast(&out.z, pdt)?.detach();
-            let (_, x) = self.structure(f, &single, &pair, dropout.as_ref())?;
-            return Ok(RecycleState {
-                m_1_prev: cast(&out.m.i(0)?, pdt)?.detach(),
-                z_prev: pair,
-                x_prev: x.detach(),
-            });
-        }
-        let (z, _) = self.extra_msa_stack.forward_train(
-            &e.a.detach(),
-            &e.z.detach(),
-            &e.extra_mask,
-            &e.pair_mask,
-            dropout.map(|d| d.fork(1)),
-            Remat::Block,
-        )?;
-        let (out, _) = self.evoformer.forward_train(
-            &e.m.detach(),
-            &z,
-            &e.msa_mask,
-            &e.pair_mask,
-            dropout.map(|d| d.fork(2)),
-            Remat::Block,
-        )?;
+        let out = if self.dap.is_some() {
+            // DAP stacks keep one graph for the cycle; it is dropped with `out` below.
+            self.stacks(&e, dropout)?
+        } else {
+            let (z, _) = self.extra_msa_stack.forward_train(
+                &e.a.detach(),
+                &e.z.detach(),
+                &e.extra_mask,
+                &e.pair_mask,
+                dropout.map(|d| d.fork(1)),
+                Remat::Block,
+            )?;
+            self.evoformer
+                .forward_train(
+                    &e.m.detach(),
+                    &z,
+                    &e.msa_mask,
+                    &e.pair_mask,
+                    dropout.map(|d| d.fork(2)),
+                    Remat::Block,
+                )?
+                .0
+        };
         let single = cast(&out.s, pdt)?.detach();
         let pair = cast(&out.z, pdt)?.detach();
         let (_, x) = self.structure(f, &single, &pair, dropout.as_ref())?;

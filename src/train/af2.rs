@@ -362,7 +362,7 @@ impl Task for Af2Task {
         )?;
         metrics.insert(
             "train_lddt_ca".into(),
-            f64::from(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0]),
+            f64::from(l.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?),
         );
         metrics.insert("recycles".into(), r as f64);
         tracing::debug!(
