@@ -235,12 +235,25 @@ impl Dap {
         if self.size() == 1 {
             return Ok(x.clone());
         }
-        let op = DapOp {
+        let x = x.contiguous()?;
+        let mut op = DapOp {
             comm: self.comm.clone(),
             kind,
             ready: Mutex::new(ready),
         };
-        Ok(x.contiguous()?.apply_op1(op)?)
+        // Off the CPU the collective runs here, on tensors (the NCCL backend is stream-ordered);
+        // the op's `cuda_fwd` then only hands the result to autograd.
+        if !x.device().is_cpu() {
+            let fresh = match op.ready.get_mut() {
+                Ok(r) if r.is_none() => true,
+                _ => false,
+            };
+            if fresh {
+                let out = op.forward(&x)?;
+                op.ready = Mutex::new(Some(out));
+            }
+        }
+        Ok(x.apply_op1(op)?)
     }
 }
 
@@ -326,7 +339,44 @@ impl CustomOp1 for DapOp {
         into_cpu_storage(&out)
     }
 
-    // TODO(cuda): `cuda_fwd` calling the NCCL communicator on the tensor's stream.
+    /// The forward result was computed by `Dap::apply` (or the async path) on the compute stream;
+    /// return a copy of its storage (candle's custom ops must return owned storage).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _storage: &candle_core::CudaStorage,
+        _layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = self
+            .ready
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dap op: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("dap op: no precomputed CUDA result".into()))?
+            .contiguous()?;
+        // `try_clone` copies the whole underlying buffer: make sure it is exactly this tensor.
+        let whole = {
+            let (st, layout) = out.storage_and_layout();
+            match &*st {
+                candle_core::Storage::Cuda(cs) => {
+                    layout.start_offset() == 0 && cuda_storage_len(cs) == out.elem_count()
+                }
+                _ => {
+                    return Err(candle_core::Error::Msg(
+                        "dap op: the communicator returned a non-CUDA tensor for a CUDA input"
+                            .into(),
+                    ))
+                }
+            }
+        };
+        let out = if whole { out } else { out.affine(1.0, 0.0)? };
+        let (st, layout) = out.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cuda(cs) => Ok((cs.try_clone(layout)?, out.shape().clone())),
+            _ => Err(candle_core::Error::Msg("dap op: non-CUDA result".into())),
+        }
+    }
 
     fn bwd(
         &self,
@@ -351,6 +401,19 @@ impl CustomOp1 for DapOp {
         }
         .map_err(to_candle)?;
         Ok(Some(g))
+    }
+}
+
+/// Elements in a CUDA storage buffer (`usize::MAX` for dtypes DAP does not carry).
+#[cfg(feature = "cuda")]
+fn cuda_storage_len(cs: &candle_core::CudaStorage) -> usize {
+    use candle_core::cuda_backend::CudaStorageSlice as S;
+    match &cs.slice {
+        S::F32(s) => s.len(),
+        S::F64(s) => s.len(),
+        S::BF16(s) => s.len(),
+        S::F16(s) => s.len(),
+        _ => usize::MAX,
     }
 }
 

@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use candle_core::Device;
+
 use super::comm::Communicator;
 use super::ctx::ParallelCtx;
 use super::mpi_backend::MpiComm;
@@ -84,21 +86,37 @@ pub struct ProcessGroups {
 }
 
 impl ProcessGroups {
-    /// Build the grid over the MPI world from `cfg.dap_size` (collective over the world).
-    /// `cfg.backend`: `auto`/`mpi` use MPI for CPU tensors; `nccl` is not available in this build.
+    /// Build the grid over the MPI world from `cfg.dap_size` (collective over the world) for
+    /// CPU tensors: [`ProcessGroups::with_device`] on the CPU.
     pub fn new(ctx: &ParallelCtx, cfg: &ParallelConfig) -> Result<Self> {
+        Self::with_device(ctx, cfg, &Device::Cpu)
+    }
+
+    /// Build the grid for tensors on `device` (collective over the world). `cfg.backend`:
+    /// `auto` = NCCL on a CUDA device (`cuda` builds), MPI on the CPU; `nccl` requires a CUDA
+    /// device; `mpi` requires the CPU (the MPI backend carries CPU tensors only). With NCCL every
+    /// group (world, DAP, DP) gets its own NCCL communicator; CPU tensors and host values still
+    /// travel over MPI.
+    pub fn with_device(ctx: &ParallelCtx, cfg: &ParallelConfig, device: &Device) -> Result<Self> {
         // Validate before any collective so that every rank fails the same way.
         GridCoords::new(ctx.rank, ctx.world_size, cfg.dap_size)?;
-        let world: Arc<dyn Communicator> = match cfg.backend {
-            CommBackend::Auto | CommBackend::Mpi => MpiComm::world(ctx)?,
-            // TODO(cuda): NCCL communicators (one per group, ids exchanged over MPI) go here.
-            CommBackend::Nccl => {
+        let world: Arc<dyn Communicator> = match (cfg.backend, device.is_cpu()) {
+            (CommBackend::Auto | CommBackend::Mpi, true) => MpiComm::world(ctx)?,
+            (CommBackend::Nccl, true) => {
                 return Err(Error::config(
                     "resolved",
                     "parallel.backend",
-                    "the NCCL backend is not implemented in this build; use `mpi` or `auto`",
+                    "the NCCL backend needs a CUDA device (train.device); use `mpi` or `auto` on the CPU",
                 ))
             }
+            (CommBackend::Mpi, false) => {
+                return Err(Error::config(
+                    "resolved",
+                    "parallel.backend",
+                    "the MPI backend carries CPU tensors only; use `nccl` or `auto` on a GPU",
+                ))
+            }
+            (CommBackend::Auto | CommBackend::Nccl, false) => nccl_world(ctx, device)?,
         };
         Self::from_world(world, cfg.dap_size)
     }
@@ -132,6 +150,21 @@ impl ProcessGroups {
             dp,
         })
     }
+}
+
+/// The NCCL world communicator on `device`.
+#[cfg(feature = "cuda")]
+fn nccl_world(ctx: &ParallelCtx, device: &Device) -> Result<Arc<dyn Communicator>> {
+    Ok(super::nccl_backend::NcclComm::world(ctx, device)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_world(_ctx: &ParallelCtx, _device: &Device) -> Result<Arc<dyn Communicator>> {
+    Err(Error::config(
+        "resolved",
+        "parallel.backend",
+        "this binary was built without the `cuda` feature: no NCCL backend",
+    ))
 }
 
 #[cfg(test)]

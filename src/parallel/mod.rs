@@ -5,7 +5,9 @@
 //! - [`comm`]: the [`Communicator`] trait (blocking + async collectives over candle tensors) and the
 //!   collective ordering rule.
 //! - [`mpi_backend`]: [`MpiComm`], the MPI implementation for CPU tensors.
-//!   The NCCL backend for CUDA tensors is a `TODO(cuda)` (see [`comm`] for how it fits).
+//! - `nccl_backend` (`cuda` builds): `NcclComm`, the NCCL implementation for CUDA tensors (one NCCL
+//!   communicator per group, unique ids broadcast over MPI, collectives on a communication stream
+//!   ordered with CUDA events), selected by [`ProcessGroups::with_device`] on a GPU.
 //! - [`groups`]: the DP × DAP grid ([`ProcessGroups`], [`GridCoords`]) from `parallel.dap_size`.
 //! - [`ddp`]: bucketed gradient all-reduce ([`GradSync`]), global grad norm, metric averaging.
 //! - [`dap`]: DAP collectives as differentiable ops ([`Dap`]), padding helpers.
@@ -19,10 +21,8 @@ pub mod dap_evoformer;
 pub mod ddp;
 pub mod groups;
 pub mod mpi_backend;
-// TODO(cuda): `#[cfg(feature = "cuda")] pub mod nccl_backend;` with `NcclComm: Communicator` for
-// CUDA tensors (one NCCL communicator per ProcessGroups group, unique ids broadcast over MPI,
-// collectives on a communication stream, `PendingOp::wait` = compute stream waits on an event;
-// see `comm` docs), selected in `ProcessGroups::new` for `parallel.backend = nccl | auto` on GPU.
+#[cfg(feature = "cuda")]
+pub mod nccl_backend;
 
 pub use collective::GroupCollective;
 pub use comm::{CommHandle, Communicator, PendingOp, ReduceOp};
@@ -32,3 +32,5 @@ pub use dap_evoformer::{DapEvoformer, DapExtraMsa, DapLayout};
 pub use ddp::{dap_grad_scale, global_grad_norm, mean_to_root, sorted_grads, GradSync};
 pub use groups::{GridCoords, ProcessGroups};
 pub use mpi_backend::MpiComm;
+#[cfg(feature = "cuda")]
+pub use nccl_backend::NcclComm;
