@@ -10,6 +10,11 @@
 //! stack vs the golden fixture and vs one rank), `dap-evo-dp` (DP-2 x DAP-2, 4 ranks; see
 //! `selftest/dap_evo.rs`), and `bench` /
 //! `dap-evo-bench` (timings printed by rank 0 as `BENCH` lines; not tests).
+//!
+//! `--device cuda` (or `FERROFOLD_SELFTEST_DEVICE=cuda`; `cuda` builds) runs the same cases on
+//! this rank's GPU (local rank modulo the visible GPUs) with the NCCL backend
+//! (`ParallelConfig::backend = auto`); the assertions are the same (tolerances noted per case).
+//! `--device cpu` (the default) is the MPI path.
 
 #[path = "selftest/dap_evo.rs"]
 mod dap_evo;
@@ -25,6 +30,55 @@ use ferrofold::parallel::{
     Dap, GradSync, GridCoords, MpiComm, ParallelCtx, ProcessGroups, ReduceOp,
 };
 
+/// The device of this run (set once in `main`).
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// This rank's device: CPU, or its GPU with `--device cuda`.
+pub(crate) fn dev() -> Device {
+    DEVICE.get().cloned().unwrap_or(Device::Cpu)
+}
+
+/// True when running on a GPU.
+pub(crate) fn on_gpu() -> bool {
+    !dev().is_cpu()
+}
+
+/// The world communicator for this run's device: MPI on the CPU, NCCL on a GPU.
+pub(crate) fn world_comm(ctx: &ParallelCtx) -> Result<Arc<dyn Communicator>> {
+    #[cfg(feature = "cuda")]
+    if on_gpu() {
+        return Ok(ferrofold::parallel::NcclComm::world(ctx, &dev())?);
+    }
+    Ok(MpiComm::world(ctx)?)
+}
+
+/// Process groups on this run's device (NCCL on a GPU with `backend = auto`).
+pub(crate) fn process_groups(ctx: &ParallelCtx, cfg: &ParallelConfig) -> Result<ProcessGroups> {
+    Ok(ProcessGroups::with_device(ctx, cfg, &dev())?)
+}
+
+/// Wait for the device's queued work (timings).
+pub(crate) fn sync_dev() -> Result<()> {
+    dev().synchronize()?;
+    Ok(())
+}
+
+/// `--device cpu|cuda` from the arguments after the case, else `FERROFOLD_SELFTEST_DEVICE`.
+fn device_arg() -> String {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--device=") {
+            return v.to_string();
+        }
+        if a == "--device" {
+            if let Some(v) = args.get(i + 1) {
+                return v.clone();
+            }
+        }
+    }
+    std::env::var("FERROFOLD_SELFTEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 const CASES: &[&str] = &[
     "collectives",
     "groups",
@@ -37,6 +91,7 @@ const CASES: &[&str] = &[
     "dap-evo",
     "dap-evo-bench",
     "dap-evo-dp",
+    "dp-evo-bench",
 ];
 
 fn main() {
@@ -56,7 +111,19 @@ fn main() {
         }
     };
     let (rank, n) = (ctx.rank, ctx.world_size);
-    let result = run(&case, &ctx);
+    let device = match device_arg().as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => ferrofold::device::select(ferrofold::config::DeviceKind::Cuda, ctx.local_rank)
+            .map_err(anyhow::Error::from),
+        other => Err(anyhow::anyhow!("--device {other}: expected cpu or cuda")),
+    };
+    let result = match device {
+        Ok(d) => {
+            let _ = DEVICE.set(d);
+            run(&case, &ctx)
+        }
+        Err(e) => Err(e),
+    };
     let mut out = std::io::stdout();
     match result {
         Ok(()) => {
@@ -87,6 +154,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "dap-evo" => dap_evo::dap_evo(ctx),
         "dap-evo-bench" => dap_evo::dap_evo_bench(ctx),
         "dap-evo-dp" => dap_evo::dap_evo_dp(ctx),
+        "dp-evo-bench" => dap_evo::dp_evo_bench(ctx),
         other => bail!("unknown case {other}"),
     }
 }
@@ -129,12 +197,19 @@ fn input(q: usize, n: usize, dt: DType) -> Result<Tensor> {
     let v: Vec<f64> = (0..rows * 3)
         .map(|k| 100.0 * q as f64 + 10.0 * (k / 3) as f64 + (k % 3) as f64)
         .collect();
-    Ok(Tensor::from_vec(v, (rows, 3), &Device::Cpu)?.to_dtype(dt)?)
+    Ok(Tensor::from_vec(v, (rows, 3), &dev())?.to_dtype(dt)?)
 }
 
 fn collectives(ctx: &ParallelCtx) -> Result<()> {
-    let world = MpiComm::world(ctx)?;
+    let world = world_comm(ctx)?;
     let c: &dyn Communicator = world.as_ref();
+    let want_backend = if on_gpu() { "nccl" } else { "mpi" };
+    ensure!(
+        c.backend_name() == want_backend,
+        "backend {} on {:?}",
+        c.backend_name(),
+        dev()
+    );
     let (r, n) = (c.rank(), c.size());
     ensure!(
         (r, n) == (ctx.rank, ctx.world_size),
@@ -250,7 +325,7 @@ fn collectives(ctx: &ParallelCtx) -> Result<()> {
     // Errors, not hangs, for bad arguments (checked locally before any communication).
     ensure!(
         c.all_to_all(
-            &Tensor::zeros((2 * n + 1, 3), DType::F32, &Device::Cpu)?,
+            &Tensor::zeros((2 * n + 1, 3), DType::F32, &dev())?,
             0,
             1
         )
@@ -266,7 +341,7 @@ fn collectives(ctx: &ParallelCtx) -> Result<()> {
 }
 
 fn x_f32(r: usize) -> Result<Tensor> {
-    Ok(Tensor::full(r as f32, (2, 2), &Device::Cpu)?)
+    Ok(Tensor::full(r as f32, (2, 2), &dev())?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,7 +354,7 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
         dap_size: 3,
         ..Default::default()
     };
-    let e = ProcessGroups::new(ctx, &bad)
+    let e = process_groups(ctx, &bad)
         .err()
         .context("dap_size 3 on 4 ranks must be rejected")?;
     ensure!(
@@ -291,7 +366,7 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
         dap_size: 2,
         ..Default::default()
     };
-    let g = ProcessGroups::new(ctx, &cfg)?;
+    let g = process_groups(ctx, &cfg)?;
     let want = GridCoords::new(ctx.rank, 4, 2)?;
     ensure!(g.coords == want, "coords {:?} != {want:?}", g.coords);
     ensure!(g.dap.size() == 2 && g.dp.size() == 2, "group sizes");
@@ -300,10 +375,10 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
         "group ranks"
     );
 
-    let me = Tensor::new(&[ctx.rank as f64], &Device::Cpu)?;
+    let me = Tensor::new(&[ctx.rank as f64], &dev())?;
     let members = |m: Vec<usize>| -> Result<Tensor> {
         let v: Vec<f64> = m.into_iter().map(|x| x as f64).collect();
-        Ok(Tensor::new(v.as_slice(), &Device::Cpu)?)
+        Ok(Tensor::new(v.as_slice(), &dev())?)
     };
     let dap_m = members(want.dap_members())?;
     let dp_m = members(want.dp_members())?;
@@ -335,7 +410,7 @@ fn groups(ctx: &ParallelCtx) -> Result<()> {
     check(
         "world all_reduce",
         &g.world.all_reduce(&me, ReduceOp::Sum)?,
-        &Tensor::new(&[6.0f64], &Device::Cpu)?,
+        &Tensor::new(&[6.0f64], &dev())?,
         0.0,
     )?;
     g.world.barrier()?;
@@ -366,13 +441,13 @@ fn grads_for(q: usize, dt: DType) -> Result<Vec<(String, Tensor)>> {
             let v: Vec<f64> = (0..cnt)
                 .map(|i| ((q as f64 + 1.0) * 0.37 + k as f64 * 0.11 + i as f64 * 0.7).sin())
                 .collect();
-            Ok((name, Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dt)?))
+            Ok((name, Tensor::from_vec(v, dims, &dev())?.to_dtype(dt)?))
         })
         .collect()
 }
 
 fn ddp(ctx: &ParallelCtx) -> Result<()> {
-    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let world: Arc<dyn Communicator> = world_comm(ctx)?;
     let (r, n) = (world.rank(), world.size());
     for dt in [DType::F32, DType::F64] {
         let mine = grads_for(r, dt)?;
@@ -458,7 +533,7 @@ const C: usize = 3;
 fn det(dims: &[usize], seed: f64) -> Result<Tensor> {
     let cnt: usize = dims.iter().product();
     let v: Vec<f64> = (0..cnt).map(|i| (seed + 0.731 * i as f64).sin()).collect();
-    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    Ok(Tensor::from_vec(v, dims, &dev())?)
 }
 
 /// `[a, b, C] x [C, C]`.
@@ -530,7 +605,7 @@ fn distributed(dap: &Dap, p: &Params, g: &Tensor, asynchronous: bool) -> Result<
     let n = dap.size();
     let x = p.x.broadcast_mul(&p.w0)?; // replicated compute
     let xp = pad_to_multiple(&x, 1, n)?; // [S, Rp, C]
-    let mask = pad_mask(R, n, DType::F64, &Device::Cpu)?;
+    let mask = pad_mask(R, n, DType::F64, &dev())?;
     let rp = mask.dims1()?;
     let bias = ((mask - 1.0)? * 1e9)?.reshape((1, rp, 1))?;
     let xr = dap.scatter(&xp, 0)?; // [S/n, Rp, C]
@@ -561,7 +636,7 @@ fn distributed(dap: &Dap, p: &Params, g: &Tensor, asynchronous: bool) -> Result<
 }
 
 fn dap(ctx: &ParallelCtx) -> Result<()> {
-    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let world: Arc<dyn Communicator> = world_comm(ctx)?;
     ensure!(
         S.is_multiple_of(world.size()),
         "the dap case needs a group size dividing {S}"
@@ -621,7 +696,7 @@ fn dap_dp(ctx: &ParallelCtx) -> Result<()> {
         dap_size: 2,
         ..Default::default()
     };
-    let groups = ProcessGroups::new(ctx, &cfg)?;
+    let groups = process_groups(ctx, &cfg)?;
     let co = groups.coords;
     let g = det(&[S, R, C], 4.7)?;
     // Reference: mean over the dp_size samples of single-rank gradients.
@@ -676,13 +751,13 @@ fn dap_dp(ctx: &ParallelCtx) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 fn panic_rank1(ctx: &ParallelCtx) -> Result<()> {
-    let world = MpiComm::world(ctx)?;
+    let world = world_comm(ctx)?;
     world.barrier()?;
     if ctx.rank == 1 {
         panic!("selftest: deliberate panic on rank 1");
     }
     // Without the abort-on-panic policy this would wait forever for rank 1.
-    let x = Tensor::ones(4, DType::F32, &Device::Cpu)?;
+    let x = Tensor::ones(4, DType::F32, &dev())?;
     world.all_reduce(&x, ReduceOp::Sum)?;
     bail!(
         "rank {} returned from a collective that rank 1 never joined",
@@ -694,63 +769,126 @@ fn panic_rank1(ctx: &ParallelCtx) -> Result<()> {
 // bench (timings, not a test)
 // ---------------------------------------------------------------------------------------------
 
-/// Median wall time (ms) of `f` over 5 runs after one warm-up, ranks aligned by a barrier.
-fn median_ms(comm: &dyn Communicator, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+/// Median wall time (ms) of `f` over 5 runs after one warm-up, ranks aligned by a barrier; the
+/// device's queued work is included (synchronised before the clock stops).
+pub(crate) fn median_ms(comm: &dyn Communicator, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     f()?;
+    sync_dev()?;
     let mut ts = Vec::new();
     for _ in 0..5 {
         comm.barrier()?;
         let t = std::time::Instant::now();
         f()?;
+        sync_dev()?;
         ts.push(t.elapsed().as_secs_f64() * 1e3);
     }
     ts.sort_by(|a, b| a.total_cmp(b));
     Ok(ts[2])
 }
 
+/// Environment override of a size (bench knobs).
+pub(crate) fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// Gradient-like tensors of `total` f32 elements in AF2-like sizes (sorted names): 1M, 256K, 64K
+/// and 256-element tensors in turn, the remainder in the last one.
+fn grad_tensors(total: usize) -> Result<Vec<(String, Tensor)>> {
+    let sizes = [1 << 20, 1 << 18, 1 << 16, 256];
+    let mut out = Vec::new();
+    let mut left = total;
+    let mut i = 0usize;
+    while left > 0 {
+        let n = sizes[i % sizes.len()].min(left);
+        out.push((
+            format!("p{i:06}"),
+            Tensor::ones(n, DType::F32, &dev())?.affine(1.0 + (i % 7) as f64, 0.0)?,
+        ));
+        left -= n;
+        i += 1;
+    }
+    Ok(out)
+}
+
 fn bench(ctx: &ParallelCtx) -> Result<()> {
-    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let world: Arc<dyn Communicator> = world_comm(ctx)?;
     let c = world.as_ref();
+    let n = c.size();
+    let gpu = on_gpu();
     let mut lines = Vec::new();
-    let x = Tensor::ones(10_000_000, DType::F32, &Device::Cpu)?;
+    let bus = |bytes: f64, ms: f64| bytes / (ms * 1e-3) / 1e9 * 2.0 * (n as f64 - 1.0) / n as f64;
+    let x = Tensor::ones(10_000_000, DType::F32, &dev())?;
     let t = median_ms(c, &mut || {
         c.all_reduce(&x, ReduceOp::Sum)?;
         Ok(())
     })?;
-    lines.push(format!("all_reduce 10M f32 blocking: {t:.1} ms"));
-    let raw = vec![1.0f64; 5_000_000];
-    let t = median_ms(c, &mut || {
-        ctx.all_reduce_sum_f64(&raw);
-        Ok(())
-    })?;
     lines.push(format!(
-        "raw MPI all_reduce 5M f64 (same 40 MB, no tensor copies): {t:.1} ms"
+        "all_reduce 10M f32 blocking: {t:.2} ms (bus {:.0} GB/s)",
+        bus(4e7, t)
     ));
+    if !gpu {
+        let raw = vec![1.0f64; 5_000_000];
+        let t = median_ms(c, &mut || {
+            ctx.all_reduce_sum_f64(&raw);
+            Ok(())
+        })?;
+        lines.push(format!(
+            "raw MPI all_reduce 5M f64 (same 40 MB, no tensor copies): {t:.1} ms"
+        ));
+    }
     let t = median_ms(c, &mut || {
         c.start_all_reduce(&x, ReduceOp::Sum)?.wait()?;
         Ok(())
     })?;
-    lines.push(format!("all_reduce 10M f32 start+wait: {t:.1} ms"));
-    let grads: Vec<(String, Tensor)> = (0..10)
-        .map(|i| {
-            Ok((
-                format!("p{i:02}"),
-                Tensor::ones(1_000_000, DType::F32, &Device::Cpu)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let sync = GradSync::new(world.clone(), 25);
-    let t = median_ms(c, &mut || {
-        sync.all_reduce_mean(&grads)?;
-        Ok(())
-    })?;
-    lines.push(format!("GradSync 10x1M f32, 25 MiB buckets: {t:.1} ms"));
+    lines.push(format!("all_reduce 10M f32 start+wait: {t:.2} ms"));
+    // Gradient buckets: ~93M parameters (AF2) on a GPU, 10M on the CPU.
+    let total = env_usize("BENCH_GRAD_PARAMS", if gpu { 93_000_000 } else { 10_000_000 });
+    let grads = grad_tensors(total)?;
+    let bytes = 4.0 * total as f64;
+    if gpu {
+        let flat = Tensor::ones(total, DType::F32, &dev())?;
+        let t = median_ms(c, &mut || {
+            c.all_reduce(&flat, ReduceOp::Avg)?;
+            Ok(())
+        })?;
+        lines.push(format!(
+            "all_reduce one {total} f32 buffer ({:.0} MB): {t:.2} ms (alg {:.0} GB/s, bus {:.0} GB/s)",
+            bytes / 1e6,
+            bytes / (t * 1e-3) / 1e9,
+            bus(bytes, t)
+        ));
+    }
+    for mib in [25usize, 100] {
+        let sync = GradSync::new(world.clone(), mib);
+        let t = median_ms(c, &mut || {
+            sync.all_reduce_mean(&grads)?;
+            Ok(())
+        })?;
+        lines.push(format!(
+            "GradSync {} tensors, {total} f32 params ({:.0} MB), {mib} MiB buckets: {t:.2} ms \
+             (alg {:.0} GB/s, bus {:.0} GB/s incl. flatten/unflatten)",
+            grads.len(),
+            bytes / 1e6,
+            bytes / (t * 1e-3) / 1e9,
+            bus(bytes, t)
+        ));
+    }
     // DAP all-to-all of a pair-like activation [256/n, 256, 128] vs independent compute.
-    let n = c.size();
+    let dt = if gpu { DType::BF16 } else { DType::F32 };
+    let reps = if gpu { 20 } else { 1 };
     let dap = Dap::new(world.clone());
-    let z = Tensor::ones((256 / n, 256, 128), DType::F32, &Device::Cpu)?;
-    let w = Tensor::ones((128, 128), DType::F32, &Device::Cpu)?;
-    let compute = || -> Result<Tensor> { Ok(z.reshape((256 / n * 256, 128))?.matmul(&w)?) };
+    let z = Tensor::ones((256 / n, 256, 128), dt, &dev())?;
+    let w = Tensor::ones((128, 128), dt, &dev())?;
+    let compute = || -> Result<Tensor> {
+        let mut y = z.reshape((256 / n * 256, 128))?;
+        for _ in 0..reps {
+            y = y.matmul(&w)?.affine(1.0 / 128.0, 0.0)?;
+        }
+        Ok(y)
+    };
     let t_comm = median_ms(c, &mut || {
         dap.row_to_col(&z, 0, 1)?;
         Ok(())
@@ -766,13 +904,13 @@ fn bench(ctx: &ParallelCtx) -> Result<()> {
         Ok(())
     })?;
     lines.push(format!(
-        "DAP row_to_col [256/{n},256,128] f32: {t_comm:.1} ms; matmul {t_comp:.1} ms; \
-         started+matmul+wait {t_over:.1} ms (sequential sum {:.1} ms)",
+        "DAP row_to_col [256/{n},256,128] {dt:?}: {t_comm:.2} ms; {reps} matmul {t_comp:.2} ms; \
+         started+matmul+wait {t_over:.2} ms (sequential sum {:.2} ms)",
         t_comm + t_comp
     ));
     if ctx.rank == 0 {
         for l in lines {
-            println!("BENCH np{n} {l}");
+            println!("BENCH np{n} {} {l}", c.backend_name());
         }
     }
     Ok(())
@@ -829,7 +967,9 @@ fn dp_toy(ctx: &ParallelCtx) -> Result<()> {
     let n = ctx.world_size;
     let steps = 7u64;
     let cfg = toy_train_config(steps);
-    let groups = Arc::new(ProcessGroups::new(ctx, &cfg.parallel)?);
+    // The toy task computes on the CPU; on a GPU run its CPU gradients go through the NCCL
+    // communicator's MPI companion.
+    let groups = Arc::new(process_groups(ctx, &cfg.parallel)?);
     let coll = || GroupCollective::new(groups.clone(), 1, BTreeSet::new());
     // No label noise: the single-process reference must see exactly the same samples.
     let toy = |shard: (usize, usize), batch: usize| ToyConfig {

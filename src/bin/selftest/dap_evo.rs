@@ -17,15 +17,15 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use ferrofold::config::{Overlap, StackConfig};
+use ferrofold::config::{Overlap, Remat, StackConfig};
 use ferrofold::model::dropout::DropoutCtx;
 use ferrofold::model::evoformer::{BlockConfig, EvoformerOutput, EvoformerStack};
 use ferrofold::model::extra_msa::ExtraMsaStack;
 use ferrofold::model::params::{sorted_vars, varmap_from_tensors};
 use ferrofold::model::remat::vjp_loss;
-use ferrofold::parallel::{
-    Communicator, Dap, DapEvoformer, DapExtraMsa, MpiComm, ParallelCtx, ReduceOp,
-};
+use ferrofold::parallel::{Communicator, Dap, DapEvoformer, DapExtraMsa, ParallelCtx, ReduceOp};
+
+use crate::{dev, process_groups, world_comm};
 
 fn golden_dir() -> PathBuf {
     match std::env::var_os("FERROFOLD_GOLDEN_DIR") {
@@ -54,11 +54,13 @@ impl Fixture {
             .with_context(|| st.display().to_string())?;
         Ok(Self { meta, t })
     }
+    /// Tensor `name` on this run's device.
     fn get(&self, name: &str) -> Result<Tensor> {
-        self.t
+        Ok(self
+            .t
             .get(name)
-            .cloned()
-            .with_context(|| format!("fixture has no {name}"))
+            .with_context(|| format!("fixture has no {name}"))?
+            .to_device(&dev())?)
     }
     fn arg(&self, key: &str) -> Result<usize> {
         self.meta["constructor_args"][key]
@@ -66,10 +68,12 @@ impl Fixture {
             .map(|v| v as usize)
             .with_context(|| format!("constructor_args.{key}"))
     }
-    fn params(&self) -> BTreeMap<String, Tensor> {
+    /// Parameters on this run's device.
+    fn params(&self) -> Result<BTreeMap<String, Tensor>> {
         self.t
             .iter()
-            .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone())))
+            .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v)))
+            .map(|(n, v)| Ok((n, v.to_device(&dev())?)))
             .collect()
     }
 }
@@ -254,18 +258,18 @@ fn build(
     dt: DType,
 ) -> Result<(VarMap, EvoformerStack)> {
     let vm = varmap_from_tensors(params.clone(), dt)?;
-    let vb = VarBuilder::from_varmap(&vm, dt, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&vm, dt, &dev());
     let stack = EvoformerStack::new(vb, cfg, c_s)?;
     Ok((vm, stack))
 }
 
 pub fn dap_evo(ctx: &ParallelCtx) -> Result<()> {
-    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
+    let world: Arc<dyn Communicator> = world_comm(ctx)?;
     let (rank, n) = (world.rank(), world.size());
     let fx = Fixture::load("evoformer_stack_2blocks")?;
     let cfg = block_config(&fx)?;
     let c_s = fx.arg("c_s")?;
-    let params = fx.params();
+    let params = fx.params()?;
     let x = Inputs {
         m: fx.get("input.m")?,
         z: fx.get("input.z")?,
@@ -316,7 +320,7 @@ pub fn dap_evo(ctx: &ParallelCtx) -> Result<()> {
             .map(|i| if i == last { 0.0 } else { 1.0 })
             .collect::<Vec<f64>>(),
         (s_seq, 1),
-        &Device::Cpu,
+        &dev(),
     )?;
     let xm = Inputs {
         msa_mask: x.msa_mask.broadcast_mul(&keep)?,
@@ -377,7 +381,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
     };
     cfg.stack.num_blocks = 1;
     let params: BTreeMap<String, Tensor> = fx
-        .params()
+        .params()?
         .into_iter()
         .map(|(k, v)| (format!("blocks.0.{k}"), v))
         .collect();
@@ -388,7 +392,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
         pair_mask: fx.get("input.pair_mask")?,
         cm: fx.get("cotangent.m")?,
         cz: fx.get("cotangent.z")?,
-        cs: Tensor::zeros(1, DType::F64, &Device::Cpu)?,
+        cs: Tensor::zeros(1, DType::F64, &dev())?,
     };
     let s_seq = x.m.dim(0)?;
     let golden = Run {
@@ -396,7 +400,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
         z: fx.get("output.z")?,
         s: x.cs.clone(),
         grads: fx
-            .params()
+            .params()?
             .keys()
             .map(|k| Ok((format!("blocks.0.{k}"), fx.get(&format!("grad.param.{k}"))?)))
             .collect::<Result<_>>()?,
@@ -405,7 +409,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
     };
     let build_extra = |dt: DType| -> Result<(VarMap, ExtraMsaStack)> {
         let vm = varmap_from_tensors(params.clone(), dt)?;
-        let stack = ExtraMsaStack::new(VarBuilder::from_varmap(&vm, dt, &Device::Cpu), &cfg)?;
+        let stack = ExtraMsaStack::new(VarBuilder::from_varmap(&vm, dt, &dev()), &cfg)?;
         Ok((vm, stack))
     };
     let (vm, stack) = build_extra(DType::F64)?;
@@ -451,7 +455,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
             .map(|i| if i == last { 0.0 } else { 1.0 })
             .collect::<Vec<f64>>(),
         (s_seq, 1),
-        &Device::Cpu,
+        &dev(),
     )?;
     let xm = Inputs {
         msa_mask: x.msa_mask.broadcast_mul(&keep)?,
@@ -486,36 +490,59 @@ fn det(dims: &[usize], seed: f64, scale: f64) -> Result<Tensor> {
             ((i as f64 * 0.7548776662 + seed).sin() * 43758.5453).fract() as f32 * scale as f32
         })
         .collect();
-    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    Ok(Tensor::from_vec(v, dims, &dev())?)
 }
 
-pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
-    let world: Arc<dyn Communicator> = MpiComm::world(ctx)?;
-    let (rank, n) = (world.rank(), world.size());
-    let get = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (s, r, c_m, c_z, blocks) = (
-        get("BENCH_S", 32),
-        get("BENCH_R", 64),
-        get("BENCH_CM", 32),
-        get("BENCH_CZ", 32),
-        get("BENCH_BLOCKS", 2),
-    );
-    let cfg = BlockConfig {
+/// The world for the benches, with the concrete NCCL communicator (stall timers) on a GPU.
+struct BenchWorld {
+    world: Arc<dyn Communicator>,
+    #[cfg(feature = "cuda")]
+    nccl: Option<Arc<ferrofold::parallel::NcclComm>>,
+}
+
+impl BenchWorld {
+    fn new(ctx: &ParallelCtx) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if crate::on_gpu() {
+            let c = ferrofold::parallel::NcclComm::world(ctx, &dev())?;
+            return Ok(Self {
+                world: c.clone(),
+                nccl: Some(c),
+            });
+        }
+        Ok(Self {
+            world: world_comm(ctx)?,
+            #[cfg(feature = "cuda")]
+            nccl: None,
+        })
+    }
+
+    /// GPU stall (ms, waits) in collective waits since the last call (`FERROFOLD_NCCL_TIMING=1`).
+    fn stall(&self) -> Result<Option<(f64, usize)>> {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = &self.nccl {
+            return Ok(c.take_stall_ms()?);
+        }
+        Ok(None)
+    }
+}
+
+/// Bench block configuration: AF2's Evoformer dimensions on a GPU, small ones on the CPU
+/// (`BENCH_*` overrides).
+fn bench_config(gpu: bool, c_m: usize, c_z: usize, blocks: usize) -> BlockConfig {
+    let e = crate::env_usize;
+    let d = |cpu: usize, g: usize| if gpu { g } else { cpu };
+    BlockConfig {
         c_m,
         c_z,
         stack: StackConfig {
             num_blocks: blocks,
-            c_hidden_msa_att: 8,
-            no_heads_msa: 4,
-            c_hidden_opm: 8,
-            c_hidden_mul: 32,
-            c_hidden_pair_att: 8,
-            no_heads_pair: 4,
+            c_hidden_msa_att: e("BENCH_C_HIDDEN_MSA", d(8, 32)),
+            no_heads_msa: e("BENCH_HEADS_MSA", d(4, 8)),
+            c_hidden_opm: e("BENCH_C_OPM", d(8, 32)),
+            c_hidden_mul: e("BENCH_C_MUL", d(32, 128)),
+            c_hidden_pair_att: e("BENCH_C_HIDDEN_PAIR", d(8, 32)),
+            no_heads_pair: e("BENCH_HEADS_PAIR", d(4, 4)),
             transition_n: 4,
             msa_dropout: 0.15,
             pair_dropout: 0.25,
@@ -523,63 +550,254 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
-    };
-    // Parameters: the default init, then made identical on every rank by a broadcast.
+    }
+}
+
+fn bench_dtype() -> Result<DType> {
+    match std::env::var("BENCH_DTYPE").as_deref() {
+        Ok("bf16") => Ok(DType::BF16),
+        Ok("f32") => Ok(DType::F32),
+        Ok(other) => bail!("BENCH_DTYPE={other}: expected bf16 or f32"),
+        Err(_) => Ok(if crate::on_gpu() {
+            DType::BF16
+        } else {
+            DType::F32
+        }),
+    }
+}
+
+fn bench_remat() -> Result<Remat> {
+    match std::env::var("BENCH_REMAT").as_deref() {
+        Ok("block") => Ok(Remat::Block),
+        Ok("none") | Err(_) => Ok(Remat::None),
+        Ok(other) => bail!("BENCH_REMAT={other}: expected none or block"),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Bench stack and inputs: parameters from the default init, identical on every rank
+/// (broadcast from rank 0).
+struct BenchSetup {
+    _vm: VarMap,
+    stack: EvoformerStack,
+    m: Tensor,
+    z: Tensor,
+    mm: Tensor,
+    pm: Tensor,
+    cm: Tensor,
+    cz: Tensor,
+    desc: String,
+}
+
+fn bench_setup(world: &Arc<dyn Communicator>, blocks_default: usize) -> Result<BenchSetup> {
+    let gpu = crate::on_gpu();
+    let e = crate::env_usize;
+    let d = |cpu: usize, g: usize| if gpu { g } else { cpu };
+    let (s, r, c_m, c_z, blocks) = (
+        e("BENCH_S", d(32, 128)),
+        e("BENCH_R", d(64, 256)),
+        e("BENCH_CM", d(32, 256)),
+        e("BENCH_CZ", d(32, 128)),
+        e("BENCH_BLOCKS", blocks_default),
+    );
+    let dt = bench_dtype()?;
+    let cfg = bench_config(gpu, c_m, c_z, blocks);
     let vm = VarMap::new();
-    let stack = EvoformerStack::new(
-        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        &cfg,
-        16,
-    )?;
+    let stack = EvoformerStack::new(VarBuilder::from_varmap(&vm, dt, &dev()), &cfg, 384)?;
     for (_, v) in sorted_vars(&vm) {
         v.set(&world.broadcast(v.as_tensor(), 0)?)?;
     }
-    let m = det(&[s, r, c_m], 1.0, 1.0)?;
-    let z = det(&[r, r, c_z], 2.0, 1.0)?;
-    let mm = Tensor::ones((s, r), DType::F32, &Device::Cpu)?;
-    let pm = Tensor::ones((r, r), DType::F32, &Device::Cpu)?;
-    let (cm, cz) = (det(&[s, r, c_m], 3.0, 1.0)?, det(&[r, r, c_z], 4.0, 1.0)?);
-    let drop = DropoutCtx::new(7);
-    let iters = get("BENCH_ITERS", 3);
-    for overlap in [
-        Overlap::Off,
-        Overlap::DualityAsync,
-        Overlap::Off,
-        Overlap::DualityAsync,
-    ] {
-        let de = DapEvoformer::new(&stack, Dap::with_overlap(world.clone(), overlap));
-        let mut fwd = Vec::new();
-        let mut tot = Vec::new();
-        let mut waits = Vec::new();
-        let mut starts = Vec::new();
-        for _ in 0..iters {
+    let c = |t: Tensor| t.to_dtype(dt);
+    Ok(BenchSetup {
+        _vm: vm,
+        stack,
+        m: c(det(&[s, r, c_m], 1.0, 1.0)?)?,
+        z: c(det(&[r, r, c_z], 2.0, 1.0)?)?,
+        mm: Tensor::ones((s, r), dt, &dev())?,
+        pm: Tensor::ones((r, r), dt, &dev())?,
+        cm: c(det(&[s, r, c_m], 3.0, 1.0)?)?,
+        cz: c(det(&[r, r, c_z], 4.0, 1.0)?)?,
+        desc: format!("S={s} R={r} c_m={c_m} c_z={c_z} blocks={blocks} {dt:?}"),
+    })
+}
+
+/// `dap-evo-bench`: forward and forward+backward of the Evoformer stack: DAP-1 (the single-rank
+/// stack on every rank, `BENCH_REMAT` = none|block; `BENCH_DAP1=0` skips it) and DAP-n over the
+/// world with `parallel.overlap` off and duality async. Median over `BENCH_ITERS` after one
+/// warm-up. On a GPU with `FERROFOLD_NCCL_TIMING=1` it also reports how long the compute stream
+/// stalled waiting on collectives. Rank 0 prints `BENCH` lines; not a test.
+pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
+    let bw = BenchWorld::new(ctx)?;
+    let world = bw.world.clone();
+    let (rank, n) = (world.rank(), world.size());
+    let b = bench_setup(&world, 2)?;
+    let dctx = DropoutCtx::new(7);
+    let iters = crate::env_usize("BENCH_ITERS", 3).max(1);
+    let mut lines = Vec::new();
+    let mut dap1_tot = None;
+    if crate::env_usize("BENCH_DAP1", 1) == 1 {
+        let remat = bench_remat()?;
+        let (mut fwd, mut tot) = (Vec::new(), Vec::new());
+        for it in 0..=iters {
             world.barrier()?;
+            let t0 = Instant::now();
+            let (out, tape) =
+                b.stack
+                    .forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), remat)?;
+            crate::sync_dev()?;
+            let t1 = t0.elapsed().as_secs_f64() * 1e3;
+            let ds = out.s.zeros_like()?;
+            let g = tape.backward(&b.cm, &b.cz, &ds)?;
+            drop_all(g)?;
+            crate::sync_dev()?;
+            if it > 0 {
+                fwd.push(t1);
+                tot.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let t = median(&mut tot);
+        dap1_tot = Some(t);
+        lines.push(format!(
+            "DAP-1 {} remat={remat:?}: fwd {:.1} ms, fwd+bwd {t:.1} ms",
+            b.desc,
+            median(&mut fwd)
+        ));
+    }
+    for overlap in [Overlap::Off, Overlap::DualityAsync] {
+        let de = DapEvoformer::new(&b.stack, Dap::with_overlap(world.clone(), overlap));
+        let (mut fwd, mut tot, mut waits, mut starts, mut stall_f, mut stall_t) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let mut nwaits = 0usize;
+        for it in 0..=iters {
+            world.barrier()?;
+            bw.stall()?;
             de.reset_timers();
             let t0 = Instant::now();
-            let out = de.forward(&m, &z, &mm, &pm, Some(&drop))?;
-            let t1 = t0.elapsed().as_secs_f64();
-            vjp_loss(&[(&out.m, &cm), (&out.z, &cz)])?.backward()?;
-            tot.push(t0.elapsed().as_secs_f64());
-            fwd.push(t1);
-            waits.push(de.wait_seconds());
-            starts.push(de.start_seconds());
+            let out = de.forward(&b.m, &b.z, &b.mm, &b.pm, Some(&dctx))?;
+            crate::sync_dev()?;
+            let t1 = t0.elapsed().as_secs_f64() * 1e3;
+            let sf = bw.stall()?;
+            vjp_loss(&[(&out.m, &b.cm), (&out.z, &b.cz)])?.backward()?;
+            crate::sync_dev()?;
+            let t2 = t0.elapsed().as_secs_f64() * 1e3;
+            let sb = bw.stall()?;
+            if it > 0 {
+                fwd.push(t1);
+                tot.push(t2);
+                waits.push(de.wait_seconds() * 1e3);
+                starts.push(de.start_seconds() * 1e3);
+                if let (Some((f, k)), Some((g, _))) = (sf, sb) {
+                    stall_f.push(f);
+                    stall_t.push(f + g);
+                    nwaits = k;
+                }
+            }
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2] * 1e3
-        };
-        if rank == 0 {
-            println!(
-                "BENCH dap-evo n={n} S={s} R={r} c_m={c_m} c_z={c_z} blocks={blocks} overlap={overlap:?}: fwd {:.1} ms, fwd+bwd {:.1} ms, m col_to_row issue {:.2} ms + wait {:.2} ms (per fwd, median of {iters})",
-                med(&mut fwd),
-                med(&mut tot),
-                med(&mut starts),
-                med(&mut waits)
-            );
+        let t = median(&mut tot);
+        let mut l = format!(
+            "DAP-{n} {} overlap={overlap:?}: fwd {:.1} ms, fwd+bwd {t:.1} ms; host: m col_to_row issue {:.2} ms + wait {:.2} ms",
+            b.desc,
+            median(&mut fwd),
+            median(&mut starts),
+            median(&mut waits)
+        );
+        if !stall_f.is_empty() {
+            l.push_str(&format!(
+                "; GPU stalled in collective waits: fwd {:.1} ms ({nwaits} waits), fwd+bwd {:.1} ms",
+                median(&mut stall_f),
+                median(&mut stall_t)
+            ));
+        }
+        if let Some(t1) = dap1_tot {
+            l.push_str(&format!("; speedup vs DAP-1 fwd+bwd {:.2}x", t1 / t));
+        }
+        lines.push(l);
+    }
+    if rank == 0 {
+        for l in lines {
+            println!("BENCH dap-evo {} n={n} {l}", world.backend_name());
         }
     }
-    if n == 0 {
-        bail!("empty world");
+    Ok(())
+}
+
+/// Drop the gradients (after making sure they were computed).
+fn drop_all(g: ferrofold::model::evoformer::TrunkGrads) -> Result<()> {
+    drop(g);
+    Ok(())
+}
+
+/// `dp-evo-bench`: data-parallel throughput of a synthetic training step (Evoformer stack
+/// forward + backward on this rank's sample, parameter gradients to f32, bucketed all-reduce over
+/// the world with `GradSync`, 25 MiB buckets) vs the same step without the all-reduce (one GPU).
+/// Samples/s = world size / step time. Rank 0 prints `BENCH` lines; not a test.
+pub fn dp_evo_bench(ctx: &ParallelCtx) -> Result<()> {
+    let bw = BenchWorld::new(ctx)?;
+    let world = bw.world.clone();
+    let (rank, n) = (world.rank(), world.size());
+    let b = bench_setup(&world, 2)?;
+    let remat = bench_remat()?;
+    let iters = crate::env_usize("BENCH_ITERS", 3).max(1);
+    let sync = ferrofold::parallel::GradSync::new(world.clone(), 25);
+    let vars = sorted_vars(&b._vm);
+    let nparams: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut res = Vec::new();
+    for reduce in [false, true] {
+        let (mut tot, mut ar) = (Vec::new(), Vec::new());
+        for it in 0..=iters {
+            world.barrier()?;
+            let t0 = Instant::now();
+            // Each replica draws its own dropout (a per-rank seed).
+            let dctx = DropoutCtx::new(11).fork(rank as u64);
+            let (out, tape) = b
+                .stack
+                .forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), remat)?;
+            let ds = out.s.zeros_like()?;
+            let g = tape.backward(&b.cm, &b.cz, &ds)?;
+            let grads = ferrofold::parallel::sorted_grads(&vars, &g.params)?
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+                .collect::<Result<Vec<_>>>()?;
+            crate::sync_dev()?;
+            let t1 = t0.elapsed().as_secs_f64() * 1e3;
+            if reduce {
+                let r = sync.all_reduce_mean(&grads)?;
+                drop(r);
+                crate::sync_dev()?;
+            }
+            if it > 0 {
+                tot.push(t0.elapsed().as_secs_f64() * 1e3);
+                ar.push(t0.elapsed().as_secs_f64() * 1e3 - t1);
+            }
+        }
+        res.push((median(&mut tot), median(&mut ar)));
+    }
+    let (t1, _) = res[0];
+    let (tn, tar) = res[1];
+    if rank == 0 {
+        println!(
+            "BENCH dp-evo {} n={n} {} remat={remat:?} params={nparams}: 1 GPU step {t1:.1} ms = {:.2} samples/s; \
+             DP-{n} step {tn:.1} ms (all-reduce {tar:.1} ms) = {:.2} samples/s; scaling {:.2}x",
+            world.backend_name(),
+            b.desc,
+            1e3 / t1,
+            n as f64 * 1e3 / tn,
+            (n as f64 / tn) / (1.0 / t1)
+        );
     }
     Ok(())
 }
@@ -589,15 +807,16 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
 /// seeded dropout; one world all-reduce with [`dap_grad_scale`] must give the mean over samples of
 /// the single-rank gradients.
 pub fn dap_evo_dp(ctx: &ParallelCtx) -> Result<()> {
+    // `DAP_SIZE=1` on 2 ranks: DP-2 (one GPU per rank; NCCL allows one rank per GPU per group).
     let cfg_p = ferrofold::config::ParallelConfig {
-        dap_size: 2,
+        dap_size: crate::env_usize("DAP_SIZE", 2),
         ..Default::default()
     };
-    let groups = ferrofold::parallel::ProcessGroups::new(ctx, &cfg_p)?;
+    let groups = process_groups(ctx, &cfg_p)?;
     let co = groups.coords;
     let fx = Fixture::load("evoformer_stack_2blocks")?;
     let cfg = block_config(&fx)?;
-    let (vm, stack) = build(&fx.params(), &cfg, fx.arg("c_s")?, DType::F64)?;
+    let (vm, stack) = build(&fx.params()?, &cfg, fx.arg("c_s")?, DType::F64)?;
     let sample = |q: usize| -> Result<Inputs> {
         let f = 1.0 + 0.25 * q as f64;
         Ok(Inputs {
