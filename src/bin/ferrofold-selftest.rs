@@ -324,12 +324,8 @@ fn collectives(ctx: &ParallelCtx) -> Result<()> {
     );
     // Errors, not hangs, for bad arguments (checked locally before any communication).
     ensure!(
-        c.all_to_all(
-            &Tensor::zeros((2 * n + 1, 3), DType::F32, &dev())?,
-            0,
-            1
-        )
-        .is_err()
+        c.all_to_all(&Tensor::zeros((2 * n + 1, 3), DType::F32, &dev())?, 0, 1)
+            .is_err()
             || n == 1
     );
     ensure!(
@@ -845,7 +841,10 @@ fn bench(ctx: &ParallelCtx) -> Result<()> {
     })?;
     lines.push(format!("all_reduce 10M f32 start+wait: {t:.2} ms"));
     // Gradient buckets: ~93M parameters (AF2) on a GPU, 10M on the CPU.
-    let total = env_usize("BENCH_GRAD_PARAMS", if gpu { 93_000_000 } else { 10_000_000 });
+    let total = env_usize(
+        "BENCH_GRAD_PARAMS",
+        if gpu { 93_000_000 } else { 10_000_000 },
+    );
     let grads = grad_tensors(total)?;
     let bytes = 4.0 * total as f64;
     if gpu {

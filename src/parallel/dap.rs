@@ -243,15 +243,9 @@ impl Dap {
         };
         // Off the CPU the collective runs here, on tensors (the NCCL backend is stream-ordered);
         // the op's `cuda_fwd` then only hands the result to autograd.
-        if !x.device().is_cpu() {
-            let fresh = match op.ready.get_mut() {
-                Ok(r) if r.is_none() => true,
-                _ => false,
-            };
-            if fresh {
-                let out = op.forward(&x)?;
-                op.ready = Mutex::new(Some(out));
-            }
+        if !x.device().is_cpu() && matches!(op.ready.get_mut(), Ok(r) if r.is_none()) {
+            let out = op.forward(&x)?;
+            op.ready = Mutex::new(Some(out));
         }
         Ok(x.apply_op1(op)?)
     }

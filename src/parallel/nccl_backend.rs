@@ -145,11 +145,15 @@ fn nccl_dtype(dt: DType, rank: usize) -> Result<nccl_sys::ncclDataType_t> {
 /// Which NCCL collective to enqueue.
 #[derive(Debug, Clone, Copy)]
 enum Coll {
-    AllReduce { avg: bool },
+    AllReduce {
+        avg: bool,
+    },
     AllGather,
     /// Send layout `[size, *chunk]`: chunk `p` goes to rank `p`.
     AllToAll,
-    Broadcast { root: usize },
+    Broadcast {
+        root: usize,
+    },
 }
 
 /// How the raw output buffer (flat) becomes the result tensor (in `wait`, on the compute stream).
@@ -198,7 +202,10 @@ fn device_ptr(t: &Tensor, stream: &CudaStream, rank: usize) -> Result<u64> {
     }
     let (st, layout) = t.storage_and_layout();
     if !layout.is_contiguous() {
-        return Err(comm_err(rank, "NCCL: internal error: non-contiguous buffer"));
+        return Err(comm_err(
+            rank,
+            "NCCL: internal error: non-contiguous buffer",
+        ));
     }
     let off = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
     let p = match &*st {
@@ -207,12 +214,7 @@ fn device_ptr(t: &Tensor, stream: &CudaStream, rank: usize) -> Result<u64> {
             DType::F64 => base::<f64>(cs, stream)?,
             DType::BF16 => base::<half::bf16>(cs, stream)?,
             DType::F16 => base::<half::f16>(cs, stream)?,
-            other => {
-                return Err(comm_err(
-                    rank,
-                    format!("NCCL: unsupported dtype {other:?}"),
-                ))
-            }
+            other => return Err(comm_err(rank, format!("NCCL: unsupported dtype {other:?}"))),
         },
         _ => return Err(comm_err(rank, "NCCL: tensor is not on a CUDA device")),
     };
@@ -235,12 +237,7 @@ fn alloc_flat(dev: &CudaDevice, n: usize, dt: DType, rank: usize) -> Result<Tens
         DType::F64 => wrap::<f64>(dev, n)?,
         DType::BF16 => wrap::<half::bf16>(dev, n)?,
         DType::F16 => wrap::<half::f16>(dev, n)?,
-        other => {
-            return Err(comm_err(
-                rank,
-                format!("NCCL: unsupported dtype {other:?}"),
-            ))
-        }
+        other => return Err(comm_err(rank, format!("NCCL: unsupported dtype {other:?}"))),
     };
     Ok(Tensor::from_storage(
         Storage::Cuda(cs),
@@ -472,22 +469,8 @@ impl NcclComm {
                         let mut res = Ok(());
                         for p in 0..inner.size {
                             let off = (p * c) as u64 * esz;
-                            let r1 = nccl::send(
-                                (sp + off) as _,
-                                c,
-                                ndt,
-                                p as i32,
-                                inner.comm,
-                                s,
-                            );
-                            let r2 = nccl::recv(
-                                (rp + off) as _,
-                                c,
-                                ndt,
-                                p as i32,
-                                inner.comm,
-                                s,
-                            );
+                            let r1 = nccl::send((sp + off) as _, c, ndt, p as i32, inner.comm, s);
+                            let r2 = nccl::recv((rp + off) as _, c, ndt, p as i32, inner.comm, s);
                             if let Err(e) = r1.and(r2) {
                                 res = Err(nccl_err(rank, "ncclSend/ncclRecv", e));
                                 break;
@@ -605,10 +588,8 @@ impl NcclPending {
         };
         let rank = self.inner.rank;
         let timing = |s: &CudaStream| {
-            s.record_event(Some(
-                cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
-            ))
-            .map_err(|e| cuda_err(rank, "timing event", e))
+            s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_err(rank, "timing event", e))
         };
         let before = match &self.inner.stalls {
             Some(_) => Some(timing(&self.compute)?),

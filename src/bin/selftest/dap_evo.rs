@@ -649,9 +649,9 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
         for it in 0..=iters {
             world.barrier()?;
             let t0 = Instant::now();
-            let (out, tape) =
-                b.stack
-                    .forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), remat)?;
+            let (out, tape) = b
+                .stack
+                .forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), remat)?;
             crate::sync_dev()?;
             let t1 = t0.elapsed().as_secs_f64() * 1e3;
             let ds = out.s.zeros_like()?;
