@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
-use ferrofold::config::{Overlap, ParallelConfig};
+use ferrofold::config::{CommBackend, Overlap, ParallelConfig};
 use ferrofold::parallel::{
     dap_grad_scale, global_grad_norm, mean_to_root, pad_mask, pad_to_multiple, unpad, Communicator,
     Dap, GradSync, GridCoords, MpiComm, ParallelCtx, ProcessGroups, ReduceOp,
@@ -203,7 +203,34 @@ fn input(q: usize, n: usize, dt: DType) -> Result<Tensor> {
 fn collectives(ctx: &ParallelCtx) -> Result<()> {
     let world = world_comm(ctx)?;
     let c: &dyn Communicator = world.as_ref();
+    // Backend selection: the backend that cannot carry this device's tensors is rejected
+    // (before any collective, so every rank fails alike) with an error naming the setting.
+    let bad = ParallelConfig {
+        backend: if on_gpu() {
+            CommBackend::Mpi
+        } else {
+            CommBackend::Nccl
+        },
+        ..Default::default()
+    };
+    let e = ProcessGroups::with_device(ctx, &bad, &dev())
+        .err()
+        .context("a backend that cannot carry this device's tensors must be rejected")?;
+    ensure!(
+        e.to_string().contains("parallel.backend"),
+        "error must name parallel.backend: {e}"
+    );
+    let auto = process_groups(ctx, &ParallelConfig::default())?;
     let want_backend = if on_gpu() { "nccl" } else { "mpi" };
+    for (what, g) in [("world", &auto.world), ("dap", &auto.dap), ("dp", &auto.dp)] {
+        ensure!(
+            g.backend_name() == want_backend,
+            "{what} group backend {} on {:?}",
+            g.backend_name(),
+            dev()
+        );
+    }
+    drop(auto);
     ensure!(
         c.backend_name() == want_backend,
         "backend {} on {:?}",

@@ -28,13 +28,14 @@
 //! # Backends
 //! - MPI (`super::mpi_backend::MpiComm`): CPU tensors; blocking MPI collectives and MPI-3 immediate
 //!   collectives (owned buffers) for the async forms.
-//! - NCCL: `// TODO(cuda)`: not implemented in this build. It fits this trait as follows: `start_*`
-//!   enqueues the NCCL call on a dedicated communication stream after an event recorded on the
-//!   compute stream, and returns a `PendingOp` holding the output tensor and a completion event;
+//! - NCCL (`super::nccl_backend::NcclComm`, `cuda` builds): CUDA tensors. `start_*` enqueues the
+//!   NCCL call on a dedicated communication stream after an event recorded on the compute stream,
+//!   and returns a `PendingOp` holding the inputs, the output and a completion event;
 //!   `PendingOp::wait` makes the *compute stream* wait on that event (no host synchronisation) and
 //!   returns the tensor, so the blocking forms are just `start_*(..)?.wait()` and stay
-//!   stream-ordered. The shape helpers below (`assemble_gathered`, `pack_all_to_all`,
-//!   `unpack_all_to_all`) are device-agnostic candle ops, reusable by that backend.
+//!   stream-ordered. bf16/f16 travel natively except in reductions (f32, as above). CPU tensors
+//!   and host values go through an MPI companion communicator. The shape helpers below
+//!   (`assemble_gathered`, `pack_all_to_all`, `unpack_all_to_all`) are shared by both backends.
 
 use std::sync::Arc;
 

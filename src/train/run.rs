@@ -19,8 +19,9 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     let run_dir = args.common.run_dir.clone().ok_or_else(|| {
         Error::Msg("train needs --run-dir DIR (checkpoints, logs, metrics)".into())
     })?;
-    let groups = Arc::new(ProcessGroups::new(ctx, &cfg.parallel)?);
     let device = crate::device::select(cfg.train.device, ctx.local_rank)?;
+    // NCCL communicators on a GPU (`parallel.backend = auto | nccl`), MPI on the CPU.
+    let groups = Arc::new(ProcessGroups::with_device(ctx, &cfg.parallel, &device)?);
     if ctx.is_root() {
         cfg.write_resolved(&run_dir)?;
     }
