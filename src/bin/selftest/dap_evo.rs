@@ -629,11 +629,74 @@ fn bench_setup(world: &Arc<dyn Communicator>, blocks_default: usize) -> Result<B
     })
 }
 
-/// `dap-evo-bench`: forward and forward+backward of the Evoformer stack: DAP-1 (the single-rank
-/// stack on every rank, `BENCH_REMAT` = none|block; `BENCH_DAP1=0` skips it) and DAP-n over the
-/// world with `parallel.overlap` off and duality async. Median over `BENCH_ITERS` after one
-/// warm-up. On a GPU with `FERROFOLD_NCCL_TIMING=1` it also reports how long the compute stream
-/// stalled waiting on collectives. Rank 0 prints `BENCH` lines; not a test.
+/// High-water mark of the CUDA memory pool candle allocates from (`None` on the CPU).
+struct PoolPeak {
+    #[cfg(feature = "cuda")]
+    pool: Option<cudarc::driver::sys::CUmemoryPool>,
+}
+
+impl PoolPeak {
+    fn new() -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            use cudarc::driver::sys;
+            let Device::Cuda(cd) = dev() else {
+                return Ok(Self { pool: None });
+            };
+            let stream = cd.cuda_stream();
+            let ctx = stream.context();
+            ctx.bind_to_thread()
+                .map_err(|e| anyhow::anyhow!("bind context: {e:?}"))?;
+            if !ctx.has_async_alloc() {
+                return Ok(Self { pool: None });
+            }
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            // SAFETY: valid out-pointer and the device handle of a live context.
+            unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+                .result()
+                .map_err(|e| anyhow::anyhow!("cuDeviceGetMemPool: {e:?}"))?;
+            Ok(Self { pool: Some(pool) })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(Self {})
+    }
+
+    /// Peak GiB since the last call (and reset the mark).
+    fn take(&self) -> Result<Option<f64>> {
+        #[cfg(feature = "cuda")]
+        if let Some(pool) = self.pool {
+            use cudarc::driver::sys;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            let mut v: u64 = 0;
+            // SAFETY: the attribute is a cuuint64_t; `v` outlives the call.
+            unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+                .result()
+                .map_err(|e| anyhow::anyhow!("cuMemPoolGetAttribute: {e:?}"))?;
+            let mut zero: u64 = 0;
+            // SAFETY: as above; setting USED_MEM_HIGH to 0 resets it to the current use.
+            unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast()) }
+                .result()
+                .map_err(|e| anyhow::anyhow!("cuMemPoolSetAttribute: {e:?}"))?;
+            return Ok(Some(v as f64 / (1u64 << 30) as f64));
+        }
+        Ok(None)
+    }
+}
+
+fn gib(p: Option<f64>) -> String {
+    p.map(|g| format!(", peak {g:.1} GiB"))
+        .unwrap_or_default()
+}
+
+/// `dap-evo-bench`: the Evoformer stack, DAP-1 vs DAP-n over the world (`parallel.overlap` off
+/// and duality async). `BENCH_PASSES=fwdbwd` (default): forward and forward+backward with
+/// gradients; `fwd`: forward only on detached parameters (no autograd graph kept, so long stacks
+/// fit). DAP-1 is timed as `BENCH_DAP1` = `stack` (the single-rank stack,
+/// `EvoformerStack::forward_train`, `BENCH_REMAT` = none|block), `dap` (the DAP stack over a
+/// one-rank group: the same code path as DAP-n), `both` (default) or `none`. Median over
+/// `BENCH_ITERS` after one warm-up. On a GPU with `FERROFOLD_NCCL_TIMING=1` it also reports how
+/// long the compute stream stalled waiting on collectives. Rank 0 prints `BENCH` lines; not a
+/// test.
 pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
     let bw = BenchWorld::new(ctx)?;
     let world = bw.world.clone();
@@ -641,38 +704,96 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
     let b = bench_setup(&world, 2)?;
     let dctx = DropoutCtx::new(7);
     let iters = crate::env_usize("BENCH_ITERS", 3).max(1);
+    let fwd_only = std::env::var("BENCH_PASSES").is_ok_and(|v| v == "fwd");
+    let dap1 = std::env::var("BENCH_DAP1").unwrap_or_else(|_| "both".into());
+    let mem = PoolPeak::new()?;
+    // Forward-only: the same parameters as plain tensors (no graph is recorded).
+    let plain;
+    let stack = if fwd_only {
+        let map: std::collections::HashMap<String, Tensor> = sorted_vars(&b._vm)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        let cfg = bench_config(
+            crate::on_gpu(),
+            b.m.dim(2)?,
+            b.z.dim(2)?,
+            crate::env_usize("BENCH_BLOCKS", 2),
+        );
+        plain = EvoformerStack::new(VarBuilder::from_tensors(map, b.m.dtype(), &dev()), &cfg, 384)?;
+        &plain
+    } else {
+        &b.stack
+    };
+    let pass = if fwd_only { "fwd-only" } else { "fwd+bwd" };
     let mut lines = Vec::new();
     let mut dap1_tot = None;
-    if crate::env_usize("BENCH_DAP1", 1) == 1 {
+    let mut dap1_dap = None;
+    mem.take()?;
+    if dap1 == "stack" || dap1 == "both" {
         let remat = bench_remat()?;
         let (mut fwd, mut tot) = (Vec::new(), Vec::new());
         for it in 0..=iters {
             world.barrier()?;
             let t0 = Instant::now();
-            let (out, tape) = b
-                .stack
-                .forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), remat)?;
-            crate::sync_dev()?;
-            let t1 = t0.elapsed().as_secs_f64() * 1e3;
-            let ds = out.s.zeros_like()?;
-            let g = tape.backward(&b.cm, &b.cz, &ds)?;
-            drop_all(g)?;
-            crate::sync_dev()?;
+            if fwd_only {
+                let out = stack.forward(&b.m, &b.z, &b.mm, &b.pm, Some(&dctx))?;
+                crate::sync_dev()?;
+                drop(out);
+            } else {
+                let (out, tape) =
+                    stack.forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), remat)?;
+                crate::sync_dev()?;
+                let t1 = t0.elapsed().as_secs_f64() * 1e3;
+                let ds = out.s.zeros_like()?;
+                let g = tape.backward(&b.cm, &b.cz, &ds)?;
+                drop_all(g)?;
+                crate::sync_dev()?;
+                if it > 0 {
+                    fwd.push(t1);
+                }
+            }
             if it > 0 {
-                fwd.push(t1);
                 tot.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
         let t = median(&mut tot);
         dap1_tot = Some(t);
+        let what = if fwd_only {
+            format!("fwd {t:.1} ms")
+        } else {
+            format!("fwd {:.1} ms, fwd+bwd {t:.1} ms", median(&mut fwd))
+        };
         lines.push(format!(
-            "DAP-1 {} remat={remat:?}: fwd {:.1} ms, fwd+bwd {t:.1} ms",
+            "DAP-1 (single-rank stack) {} {pass} remat={remat:?}: {what}{}",
             b.desc,
-            median(&mut fwd)
+            gib(mem.take()?)
         ));
     }
-    for overlap in [Overlap::Off, Overlap::DualityAsync] {
-        let de = DapEvoformer::new(&b.stack, Dap::with_overlap(world.clone(), overlap));
+    let solo = if dap1 == "dap" || dap1 == "both" {
+        // A one-rank group per rank: the DAP stack with identity collectives.
+        Some(world.split(rank, 0)?)
+    } else {
+        None
+    };
+    let mut modes: Vec<(String, Dap)> = Vec::new();
+    if let Some(c) = &solo {
+        modes.push(("DAP-1 (DAP stack, 1-rank group)".into(), Dap::new(c.clone())));
+    }
+    // `BENCH_DAPN=0`: DAP-1 only (e.g. a stack too long for DAP-n without remat).
+    let dapn = if crate::env_usize("BENCH_DAPN", 1) == 1 {
+        vec![Overlap::Off, Overlap::DualityAsync]
+    } else {
+        Vec::new()
+    };
+    for overlap in dapn {
+        modes.push((
+            format!("DAP-{n} overlap={overlap:?}"),
+            Dap::with_overlap(world.clone(), overlap),
+        ));
+    }
+    for (label, dap) in modes {
+        let de = DapEvoformer::new(stack, dap);
         let (mut fwd, mut tot, mut waits, mut starts, mut stall_f, mut stall_t) = (
             Vec::new(),
             Vec::new(),
@@ -691,8 +812,11 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
             crate::sync_dev()?;
             let t1 = t0.elapsed().as_secs_f64() * 1e3;
             let sf = bw.stall()?;
-            vjp_loss(&[(&out.m, &b.cm), (&out.z, &b.cz)])?.backward()?;
-            crate::sync_dev()?;
+            if !fwd_only {
+                vjp_loss(&[(&out.m, &b.cm), (&out.z, &b.cz)])?.backward()?;
+                crate::sync_dev()?;
+            }
+            drop(out);
             let t2 = t0.elapsed().as_secs_f64() * 1e3;
             let sb = bw.stall()?;
             if it > 0 {
@@ -708,22 +832,41 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
             }
         }
         let t = median(&mut tot);
-        let mut l = format!(
-            "DAP-{n} {} overlap={overlap:?}: fwd {:.1} ms, fwd+bwd {t:.1} ms; host: m col_to_row issue {:.2} ms + wait {:.2} ms",
-            b.desc,
-            median(&mut fwd),
+        let mut l = if fwd_only {
+            format!("{label} {} {pass}: fwd {t:.1} ms", b.desc)
+        } else {
+            format!(
+                "{label} {} {pass}: fwd {:.1} ms, fwd+bwd {t:.1} ms",
+                b.desc,
+                median(&mut fwd)
+            )
+        };
+        l.push_str(&format!(
+            "; host: m col_to_row issue {:.2} + wait {:.2} ms",
             median(&mut starts),
             median(&mut waits)
-        );
-        if !stall_f.is_empty() {
+        ));
+        if !stall_f.is_empty() && !label.starts_with("DAP-1") {
             l.push_str(&format!(
-                "; GPU stalled in collective waits: fwd {:.1} ms ({nwaits} waits), fwd+bwd {:.1} ms",
+                "; GPU stalled on collectives: fwd {:.1} ms ({nwaits} waits){}",
                 median(&mut stall_f),
-                median(&mut stall_t)
+                if fwd_only {
+                    String::new()
+                } else {
+                    format!(", fwd+bwd {:.1} ms", median(&mut stall_t))
+                }
             ));
         }
-        if let Some(t1) = dap1_tot {
-            l.push_str(&format!("; speedup vs DAP-1 fwd+bwd {:.2}x", t1 / t));
+        l.push_str(&gib(mem.take()?));
+        if label.starts_with("DAP-1") {
+            dap1_dap = Some(t);
+        } else {
+            if let Some(t1) = dap1_tot {
+                l.push_str(&format!("; speedup vs single-rank stack {:.2}x", t1 / t));
+            }
+            if let Some(t1) = dap1_dap {
+                l.push_str(&format!(", vs DAP stack on 1 rank {:.2}x", t1 / t));
+            }
         }
         lines.push(l);
     }
