@@ -684,8 +684,7 @@ impl PoolPeak {
 }
 
 fn gib(p: Option<f64>) -> String {
-    p.map(|g| format!(", peak {g:.1} GiB"))
-        .unwrap_or_default()
+    p.map(|g| format!(", peak {g:.1} GiB")).unwrap_or_default()
 }
 
 /// `dap-evo-bench`: the Evoformer stack, DAP-1 vs DAP-n over the world (`parallel.overlap` off
@@ -720,7 +719,11 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
             b.z.dim(2)?,
             crate::env_usize("BENCH_BLOCKS", 2),
         );
-        plain = EvoformerStack::new(VarBuilder::from_tensors(map, b.m.dtype(), &dev()), &cfg, 384)?;
+        plain = EvoformerStack::new(
+            VarBuilder::from_tensors(map, b.m.dtype(), &dev()),
+            &cfg,
+            384,
+        )?;
         &plain
     } else {
         &b.stack
@@ -778,7 +781,10 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
     };
     let mut modes: Vec<(String, Dap)> = Vec::new();
     if let Some(c) = &solo {
-        modes.push(("DAP-1 (DAP stack, 1-rank group)".into(), Dap::new(c.clone())));
+        modes.push((
+            "DAP-1 (DAP stack, 1-rank group)".into(),
+            Dap::new(c.clone()),
+        ));
     }
     // `BENCH_DAPN=0`: DAP-1 only (e.g. a stack too long for DAP-n without remat).
     let dapn = if crate::env_usize("BENCH_DAPN", 1) == 1 {
