@@ -13,6 +13,8 @@
 
 #[path = "selftest/dap_evo.rs"]
 mod dap_evo;
+#[path = "selftest/dap_remat.rs"]
+mod dap_remat;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -37,6 +39,8 @@ const CASES: &[&str] = &[
     "dap-evo",
     "dap-evo-bench",
     "dap-evo-dp",
+    "dap-remat",
+    "dap-remat-mem",
 ];
 
 fn main() {
@@ -87,6 +91,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "dap-evo" => dap_evo::dap_evo(ctx),
         "dap-evo-bench" => dap_evo::dap_evo_bench(ctx),
         "dap-evo-dp" => dap_evo::dap_evo_dp(ctx),
+        "dap-remat" | "dap-remat-mem" => dap_remat::run(case, ctx),
         other => bail!("unknown case {other}"),
     }
 }
