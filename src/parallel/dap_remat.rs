@@ -110,6 +110,7 @@ fn gather_rows(x: &Tensor, rows: usize, cols: usize, dap: &Dap) -> Result<Tensor
 impl DapTrunk {
     /// The block loop for training: replicated `m` `[S, R, c_m]`, `z` `[R, R, c_z]` → detached
     /// replicated outputs and the tape (module docs). `remat` picks what is kept.
+    #[allow(clippy::too_many_arguments)]
     fn forward_train<'a>(
         &self,
         blocks: Vec<BlockParts<'a>>,

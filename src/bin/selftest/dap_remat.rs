@@ -46,7 +46,7 @@ fn mask(a: usize, b: usize, salt: usize, dt: DType) -> Result<Tensor> {
     let v: Vec<f64> = (0..a * b)
         .map(|k| {
             let (i, j) = (k / b, k % b);
-            if i > 0 && (i * 7 + j * 3 + salt) % 6 == 0 {
+            if i > 0 && (i * 7 + j * 3 + salt).is_multiple_of(6) {
                 0.0
             } else {
                 1.0
