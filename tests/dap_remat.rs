@@ -3,8 +3,8 @@
 //!   `model.remat` = `block` and `none` equal the single-rank stack (Evoformer and extra-MSA;
 //!   outputs, every parameter gradient, input gradients; f32 rel <= 1e-5, f64 rel <= 1e-10;
 //!   padded `n_seq`/`n_res`; `parallel.overlap` on and off; seeded dropout);
-//! - AF2 training with DAP-2 and `model.remat = "block"` through the `ferrofold` binary computes
-//!   the `remat = "none"` losses and gradient norms and resumes bitwise exactly.
+//! - AF2 training with DAP-2 and `model.remat = "block"` through the `ferrofold` binary equals
+//!   `remat = "none"` bitwise and resumes bitwise exactly.
 
 mod common;
 
@@ -195,10 +195,11 @@ fn digests(ckpt: &Path) -> serde_json::Value {
     meta["files"].clone()
 }
 
-/// DAP-2 training with per-block remat computes what DAP-2 without remat computes: step 1
-/// (lr 0 in warmup) and step 2 (one recycle: a no-gradient DAP cycle first) run on the same
-/// parameters, so the losses are bitwise equal (same forward) and the global gradient norms (over
-/// every parameter, after the DAP/DP all-reduce) agree up to summation order.
+/// DAP-2 training with per-block remat computes exactly what DAP-2 without remat computes (with
+/// more than one rank the DAP block boundaries are single-consumer all-to-alls, so even the
+/// gradient summation order is the same): 2 steps (the second with one recycle, i.e. a
+/// no-gradient DAP cycle first) give bitwise equal losses, gradient norms and checkpoints
+/// (parameters, Adam moments, EMA).
 #[test]
 fn af2_dap2_remat_block_np2_matches_remat_none() {
     let d = tmp("match");
@@ -212,24 +213,21 @@ fn af2_dap2_remat_block_np2_matches_remat_none() {
     assert!(err.contains("DAP-2 × DP-1:"), "{err}");
     let (a, b) = (curve(&none), curve(&block));
     assert_eq!(a.len(), 2);
-    assert_eq!(b.len(), 2);
-    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert_eq!(
-            x.0.to_bits(),
-            y.0.to_bits(),
-            "step {}: remat=block loss {} vs remat=none {}",
-            step + 1,
-            y.0,
-            x.0
-        );
-        assert!(
-            (x.1 - y.1).abs() <= 1e-5 * x.1.abs() && x.1 > 0.0,
-            "step {}: remat=block grad norm {} vs remat=none {}",
-            step + 1,
-            y.1,
-            x.1
-        );
-    }
+    let bits = |c: &[(f64, f64)]| {
+        c.iter()
+            .map(|x| (x.0.to_bits(), x.1.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert!(a.iter().all(|x| x.1 > 0.0), "{a:?}");
+    assert_eq!(
+        bits(&a),
+        bits(&b),
+        "(loss, grad norm): remat=none {a:?} vs block {b:?}"
+    );
+    assert_eq!(
+        digests(&none.join("ckpt-000000002")),
+        digests(&block.join("ckpt-000000002"))
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -34,6 +34,10 @@
 //! unpadded stack; such rows feed only masked positions (tested with a masked sequence, outputs
 //! and cotangents compared where valid).
 //!
+//! Training: [`DapEvoformer::forward`] builds one graph through the differentiable collectives;
+//! `forward_train` (in [`super::dap_remat`]) returns a tape with per-block recomputation
+//! (`model.remat`), which [`crate::model::alphafold::AlphaFold::loss_and_grads`] uses.
+//!
 //! Dropout: each shared mask is drawn for the *unpadded, unsharded* logical shape from the same
 //! [`DropoutCtx`] as the single-rank stack (every rank of the group must pass the same seed),
 //! then padded and sliced to this rank's part, so DAP-n applies exactly the masks of DAP-1.

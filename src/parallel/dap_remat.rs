@@ -37,10 +37,13 @@
 //!
 //! # Exactness
 //! The recomputed block is the same computation as in the forward pass (same inputs, masks and
-//! collectives; the MPI backend's all-gathers/all-to-alls are exact copies and its sums run in a
-//! fixed order), so the rebuilt outputs equal the forward outputs bitwise. Gradients equal
-//! `Remat::None`'s up to the summation order of contributions at block boundaries (as in
-//! [`crate::model::remat`]).
+//! collectives; the MPI backend's all-gathers/all-to-alls are exact copies), so the rebuilt
+//! outputs equal the forward outputs bitwise. With `n > 1` ranks the gradients equal
+//! `Remat::None`'s bitwise too: a block's output shards come from its final all-to-alls (m's
+//! `col_to_row`, z's `col_to_row`) and are consumed only by the next block, so no contribution is
+//! summed in a different order at block boundaries (tested in `ferrofold-selftest dap-remat`).
+//! With one rank the collectives are identities and, as in [`crate::model::remat`], the results
+//! agree up to summation order.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
