@@ -18,6 +18,8 @@
 
 #[path = "selftest/dap_evo.rs"]
 mod dap_evo;
+#[path = "selftest/dap_remat.rs"]
+mod dap_remat;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -92,6 +94,8 @@ const CASES: &[&str] = &[
     "dap-evo-bench",
     "dap-evo-dp",
     "dp-evo-bench",
+    "dap-remat",
+    "dap-remat-mem",
 ];
 
 fn main() {
@@ -162,6 +166,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "dap-evo-bench" => dap_evo::dap_evo_bench(ctx),
         "dap-evo-dp" => dap_evo::dap_evo_dp(ctx),
         "dp-evo-bench" => dap_evo::dp_evo_bench(ctx),
+        "dap-remat" | "dap-remat-mem" => dap_remat::run(case, ctx),
         other => bail!("unknown case {other}"),
     }
 }

@@ -9,8 +9,9 @@
 //! Two ways to differentiate:
 //! * [`AlphaFold::forward`] builds one graph for the last cycle: `loss.backward()` works.
 //! * [`AlphaFold::loss_and_grads`] runs the Evoformer / extra-MSA stacks of the last cycle with
-//!   remat tapes (`ModelConfig::remat`), backpropagates the loss through the structure module and
-//!   heads, then the trunk through its tapes, then the embedders. Same gradients as the plain path.
+//!   remat tapes (`ModelConfig::remat`; DAP-sharded tapes under DAP), backpropagates the loss
+//!   through the structure module and heads, then the trunk through its tapes, then the embedders.
+//!   Same gradients as the plain path.
 //!
 //! Precision: with [`Precision::Bf16`] the Evoformer and extra-MSA stacks run on bf16 activations
 //! (the master weights stay f32 `Var`s; `Linear` casts its weight to the activation dtype); the
@@ -24,8 +25,8 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::dropout::DropoutCtx;
 use super::embedders::{InputEmbedder, RecyclingEmbedder};
-use super::evoformer::{BlockConfig, EvoformerOutput, EvoformerStack};
-use super::extra_msa::ExtraMsaStack;
+use super::evoformer::{BlockConfig, EvoformerOutput, EvoformerStack, EvoformerTape, TrunkGrads};
+use super::extra_msa::{ExtraMsaStack, ExtraMsaTape};
 use super::heads::AuxiliaryHeads;
 use super::params::sorted_vars;
 use super::primitives::{Linear, LinearInit};
@@ -334,8 +335,9 @@ impl AlphaFold {
     /// Trunk precision (`train.precision`): bf16 runs the Evoformer and extra-MSA stacks on bf16
     /// activations; fp32 keeps the parameters' dtype.
     /// Run the Evoformer and extra-MSA stacks with DAP over `dap`'s group (every rank of the group
-    /// passes the same batch and dropout seed). Training then uses [`AlphaFold::forward`] and a
-    /// plain backward: the DAP stacks have no remat tapes.
+    /// passes the same batch and dropout seed). [`AlphaFold::loss_and_grads`] then runs them
+    /// through the DAP tapes ([`crate::parallel::dap_remat`]) with `model.remat`, and the
+    /// recycling cycles without gradient block by block.
     pub fn set_dap(&mut self, dap: Option<crate::parallel::Dap>) {
         self.dap = dap;
     }
@@ -517,9 +519,23 @@ impl AlphaFold {
     ) -> Result<RecycleState> {
         let pdt = self.param_dtype();
         let e = self.embed(f, &prev_detached(prev))?;
-        let out = if self.dap.is_some() {
-            // DAP stacks keep one graph for the cycle; it is dropped with `out` below.
-            self.stacks(&e, dropout)?
+        let out = if let Some(dap) = &self.dap {
+            // Block by block, detached block boundaries (as the single-rank branch below).
+            let (_, z) = crate::parallel::DapExtraMsa::new(&self.extra_msa_stack, dap.clone())
+                .forward_no_grad(
+                    &e.a,
+                    &e.z,
+                    &e.extra_mask,
+                    &e.pair_mask,
+                    dropout.map(|d| d.fork(1)).as_ref(),
+                )?;
+            crate::parallel::DapEvoformer::new(&self.evoformer, dap.clone()).forward_no_grad(
+                &e.m,
+                &z,
+                &e.msa_mask,
+                &e.pair_mask,
+                dropout.map(|d| d.fork(2)).as_ref(),
+            )?
         } else {
             let (z, _) = self.extra_msa_stack.forward_train(
                 &e.a.detach(),
@@ -650,19 +666,6 @@ impl AlphaFold {
         dropout: Option<DropoutCtx>,
         loss_fn: impl FnOnce(&AlphaFoldOutput) -> Result<(Tensor, T)>,
     ) -> Result<LossAndGrads<T>> {
-        if self.dap.is_some() {
-            // DAP stacks: one graph through the (differentiable) DAP collectives.
-            let output = self.forward(batch, num_recycles, dropout)?;
-            let (loss, aux) = loss_fn(&output)?;
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = backward_vars(&loss)?;
-            return Ok(LossAndGrads {
-                loss: loss_value,
-                aux,
-                grads: named_grads(params, &store)?,
-                output: output.detach(),
-            });
-        }
         let remat = self.cfg.remat;
         let recycled = self.recycle(batch, num_recycles, dropout)?;
         let f = &batch.cycles[num_recycles].to_device(&self.device())?;
@@ -673,22 +676,42 @@ impl AlphaFold {
         let d = dropout.map(|d| d.fork(100 + num_recycles as u64));
         let pdt = self.param_dtype();
         let e = self.embed(f, &prev)?;
-        let (z1, extra_tape) = self.extra_msa_stack.forward_train(
-            &e.a,
-            &e.z,
-            &e.extra_mask,
-            &e.pair_mask,
-            d.map(|d| d.fork(1)),
-            remat,
-        )?;
-        let (out, evo_tape) = self.evoformer.forward_train(
-            &e.m,
-            &z1,
-            &e.msa_mask,
-            &e.pair_mask,
-            d.map(|d| d.fork(2)),
-            remat,
-        )?;
+        let (d1, d2) = (d.map(|d| d.fork(1)), d.map(|d| d.fork(2)));
+        let (out, evo_tape, extra_tape) = match &self.dap {
+            // DAP: the sharded stacks' tapes (every rank of the group runs the same steps).
+            Some(dap) => {
+                let extra = crate::parallel::DapExtraMsa::new(&self.extra_msa_stack, dap.clone());
+                let (z1, extra_tape) =
+                    extra.forward_train(&e.a, &e.z, &e.extra_mask, &e.pair_mask, d1, remat)?;
+                let evo = crate::parallel::DapEvoformer::new(&self.evoformer, dap.clone());
+                let (out, evo_tape) =
+                    evo.forward_train(&e.m, &z1, &e.msa_mask, &e.pair_mask, d2, remat)?;
+                (out, EvoTape::Dap(evo_tape), ExtraTape::Dap(extra_tape))
+            }
+            None => {
+                let (z1, extra_tape) = self.extra_msa_stack.forward_train(
+                    &e.a,
+                    &e.z,
+                    &e.extra_mask,
+                    &e.pair_mask,
+                    d1,
+                    remat,
+                )?;
+                let (out, evo_tape) = self.evoformer.forward_train(
+                    &e.m,
+                    &z1,
+                    &e.msa_mask,
+                    &e.pair_mask,
+                    d2,
+                    remat,
+                )?;
+                (
+                    out,
+                    EvoTape::Single(evo_tape),
+                    ExtraTape::Single(extra_tape),
+                )
+            }
+        };
         // Trunk outputs as leaves of the downstream graph.
         let mv = Var::from_tensor(&out.m)?;
         let zv = Var::from_tensor(&out.z)?;
@@ -736,6 +759,36 @@ impl AlphaFold {
             grads: named_grads(params, &grads)?,
             output,
         })
+    }
+}
+
+/// The Evoformer's backward handle: single-rank or DAP-sharded.
+enum EvoTape<'a> {
+    Single(EvoformerTape<'a>),
+    Dap(crate::parallel::DapEvoformerTape<'a>),
+}
+
+impl EvoTape<'_> {
+    fn backward(self, dm: &Tensor, dz: &Tensor, ds: &Tensor) -> Result<TrunkGrads> {
+        match self {
+            Self::Single(t) => t.backward(dm, dz, ds),
+            Self::Dap(t) => t.backward(dm, dz, ds),
+        }
+    }
+}
+
+/// The extra-MSA stack's backward handle: single-rank or DAP-sharded.
+enum ExtraTape<'a> {
+    Single(ExtraMsaTape<'a>),
+    Dap(crate::parallel::DapExtraMsaTape<'a>),
+}
+
+impl ExtraTape<'_> {
+    fn backward(self, dz: &Tensor) -> Result<TrunkGrads> {
+        match self {
+            Self::Single(t) => t.backward(dz),
+            Self::Dap(t) => t.backward(dz),
+        }
     }
 }
 

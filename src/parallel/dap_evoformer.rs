@@ -34,11 +34,16 @@
 //! unpadded stack; such rows feed only masked positions (tested with a masked sequence, outputs
 //! and cotangents compared where valid).
 //!
+//! Training: [`DapEvoformer::forward`] builds one graph through the differentiable collectives;
+//! `forward_train` (in [`super::dap_remat`]) returns a tape with per-block recomputation
+//! (`model.remat`), which [`crate::model::alphafold::AlphaFold::loss_and_grads`] uses.
+//!
 //! Dropout: each shared mask is drawn for the *unpadded, unsharded* logical shape from the same
 //! [`DropoutCtx`] as the single-rank stack (every rank of the group must pass the same seed),
 //! then padded and sliced to this rank's part, so DAP-n applies exactly the masks of DAP-1.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -94,7 +99,7 @@ impl DapLayout {
 }
 
 /// The masks of one sample in every layout the block needs (padded, this rank's slices).
-struct Masks {
+pub(super) struct Masks {
     /// `[Sp, Rp]`
     msa_full: Tensor,
     /// `[Sp/n, Rp]`
@@ -110,7 +115,12 @@ struct Masks {
 }
 
 impl Masks {
-    fn new(msa_mask: &Tensor, pair_mask: &Tensor, l: &DapLayout, dtype: DType) -> Result<Self> {
+    pub(super) fn new(
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        l: &DapLayout,
+        dtype: DType,
+    ) -> Result<Self> {
         let msa_full = pad2(&msa_mask.to_dtype(dtype)?, l.sp, l.rp)?;
         let pair_full = pad2(&pair_mask.to_dtype(dtype)?, l.rp, l.rp)?;
         let pair_col = pair_full.narrow(1, l.rank * l.rl, l.rl)?.contiguous()?;
@@ -172,6 +182,7 @@ fn dap_dropout(
 }
 
 /// The column attention of a block: Algorithm 8 (Evoformer) or 19 (extra MSA).
+#[derive(Clone, Copy)]
 enum ColumnAttention<'b> {
     Local(&'b MsaColumnAttention),
     Global(&'b MsaColumnGlobalAttention),
@@ -187,7 +198,8 @@ impl ColumnAttention<'_> {
 }
 
 /// The parts of one Evoformer-like block (main Evoformer block or extra-MSA block).
-struct BlockParts<'b> {
+#[derive(Clone, Copy)]
+pub(super) struct BlockParts<'b> {
     msa_att_row: &'b MsaRowAttentionWithPairBias,
     /// MSA column attention (Algorithm 8) or global column attention (Algorithm 19) on
     /// column-sharded m `[Sp, Rp/n, c]` with its mask `[Sp, Rp/n]`.
@@ -230,23 +242,66 @@ impl<'b> From<&'b ExtraMsaBlock> for BlockParts<'b> {
     }
 }
 
-/// The sharded block loop shared by [`DapEvoformer`] and [`DapExtraMsa`], with the overlap timers.
-#[derive(Debug)]
-struct DapTrunk {
-    dap: Dap,
+/// Overlap timers of a [`DapTrunk`], shared with its training tapes (the recompute of a
+/// remat backward adds to them too).
+#[derive(Debug, Default)]
+pub(super) struct Timers {
     /// Nanoseconds spent waiting for m's asynchronous `col_to_row` (after the pair stack).
     wait_ns: AtomicU64,
     /// Nanoseconds spent issuing it (the whole transfer when `parallel.overlap = off`).
     start_ns: AtomicU64,
 }
 
+/// The sharded block loop shared by [`DapEvoformer`] and [`DapExtraMsa`], with the overlap timers.
+#[derive(Debug, Clone)]
+pub(super) struct DapTrunk {
+    pub(super) dap: Dap,
+    timers: Arc<Timers>,
+}
+
 impl DapTrunk {
     fn new(dap: Dap) -> Self {
         Self {
             dap,
-            wait_ns: AtomicU64::new(0),
-            start_ns: AtomicU64::new(0),
+            timers: Arc::new(Timers::default()),
         }
+    }
+
+    /// Pad replicated `m` `[S, R, c_m]`, `z` `[R, R, c_z]` and keep this rank's rows
+    /// (differentiable: bwd of the scatter = all-gather) → `(m_row, z_row)`.
+    pub(super) fn shard(&self, m: &Tensor, z: &Tensor, l: &DapLayout) -> Result<(Tensor, Tensor)> {
+        let (s, r) = (l.s, l.r);
+        // Pad and shard: m along S, z along its first residue axis.
+        let mp = m
+            .pad_with_zeros(0, 0, l.sp - s)?
+            .pad_with_zeros(1, 0, l.rp - r)?;
+        let zp = z
+            .pad_with_zeros(0, 0, l.rp - r)?
+            .pad_with_zeros(1, 0, l.rp - r)?;
+        let m_row = self.dap.scatter(&mp, 0)?; // [Sp/n, Rp, c_m]
+        let z_row = self.dap.scatter(&zp, 0)?; // [Rp/n, Rp, c_z]
+        Ok((m_row, z_row))
+    }
+
+    /// All-gather row-sharded `m_row`, `z_row` and drop the padding → replicated `(m, z)`
+    /// (differentiable: bwd of the gather = own chunk).
+    pub(super) fn unshard(
+        &self,
+        m_row: &Tensor,
+        z_row: &Tensor,
+        l: &DapLayout,
+    ) -> Result<(Tensor, Tensor)> {
+        let m = self
+            .dap
+            .gather(m_row, 0)?
+            .narrow(0, 0, l.s)?
+            .narrow(1, 0, l.r)?;
+        let z = self
+            .dap
+            .gather(z_row, 0)?
+            .narrow(0, 0, l.r)?
+            .narrow(1, 0, l.r)?;
+        Ok((m, z))
     }
 
     /// Pad, shard, run `blocks` (block `i` with `dropout.fork(i)`), gather, unpad → `(m, z)`.
@@ -262,47 +317,31 @@ impl DapTrunk {
         let (s, r, _) = m.dims3()?;
         let l = DapLayout::new(s, r, &self.dap);
         let masks = Masks::new(msa_mask, pair_mask, &l, m.dtype())?;
-        // Pad and shard: m along S, z along its first residue axis.
-        let mp = m
-            .pad_with_zeros(0, 0, l.sp - s)?
-            .pad_with_zeros(1, 0, l.rp - r)?;
-        let zp = z
-            .pad_with_zeros(0, 0, l.rp - r)?
-            .pad_with_zeros(1, 0, l.rp - r)?;
-        let mut m_row = self.dap.scatter(&mp, 0)?; // [Sp/n, Rp, c_m]
-        let mut z_row = self.dap.scatter(&zp, 0)?; // [Rp/n, Rp, c_z]
+        let (mut m_row, mut z_row) = self.shard(m, z, &l)?;
         for (i, b) in blocks.enumerate() {
             let d = dropout.map(|c| c.fork(i as u64));
             (m_row, z_row) = self.block(&b, &m_row, &z_row, &masks, &l, d.as_ref())?;
         }
-        let m = self
-            .dap
-            .gather(&m_row, 0)?
-            .narrow(0, 0, s)?
-            .narrow(1, 0, r)?;
-        let z = self
-            .dap
-            .gather(&z_row, 0)?
-            .narrow(0, 0, r)?
-            .narrow(1, 0, r)?;
-        Ok((m, z))
+        self.unshard(&m_row, &z_row, &l)
     }
 
     fn wait_seconds(&self) -> f64 {
-        self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9
+        self.timers.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     fn start_seconds(&self) -> f64 {
-        self.start_ns.load(Ordering::Relaxed) as f64 * 1e-9
+        self.timers.start_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     fn reset_timers(&self) {
-        self.wait_ns.store(0, Ordering::Relaxed);
-        self.start_ns.store(0, Ordering::Relaxed);
+        self.timers.wait_ns.store(0, Ordering::Relaxed);
+        self.timers.start_ns.store(0, Ordering::Relaxed);
     }
 
     /// One Evoformer block on row-sharded `m` `[Sp/n, Rp, c_m]` and `z` `[Rp/n, Rp, c_z]`.
-    fn block(
+    /// Issues the same collectives in the same order on every rank (whatever the values), so a
+    /// remat backward may re-run it ([`super::dap_remat`]).
+    pub(super) fn block(
         &self,
         b: &BlockParts,
         m_row: &Tensor,
@@ -334,7 +373,8 @@ impl DapTrunk {
         // Duality async: m's transfer to the next block's layout overlaps the pair stack.
         let t = Instant::now();
         let pending = dap.start_col_to_row(&m_col, 0, 1)?;
-        self.start_ns
+        self.timers
+            .start_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         // --- outer product mean: this rank's rows i × all columns j ------------------------
         let opm = b.outer_product_mean;
@@ -345,7 +385,8 @@ impl DapTrunk {
         let z_row = self.pair_stack(b.pair_stack, &z_row, k, l, dropout)?;
         let t = Instant::now();
         let m_row = pending.wait()?;
-        self.wait_ns
+        self.timers
+            .wait_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok((m_row, z_row))
     }
@@ -425,7 +466,7 @@ impl DapTrunk {
 #[derive(Debug)]
 pub struct DapEvoformer<'a> {
     pub stack: &'a EvoformerStack,
-    trunk: DapTrunk,
+    pub(super) trunk: DapTrunk,
 }
 
 impl<'a> DapEvoformer<'a> {
@@ -486,7 +527,7 @@ impl<'a> DapEvoformer<'a> {
 #[derive(Debug)]
 pub struct DapExtraMsa<'a> {
     pub stack: &'a ExtraMsaStack,
-    trunk: DapTrunk,
+    pub(super) trunk: DapTrunk,
 }
 
 impl<'a> DapExtraMsa<'a> {
