@@ -127,32 +127,56 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let stat_dtype = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let xs = cast(x, stat_dtype)?;
-        let w = cast(&self.weight, stat_dtype)?;
-        let b = cast(&self.bias, stat_dtype)?;
-        let y = if xs.device().is_cpu() {
+        if x.device().is_cpu() {
+            let dtype = x.dtype();
+            let stat_dtype = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let xs = cast(x, stat_dtype)?;
+            let w = cast(&self.weight, stat_dtype)?;
+            let b = cast(&self.bias, stat_dtype)?;
             // One fused op with an analytic backward: the graph keeps only x (and the output).
-            xs.contiguous()?.apply_op3(
+            let y = xs.contiguous()?.apply_op3(
                 &w.contiguous()?,
                 &b.contiguous()?,
                 LayerNormOp { eps: self.eps },
-            )?
-        } else {
-            let mean = xs.mean_keepdim(D::Minus1)?;
-            let xc = xs.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-            xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
-                .broadcast_mul(&w)?
-                .broadcast_add(&b)?
-        };
-        cast(&y, dtype)
+            )?;
+            return cast(&y, dtype);
+        }
+        if crate::kernels::fused_enabled() {
+            // CUDA: one fused kernel (x in its own dtype, f32 parameters and statistics).
+            if let Some(y) =
+                crate::kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps)?
+            {
+                return Ok(y);
+            }
+        }
+        layer_norm_twin(x, &self.weight, &self.bias, self.eps)
     }
+}
+
+/// Composite (plain candle ops) LayerNorm over the last dim: the twin of the fused kernels.
+/// Statistics in f32 (f64 for f64 input); output in `x`'s dtype.
+pub fn layer_norm_twin(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let stat_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let xs = cast(x, stat_dtype)?;
+    let w = cast(weight, stat_dtype)?;
+    let b = cast(bias, stat_dtype)?;
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let xc = xs.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&w)?
+        .broadcast_add(&b)?;
+    cast(&y, dtype)
 }
 
 /// Softmax over the last dimension, differentiable (never use `softmax_last_dim` in training).
@@ -162,10 +186,20 @@ impl LayerNorm {
 /// Computed in the activation dtype, as OpenFold does.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
-        Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
-    } else {
-        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+        return Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?);
     }
+    if !x.device().is_cpu() && crate::kernels::fused_enabled() {
+        if let Some(y) = crate::kernels::softmax::softmax(x)? {
+            return Ok(y);
+        }
+    }
+    softmax_twin(x)
+}
+
+/// Composite last-dim softmax (candle's `softmax`, correct gradients): the twin of the fused
+/// kernels.
+pub fn softmax_twin(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
 /// `x * c` where `c` is a constant (mask, dropout mask, normaliser, cotangent) broadcastable to
@@ -194,11 +228,12 @@ pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
         && x.rank() > 0
         && biases.len() <= 2;
     if !fused {
-        let mut a = x.clone();
-        for b in biases {
-            a = a.broadcast_add(b)?;
+        if !x.device().is_cpu() && crate::kernels::fused_enabled() {
+            if let Some(y) = crate::kernels::softmax::softmax_with_biases(x, biases)? {
+                return Ok(y);
+            }
         }
-        return softmax(&a);
+        return softmax_with_biases_twin(x, biases);
     }
     let shape = x.shape().clone();
     let bias = |i: usize| -> Result<Tensor> {
@@ -209,6 +244,20 @@ pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
     };
     Ok(x.contiguous()?
         .apply_op3(&bias(0)?, &bias(1)?, BiasedSoftmax)?)
+}
+
+/// Composite `softmax(x + b_1 + ...)` (broadcast adds in `x`'s dtype, then [`softmax`] on CPU or
+/// [`softmax_twin`] elsewhere): the twin of the fused kernels.
+pub fn softmax_with_biases_twin(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
+    let mut a = x.clone();
+    for b in biases {
+        a = a.broadcast_add(b)?;
+    }
+    if a.device().is_cpu() {
+        softmax(&a)
+    } else {
+        softmax_twin(&a)
+    }
 }
 
 /// Logistic sigmoid with a correct backward (`candle_nn::ops::sigmoid` is a CustomOp with `bwd`).
