@@ -4,7 +4,7 @@
 //! compared with a reference: the twin in f32 on the same values (for f32 cases it is the twin
 //! itself). Checked: the forward output and the gradient of every differentiable input for a
 //! random cotangent, plus run-to-run bitwise reproducibility of the fused gradients. An error is
-//! `max |a − ref| / max(max |ref|, 1e-30)`.
+//! `max |a − ref| / max(max |ref|, 1e-6)`.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -47,7 +47,7 @@ pub fn rel_err(a: &Tensor, r: &Tensor) -> Result<f64> {
     if d.is_nan() {
         return Ok(f64::INFINITY);
     }
-    Ok(d / m.max(1e-30))
+    Ok(d / m.max(1e-6))
 }
 
 /// Max |a − b| (f32); 0 iff equal (used for bitwise reproducibility).
