@@ -47,7 +47,11 @@ fn fused_switch_routes_primitives() {
             .to_scalar::<f32>()
             .unwrap()
     };
-    assert_eq!(d(&twin, &want), 0.0, "switch off must give the twin exactly");
+    assert_eq!(
+        d(&twin, &want),
+        0.0,
+        "switch off must give the twin exactly"
+    );
     ferrofold::kernels::set_fused(true);
     let fused = softmax(&x).unwrap();
     assert!(d(&fused, &want) < 1e-2);

@@ -132,7 +132,12 @@ pub fn cases(a: &KernelsArgs, dev: &Device) -> Result<Vec<KernelCase>> {
     Ok(vec![
         ln("layer_norm m [S,R,c_m]", &[s, r, cm], 1)?,
         ln("layer_norm z [R,R,c_z]", &[r, r, cz], 4)?,
-        attn("softmax msa-row [S,H,R,R]+mask+pair", (s, hm, r, r), true, 10)?,
+        attn(
+            "softmax msa-row [S,H,R,R]+mask+pair",
+            (s, hm, r, r),
+            true,
+            10,
+        )?,
         attn("softmax msa-col [R,H,S,S]+mask", (r, hm, s, s), false, 12)?,
         attn("softmax tri [R,H,R,R]+mask+tri", (r, hp, r, r), true, 14)?,
         KernelCase {

@@ -74,18 +74,15 @@ fn run(
     let vars = inputs
         .iter()
         .zip(diff)
-        .map(|(t, &d)| {
-            Ok(if d {
-                Some(Var::from_tensor(t)?)
-            } else {
-                None
-            })
-        })
+        .map(|(t, &d)| Ok(if d { Some(Var::from_tensor(t)?) } else { None }))
         .collect::<Result<Vec<_>>>()?;
     let ins: Vec<Tensor> = inputs
         .iter()
         .zip(&vars)
-        .map(|(t, v)| v.as_ref().map_or_else(|| t.clone(), |v| v.as_tensor().clone()))
+        .map(|(t, v)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
         .collect();
     let Some(y) = f(&ins)? else {
         return Ok(None);
@@ -116,8 +113,8 @@ struct Case<'a> {
 
 fn compare(case: Case<'_>, dt: DType, dev: &Device, rows: &mut Vec<CheckRow>) -> Result<()> {
     let tol = tolerance(dt);
-    let probe = (case.twin)(&case.inputs)?
-        .ok_or_else(|| Error::Msg("self-check: twin declined".into()))?;
+    let probe =
+        (case.twin)(&case.inputs)?.ok_or_else(|| Error::Msg("self-check: twin declined".into()))?;
     let g = rand(probe.dims(), 1.0, 7, dt, dev)?;
     let ref_inputs = case
         .inputs
@@ -130,8 +127,13 @@ fn compare(case: Case<'_>, dt: DType, dev: &Device, rows: &mut Vec<CheckRow>) ->
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let (yr, gr) = run(&*case.twin, &ref_inputs, &case.diff, &g.to_dtype(DType::F32)?)?
-        .ok_or_else(|| Error::Msg("self-check: twin declined".into()))?;
+    let (yr, gr) = run(
+        &*case.twin,
+        &ref_inputs,
+        &case.diff,
+        &g.to_dtype(DType::F32)?,
+    )?
+    .ok_or_else(|| Error::Msg("self-check: twin declined".into()))?;
     let (yt, gt) = run(&*case.twin, &case.inputs, &case.diff, &g)?
         .ok_or_else(|| Error::Msg("self-check: twin declined".into()))?;
     let fused = run(&*case.fused, &case.inputs, &case.diff, &g)?;
@@ -206,9 +208,7 @@ fn ln_case<'a>(dims: &[usize], dt: DType, dev: &Device, seed: u64) -> Result<Cas
         inputs: vec![x, w, b],
         diff: vec![true, true, true],
         names: vec!["dx", "dw", "db"],
-        fused: Box::new(|t: &[Tensor]| {
-            super::layer_norm::layer_norm(&t[0], &t[1], &t[2], 1e-5)
-        }),
+        fused: Box::new(|t: &[Tensor]| super::layer_norm::layer_norm(&t[0], &t[1], &t[2], 1e-5)),
         twin: Box::new(|t: &[Tensor]| Ok(Some(layer_norm_twin(&t[0], &t[1], &t[2], 1e-5)?))),
         expect_fused: c <= super::layer_norm::MAX_C,
     })
@@ -255,7 +255,10 @@ fn attn_case<'a>(
     };
     let f = move |t: &[Tensor]| super::softmax::softmax_with_biases(&t[0], &[&t[1], &view(&t[2])?]);
     let tw = move |t: &[Tensor]| {
-        Ok(Some(softmax_with_biases_twin(&t[0], &[&t[1], &view(&t[2])?])?))
+        Ok(Some(softmax_with_biases_twin(
+            &t[0],
+            &[&t[1], &view(&t[2])?],
+        )?))
     };
     Ok(Case {
         name: format!(
@@ -272,7 +275,13 @@ fn attn_case<'a>(
 }
 
 /// `softmax(x + b)` for a generic broadcast bias (gradient reduced by candle sums).
-fn bias_case<'a>(xd: &[usize], bd: &[usize], dt: DType, dev: &Device, seed: u64) -> Result<Case<'a>> {
+fn bias_case<'a>(
+    xd: &[usize],
+    bd: &[usize],
+    dt: DType,
+    dev: &Device,
+    seed: u64,
+) -> Result<Case<'a>> {
     let x = rand(xd, 3.0, seed, dt, dev)?;
     let bias = rand(bd, 2.0, seed + 1, dt, dev)?;
     Ok(Case {
@@ -338,7 +347,9 @@ pub fn self_check(dev: &Device) -> Result<Vec<CheckRow>> {
 
 /// Markdown table of [`self_check`] rows (failures marked `FAIL`).
 pub fn format_check(rows: &[CheckRow]) -> String {
-    let mut s = String::from("| case | dtype | what | err | twin err | tol | ok |\n|---|---|---|---|---|---|---|\n");
+    let mut s = String::from(
+        "| case | dtype | what | err | twin err | tol | ok |\n|---|---|---|---|---|---|---|\n",
+    );
     for r in rows {
         s += &format!(
             "| {} | {:?} | {} | {:.2e} | {:.2e} | {:.0e} | {} |\n",

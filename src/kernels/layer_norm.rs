@@ -239,7 +239,10 @@ mod cuda {
     }
 
     /// Contiguous view of a storage's slice of type `T`.
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+    fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<CudaView<'a, T>> {
         let (a, e) = l
             .contiguous_offsets()
             .ok_or_else(|| cerr("layer norm kernel: operand not contiguous"))?;
@@ -251,7 +254,11 @@ mod cuda {
         let c = l.dims().last().copied().unwrap_or(0);
         let vpt = values_per_lane(c).ok_or_else(|| cerr("layer norm kernel: c > 1024"))?;
         let sfx = dtype_suffix(dt).ok_or_else(|| cerr("layer norm kernel: dtype"))?;
-        Ok(((l.shape().elem_count() / c.max(1)) as i64, c as i32, format!("{sfx}_{vpt}")))
+        Ok((
+            (l.shape().elem_count() / c.max(1)) as i64,
+            c as i32,
+            format!("{sfx}_{vpt}"),
+        ))
     }
 
     fn fwd<T: CudaDType + DeviceRepr>(
@@ -262,13 +269,23 @@ mod cuda {
     ) -> candle_core::Result<CudaStorage> {
         let dev = xs.device().clone();
         let (rows, c, sfx) = dims(xl, xs.dtype())?;
-        let (x, w, b) = (view::<T>(xs, xl)?, view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
+        let (x, w, b) = (
+            view::<T>(xs, xl)?,
+            view::<f32>(ws, wl)?,
+            view::<f32>(bs, bl)?,
+        );
         let f = func(&dev, MODULE, SRC, &format!("ln_fwd_{sfx}"))?;
         // SAFETY: every element is written (one warp per row covers its row).
         let y = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&f);
-        a.arg(&x).arg(&w).arg(&b).arg(&y).arg(&rows).arg(&c).arg(&eps);
+        a.arg(&x)
+            .arg(&w)
+            .arg(&b)
+            .arg(&y)
+            .arg(&rows)
+            .arg(&c)
+            .arg(&eps);
         // SAFETY: the arguments match the kernel signature.
         unsafe { a.launch(warp_rows(rows as usize, WARPS)) }.map_err(cerr)?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
@@ -288,7 +305,13 @@ mod cuda {
         let dx = unsafe { dev.alloc::<T>(xl.shape().elem_count())? };
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&f);
-        a.arg(&x).arg(&w).arg(&g).arg(&dx).arg(&rows).arg(&c).arg(&eps);
+        a.arg(&x)
+            .arg(&w)
+            .arg(&g)
+            .arg(&dx)
+            .arg(&rows)
+            .arg(&c)
+            .arg(&eps);
         // SAFETY: the arguments match the kernel signature.
         unsafe { a.launch(warp_rows(rows as usize, WARPS)) }.map_err(cerr)?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev))

@@ -45,7 +45,12 @@ pub fn fused_enabled() -> bool {
                 Ok("0") | Ok("false") | Ok("off")
             );
             // Only the first reader initialises; a concurrent `set_fused` wins.
-            let _ = FUSED.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = FUSED.compare_exchange(
+                0,
+                if on { 1 } else { 2 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             FUSED.load(Ordering::Relaxed) == 1
         }
     }

@@ -594,7 +594,11 @@ mod cuda {
             no_cpu(self.name())
         }
 
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
             let m = l.shape().elem_count() / self.lead.max(1);
             let out = match s.dtype() {
                 DType::F32 => sum_lead::<f32>(self.lead, (s, l))?,
