@@ -131,7 +131,11 @@ impl BenchDevice {
     fn device(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda => crate::device::select(crate::config::DeviceKind::Cuda, 0),
+            Self::Cuda => {
+                let dev = crate::device::select(crate::config::DeviceKind::Cuda, 0)?;
+                crate::kernels::pool::keep_pool_memory_from_env(&dev)?;
+                Ok(dev)
+            }
         }
     }
 }

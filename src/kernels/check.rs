@@ -335,7 +335,8 @@ pub fn self_check(dev: &Device) -> Result<Vec<CheckRow>> {
             attn_case((3, 2, 5, 77), false, dt, dev, 22)?,
             attn_case((2, 2, 3, 1500), false, dt, dev, 23)?,
             bias_case(&[6, 4, 50], &[6, 1, 50], dt, dev, 30)?,
-            bias_case(&[3, 2, 5, 9], &[3, 1, 5, 1], dt, dev, 31)?,
+            bias_case(&[3, 2, 5, 9], &[3, 1, 1, 9], dt, dev, 31)?,
+            bias_case(&[3, 2, 5, 9], &[1, 2, 1, 9], dt, dev, 33)?,
             bias_case(&[3, 2, 5, 9], &[5, 9], dt, dev, 32)?,
         ];
         for c in cases {

@@ -14,6 +14,7 @@ pub(crate) mod launch;
 pub mod layer_norm;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+pub mod pool;
 pub mod softmax;
 
 use std::sync::atomic::{AtomicU8, Ordering};

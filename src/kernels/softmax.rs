@@ -27,14 +27,16 @@ pub const SRC: &str = concat!(
 struct SmBias { long long off; long long st[4]; long long sk; };
 struct SmParams { SmBias b1; SmBias b2; int d[4]; int nb; int k; };
 
-// Offsets of row `row`'s first element in both biases.
+// Offsets of row `row`'s first element in both biases (row < 2^32: 32-bit index arithmetic).
 __device__ __forceinline__ void bias_offsets(const SmParams& p, long long row, long long& o1, long long& o2) {
     o1 = p.b1.off; o2 = p.b2.off;
-    long long r = row;
+    unsigned r = (unsigned)row;
 #pragma unroll
     for (int d = 3; d >= 0; --d) {
-        long long i = r % p.d[d];
-        r /= p.d[d];
+        unsigned n = (unsigned)p.d[d];
+        unsigned q = r / n;
+        long long i = (long long)(r - q * n);
+        r = q;
         o1 += i * p.b1.st[d];
         o2 += i * p.b2.st[d];
     }
@@ -244,7 +246,8 @@ pub fn sm_params(xdims: &[usize], biases: &[(&[usize], &[usize], usize)]) -> Opt
     }
     let k = xdims[n - 1];
     let rows: usize = xdims[..n - 1].iter().product();
-    if k > i32::MAX as usize || rows.checked_mul(k)? > i64::MAX as usize {
+    if k > i32::MAX as usize || rows > u32::MAX as usize || rows.checked_mul(k)? > i64::MAX as usize
+    {
         return None;
     }
     let al = biases
