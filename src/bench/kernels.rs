@@ -150,6 +150,19 @@ pub fn cases(a: &KernelsArgs, dev: &Device) -> Result<Vec<KernelCase>> {
             fused: Box::new(|t: &[Tensor]| softmax::softmax(&t[0])),
             twin: Box::new(|t: &[Tensor]| some(softmax_twin(&t[0])?)),
         },
+        // Not a kernel: how much a loss `Σ y·g` costs with candle's one-block `sum_all` versus a
+        // two-stage sum (rows first), at the size of an Evoformer output.
+        KernelCase {
+            name: "sum_all [S,R,c_m]: 2-stage vs candle".into(),
+            inputs: vec![rt(&[s, r, cm], 1.0, 18, dt)?],
+            grads: vec![true],
+            fused: Box::new(|t: &[Tensor]| {
+                let c = t[0].dims().last().copied().unwrap_or(1).max(1);
+                let rows = t[0].elem_count() / c;
+                some(t[0].reshape((rows, c))?.sum(1)?.sum_all()?)
+            }),
+            twin: Box::new(|t: &[Tensor]| some(t[0].sum_all()?)),
+        },
     ])
 }
 
