@@ -313,3 +313,43 @@ pub fn format_kernels(a: &KernelsArgs, rows: &[KernelTiming]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU the fused kernels decline (NaN timings) and the twins still run: one row per
+    /// case, table printed.
+    #[test]
+    fn cpu_rows_and_table() {
+        let a = KernelsArgs {
+            n_seq: 4,
+            n_res: 8,
+            c_m: 16,
+            c_z: 8,
+            heads_msa: 2,
+            heads_pair: 2,
+            dtype: BenchDtype::F32,
+            iters: 2,
+            warmup: 1,
+            device: BenchDevice::Cpu,
+            filter: None,
+        };
+        let rows = bench_kernels(&a).unwrap();
+        assert_eq!(rows.len(), cases(&a, &Device::Cpu).unwrap().len());
+        for r in &rows {
+            assert!(
+                r.twin_fwd_ms.is_finite() && r.twin_bwd_ms.is_finite(),
+                "{r:?}"
+            );
+            if r.name.starts_with("sum_all") {
+                assert!(r.fused_fwd_ms.is_finite() && r.err_y < 1e-3, "{r:?}");
+            } else {
+                assert!(r.fused_fwd_ms.is_nan(), "{r:?}");
+            }
+        }
+        let table = format_kernels(&a, &rows);
+        assert_eq!(table.lines().count(), 3 + rows.len());
+        assert!(table.contains("| layer_norm m [S,R,c_m] |"));
+    }
+}

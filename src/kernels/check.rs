@@ -365,3 +365,20 @@ pub fn format_check(rows: &[CheckRow]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn self_check_needs_cuda() {
+        assert!(super::self_check(&candle_core::Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn relative_error_scales_by_reference() {
+        let dev = candle_core::Device::Cpu;
+        let r = candle_core::Tensor::new(&[2f32, -4.0, 1.0], &dev).unwrap();
+        let a = candle_core::Tensor::new(&[2f32, -3.0, 1.0], &dev).unwrap();
+        assert!((super::rel_err(&a, &r).unwrap() - 0.25).abs() < 1e-9);
+        assert_eq!(super::rel_err(&r, &r).unwrap(), 0.0);
+    }
+}
