@@ -107,6 +107,11 @@ impl Linear {
 /// Layer normalisation over the last dimension with a correct backward (candle's fused `LayerNorm`
 /// cuts gradients). Biased variance, eps = 1e-5 as in OpenFold. Statistics are computed in f32 (or
 /// f64 for f64 input) even for bf16 input.
+///
+/// CPU: one fused op with an analytic backward. CUDA (f32/bf16, `c ≤ 1024`): the fused NVRTC
+/// kernel of [`crate::kernels::layer_norm`] (x in its own dtype, f32 parameters), unless
+/// [`crate::kernels::set_fused`]`(false)` / `FERROFOLD_FUSED_KERNELS=0`; otherwise the composite
+/// [`layer_norm_twin`].
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -182,8 +187,9 @@ pub fn layer_norm_twin(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> 
 /// Softmax over the last dimension, differentiable (never use `softmax_last_dim` in training).
 ///
 /// On CPU for f32/f64 this is one fused op with an analytic backward (`dx = y·(g − Σ g·y)`), which
-/// keeps only its output for the backward pass; elsewhere it is candle's composite softmax.
-/// Computed in the activation dtype, as OpenFold does.
+/// keeps only its output for the backward pass. On CUDA (f32/bf16) the fused kernel of
+/// [`crate::kernels::softmax`] (f32 math, output in `x`'s dtype) unless the fused kernels are
+/// switched off; otherwise candle's composite softmax ([`softmax_twin`]).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
         return Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?);
@@ -221,7 +227,10 @@ pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 /// `softmax(x + b_1 + b_2 + ...)` over the last dimension, the biases added in the given order
 /// (each broadcastable to `x`). On CPU (f32/f64, at most two biases) one fused op: no broadcast
 /// bias is materialised and neither are the biased logits; the backward gives `x` and every
-/// tracked bias the same `dx = y·(g − Σ g·y)` (candle reduces it to each bias's shape).
+/// tracked bias the same `dx = y·(g − Σ g·y)` (candle reduces it to each bias's shape). On CUDA
+/// (f32/bf16, at most two biases) the fused kernel of [`crate::kernels::softmax`] (biases read
+/// through their strides, f32 math) unless the fused kernels are switched off; otherwise the
+/// composite [`softmax_with_biases_twin`].
 pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
     let fused = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
