@@ -7,6 +7,7 @@
 //!   and, on CUDA, the peak memory in use.
 //! - `bench parity`: the same randomly initialised block on two devices (default: f32 CPU vs f32
 //!   CUDA), comparing outputs and gradients.
+//! - `bench kernels`: each fused CUDA kernel against its composite twin ([`kernels`]).
 //! - `bench ops`: the candle primitives the block is made of (softmax, layer norm, matmul, casts,
 //!   broadcasts), timed alone at MSA-row-attention shapes.
 //!
@@ -22,6 +23,7 @@
 
 mod evoformer;
 mod gpu_mem;
+mod kernels;
 mod ops;
 mod parity;
 
@@ -38,6 +40,7 @@ pub use evoformer::{
     bench_evoformer, evoformer_block_flops, evoformer_op_flops, format_evoformer, EvoformerBench,
     PassTiming, BLOCK_OPS,
 };
+pub use kernels::{bench_kernels, format_kernels, KernelCase, KernelTiming, KernelsArgs};
 pub use ops::{bench_ops, format_ops, OpTiming};
 pub use parity::{format_parity, parity, ParityRow};
 
@@ -57,6 +60,8 @@ pub enum BenchCommand {
     Parity(ParityArgs),
     /// Time the candle primitives the block is made of, at MSA-row-attention shapes.
     Ops(OpsArgs),
+    /// Time each fused CUDA kernel against its composite twin (fwd, fwd+bwd, max error).
+    Kernels(KernelsArgs),
 }
 
 /// `ferrofold bench ops`: primitives at the shapes of MSA row attention (`[S, H, R, R]` logits,
@@ -126,7 +131,11 @@ impl BenchDevice {
     fn device(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda => crate::device::select(crate::config::DeviceKind::Cuda, 0),
+            Self::Cuda => {
+                let dev = crate::device::select(crate::config::DeviceKind::Cuda, 0)?;
+                crate::kernels::pool::keep_pool_memory_from_env(&dev)?;
+                Ok(dev)
+            }
         }
     }
 }
@@ -382,6 +391,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchCommand::Ops(a) => {
             let rows = bench_ops(a)?;
             print!("{}", format_ops(a, &rows));
+            Ok(())
+        }
+        BenchCommand::Kernels(a) => {
+            let rows = bench_kernels(a)?;
+            print!("{}", format_kernels(a, &rows));
             Ok(())
         }
         BenchCommand::Parity(a) => {

@@ -107,6 +107,11 @@ impl Linear {
 /// Layer normalisation over the last dimension with a correct backward (candle's fused `LayerNorm`
 /// cuts gradients). Biased variance, eps = 1e-5 as in OpenFold. Statistics are computed in f32 (or
 /// f64 for f64 input) even for bf16 input.
+///
+/// CPU: one fused op with an analytic backward. CUDA (f32/bf16, `c ≤ 1024`): the fused NVRTC
+/// kernel of [`crate::kernels::layer_norm`] (x in its own dtype, f32 parameters), unless
+/// [`crate::kernels::set_fused`]`(false)` / `FERROFOLD_FUSED_KERNELS=0`; otherwise the composite
+/// [`layer_norm_twin`].
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -127,45 +132,80 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let stat_dtype = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let xs = cast(x, stat_dtype)?;
-        let w = cast(&self.weight, stat_dtype)?;
-        let b = cast(&self.bias, stat_dtype)?;
-        let y = if xs.device().is_cpu() {
+        if x.device().is_cpu() {
+            let dtype = x.dtype();
+            let stat_dtype = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let xs = cast(x, stat_dtype)?;
+            let w = cast(&self.weight, stat_dtype)?;
+            let b = cast(&self.bias, stat_dtype)?;
             // One fused op with an analytic backward: the graph keeps only x (and the output).
-            xs.contiguous()?.apply_op3(
+            let y = xs.contiguous()?.apply_op3(
                 &w.contiguous()?,
                 &b.contiguous()?,
                 LayerNormOp { eps: self.eps },
-            )?
-        } else {
-            let mean = xs.mean_keepdim(D::Minus1)?;
-            let xc = xs.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-            xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
-                .broadcast_mul(&w)?
-                .broadcast_add(&b)?
-        };
-        cast(&y, dtype)
+            )?;
+            return cast(&y, dtype);
+        }
+        if crate::kernels::fused_enabled() {
+            // CUDA: one fused kernel (x in its own dtype, f32 parameters and statistics).
+            if let Some(y) =
+                crate::kernels::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps)?
+            {
+                return Ok(y);
+            }
+        }
+        layer_norm_twin(x, &self.weight, &self.bias, self.eps)
     }
+}
+
+/// Composite (plain candle ops) LayerNorm over the last dim: the twin of the fused kernels.
+/// Statistics in f32 (f64 for f64 input); output in `x`'s dtype.
+pub fn layer_norm_twin(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let stat_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let xs = cast(x, stat_dtype)?;
+    let w = cast(weight, stat_dtype)?;
+    let b = cast(bias, stat_dtype)?;
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let xc = xs.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&w)?
+        .broadcast_add(&b)?;
+    cast(&y, dtype)
 }
 
 /// Softmax over the last dimension, differentiable (never use `softmax_last_dim` in training).
 ///
 /// On CPU for f32/f64 this is one fused op with an analytic backward (`dx = y·(g − Σ g·y)`), which
-/// keeps only its output for the backward pass; elsewhere it is candle's composite softmax.
-/// Computed in the activation dtype, as OpenFold does.
+/// keeps only its output for the backward pass. On CUDA (f32/bf16) the fused kernel of
+/// [`crate::kernels::softmax`] (f32 math, output in `x`'s dtype) unless the fused kernels are
+/// switched off; otherwise candle's composite softmax ([`softmax_twin`]).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
-        Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
-    } else {
-        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+        return Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?);
     }
+    if !x.device().is_cpu() && crate::kernels::fused_enabled() {
+        if let Some(y) = crate::kernels::softmax::softmax(x)? {
+            return Ok(y);
+        }
+    }
+    softmax_twin(x)
+}
+
+/// Composite last-dim softmax (candle's `softmax`, correct gradients): the twin of the fused
+/// kernels.
+pub fn softmax_twin(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
 /// `x * c` where `c` is a constant (mask, dropout mask, normaliser, cotangent) broadcastable to
@@ -187,18 +227,22 @@ pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 /// `softmax(x + b_1 + b_2 + ...)` over the last dimension, the biases added in the given order
 /// (each broadcastable to `x`). On CPU (f32/f64, at most two biases) one fused op: no broadcast
 /// bias is materialised and neither are the biased logits; the backward gives `x` and every
-/// tracked bias the same `dx = y·(g − Σ g·y)` (candle reduces it to each bias's shape).
+/// tracked bias the same `dx = y·(g − Σ g·y)` (candle reduces it to each bias's shape). On CUDA
+/// (f32/bf16, at most two biases) the fused kernel of [`crate::kernels::softmax`] (biases read
+/// through their strides, f32 math) unless the fused kernels are switched off; otherwise the
+/// composite [`softmax_with_biases_twin`].
 pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
     let fused = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && x.rank() > 0
         && biases.len() <= 2;
     if !fused {
-        let mut a = x.clone();
-        for b in biases {
-            a = a.broadcast_add(b)?;
+        if !x.device().is_cpu() && crate::kernels::fused_enabled() {
+            if let Some(y) = crate::kernels::softmax::softmax_with_biases(x, biases)? {
+                return Ok(y);
+            }
         }
-        return softmax(&a);
+        return softmax_with_biases_twin(x, biases);
     }
     let shape = x.shape().clone();
     let bias = |i: usize| -> Result<Tensor> {
@@ -209,6 +253,20 @@ pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
     };
     Ok(x.contiguous()?
         .apply_op3(&bias(0)?, &bias(1)?, BiasedSoftmax)?)
+}
+
+/// Composite `softmax(x + b_1 + ...)` (broadcast adds in `x`'s dtype, then [`softmax`] on CPU or
+/// [`softmax_twin`] elsewhere): the twin of the fused kernels.
+pub fn softmax_with_biases_twin(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
+    let mut a = x.clone();
+    for b in biases {
+        a = a.broadcast_add(b)?;
+    }
+    if a.device().is_cpu() {
+        softmax(&a)
+    } else {
+        softmax_twin(&a)
+    }
 }
 
 /// Logistic sigmoid with a correct backward (`candle_nn::ops::sigmoid` is a CustomOp with `bwd`).
