@@ -48,43 +48,10 @@ fn plan(kind: DeviceKind, local_rank: usize) -> Result<Option<usize>> {
 pub fn select(kind: DeviceKind, local_rank: usize) -> Result<Device> {
     match plan(kind, local_rank)? {
         None => Ok(Device::Cpu),
-        Some(i) => Ok(Device::new_cuda(i)?),
-    }
-}
-
-/// On a CUDA device, let the stream-ordered memory pool keep freed memory instead of returning
-/// it to the driver at every synchronisation (CUDA's default release threshold is 0, so a loop
-/// that synchronises each step re-maps its working set every step). No-op on the CPU or without a
-/// memory pool.
-pub fn keep_pool_memory(device: &Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cd) = device {
-        use cudarc::driver::sys;
-        let stream = cd.cuda_stream();
-        let ctx = stream.context();
-        ctx.bind_to_thread()
-            .map_err(|e| Error::Msg(format!("bind CUDA context: {e:?}")))?;
-        if !ctx.has_async_alloc() {
-            return Ok(());
+        Some(i) => {
+            let dev = Device::new_cuda(i)?;
+            crate::kernels::pool::apply_pool_policy(&dev)?;
+            Ok(dev)
         }
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: valid out-pointer and the device handle of a live context.
-        unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
-            .result()
-            .map_err(|e| Error::Msg(format!("cuDeviceGetMemPool: {e:?}")))?;
-        let mut keep: u64 = u64::MAX;
-        // SAFETY: the release threshold is a cuuint64_t; `keep` outlives the call.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut keep as *mut u64).cast(),
-            )
-        }
-        .result()
-        .map_err(|e| Error::Msg(format!("cuMemPoolSetAttribute: {e:?}")))?;
     }
-    #[cfg(not(feature = "cuda"))]
-    let _ = device;
-    Ok(())
 }

@@ -132,9 +132,8 @@ impl BenchDevice {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda => {
-                let dev = crate::device::select(crate::config::DeviceKind::Cuda, 0)?;
-                crate::kernels::pool::keep_pool_memory_from_env(&dev)?;
-                Ok(dev)
+                // (`device::select` applies the memory-pool policy.)
+                crate::device::select(crate::config::DeviceKind::Cuda, 0)
             }
         }
     }

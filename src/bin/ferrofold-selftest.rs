@@ -123,15 +123,9 @@ fn main() {
     };
     let result = match device {
         Ok(d) => {
-            // `FERROFOLD_POOL_KEEP=1`: keep freed GPU memory in the pool across synchronisations.
-            let keep = std::env::var("FERROFOLD_POOL_KEEP").is_ok_and(|v| v == "1");
-            let r = if keep {
-                ferrofold::device::keep_pool_memory(&d).map_err(anyhow::Error::from)
-            } else {
-                Ok(())
-            };
+            // (`device::select` keeps freed GPU memory in the pool; `FERROFOLD_POOL_KEEP=0` not.)
             let _ = DEVICE.set(d);
-            r.and_then(|()| run(&case, &ctx))
+            run(&case, &ctx)
         }
         Err(e) => Err(e),
     };

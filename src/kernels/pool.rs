@@ -49,11 +49,13 @@ pub fn keep_pool_memory(dev: &Device) -> Result<bool> {
     }
 }
 
-/// [`keep_pool_memory`] when the environment variable `FERROFOLD_POOL_KEEP` is `1`.
-pub fn keep_pool_memory_from_env(dev: &Device) -> Result<bool> {
-    if std::env::var("FERROFOLD_POOL_KEEP").as_deref() == Ok("1") {
-        keep_pool_memory(dev)
-    } else {
+/// The pool policy every ferrofold CUDA device gets ([`crate::device::select`]): keep freed
+/// memory ([`keep_pool_memory`]) unless the environment variable `FERROFOLD_POOL_KEEP` is `0`
+/// (driver default, for comparisons). Returns whether memory is kept.
+pub fn apply_pool_policy(dev: &Device) -> Result<bool> {
+    if std::env::var("FERROFOLD_POOL_KEEP").as_deref() == Ok("0") {
         Ok(false)
+    } else {
+        keep_pool_memory(dev)
     }
 }
