@@ -9,11 +9,14 @@
 //! - [`optim`]: Adam with checkpointable moments, global-norm clipping, EMA.
 //! - [`checkpoint`]: atomic checksummed checkpoints, resume lookup, retention policy.
 //! - [`trainer`]: the loop (skipping non-finite steps, eval with EMA, checkpoints, signals).
+//! - [`eval`]: asynchronous evaluation on a background thread; [`eval_af2`]: the AF2 evaluator.
 //! - [`metrics`], [`mllog`]: per-step JSONL metrics, progress bar, `:::MLLOG` lines.
 //! - [`signals`]: SIGTERM/SIGUSR1 → checkpoint and exit with [`trainer::EXIT_STOPPED`].
 
 pub mod af2;
 pub mod checkpoint;
+pub mod eval;
+pub mod eval_af2;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;

@@ -78,6 +78,14 @@ pub trait Task {
     fn evaluate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::new())
     }
+
+    /// For `train.eval_mode = "async"`: a factory of an evaluator with its own model instance,
+    /// run on a background thread with snapshots of the EMA weights. It must compute exactly what
+    /// [`Task::evaluate`] computes with those weights swapped in. `None` (default): the trainer
+    /// evaluates synchronously.
+    fn evaluator(&self) -> Result<Option<crate::train::eval::EvaluatorFactory>> {
+        Ok(None)
+    }
 }
 
 /// The collective operations the trainer needs. Implemented over MPI/NCCL by the parallel module;
