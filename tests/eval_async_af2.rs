@@ -29,7 +29,10 @@ fn config(manifest: &Path, mode: EvalMode) -> Config {
     ]
     .to_vec();
     let mut cfg = Config::load(
-        &[repo.join("configs/base.toml"), repo.join("configs/tiny.toml")],
+        &[
+            repo.join("configs/base.toml"),
+            repo.join("configs/tiny.toml"),
+        ],
         &sets,
     )
     .unwrap();

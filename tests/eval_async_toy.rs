@@ -47,7 +47,10 @@ fn eval_records(dir: &std::path::Path) -> BTreeMap<u64, BTreeMap<String, f64>> {
         if v["kind"] == "eval" {
             let m: BTreeMap<String, f64> = serde_json::from_value(v["metrics"].clone()).unwrap();
             let step = v["step"].as_u64().unwrap();
-            assert!(out.insert(step, m).is_none(), "eval of step {step} logged twice");
+            assert!(
+                out.insert(step, m).is_none(),
+                "eval of step {step} logged twice"
+            );
         }
     }
     out
@@ -112,7 +115,10 @@ fn eval_async_matches_sync_and_leaves_training_unchanged() {
     let mut off = cfg.clone();
     off.train.eval_every = 0;
     let (d_off, s_off) = run_mode(&off, &toy, EvalMode::Async);
-    assert_eq!(s_sync, s_async, "training state differs: sync vs async eval");
+    assert_eq!(
+        s_sync, s_async,
+        "training state differs: sync vs async eval"
+    );
     assert_eq!(s_sync, s_off, "training state differs: eval vs no eval");
     assert_eq!(losses(&d_sync), losses(&d_async));
     assert_eq!(losses(&d_sync), losses(&d_off));

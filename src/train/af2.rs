@@ -286,6 +286,8 @@ impl Task for Af2Task {
             self.opts.pdb_dir.clone(),
             self.opts.max_eval_chains,
         );
-        Ok(Some(Box::new(move || Ok(Box::new(ev) as Box<dyn Evaluator>))))
+        Ok(Some(Box::new(move || {
+            Ok(Box::new(ev) as Box<dyn Evaluator>)
+        })))
     }
 }

@@ -263,7 +263,8 @@ mod tests {
 
     #[test]
     fn one_job_at_a_time_results_in_order() {
-        let mut ev = AsyncEval::spawn(Box::new(|| Ok(Box::new(Sum { delay_ms: 30 }) as _))).unwrap();
+        let mut ev =
+            AsyncEval::spawn(Box::new(|| Ok(Box::new(Sum { delay_ms: 30 }) as _))).unwrap();
         assert!(ev.poll().unwrap());
         assert!(ev.wait().unwrap().is_none());
         ev.submit(3, weights(1.0)).unwrap();
@@ -300,8 +301,7 @@ mod tests {
 
     #[test]
     fn factory_error_is_the_first_result() {
-        let mut ev =
-            AsyncEval::spawn(Box::new(|| Err(Error::Train("no model".into())))).unwrap();
+        let mut ev = AsyncEval::spawn(Box::new(|| Err(Error::Train("no model".into())))).unwrap();
         ev.submit(1, weights(1.0)).unwrap();
         let d = ev.wait().unwrap().unwrap();
         assert!(d.metrics.unwrap_err().contains("no model"));

@@ -205,7 +205,12 @@ impl Task for ToyTask {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
-        toy_eval(&self.current(), &self.eval_x, &self.eval_y, self.cfg.eval_delay_ms)
+        toy_eval(
+            &self.current(),
+            &self.eval_x,
+            &self.eval_y,
+            self.cfg.eval_delay_ms,
+        )
     }
 
     fn evaluator(&self) -> Result<Option<EvaluatorFactory>> {
@@ -214,7 +219,9 @@ impl Task for ToyTask {
             y: self.eval_y.clone(),
             delay_ms: self.cfg.eval_delay_ms,
         };
-        Ok(Some(Box::new(move || Ok(Box::new(ev) as Box<dyn Evaluator>))))
+        Ok(Some(Box::new(move || {
+            Ok(Box::new(ev) as Box<dyn Evaluator>)
+        })))
     }
 }
 

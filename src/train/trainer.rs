@@ -749,11 +749,13 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             self.async_eval.as_mut().and_then(AsyncEval::take)
         };
         let done = done.ok_or_else(|| {
-            Error::Train(format!("the result of the evaluation of step {pending} is missing"))
+            Error::Train(format!(
+                "the result of the evaluation of step {pending} is missing"
+            ))
         })?;
-        let metrics = done.metrics.map_err(|e| {
-            Error::Train(format!("evaluation of step {}: {e}", done.step))
-        })?;
+        let metrics = done
+            .metrics
+            .map_err(|e| Error::Train(format!("evaluation of step {}: {e}", done.step)))?;
         if self.coll.rank() == 0 {
             tracing::debug!(
                 "evaluation of step {} taken at step {} ({:.2} s, {:.2} s after its start)",
