@@ -50,6 +50,9 @@ pub fn snapshot(weights: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, T
     Ok(copy)
 }
 
+/// What the thread sends back: `(step, metrics or error message, seconds)`.
+type JobResult = (u64, std::result::Result<BTreeMap<String, f64>, String>, f64);
+
 struct Job {
     step: u64,
     weights: BTreeMap<String, Tensor>,
@@ -71,7 +74,7 @@ pub struct EvalDone {
 /// The background evaluation thread and its one in-flight job.
 pub struct AsyncEval {
     jobs: Option<Sender<Job>>,
-    results: Receiver<(u64, std::result::Result<BTreeMap<String, f64>, String>, f64)>,
+    results: Receiver<JobResult>,
     handle: Option<JoinHandle<()>>,
     /// `(step, submitted at)` of the job in flight.
     pending: Option<(u64, Instant)>,
@@ -92,7 +95,7 @@ impl AsyncEval {
     /// Start the evaluation thread; `factory` runs on it (its error is the first job's result).
     pub fn spawn(factory: EvaluatorFactory) -> Result<Self> {
         let (job_tx, job_rx) = bounded::<Job>(1);
-        let (res_tx, res_rx) = bounded(1);
+        let (res_tx, res_rx) = bounded::<JobResult>(1);
         let handle = std::thread::Builder::new()
             .name("ferrofold-eval".into())
             .spawn(move || {
@@ -146,10 +149,7 @@ impl AsyncEval {
         Ok(())
     }
 
-    fn received(
-        &mut self,
-        r: (u64, std::result::Result<BTreeMap<String, f64>, String>, f64),
-    ) -> Result<()> {
+    fn received(&mut self, r: JobResult) -> Result<()> {
         let (step, metrics, eval_time_s) = r;
         let (want, t0) = self
             .pending
