@@ -29,7 +29,9 @@ use crate::model::alphafold::{AfBatch, AlphaFold};
 use crate::model::dropout::DropoutCtx;
 use crate::model::init::SeededVarMap;
 use crate::train::eval::{Evaluator, EvaluatorFactory};
-use crate::train::eval_af2::{build_eval_chains, evaluate_model, Af2Evaluator, EvalChain};
+use crate::train::eval_af2::{
+    build_eval_chains, evaluate_model, merge_shards, Af2Evaluator, EvalChain,
+};
 use crate::train::optim::{params_from_varmap, Params};
 use crate::train::seed::seed_for;
 use crate::train::task::{StepCtx, StepOutput, Task};
@@ -45,6 +47,14 @@ pub struct Af2Options {
     pub eval: bool,
     /// Stop building eval inputs after this many validation chains (`None`: all).
     pub max_eval_chains: Option<usize>,
+    /// `(r, n)`: in-place evaluation ([`Task::evaluate`], the task's own, possibly DAP-sharded,
+    /// model) covers validation chains `i % n == r`; the trainer merges the shards' metrics on
+    /// rank 0 ([`Task::merge_eval`]). `(0, 1)`: every chain. DAP ranks of one group must share it.
+    pub eval_shard: (usize, usize),
+    /// The same for the background evaluator ([`Task::evaluator`], a DAP-free model of its own).
+    pub async_eval_shard: (usize, usize),
+    /// Whether in-place evaluation writes PDB files (one rank per DAP group should).
+    pub in_place_pdb: bool,
 }
 
 impl Default for Af2Options {
@@ -54,6 +64,9 @@ impl Default for Af2Options {
             pdb_dir: None,
             eval: true,
             max_eval_chains: None,
+            eval_shard: (0, 1),
+            async_eval_shard: (0, 1),
+            in_place_pdb: true,
         }
     }
 }
@@ -177,6 +190,7 @@ impl Af2Task {
                 &self.cfg,
                 &self.features,
                 self.opts.max_eval_chains,
+                self.opts.eval_shard,
             )?);
         }
         Ok(self.eval_set.as_deref().unwrap_or(&[]))
@@ -188,7 +202,7 @@ impl Af2Task {
     pub fn evaluate_chains(&mut self, step: u64) -> Result<BTreeMap<String, f64>> {
         let recycles = self.cfg.model.recycling.max_iters;
         let model = self.model.clone();
-        let pdb_dir = self.opts.pdb_dir.clone();
+        let pdb_dir = self.opts.pdb_dir.clone().filter(|_| self.opts.in_place_pdb);
         let chains = self.eval_chains()?;
         evaluate_model(&model, chains, recycles, step, pdb_dir.as_deref())
     }
@@ -285,9 +299,14 @@ impl Task for Af2Task {
             self.device.clone(),
             self.opts.pdb_dir.clone(),
             self.opts.max_eval_chains,
+            self.opts.async_eval_shard,
         );
         Ok(Some(Box::new(move || {
             Ok(Box::new(ev) as Box<dyn Evaluator>)
         })))
+    }
+
+    fn merge_eval(&self, parts: Vec<BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+        merge_shards(parts)
     }
 }

@@ -31,20 +31,24 @@ pub struct EvalChain {
     pub feats: BTreeMap<String, Tensor>,
 }
 
-/// Build the validation chains of `cfg.data` (split `val`), at most `limit`: full length,
-/// deterministic features on the CPU. A chain that fails to load is skipped with a warning.
+/// Build the validation chains of `cfg.data` (split `val`), at most `limit`, of which this
+/// evaluation shard `(r, n)` takes chains `i` with `i % n == r`: full length, deterministic
+/// features on the CPU. A chain that fails to load is skipped with a warning.
 pub fn build_eval_chains(
     cfg: &Config,
     features: &FeatureConfig,
     limit: Option<usize>,
+    shard: (usize, usize),
 ) -> Result<Vec<EvalChain>> {
     let set = Dataset::from_config(&cfg.data, Some("val"))?;
+    let (r, n) = (shard.0, shard.1.max(1));
     let mut chains = Vec::new();
     for (i, item) in set
         .items()
         .iter()
         .enumerate()
         .take(limit.unwrap_or(usize::MAX))
+        .filter(|(i, _)| i % n == r)
     {
         let built = set.load(i, &cfg.data).and_then(|input| {
             let fc = FeatureConfig {
@@ -84,8 +88,6 @@ pub fn evaluate_model(
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
     let mut out = BTreeMap::new();
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let mut n = 0usize;
     for chain in chains {
         let batch = AfBatch::from_last_dim(&chain.feats)?;
         let r = recycles.min(batch.cycles.len().saturating_sub(1));
@@ -106,20 +108,50 @@ pub fn evaluate_model(
         );
         for (k, v) in &per {
             out.insert(format!("{}/{k}", chain.id), *v);
-            *sums.entry(k.clone()).or_default() += v;
         }
-        n += 1;
         if let Some(d) = &pdb_dir {
             write_prediction(&d.join(format!("{}.pdb", chain.id)), &last, &pred, &plddt)?;
         }
     }
+    Ok(with_means(out))
+}
+
+/// Per-protein metrics (`<id>/<metric>`) plus their means over proteins (`<metric>`, summed in
+/// sorted id order) and `eval_chains`; any means already present are recomputed.
+pub fn with_means(metrics: BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let per: BTreeMap<String, f64> = metrics
+        .into_iter()
+        .filter(|(k, _)| k.contains('/'))
+        .collect();
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for (k, v) in &per {
+        if let Some((id, m)) = k.split_once('/') {
+            ids.insert(id);
+            let e = sums.entry(m.to_string()).or_default();
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+    let n = ids.len();
+    let mut out = per.clone();
     if n > 0 {
-        for (k, v) in sums {
-            out.insert(k, v / n as f64);
+        for (k, (s, c)) in sums {
+            out.insert(k, s / c as f64);
         }
         out.insert("eval_chains".into(), n as f64);
     }
-    Ok(out)
+    out
+}
+
+/// Merge the evaluations of several shards (each `<id>/<metric>` from the shard that evaluated
+/// it) and recompute the means: the same numbers as one process evaluating every chain.
+pub fn merge_shards(parts: Vec<BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+    let mut all = BTreeMap::new();
+    for p in parts {
+        all.extend(p.into_iter().filter(|(k, _)| k.contains('/')));
+    }
+    with_means(all)
 }
 
 /// Write one predicted chain as PDB (atoms that exist for each residue type).
@@ -197,18 +229,22 @@ pub struct Af2Evaluator {
     features: FeatureConfig,
     pdb_dir: Option<PathBuf>,
     max_chains: Option<usize>,
+    shard: (usize, usize),
     model: Option<(VarMap, Params, AlphaFold)>,
     chains: Option<Vec<EvalChain>>,
 }
 
 impl Af2Evaluator {
+    /// `shard`: `(r, n)` evaluates validation chains `i % n == r` (see [`build_eval_chains`]).
     pub fn new(
         cfg: &Config,
         device: Device,
         pdb_dir: Option<PathBuf>,
         max_chains: Option<usize>,
+        shard: (usize, usize),
     ) -> Self {
         Self {
+            shard,
             features: FeatureConfig::from_config(cfg),
             cfg: cfg.clone(),
             device,
@@ -234,6 +270,7 @@ impl Evaluator for Af2Evaluator {
                 &self.cfg,
                 &self.features,
                 self.max_chains,
+                self.shard,
             )?);
         }
         let (Some((_, params, model)), Some(chains)) = (&self.model, &self.chains) else {
@@ -256,5 +293,39 @@ impl Evaluator for Af2Evaluator {
             step,
             self.pdb_dir.as_deref(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn shards_merge_to_the_single_process_metrics() {
+        let all = with_means(m(&[
+            ("a/lddt_ca", 0.5),
+            ("b/lddt_ca", 0.25),
+            ("c/lddt_ca", 0.125),
+            ("a/rmsd_ca", 3.0),
+            ("b/rmsd_ca", 6.0),
+            ("c/rmsd_ca", 9.0),
+        ]));
+        assert_eq!(all["lddt_ca"], 0.875 / 3.0);
+        assert_eq!(all["rmsd_ca"], 6.0);
+        assert_eq!(all["eval_chains"], 3.0);
+        let s0 = with_means(m(&[
+            ("a/lddt_ca", 0.5),
+            ("c/lddt_ca", 0.125),
+            ("a/rmsd_ca", 3.0),
+            ("c/rmsd_ca", 9.0),
+        ]));
+        let s1 = with_means(m(&[("b/lddt_ca", 0.25), ("b/rmsd_ca", 6.0)]));
+        assert_eq!(s1["eval_chains"], 1.0);
+        assert_eq!(merge_shards(vec![s0, s1, BTreeMap::new()]), all);
+        assert!(with_means(BTreeMap::new()).is_empty());
     }
 }

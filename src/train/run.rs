@@ -26,9 +26,17 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     if ctx.is_root() {
         cfg.write_resolved(&run_dir)?;
     }
+    // Validation chains are sharded over the ranks (merged on rank 0). The background evaluator
+    // (`train.eval_mode = "async"`) runs a DAP-free model on a thread of every rank: one shard
+    // per rank. In-place evaluation (sync mode, and the final summary) uses the task's model,
+    // DAP-sharded in DAP runs: one shard per DAP group, whose first rank writes the PDB files.
+    let c = &groups.coords;
     let opts = Af2Options {
-        shard: (groups.coords.dp_rank, groups.coords.dp_size),
-        pdb_dir: ctx.is_root().then(|| run_dir.join("eval")),
+        shard: (c.dp_rank, c.dp_size),
+        pdb_dir: Some(run_dir.join("eval")),
+        eval_shard: (c.dp_rank, c.dp_size),
+        async_eval_shard: (c.rank, c.world_size),
+        in_place_pdb: c.dap_rank == 0,
         ..Af2Options::default()
     };
     let mut task = Af2Task::new(&cfg, device, opts)?;

@@ -86,6 +86,12 @@ pub trait Task {
     fn evaluator(&self) -> Result<Option<crate::train::eval::EvaluatorFactory>> {
         Ok(None)
     }
+
+    /// Combine the evaluations of all ranks (rank order) into the run's metrics, on rank 0. The
+    /// default suits tasks where every rank evaluates everything: rank 0's own.
+    fn merge_eval(&self, parts: Vec<BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+        parts.into_iter().next().unwrap_or_default()
+    }
 }
 
 /// The collective operations the trainer needs. Implemented over MPI/NCCL by the parallel module;

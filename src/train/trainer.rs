@@ -693,12 +693,44 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         step / self.cfg.train.eval_every.max(1)
     }
 
-    /// Whether `metrics` reach `train.target_lddt_ca` (this rank's view).
+    /// Whether `metrics` reach `train.target_lddt_ca`. Multi-rank: decided by rank 0, which
+    /// holds the merged metrics (the others hold their own shard's); agree with `any`.
     fn target_reached(&self, metrics: &BTreeMap<String, f64>) -> bool {
+        if self.coll.rank() != 0 {
+            return false;
+        }
         match (self.cfg.train.target_lddt_ca, metrics.get("lddt_ca")) {
             (Some(target), Some(l)) => *l >= target,
             _ => false,
         }
+    }
+
+    /// Multi-rank: gather every rank's evaluation on rank 0 and merge them
+    /// ([`Task::merge_eval`]); other ranks keep their own. Collective.
+    fn gather_eval(&self, local: BTreeMap<String, f64>) -> Result<BTreeMap<String, f64>> {
+        if self.coll.world_size() == 1 {
+            return Ok(local);
+        }
+        // Non-finite values travel as null.
+        let wire: BTreeMap<&String, Option<f64>> = local
+            .iter()
+            .map(|(k, v)| (k, v.is_finite().then_some(*v)))
+            .collect();
+        let value = serde_json::to_value(&wire).map_err(|e| Error::Train(e.to_string()))?;
+        let Some(parts) = self.coll.gather_to_root(value)? else {
+            return Ok(local);
+        };
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                let m: BTreeMap<String, Option<f64>> = serde_json::from_value(p)
+                    .map_err(|e| Error::Train(format!("gathered evaluation: {e}")))?;
+                Ok(m.into_iter()
+                    .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                    .collect())
+            })
+            .collect::<Result<Vec<BTreeMap<String, f64>>>>()?;
+        Ok(self.task.merge_eval(parts))
     }
 
     /// Start the background evaluation of this step's EMA weights (a copy). Nothing may be in
@@ -756,6 +788,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         let metrics = done
             .metrics
             .map_err(|e| Error::Train(format!("evaluation of step {}: {e}", done.step)))?;
+        let metrics = self.gather_eval(metrics)?;
         if self.coll.rank() == 0 {
             tracing::debug!(
                 "evaluation of step {} taken at step {} ({:.2} s, {:.2} s after its start)",
@@ -870,7 +903,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 p.set(m)?;
             }
         }
-        let metrics = result?;
+        let metrics = self.gather_eval(result?)?;
         let dt = t0.elapsed().as_secs_f64();
         self.record_eval(self.step, &metrics, dt)?;
         Ok(metrics)
