@@ -99,3 +99,98 @@ fn eval_async_af2_matches_sync_bitwise() {
         );
     }
 }
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferrofold")
+}
+
+fn check(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Data-parallel (`mpirun -np 2`), asynchronous: each rank evaluates its share of the two
+/// validation chains on its thread; rank 0 merges them. The merged metrics cover both chains with
+/// the means over both, and the predictions equal a single-process `ferrofold eval` of the
+/// checkpointed EMA weights of that step, byte for byte.
+#[test]
+fn eval_async_af2_np2_sharded_equals_single_process_eval() {
+    let d = run_dir("af2np2");
+    let manifest = manifest_subset(&d, &["2q2k_A", "3o5r_A", "3u8v_A"]);
+    let run = d.join("run");
+    let common: Vec<String> = [
+        "--config",
+        "configs/base.toml",
+        "--config",
+        "configs/tiny.toml",
+        "--set",
+        &format!("data.manifest=\"{}\"", manifest.display()),
+        "--set",
+        "data.crop_size=72",
+        "--set",
+        "log.progress=\"never\"",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = std::process::Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", bin()])
+        .arg("train")
+        .args(&common)
+        .args([
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "train.eval_mode=\"async\"",
+        ])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    check(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("3o5r_A") && out.contains("3u8v_A"), "{out}");
+    let evals: Vec<BTreeMap<String, f64>> = metrics_lines(&run)
+        .iter()
+        .filter(|v| v["kind"] == "eval")
+        .map(|v| {
+            assert_eq!(v["step"], 1);
+            serde_json::from_value(v["metrics"].clone()).unwrap()
+        })
+        .collect();
+    assert_eq!(evals.len(), 1, "one merged evaluation record");
+    let m = &evals[0];
+    assert_eq!(m["eval_chains"], 2.0);
+    for k in ["lddt_ca", "gdt_ts", "rmsd_ca"] {
+        let mean = (m[&format!("3o5r_A/{k}")] + m[&format!("3u8v_A/{k}")]) / 2.0;
+        assert_eq!(m[k], mean, "{k}");
+    }
+    let ev = d.join("ev");
+    let o = std::process::Command::new(bin())
+        .arg("eval")
+        .args(&common)
+        .args([
+            "--checkpoint",
+            run.join("ckpt-000000001").to_str().unwrap(),
+            "--out",
+            ev.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    check(&o);
+    for id in ["3o5r_A", "3u8v_A"] {
+        let pdb = |dir: &Path| std::fs::read(dir.join(format!("step-000000001/{id}.pdb"))).unwrap();
+        assert_eq!(pdb(&run.join("eval")), pdb(&ev), "{id}: prediction differs");
+    }
+}
