@@ -270,3 +270,43 @@ fn eval_async_resume_is_bitwise_exact() {
     assert_eq!(snapshot(&a), snapshot(&c));
     assert_eq!(eval_records(&straight), eval_records(&split));
 }
+
+/// A run that died with an evaluation in flight left the checkpoint of that step without metrics
+/// (simulated by removing them): the resumed run evaluates that step again, logs it and adds the
+/// metrics to the checkpoint.
+#[test]
+fn eval_async_lost_eval_is_redone_on_resume() {
+    let mut cfg = toy_config();
+    cfg.train.eval_mode = EvalMode::Async;
+    cfg.train.max_steps = 6;
+    cfg.train.eval_every = 3;
+    cfg.train.checkpoint_every = 3;
+    let toy = ToyConfig::default();
+    let dir = run_dir("lost");
+    trainer(&cfg, &toy, options(&dir)).run().unwrap();
+    let ck = dir.join(checkpoint::dir_name(6));
+    let want = checkpoint::read_meta(&ck).unwrap().eval;
+    assert!(want.contains_key("lddt_ca"));
+    // Forget the evaluation of step 6: metadata and log line.
+    let mut meta = checkpoint::read_meta(&ck).unwrap();
+    meta.eval.clear();
+    std::fs::write(
+        ck.join(checkpoint::META_FILE),
+        serde_json::to_vec_pretty(&meta).unwrap(),
+    )
+    .unwrap();
+    let lines: Vec<String> = metrics_lines(&dir)
+        .iter()
+        .filter(|v| !(v["kind"] == "eval" && v["step"] == 6))
+        .map(|v| v.to_string())
+        .collect();
+    std::fs::write(dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+    assert!(!eval_records(&dir).contains_key(&6));
+
+    let mut t = trainer(&cfg, &toy, options(&dir));
+    assert_eq!(t.step(), 6);
+    assert_eq!(t.run().unwrap(), Outcome::Finished { step: 6 });
+    assert_eq!(eval_records(&dir)[&6], want);
+    assert_eq!(checkpoint::read_meta(&ck).unwrap().eval, want);
+    assert_eq!(t.last_eval().unwrap(), &(6, want));
+}

@@ -478,6 +478,22 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         let eval_every = self.cfg.train.eval_every;
         let ckpt_every = self.cfg.train.checkpoint_every;
         let result = (|| -> Result<Outcome> {
+            // Resumed from the checkpoint of an evaluation step without its metrics: the run died
+            // while that evaluation was in flight. Its weights are the checkpoint's: redo it.
+            if self.async_eval.is_some()
+                && eval_every > 0
+                && self.step > 0
+                && self.step.is_multiple_of(eval_every)
+                && self.last_eval.as_ref().map(|e| e.0) != Some(self.step)
+            {
+                if rank == 0 {
+                    tracing::info!(
+                        "step {}: the checkpoint has no evaluation; evaluating it now",
+                        self.step
+                    );
+                }
+                self.start_async_eval()?;
+            }
             loop {
                 if self.step >= max_steps {
                     return Ok(Outcome::Finished { step: self.step });
