@@ -114,13 +114,12 @@ fn check(o: &std::process::Output) {
     );
 }
 
-/// Data-parallel (`mpirun -np 2`), asynchronous: each rank evaluates its share of the two
+/// Two ranks (`mpirun -np 2`, `extra` settings), asynchronous evaluation: each rank evaluates its share of the two
 /// validation chains on its thread; rank 0 merges them. The merged metrics cover both chains with
 /// the means over both, and the predictions equal a single-process `ferrofold eval` of the
 /// checkpointed EMA weights of that step, byte for byte.
-#[test]
-fn eval_async_af2_np2_sharded_equals_single_process_eval() {
-    let d = run_dir("af2np2");
+fn np2_sharded_equals_single_process_eval(tag: &str, extra: &[&str]) {
+    let d = run_dir(tag);
     let manifest = manifest_subset(&d, &["2q2k_A", "3o5r_A", "3u8v_A"]);
     let run = d.join("run");
     let common: Vec<String> = [
@@ -152,6 +151,7 @@ fn eval_async_af2_np2_sharded_equals_single_process_eval() {
             "--set",
             "train.eval_mode=\"async\"",
         ])
+        .args(extra)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -193,4 +193,23 @@ fn eval_async_af2_np2_sharded_equals_single_process_eval() {
         let pdb = |dir: &Path| std::fs::read(dir.join(format!("step-000000001/{id}.pdb"))).unwrap();
         assert_eq!(pdb(&run.join("eval")), pdb(&ev), "{id}: prediction differs");
     }
+}
+
+#[test]
+fn eval_async_af2_np2_sharded_equals_single_process_eval() {
+    np2_sharded_equals_single_process_eval("af2np2", &[]);
+}
+
+/// DAP-2: the background evaluators run the DAP-free model, one validation shard per rank.
+#[test]
+fn eval_async_af2_dap2_thread_eval_equals_single_process_eval() {
+    np2_sharded_equals_single_process_eval(
+        "af2dap2",
+        &[
+            "--set",
+            "parallel.dap_size=2",
+            "--set",
+            "model.remat=\"none\"",
+        ],
+    );
 }
