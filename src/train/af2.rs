@@ -196,9 +196,8 @@ impl Af2Task {
         Ok(self.eval_set.as_deref().unwrap_or(&[]))
     }
 
-    /// Evaluate every validation chain with the current parameters: per-protein metrics
-    /// (`<id>/lddt_ca`, ...) and their means (`lddt_ca`, `drmsd_ca`, `rmsd_ca`, `gdt_ts`,
-    /// `gdt_ha`, `plddt`).
+    /// Evaluate every validation chain: per-protein metrics (`<id>/lddt_ca`, ...) and their means
+    /// (`lddt_ca`, `drmsd_ca`, `rmsd_ca`, `gdt_ts`, `gdt_ha`, `plddt`).
     pub fn evaluate_chains(&mut self, step: u64) -> Result<BTreeMap<String, f64>> {
         let recycles = self.cfg.model.recycling.max_iters;
         let model = self.model.clone();
