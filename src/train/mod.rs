@@ -15,8 +15,6 @@
 
 pub mod af2;
 pub mod checkpoint;
-pub mod eval;
-pub mod eval_af2;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;
@@ -30,6 +28,10 @@ pub mod task;
 pub mod toy;
 pub mod trainer;
 pub mod weights;
+
+// Evaluation: the asynchronous evaluator and the AF2 evaluation.
+pub mod eval;
+pub mod eval_af2;
 
 pub use optim::{Adam, Ema, Grads, Params};
 pub use seed::{recycles_for_step, seed_for, Rng};
