@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 
 use crate::error::{Error, Result};
@@ -35,19 +35,33 @@ pub trait Evaluator {
 /// Builds an [`Evaluator`] on the evaluation thread (so the evaluator itself need not be `Send`).
 pub type EvaluatorFactory = Box<dyn FnOnce() -> Result<Box<dyn Evaluator>> + Send>;
 
-/// A deep copy of `weights` (fresh storage: later in-place updates of the originals cannot reach
-/// it), synchronised with the device, so that another thread can read it.
+/// A deep copy of `weights` in host memory (fresh storage: later in-place updates of the
+/// originals cannot reach it). GPU tensors are copied to the host here, on the training thread at
+/// a step boundary: the evaluation thread then never issues work on the training device's stream
+/// (which may be capturing a CUDA graph); it uploads the copy to a device of its own
+/// ([`eval_device`]).
 pub fn snapshot(weights: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
-    let copy = weights
+    weights
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.copy()?)))
-        .collect::<Result<BTreeMap<String, Tensor>>>()?;
-    // CUDA: candle issues work on the calling thread's stream; the evaluation thread reads the copy
-    // on its own stream, so the copy must be complete first.
-    if let Some(t) = copy.values().next() {
-        t.device().synchronize()?;
+        .map(|(k, t)| {
+            let c = if t.device().is_cpu() {
+                t.copy()?
+            } else {
+                t.to_device(&Device::Cpu)?
+            };
+            Ok((k.clone(), c))
+        })
+        .collect()
+}
+
+/// The device an evaluation thread computes on: for a CUDA training device, a new device handle
+/// on the same GPU with a stream of its own (evaluation kernels neither wait behind nor join the
+/// training stream); otherwise the training device.
+pub fn eval_device(train: &Device) -> Result<Device> {
+    match train.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Ok(Device::new_cuda_with_stream(gpu_id)?),
+        _ => Ok(train.clone()),
     }
-    Ok(copy)
 }
 
 /// What the thread sends back: `(step, metrics or error message, seconds)`.
@@ -230,7 +244,6 @@ impl Drop for AsyncEval {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     struct Sum {
         delay_ms: u64,

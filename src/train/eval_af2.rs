@@ -263,7 +263,8 @@ impl Evaluator for Af2Evaluator {
         weights: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, f64>> {
         if self.model.is_none() {
-            self.model = Some(build_model(&self.cfg, &self.device)?);
+            let device = crate::train::eval::eval_device(&self.device)?;
+            self.model = Some(build_model(&self.cfg, &device)?);
         }
         if self.chains.is_none() {
             self.chains = Some(build_eval_chains(

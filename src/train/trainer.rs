@@ -17,9 +17,9 @@
 //! `eval_accuracy` (EMA lDDT-Cα), `eval_stop` after its last.
 //!
 //! Evaluation (`train.eval_mode`): `sync` evaluates in place (EMA weights swapped into the task's
-//! parameters) and training waits. `async` (when the task offers an [`crate::train::eval::Evaluator`])
-//! copies the EMA weights and evaluates them on a background thread with a model instance of its
-//! own ([`crate::train::eval`]); `eval_start` is logged at the evaluation step, `eval_accuracy` and
+//! parameters) and training waits. `async` (when the task offers an
+//! [`crate::train::eval::Evaluator`]) copies the EMA weights (to host memory) and evaluates them on
+//! a background thread with a model instance of its own ([`crate::train::eval`]); `eval_start` is logged at the evaluation step, `eval_accuracy` and
 //! `eval_stop` (with the evaluation step's epoch and step) when the result is taken. Results are
 //! taken at a step boundary agreed by all ranks (every rank polls; they take it once every rank has
 //! it), so every rank logs it and stops for the lDDT target at the same step. At most one evaluation
