@@ -310,3 +310,22 @@ fn eval_async_lost_eval_is_redone_on_resume() {
     assert_eq!(checkpoint::read_meta(&ck).unwrap().eval, want);
     assert_eq!(t.last_eval().unwrap(), &(6, want));
 }
+
+/// `train.eval_mode` parses (default async); dedicated evaluation ranks are refused clearly.
+#[test]
+fn eval_async_config_keys() {
+    assert_eq!(Config::default().train.eval_mode, EvalMode::Async);
+    let c = Config::load(&[], &["train.eval_mode=\"sync\"".into()]).unwrap();
+    assert_eq!(c.train.eval_mode, EvalMode::Sync);
+    let err = Config::load(&[], &["train.eval_mode=\"later\"".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("eval_mode"), "{err}");
+    let err = Config::load(&[], &["parallel.eval_ranks=1".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parallel.eval_ranks") && err.contains("not supported"),
+        "{err}"
+    );
+}
