@@ -30,6 +30,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Plot a run's metrics (loss terms, evaluation, LR, gradient norm) as PNG files.
     Plot(PlotArgs),
+    /// Convert OpenFold PyTorch weights (.pt) to a ferrofold .safetensors file (for
+    /// `train --init-from` / `eval --checkpoint`), checking names and shapes against the model of
+    /// the given configuration.
+    ConvertWeights(ConvertArgs),
     /// Micro-benchmarks: time an Evoformer block/stack, or check CPU-vs-CUDA parity.
     Bench(crate::bench::BenchArgs),
 }
@@ -69,6 +73,26 @@ pub struct EvalArgs {
     /// Directory for predicted PDB files (default: <run-dir>/eval or ./eval-out).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+}
+
+/// `ferrofold convert-weights`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// OpenFold PyTorch checkpoint (a `torch.save` archive of a state dict or of a dict holding one).
+    #[arg(long = "from", value_name = "FILE.pt")]
+    pub from: PathBuf,
+    /// Key of the state dict inside the checkpoint (e.g. `state_dict` for Lightning checkpoints).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// Output .safetensors file.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub out: PathBuf,
+    /// Write the file even if names or shapes do not match the configured model (the differences
+    /// are still printed).
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 /// `ferrofold plot`.

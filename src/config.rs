@@ -648,6 +648,9 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Stop when the validation avg lDDT-Cα reaches this (MLPerf-style timed convergence).
     pub target_lddt_ca: Option<f64>,
+    /// How evaluations run: `async` (default) on a background thread with its own model instance
+    /// while training continues, or `sync` (training waits).
+    pub eval_mode: EvalMode,
     /// Use CUDA graph capture of the step (GPU only).
     pub cuda_graphs: CudaGraphs,
 }
@@ -664,9 +667,21 @@ impl Default for TrainConfig {
             keep_last: 3,
             eval_every: 1000,
             target_lddt_ca: None,
+            eval_mode: EvalMode::Async,
             cuda_graphs: CudaGraphs::Off,
         }
     }
+}
+
+/// Evaluation scheduling (`train.eval_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalMode {
+    /// Training waits for each evaluation.
+    Sync,
+    /// Evaluation of an EMA snapshot runs on a background thread; its result is taken at a step
+    /// boundary agreed by all ranks.
+    Async,
 }
 
 /// Device selection.
@@ -836,6 +851,17 @@ impl Config {
         }
         if self.optim.decay_every == 0 {
             return bad("optim.decay_every", "must be > 0".into());
+        }
+        if self.parallel.eval_ranks > 0 {
+            return bad(
+                "parallel.eval_ranks",
+                format!(
+                    "dedicated evaluation ranks are not supported yet (got {}); use 0 with \
+                     train.eval_mode = \"async\" (evaluation on a background thread of every \
+                     rank)",
+                    self.parallel.eval_ranks
+                ),
+            );
         }
         if let Some(t) = self.train.target_lddt_ca {
             if !(0.0..=1.0).contains(&t) {

@@ -32,6 +32,9 @@ fn main() {
             ferrofold::train::run::eval(&ctx, &args).map_err(anyhow::Error::from)
         }
         Command::Plot(args) => ferrofold::train::run::plot(&args).map_err(anyhow::Error::from),
+        Command::ConvertWeights(args) => {
+            ferrofold::train::run::convert_weights(&args).map_err(anyhow::Error::from)
+        }
         Command::Bench(args) => ferrofold::bench::run(&args).map_err(anyhow::Error::from),
     };
     if let Err(e) = result {

@@ -8,8 +8,9 @@
 //!   the last cycle's labels, backward (through remat tapes when `model.remat = block`).
 //! - Evaluation runs the full-length (uncropped) validation chains with the weights the trainer
 //!   swapped in (EMA), computes lDDT-Cα, dRMSD, RMSD, GDT-TS/HA per protein and their mean, and
-//!   writes the predictions as PDB files with pLDDT in the B-factor column. Validation features are
-//!   built once and cached in memory.
+//!   writes the predictions as PDB files with pLDDT in the B-factor column
+//!   ([`crate::train::eval_af2`]). Validation features are built once and cached in memory. For
+//!   asynchronous evaluation the task hands out an [`Af2Evaluator`] (own model instance).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,16 +21,18 @@ use candle_nn::VarMap;
 
 use crate::config::Config;
 use crate::data::loader::{Dataset, Loader, LoaderState};
-use crate::data::transforms::{build_sample_at, FeatureConfig};
+use crate::data::transforms::FeatureConfig;
 use crate::error::{Error, Result};
 use crate::loss::lddt::lddt_ca;
-use crate::loss::metrics::structure_metrics;
 use crate::loss::{alphafold_loss, LossBatch, LossTables};
 use crate::model::alphafold::{AfBatch, AlphaFold};
 use crate::model::dropout::DropoutCtx;
 use crate::model::init::SeededVarMap;
+use crate::train::eval::{Evaluator, EvaluatorFactory};
+use crate::train::eval_af2::{
+    build_eval_chains, evaluate_model, merge_shards, Af2Evaluator, EvalChain,
+};
 use crate::train::optim::{params_from_varmap, Params};
-use crate::train::pdb_out::{write_pdb, PdbChain};
 use crate::train::seed::seed_for;
 use crate::train::task::{StepCtx, StepOutput, Task};
 
@@ -44,6 +47,14 @@ pub struct Af2Options {
     pub eval: bool,
     /// Stop building eval inputs after this many validation chains (`None`: all).
     pub max_eval_chains: Option<usize>,
+    /// `(r, n)`: in-place evaluation ([`Task::evaluate`], the task's own, possibly DAP-sharded,
+    /// model) covers validation chains `i % n == r`; the trainer merges the shards' metrics on
+    /// rank 0 ([`Task::merge_eval`]). `(0, 1)`: every chain. DAP ranks of one group must share it.
+    pub eval_shard: (usize, usize),
+    /// The same for the background evaluator ([`Task::evaluator`], a DAP-free model of its own).
+    pub async_eval_shard: (usize, usize),
+    /// Whether in-place evaluation writes PDB files (one rank per DAP group should).
+    pub in_place_pdb: bool,
 }
 
 impl Default for Af2Options {
@@ -53,14 +64,11 @@ impl Default for Af2Options {
             pdb_dir: None,
             eval: true,
             max_eval_chains: None,
+            eval_shard: (0, 1),
+            async_eval_shard: (0, 1),
+            in_place_pdb: true,
         }
     }
-}
-
-/// One cached validation chain: its full-length features (recycling dim last).
-struct EvalChain {
-    id: String,
-    feats: BTreeMap<String, Tensor>,
 }
 
 /// The AF2 [`Task`].
@@ -178,31 +186,12 @@ impl Af2Task {
     /// Build (once) and return the validation chains: full length, deterministic features.
     fn eval_chains(&mut self) -> Result<&[EvalChain]> {
         if self.eval_set.is_none() {
-            let set = Dataset::from_config(&self.cfg.data, Some("val"))?;
-            let limit = self.opts.max_eval_chains.unwrap_or(usize::MAX);
-            let mut chains = Vec::new();
-            for (i, item) in set.items().iter().enumerate().take(limit) {
-                let built = set.load(i, &self.cfg.data).and_then(|input| {
-                    let fc = FeatureConfig {
-                        crop_size: input.len().max(1),
-                        block_delete: false,
-                        num_recycles: self.cfg.model.recycling.max_iters + 1,
-                        seed: seed_for(self.cfg.train.seed, "eval", 0, 0),
-                        ..self.features.clone()
-                    };
-                    let sample = build_sample_at(&input, &fc, i as u64, Some(0))?;
-                    let feats = sample.to_tensors(&Device::Cpu, DType::F32)?;
-                    Ok(feats.into_iter().collect::<BTreeMap<_, _>>())
-                });
-                match built {
-                    Ok(feats) => chains.push(EvalChain {
-                        id: item.id.clone(),
-                        feats,
-                    }),
-                    Err(e) => tracing::warn!("eval: skipping {}: {e}", item.id),
-                }
-            }
-            self.eval_set = Some(chains);
+            self.eval_set = Some(build_eval_chains(
+                &self.cfg,
+                &self.features,
+                self.opts.max_eval_chains,
+                self.opts.eval_shard,
+            )?);
         }
         Ok(self.eval_set.as_deref().unwrap_or(&[]))
     }
@@ -211,111 +200,11 @@ impl Af2Task {
     /// (`lddt_ca`, `drmsd_ca`, `rmsd_ca`, `gdt_ts`, `gdt_ha`, `plddt`).
     pub fn evaluate_chains(&mut self, step: u64) -> Result<BTreeMap<String, f64>> {
         let recycles = self.cfg.model.recycling.max_iters;
-        let pdb_dir = self
-            .opts
-            .pdb_dir
-            .as_ref()
-            .map(|d| d.join(format!("step-{step:09}")));
-        if let Some(d) = &pdb_dir {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-        }
         let model = self.model.clone();
+        let pdb_dir = self.opts.pdb_dir.clone().filter(|_| self.opts.in_place_pdb);
         let chains = self.eval_chains()?;
-        let mut out = BTreeMap::new();
-        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-        let mut n = 0usize;
-        for chain in chains {
-            let batch = AfBatch::from_last_dim(&chain.feats)?;
-            let r = recycles.min(batch.cycles.len().saturating_sub(1));
-            let o = model.forward(&batch, r, None)?.detach();
-            let last = LossBatch::from_last_dim(&chain.feats, r)?;
-            let pred = o
-                .final_atom_positions
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?;
-            let truth = last.all_atom_positions.to_dtype(DType::F32)?;
-            let mask = last.all_atom_mask.to_dtype(DType::F32)?;
-            let m = structure_metrics(&pred, &truth, &mask)?;
-            let plddt = o.plddt.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let mut per = m.to_map("");
-            per.insert(
-                "plddt".into(),
-                f64::from(plddt.mean_all()?.to_scalar::<f32>()?),
-            );
-            for (k, v) in &per {
-                out.insert(format!("{}/{k}", chain.id), *v);
-                *sums.entry(k.clone()).or_default() += v;
-            }
-            n += 1;
-            if let Some(d) = &pdb_dir {
-                write_prediction(&d.join(format!("{}.pdb", chain.id)), &last, &pred, &plddt)?;
-            }
-        }
-        if n > 0 {
-            for (k, v) in sums {
-                out.insert(k, v / n as f64);
-            }
-            out.insert("eval_chains".into(), n as f64);
-        }
-        Ok(out)
+        evaluate_model(&model, chains, recycles, step, pdb_dir.as_deref())
     }
-}
-
-/// Write one predicted chain as PDB (atoms that exist for each residue type).
-fn write_prediction(
-    path: &std::path::Path,
-    b: &LossBatch,
-    pred: &Tensor,
-    plddt: &Tensor,
-) -> Result<()> {
-    let aatype: Vec<usize> = b
-        .aatype
-        .to_dtype(DType::I64)?
-        .to_vec1::<i64>()?
-        .iter()
-        .map(|a| *a as usize)
-        .collect();
-    let ri: Vec<i64> = b
-        .residue_index
-        .to_dtype(DType::I64)?
-        .to_vec1::<i64>()?
-        .iter()
-        .map(|r| r + 1)
-        .collect();
-    let seq_mask: Vec<f32> = b.seq_mask.to_dtype(DType::F32)?.to_vec1()?;
-    let exists: Vec<Vec<f32>> = b.atom37_atom_exists.to_dtype(DType::F32)?.to_vec2()?;
-    let pos: Vec<Vec<Vec<f32>>> = pred.to_vec3()?;
-    let n = seq_mask.iter().filter(|m| **m > 0.5).count();
-    let positions: Vec<[[f32; 3]; 37]> = pos[..n]
-        .iter()
-        .map(|r| {
-            let mut a = [[0.0f32; 3]; 37];
-            for (i, p) in r.iter().enumerate().take(37) {
-                a[i] = [p[0], p[1], p[2]];
-            }
-            a
-        })
-        .collect();
-    let mask: Vec<[f32; 37]> = exists[..n]
-        .iter()
-        .map(|r| {
-            let mut a = [0.0f32; 37];
-            a.copy_from_slice(&r[..37]);
-            a
-        })
-        .collect();
-    let pl: Vec<f32> = plddt.to_vec1()?;
-    write_pdb(
-        path,
-        &PdbChain {
-            aatype: &aatype[..n],
-            residue_index: &ri[..n],
-            positions: &positions,
-            mask: &mask,
-            plddt: Some(&pl[..n]),
-            chain_id: 'A',
-        },
-    )
 }
 
 impl Task for Af2Task {
@@ -398,5 +287,25 @@ impl Task for Af2Task {
             return Ok(BTreeMap::new());
         }
         self.evaluate_chains(step)
+    }
+
+    fn evaluator(&self) -> Result<Option<EvaluatorFactory>> {
+        if !self.opts.eval {
+            return Ok(None);
+        }
+        let ev = Af2Evaluator::new(
+            &self.cfg,
+            self.device.clone(),
+            self.opts.pdb_dir.clone(),
+            self.opts.max_eval_chains,
+            self.opts.async_eval_shard,
+        );
+        Ok(Some(Box::new(move || {
+            Ok(Box::new(ev) as Box<dyn Evaluator>)
+        })))
+    }
+
+    fn merge_eval(&self, parts: Vec<BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+        merge_shards(parts)
     }
 }

@@ -9,6 +9,7 @@
 //! - [`optim`]: Adam with checkpointable moments, global-norm clipping, EMA.
 //! - [`checkpoint`]: atomic checksummed checkpoints, resume lookup, retention policy.
 //! - [`trainer`]: the loop (skipping non-finite steps, eval with EMA, checkpoints, signals).
+//! - [`eval`]: asynchronous evaluation on a background thread; [`eval_af2`]: the AF2 evaluator.
 //! - [`metrics`], [`mllog`]: per-step JSONL metrics, progress bar, `:::MLLOG` lines.
 //! - [`signals`]: SIGTERM/SIGUSR1 → checkpoint and exit with [`trainer::EXIT_STOPPED`].
 
@@ -27,6 +28,10 @@ pub mod task;
 pub mod toy;
 pub mod trainer;
 pub mod weights;
+
+// Evaluation: the asynchronous evaluator and the AF2 evaluation.
+pub mod eval;
+pub mod eval_af2;
 
 pub use optim::{Adam, Ema, Grads, Params};
 pub use seed::{recycles_for_step, seed_for, Rng};

@@ -5,11 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cli::{EvalArgs, PlotArgs, TrainArgs};
+use crate::cli::{ConvertArgs, EvalArgs, PlotArgs, TrainArgs};
 use crate::error::{Error, Result};
 use crate::parallel::{GroupCollective, ParallelCtx, ProcessGroups};
 use crate::train::af2::{Af2Options, Af2Task};
-use crate::train::weights::{load_into, read_weights, WeightsKind};
+use crate::train::weights::{
+    load_into, read_openfold, read_weights, write_safetensors, NameReport, WeightsKind,
+};
 use crate::train::{Outcome, Resume, Task, Trainer, TrainerOptions};
 
 /// `ferrofold train`: returns the process exit status (0, or [`crate::train::EXIT_STOPPED`] after a
@@ -25,9 +27,17 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     if ctx.is_root() {
         cfg.write_resolved(&run_dir)?;
     }
+    // Validation chains are sharded over the ranks (merged on rank 0). The background evaluator
+    // (`train.eval_mode = "async"`) runs a DAP-free model on a thread of every rank: one shard
+    // per rank. In-place evaluation (sync mode, and the final summary) uses the task's model,
+    // DAP-sharded in DAP runs: one shard per DAP group, whose first rank writes the PDB files.
+    let c = &groups.coords;
     let opts = Af2Options {
-        shard: (groups.coords.dp_rank, groups.coords.dp_size),
-        pdb_dir: ctx.is_root().then(|| run_dir.join("eval")),
+        shard: (c.dp_rank, c.dp_size),
+        pdb_dir: Some(run_dir.join("eval")),
+        eval_shard: (c.dp_rank, c.dp_size),
+        async_eval_shard: (c.rank, c.world_size),
+        in_place_pdb: c.dap_rank == 0,
         ..Af2Options::default()
     };
     let mut task = Af2Task::new(&cfg, device, opts)?;
@@ -138,6 +148,50 @@ pub fn eval(ctx: &ParallelCtx, args: &EvalArgs) -> Result<()> {
             out.join(format!("step-{step:09}")).display()
         );
     }
+    Ok(())
+}
+
+/// `ferrofold convert-weights`: OpenFold `.pt` → `.safetensors`, names and shapes checked against
+/// the model built from the resolved configuration (on the CPU).
+pub fn convert_weights(args: &ConvertArgs) -> Result<()> {
+    let cfg = args.common.resolve()?;
+    let weights = read_openfold(&args.from, args.key.as_deref())?;
+    let (_vm, params, _model) =
+        crate::train::eval_af2::build_model(&cfg, &candle_core::Device::Cpu)?;
+    let expected: BTreeMap<String, Vec<usize>> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    let report = NameReport::compare(&weights, &expected);
+    if !report.is_ok() {
+        eprintln!(
+            "{}: {} tensors; the model of this configuration has {} parameters\n{}",
+            args.from.display(),
+            weights.len(),
+            expected.len(),
+            report.describe().trim_end()
+        );
+        if !args.no_check {
+            return Err(Error::Checkpoint {
+                path: args.from.clone(),
+                msg: format!(
+                    "the weights do not fit the configured model ({} missing, {} unknown, {} \
+                     with another shape; listed above); nothing written (check --config/--set, \
+                     or --no-check to write anyway)",
+                    report.missing.len(),
+                    report.unknown.len(),
+                    report.wrong_shape.len()
+                ),
+            });
+        }
+    }
+    write_safetensors(&args.out, &weights)?;
+    println!(
+        "wrote {} tensors ({} parameters checked against the model) to {}",
+        weights.len(),
+        if report.is_ok() { expected.len() } else { 0 },
+        args.out.display()
+    );
     Ok(())
 }
 

@@ -78,6 +78,20 @@ pub trait Task {
     fn evaluate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::new())
     }
+
+    /// For `train.eval_mode = "async"`: a factory of an evaluator with its own model instance,
+    /// run on a background thread with snapshots of the EMA weights. It must compute exactly what
+    /// [`Task::evaluate`] computes with those weights swapped in. `None` (default): the trainer
+    /// evaluates synchronously.
+    fn evaluator(&self) -> Result<Option<crate::train::eval::EvaluatorFactory>> {
+        Ok(None)
+    }
+
+    /// Combine the evaluations of all ranks (rank order) into the run's metrics, on rank 0. The
+    /// default suits tasks where every rank evaluates everything: rank 0's own.
+    fn merge_eval(&self, parts: Vec<BTreeMap<String, f64>>) -> BTreeMap<String, f64> {
+        parts.into_iter().next().unwrap_or_default()
+    }
 }
 
 /// The collective operations the trainer needs. Implemented over MPI/NCCL by the parallel module;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::train::eval::{Evaluator, EvaluatorFactory};
 use crate::train::optim::Params;
 use crate::train::seed::{seed_for, Rng};
 use crate::train::task::{StepCtx, StepOutput, Task};
@@ -28,6 +29,8 @@ pub struct ToyConfig {
     /// Sleep this long in every step (to give signal/kill tests time).
     pub step_delay_ms: u64,
     pub eval_size: usize,
+    /// Sleep this long in every evaluation (to test asynchronous evaluation).
+    pub eval_delay_ms: u64,
     /// Data-parallel sharding `(replica, replicas)`: each step consumes `replicas * batch` samples
     /// of the global stream; replica `r` reads the `r`-th block of `batch`. `(0, 1)` = no sharding.
     pub shard: (usize, usize),
@@ -44,6 +47,7 @@ impl Default for ToyConfig {
             nan_steps: Vec::new(),
             step_delay_ms: 0,
             eval_size: 64,
+            eval_delay_ms: 0,
             shard: (0, 1),
         }
     }
@@ -201,16 +205,62 @@ impl Task for ToyTask {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<BTreeMap<String, f64>> {
-        let pred = mlp(&self.current(), &self.eval_x)?;
-        let mse = (pred - &self.eval_y)?
-            .sqr()?
-            .mean_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        let mut m = BTreeMap::new();
-        m.insert("mse".to_string(), mse);
-        // A score in (0, 1] that grows as the model improves, standing in for lDDT-Cα.
-        m.insert("lddt_ca".to_string(), 1.0 / (1.0 + mse));
-        Ok(m)
+        toy_eval(
+            &self.current(),
+            &self.eval_x,
+            &self.eval_y,
+            self.cfg.eval_delay_ms,
+        )
+    }
+
+    fn evaluator(&self) -> Result<Option<EvaluatorFactory>> {
+        let ev = ToyEvaluator {
+            x: self.eval_x.clone(),
+            y: self.eval_y.clone(),
+            delay_ms: self.cfg.eval_delay_ms,
+        };
+        Ok(Some(Box::new(move || {
+            Ok(Box::new(ev) as Box<dyn Evaluator>)
+        })))
+    }
+}
+
+/// Evaluation MSE of the MLP `w` and a stand-in for lDDT-Cα.
+fn toy_eval(
+    w: &BTreeMap<String, Tensor>,
+    x: &Tensor,
+    y: &Tensor,
+    delay_ms: u64,
+) -> Result<BTreeMap<String, f64>> {
+    if delay_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    }
+    let pred = mlp(w, x)?;
+    let mse = (pred - y)?
+        .sqr()?
+        .mean_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    let mut m = BTreeMap::new();
+    m.insert("mse".to_string(), mse);
+    // A score in (0, 1] that grows as the model improves, standing in for lDDT-Cα.
+    m.insert("lddt_ca".to_string(), 1.0 / (1.0 + mse));
+    Ok(m)
+}
+
+/// The toy task's background evaluator (same computation as [`ToyTask::evaluate`]).
+struct ToyEvaluator {
+    x: Tensor,
+    y: Tensor,
+    delay_ms: u64,
+}
+
+impl Evaluator for ToyEvaluator {
+    fn evaluate(
+        &mut self,
+        _step: u64,
+        weights: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, f64>> {
+        toy_eval(weights, &self.x, &self.y, self.delay_ms)
     }
 }

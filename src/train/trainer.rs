@@ -15,6 +15,19 @@
 //! MLPerf logging: AF2 has no epochs; an MLPerf "epoch" is one evaluation interval
 //! (`train.eval_every` steps): `epoch_start` before its first step, `epoch_stop`, `eval_start`,
 //! `eval_accuracy` (EMA lDDT-Cα), `eval_stop` after its last.
+//!
+//! Evaluation (`train.eval_mode`): `sync` evaluates in place (EMA weights swapped into the task's
+//! parameters) and training waits. `async` (when the task offers an
+//! [`crate::train::eval::Evaluator`]) copies the EMA weights (to host memory) and evaluates them on
+//! a background thread with a model instance of its own ([`crate::train::eval`]); `eval_start` is logged at the evaluation step, `eval_accuracy` and
+//! `eval_stop` (with the evaluation step's epoch and step) when the result is taken. Results are
+//! taken at a step boundary agreed by all ranks (every rank polls; they take it once every rank has
+//! it), so every rank logs it and stops for the lDDT target at the same step. At most one evaluation
+//! is in flight (the next evaluation step waits for the previous one); the run end, a stop request
+//! and a checkpoint wait for it too. The checkpoint of an evaluation step is written before its
+//! evaluation starts; the metrics are added to its `meta.json` when they arrive (then the retention
+//! policy runs again), so the best-by-lDDT checkpoint is the evaluated step's. Evaluation never
+//! touches the training state: trajectories do not depend on the evaluation mode or timing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,9 +36,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, EvalMode};
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{self, CheckpointData, CheckpointMeta, FORMAT_VERSION};
+use crate::train::eval::{snapshot, AsyncEval};
 use crate::train::metrics::{EvalRecord, MetricsLog, ProgressBar, StepRecord};
 use crate::train::mllog::{keys, MlLogger};
 use crate::train::optim::{clip_grads, global_grad_norm, Adam, Ema, Grads, Params};
@@ -163,6 +177,7 @@ pub fn resume_hash(cfg: &Config) -> Result<String> {
     c.train.keep_last = d.train.keep_last;
     c.train.eval_every = d.train.eval_every;
     c.train.target_lddt_ca = d.train.target_lddt_ca;
+    c.train.eval_mode = d.train.eval_mode;
     c.train.device = d.train.device;
     c.train.cuda_graphs = d.train.cuda_graphs;
     c.log = d.log;
@@ -187,6 +202,10 @@ pub struct Trainer<T: Task, C: Collective = SingleProcess> {
     last_eval: Option<(u64, BTreeMap<String, f64>)>,
     metrics: MetricsLog,
     mllog: MlLogger,
+    /// The background evaluation thread (`train.eval_mode = "async"` and the task offers one).
+    async_eval: Option<AsyncEval>,
+    /// lDDT-Cα of an evaluation that reached `train.target_lddt_ca` (agreed by all ranks).
+    reached: Option<f64>,
 }
 
 impl<T: Task, C: Collective> std::fmt::Debug for Trainer<T, C> {
@@ -325,6 +344,11 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             checkpoint::remove_stale_tmp(&run_dir)?;
         }
         let metrics = MetricsLog::open(&run_dir, step, rank == 0)?;
+        let async_eval = if cfg.train.eval_mode == EvalMode::Async && cfg.train.eval_every > 0 {
+            task.evaluator()?.map(AsyncEval::spawn).transpose()?
+        } else {
+            None
+        };
         Ok(Self {
             task,
             coll,
@@ -339,7 +363,14 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             last_eval,
             metrics,
             mllog,
+            async_eval,
+            reached: None,
         })
+    }
+
+    /// True when evaluations run on the background thread.
+    pub fn eval_is_async(&self) -> bool {
+        self.async_eval.is_some()
     }
 
     /// Steps completed.
@@ -447,6 +478,22 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         let eval_every = self.cfg.train.eval_every;
         let ckpt_every = self.cfg.train.checkpoint_every;
         let result = (|| -> Result<Outcome> {
+            // Resumed from the checkpoint of an evaluation step without its metrics: the run died
+            // while that evaluation was in flight. Its weights are the checkpoint's: redo it.
+            if self.async_eval.is_some()
+                && eval_every > 0
+                && self.step > 0
+                && self.step.is_multiple_of(eval_every)
+                && self.last_eval.as_ref().map(|e| e.0) != Some(self.step)
+            {
+                if rank == 0 {
+                    tracing::info!(
+                        "step {}: the checkpoint has no evaluation; evaluating it now",
+                        self.step
+                    );
+                }
+                self.start_async_eval()?;
+            }
             loop {
                 if self.step >= max_steps {
                     return Ok(Outcome::Finished { step: self.step });
@@ -465,6 +512,14 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                         signal: local.unwrap_or(0),
                     });
                 }
+                // A finished background evaluation is taken here (once every rank has it).
+                self.finish_async_eval(false)?;
+                if let Some(lddt_ca) = self.reached {
+                    return Ok(Outcome::TargetReached {
+                        step: self.step,
+                        lddt_ca,
+                    });
+                }
                 if eval_every > 0 && self.step.is_multiple_of(eval_every) {
                     self.mllog.start(
                         keys::EPOCH_START,
@@ -481,26 +536,60 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                         Value::Null,
                         json!({"epoch_num": epoch, "step": self.step}),
                     );
-                    let metrics = self.evaluate()?;
-                    let lddt = metrics.get("lddt_ca").copied();
-                    let reached = match (self.cfg.train.target_lddt_ca, lddt) {
-                        (Some(target), Some(l)) => l >= target,
-                        _ => false,
-                    };
-                    // Ranks that evaluated nothing follow the ones that reached the target.
-                    if self.coll.any(reached)? {
-                        return Ok(Outcome::TargetReached {
-                            step: self.step,
-                            lddt_ca: lddt.unwrap_or(f64::NAN),
-                        });
+                    if self.async_eval.is_some() {
+                        // At most one evaluation in flight: wait for the previous one.
+                        self.finish_async_eval(true)?;
+                        if let Some(lddt_ca) = self.reached {
+                            return Ok(Outcome::TargetReached {
+                                step: self.step,
+                                lddt_ca,
+                            });
+                        }
+                        // This step's checkpoint first (it must not wait for this step's
+                        // evaluation; the metrics are added to it when they arrive).
+                        if ckpt_every > 0 && self.step.is_multiple_of(ckpt_every) {
+                            self.save_checkpoint()?;
+                        }
+                        self.start_async_eval()?;
+                    } else {
+                        let metrics = self.evaluate()?;
+                        let lddt = metrics.get("lddt_ca").copied();
+                        // Ranks that evaluated nothing follow the ones that reached the target.
+                        if self.coll.any(self.target_reached(&metrics))? {
+                            return Ok(Outcome::TargetReached {
+                                step: self.step,
+                                lddt_ca: lddt.unwrap_or(f64::NAN),
+                            });
+                        }
                     }
                 }
-                if ckpt_every > 0 && self.step.is_multiple_of(ckpt_every) {
+                if ckpt_every > 0
+                    && self.step.is_multiple_of(ckpt_every)
+                    && self.last_ckpt_step != Some(self.step)
+                {
                     self.save_checkpoint()?;
+                    if let Some(lddt_ca) = self.reached {
+                        return Ok(Outcome::TargetReached {
+                            step: self.step,
+                            lddt_ca,
+                        });
+                    }
                 }
             }
         })();
         progress.finish();
+        // The run end and a stop request wait for the evaluation in flight (it is logged, and
+        // the final checkpoint / best-by-lDDT policy see it); reaching the target with it is a
+        // success.
+        let result = result.and_then(|o| {
+            self.finish_async_eval(true)?;
+            Ok(match (o, self.reached) {
+                (Outcome::Finished { step }, Some(lddt_ca)) => {
+                    Outcome::TargetReached { step, lddt_ca }
+                }
+                (o, _) => o,
+            })
+        });
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
@@ -615,10 +704,194 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         Ok(rec)
     }
 
-    /// Evaluate with the EMA weights (swapped into the parameters, then restored bit for bit).
+    /// MLPerf epoch number of the evaluation at `step`.
+    fn eval_epoch(&self, step: u64) -> u64 {
+        step / self.cfg.train.eval_every.max(1)
+    }
+
+    /// Whether `metrics` reach `train.target_lddt_ca`. Multi-rank: decided by rank 0, which
+    /// holds the merged metrics (the others hold their own shard's); agree with `any`.
+    fn target_reached(&self, metrics: &BTreeMap<String, f64>) -> bool {
+        if self.coll.rank() != 0 {
+            return false;
+        }
+        match (self.cfg.train.target_lddt_ca, metrics.get("lddt_ca")) {
+            (Some(target), Some(l)) => *l >= target,
+            _ => false,
+        }
+    }
+
+    /// Multi-rank: gather every rank's evaluation on rank 0 and merge them
+    /// ([`Task::merge_eval`]); other ranks keep their own. Collective.
+    fn gather_eval(&self, local: BTreeMap<String, f64>) -> Result<BTreeMap<String, f64>> {
+        if self.coll.world_size() == 1 {
+            return Ok(local);
+        }
+        // Non-finite values travel as null.
+        let wire: BTreeMap<&String, Option<f64>> = local
+            .iter()
+            .map(|(k, v)| (k, v.is_finite().then_some(*v)))
+            .collect();
+        let value = serde_json::to_value(&wire).map_err(|e| Error::Train(e.to_string()))?;
+        let Some(parts) = self.coll.gather_to_root(value)? else {
+            return Ok(local);
+        };
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                let m: BTreeMap<String, Option<f64>> = serde_json::from_value(p)
+                    .map_err(|e| Error::Train(format!("gathered evaluation: {e}")))?;
+                Ok(m.into_iter()
+                    .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                    .collect())
+            })
+            .collect::<Result<Vec<BTreeMap<String, f64>>>>()?;
+        Ok(self.task.merge_eval(parts))
+    }
+
+    /// Start the background evaluation of this step's EMA weights (a copy). Nothing may be in
+    /// flight.
+    fn start_async_eval(&mut self) -> Result<()> {
+        let step = self.step;
+        let Some(ae) = self.async_eval.as_mut() else {
+            return Ok(());
+        };
+        let weights = snapshot(&self.ema.weights)?;
+        let epoch = step / self.cfg.train.eval_every.max(1);
+        self.mllog.start(
+            keys::EVAL_START,
+            Value::Null,
+            json!({"epoch_num": epoch, "step": step}),
+        );
+        ae.submit(step, weights)
+    }
+
+    /// Take the in-flight background evaluation's result, if any: with `wait`, block until it is
+    /// here; otherwise take it only when every rank has it (agreed with a collective, so every
+    /// rank takes it at the same step). Logs it and sets `self.reached` when it reaches the
+    /// target (agreed). Collective while an evaluation is in flight: every rank calls it at the
+    /// same points.
+    fn finish_async_eval(&mut self, wait: bool) -> Result<()> {
+        let Some(ae) = self.async_eval.as_mut() else {
+            return Ok(());
+        };
+        let Some(pending) = ae.pending_step() else {
+            return Ok(());
+        };
+        let done = if wait {
+            let t0 = Instant::now();
+            let done = ae.wait()?;
+            let waited = t0.elapsed().as_secs_f64();
+            if self.coll.rank() == 0 && waited > 0.05 {
+                tracing::info!(
+                    "step {}: waited {waited:.2} s for the evaluation of step {pending}",
+                    self.step
+                );
+            }
+            done
+        } else {
+            let here = ae.poll()?;
+            if self.coll.any(!here)? {
+                return Ok(());
+            }
+            self.async_eval.as_mut().and_then(AsyncEval::take)
+        };
+        let done = done.ok_or_else(|| {
+            Error::Train(format!(
+                "the result of the evaluation of step {pending} is missing"
+            ))
+        })?;
+        let metrics = done
+            .metrics
+            .map_err(|e| Error::Train(format!("evaluation of step {}: {e}", done.step)))?;
+        let metrics = self.gather_eval(metrics)?;
+        if self.coll.rank() == 0 {
+            tracing::debug!(
+                "evaluation of step {} taken at step {} ({:.2} s, {:.2} s after its start)",
+                done.step,
+                self.step,
+                done.eval_time_s,
+                done.latency_s
+            );
+        }
+        let reached = self.target_reached(&metrics);
+        self.record_eval(done.step, &metrics, done.eval_time_s)?;
+        if self.coll.any(reached)? {
+            self.reached = Some(metrics.get("lddt_ca").copied().unwrap_or(f64::NAN));
+        }
+        Ok(())
+    }
+
+    /// Log a finished evaluation of `step` (MLLOG `eval_accuracy`/`eval_stop`, metrics.jsonl),
+    /// remember it as the latest, and add it to the checkpoint of `step` if that exists without
+    /// metrics (then re-apply the retention policy).
+    fn record_eval(
+        &mut self,
+        step: u64,
+        metrics: &BTreeMap<String, f64>,
+        eval_time_s: f64,
+    ) -> Result<()> {
+        let epoch = self.eval_epoch(step);
+        if let Some(l) = metrics.get("lddt_ca") {
+            self.mllog.event(
+                keys::EVAL_ACCURACY,
+                json!(l),
+                json!({"epoch_num": epoch, "step": step}),
+            );
+        }
+        self.mllog.end(
+            keys::EVAL_STOP,
+            Value::Null,
+            json!({"epoch_num": epoch, "step": step}),
+        );
+        self.metrics.write(&EvalRecord {
+            kind: "eval",
+            step,
+            metrics: metrics.clone(),
+            eval_time_s,
+        })?;
+        if self.coll.rank() == 0 {
+            // Means only (per-protein values, `<id>/<metric>`, are in metrics.jsonl).
+            let means: BTreeMap<&String, f64> = metrics
+                .iter()
+                .filter(|(k, _)| !k.contains('/'))
+                .map(|(k, v)| (k, *v))
+                .collect();
+            tracing::info!("step {step}: eval {means:?}");
+            self.annotate_checkpoint(step, metrics)?;
+        }
+        self.last_eval = Some((step, metrics.clone()));
+        Ok(())
+    }
+
+    /// Add evaluation metrics to the existing checkpoint of `step` (rank 0), atomically
+    /// (`meta.json` is replaced; the tensor files and their digests are untouched).
+    fn annotate_checkpoint(&self, step: u64, metrics: &BTreeMap<String, f64>) -> Result<()> {
+        let dir = self.opts.run_dir.join(checkpoint::dir_name(step));
+        if metrics.is_empty() || !dir.is_dir() {
+            return Ok(());
+        }
+        let mut meta = checkpoint::read_meta(&dir)?;
+        if !meta.eval.is_empty() {
+            return Ok(());
+        }
+        meta.eval = metrics.clone();
+        let path = dir.join(checkpoint::META_FILE);
+        let text = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            msg: format!("cannot serialise metadata: {e}"),
+        })?;
+        checkpoint::atomic_write(&path, &text)?;
+        checkpoint::apply_retention(&self.opts.run_dir, self.cfg.train.keep_last)?;
+        Ok(())
+    }
+
+    /// Evaluate with the EMA weights (swapped into the parameters, then restored bit for bit),
+    /// synchronously (a background evaluation in flight is finished first).
     pub fn evaluate(&mut self) -> Result<BTreeMap<String, f64>> {
+        self.finish_async_eval(true)?;
         let t0 = Instant::now();
-        let epoch = self.step / self.cfg.train.eval_every.max(1);
+        let epoch = self.eval_epoch(self.step);
         self.mllog.start(
             keys::EVAL_START,
             Value::Null,
@@ -646,42 +919,18 @@ impl<T: Task, C: Collective> Trainer<T, C> {
                 p.set(m)?;
             }
         }
-        let metrics = result?;
+        let metrics = self.gather_eval(result?)?;
         let dt = t0.elapsed().as_secs_f64();
-        if let Some(l) = metrics.get("lddt_ca") {
-            self.mllog.event(
-                keys::EVAL_ACCURACY,
-                json!(l),
-                json!({"epoch_num": epoch, "step": self.step}),
-            );
-        }
-        self.mllog.end(
-            keys::EVAL_STOP,
-            Value::Null,
-            json!({"epoch_num": epoch, "step": self.step}),
-        );
-        self.metrics.write(&EvalRecord {
-            kind: "eval",
-            step: self.step,
-            metrics: metrics.clone(),
-            eval_time_s: dt,
-        })?;
-        if self.coll.rank() == 0 {
-            // Means only (per-protein values, `<id>/<metric>`, are in metrics.jsonl).
-            let means: BTreeMap<&String, f64> = metrics
-                .iter()
-                .filter(|(k, _)| !k.contains('/'))
-                .map(|(k, v)| (k, *v))
-                .collect();
-            tracing::info!("step {}: eval {:?}", self.step, means);
-        }
-        self.last_eval = Some((self.step, metrics.clone()));
+        self.record_eval(self.step, &metrics, dt)?;
         Ok(metrics)
     }
 
     /// Write a checkpoint of the current step (rank 0; other ranks only record it) and apply the
     /// retention policy. Returns the checkpoint directory on rank 0.
     pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        // The evaluation in flight first: its metrics belong to an earlier checkpoint, which the
+        // retention policy below must see.
+        self.finish_async_eval(true)?;
         // Every rank's sample-source position (data-parallel ranks read different streams).
         let states = self.coll.gather_to_root(self.task.data_state()?)?;
         let Some(mut states) = states.filter(|_| self.coll.rank() == 0) else {

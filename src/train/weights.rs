@@ -3,7 +3,9 @@
 //!
 //! OpenFold's `state_dict` names are ferrofold's parameter names, so conversion is a format change:
 //! read the pickle (candle's PyTorch reader), drop wrapper prefixes (`model.`, `module.`), keep float
-//! tensors as f32.
+//! tensors as f32, and check names/shapes against the configured model (`ferrofold convert-weights`,
+//! `scripts/convert_openfold_weights.sh`). AF2 JAX `.npz` archives are refused (their names and
+//! layouts differ; OpenFold's own importer maps them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -78,19 +80,43 @@ pub fn strip_wrapper_prefix(name: &str) -> &str {
     }
 }
 
-/// Convert an OpenFold PyTorch checkpoint (`.pt`: a state dict, or a Lightning checkpoint whose
-/// weights sit under `key`, e.g. `state_dict` or `ema`) to a ferrofold `.safetensors` file.
-/// Returns the number of tensors written.
-pub fn convert_openfold(src: &Path, key: Option<&str>, out: &Path) -> Result<usize> {
+/// Read the tensors of an OpenFold PyTorch checkpoint (`.pt`: a state dict, or a Lightning
+/// checkpoint whose weights sit under `key`, e.g. `state_dict`), with wrapper prefixes removed and
+/// float tensors as f32. AF2 JAX parameter archives (`.npz`) are refused with an explanation.
+pub fn read_openfold(src: &Path, key: Option<&str>) -> Result<BTreeMap<String, Tensor>> {
+    if src
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+    {
+        return Err(Error::Checkpoint {
+            path: src.to_path_buf(),
+            msg: "AlphaFold2 JAX parameters (.npz) are not supported: their names and layouts \
+                  differ from OpenFold's (convert them to an OpenFold PyTorch state dict first, \
+                  e.g. with OpenFold's `import_jax_weights_`, save it with `torch.save`, then \
+                  convert that .pt file)"
+                .into(),
+        });
+    }
+    if !src.is_file() {
+        return Err(Error::Checkpoint {
+            path: src.to_path_buf(),
+            msg: "not found".into(),
+        });
+    }
     let tensors =
         candle_core::pickle::read_all_with_key(src, key).map_err(|e| Error::Checkpoint {
             path: src.to_path_buf(),
-            msg: format!("cannot read PyTorch weights: {e}"),
+            msg: format!("cannot read PyTorch weights (a torch.save zip archive): {e}"),
         })?;
     if tensors.is_empty() {
         return Err(Error::Checkpoint {
             path: src.to_path_buf(),
-            msg: "no tensors found (wrong --key?)".into(),
+            msg: match key {
+                Some(k) => format!("no tensors found under key `{k}`"),
+                None => "no tensors found at the top level (a Lightning checkpoint needs \
+                         --key state_dict)"
+                    .into(),
+            },
         });
     }
     let mut out_map: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -108,8 +134,74 @@ pub fn convert_openfold(src: &Path, key: Option<&str>, out: &Path) -> Result<usi
             });
         }
     }
+    Ok(out_map)
+}
+
+/// Differences between named weights and a model's parameter shapes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NameReport {
+    /// In the model, not in the weights.
+    pub missing: Vec<String>,
+    /// In the weights, not in the model.
+    pub unknown: Vec<String>,
+    /// `name: weights [..], model [..]`.
+    pub wrong_shape: Vec<String>,
+}
+
+impl NameReport {
+    pub fn compare(
+        weights: &BTreeMap<String, Tensor>,
+        expected: &BTreeMap<String, Vec<usize>>,
+    ) -> Self {
+        Self {
+            missing: expected
+                .keys()
+                .filter(|k| !weights.contains_key(*k))
+                .cloned()
+                .collect(),
+            unknown: weights
+                .keys()
+                .filter(|k| !expected.contains_key(*k))
+                .cloned()
+                .collect(),
+            wrong_shape: expected
+                .iter()
+                .filter_map(|(k, shape)| {
+                    let t = weights.get(k)?;
+                    (t.dims() != shape.as_slice())
+                        .then(|| format!("{k}: weights {:?}, model {:?}", t.dims(), shape))
+                })
+                .collect(),
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.missing.is_empty() && self.unknown.is_empty() && self.wrong_shape.is_empty()
+    }
+
+    /// Every difference, one per line.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (what, list) in [
+            ("missing (in the model, not in the weights)", &self.missing),
+            ("unknown (in the weights, not in the model)", &self.unknown),
+            ("shape mismatch", &self.wrong_shape),
+        ] {
+            if !list.is_empty() {
+                out.push_str(&format!("{what}: {}\n", list.len()));
+                for n in list {
+                    out.push_str(&format!("  {n}\n"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Write named tensors as one safetensors file (atomically).
+pub fn write_safetensors(out: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let bytes = safetensors::serialize(
-        out_map
+        tensors
             .iter()
             .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
             .collect::<Result<Vec<(String, Tensor)>>>()?,
@@ -119,8 +211,37 @@ pub fn convert_openfold(src: &Path, key: Option<&str>, out: &Path) -> Result<usi
         path: out.to_path_buf(),
         msg: format!("cannot serialise: {e}"),
     })?;
-    checkpoint::atomic_write(out, &bytes)?;
-    Ok(out_map.len())
+    checkpoint::atomic_write(out, &bytes)
+}
+
+/// Convert an OpenFold PyTorch checkpoint to a ferrofold `.safetensors` file. With `expected`
+/// (the parameter shapes of the model the weights are for), names and shapes must match exactly
+/// (the error lists every difference) and nothing is written otherwise. Returns the number of
+/// tensors written.
+pub fn convert_openfold(
+    src: &Path,
+    key: Option<&str>,
+    out: &Path,
+    expected: Option<&BTreeMap<String, Vec<usize>>>,
+) -> Result<usize> {
+    let map = read_openfold(src, key)?;
+    if let Some(expected) = expected {
+        let report = NameReport::compare(&map, expected);
+        if !report.is_ok() {
+            return Err(Error::Checkpoint {
+                path: src.to_path_buf(),
+                msg: format!(
+                    "the weights do not fit the model of this configuration ({} tensors, model \
+                     has {} parameters):\n{}",
+                    map.len(),
+                    expected.len(),
+                    report.describe().trim_end()
+                ),
+            });
+        }
+    }
+    write_safetensors(out, &map)?;
+    Ok(map.len())
 }
 
 #[cfg(test)]
@@ -179,6 +300,47 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap(),
             6.0
+        );
+    }
+
+    #[test]
+    fn name_report_lists_every_difference() {
+        let dev = Device::Cpu;
+        let mut w = BTreeMap::new();
+        w.insert(
+            "a".to_string(),
+            Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+        );
+        w.insert("b".to_string(), Tensor::zeros(5, DType::F32, &dev).unwrap());
+        w.insert("x".to_string(), Tensor::zeros(1, DType::F32, &dev).unwrap());
+        let mut e = BTreeMap::new();
+        e.insert("a".to_string(), vec![2, 3]);
+        e.insert("b".to_string(), vec![4]);
+        e.insert("c".to_string(), vec![1]);
+        let r = NameReport::compare(&w, &e);
+        assert_eq!(r.missing, vec!["c".to_string()]);
+        assert_eq!(r.unknown, vec!["x".to_string()]);
+        assert_eq!(r.wrong_shape, vec!["b: weights [5], model [4]".to_string()]);
+        assert!(!r.is_ok());
+        let d = r.describe();
+        assert!(
+            d.contains("missing (in the model, not in the weights): 1\n  c"),
+            "{d}"
+        );
+        w.remove("x");
+        w.insert("b".to_string(), Tensor::zeros(4, DType::F32, &dev).unwrap());
+        w.insert("c".to_string(), Tensor::zeros(1, DType::F32, &dev).unwrap());
+        assert!(NameReport::compare(&w, &e).is_ok());
+    }
+
+    #[test]
+    fn npz_is_refused_clearly() {
+        let err = read_openfold(Path::new("params_model_1.npz"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("JAX") && err.contains("not supported"),
+            "{err}"
         );
     }
 
