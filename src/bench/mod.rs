@@ -20,6 +20,7 @@
 //! tensors (parameters, inputs, activations, gradients), like PyTorch's `max_memory_allocated`.
 //! cuBLAS workspaces and the CUDA context are outside the pool.
 
+mod elem_kernels;
 mod evoformer;
 mod gpu_mem;
 mod ops;
@@ -34,6 +35,7 @@ pub(crate) use crate::data::rng::splitmix64;
 use crate::error::{Error, Result};
 use crate::model::evoformer::{BlockConfig, EvoformerBlock};
 
+pub use elem_kernels::{format_checks, format_rows, run_elem_kernels, ElemKernelsArgs};
 pub use evoformer::{
     bench_evoformer, evoformer_block_flops, evoformer_op_flops, format_evoformer, EvoformerBench,
     PassTiming, BLOCK_OPS,
@@ -57,6 +59,8 @@ pub enum BenchCommand {
     Parity(ParityArgs),
     /// Time the candle primitives the block is made of, at MSA-row-attention shapes.
     Ops(OpsArgs),
+    /// Fused element-wise CUDA kernels (gate, dropout+residual, Adam+EMA) vs their candle twins.
+    ElemKernels(ElemKernelsArgs),
 }
 
 /// `ferrofold bench ops`: primitives at the shapes of MSA row attention (`[S, H, R, R]` logits,
@@ -383,6 +387,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let rows = bench_ops(a)?;
             print!("{}", format_ops(a, &rows));
             Ok(())
+        }
+        BenchCommand::ElemKernels(a) => {
+            let (checks, rows) = run_elem_kernels(a)?;
+            let (table, ok) = format_checks(&checks);
+            print!("{table}");
+            print!("{}", format_rows(&rows));
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Msg("bench elem-kernels: self-check failed".into()))
+            }
         }
         BenchCommand::Parity(a) => {
             let rows = parity(a)?;
