@@ -175,17 +175,52 @@ fn evoformer_block_fused_vs_twin() {
         for (a, b) in [(&mf, &mt), (&zf, &zt), (&dmf, &dmt)] {
             worst = worst.max(kernels::rel_err(a, b).unwrap());
         }
-        let mut worst_g = 0f64;
-        for (a, b) in gf.iter().zip(&gt) {
-            worst_g = worst_g.max(kernels::rel_err(a, b).unwrap());
+        // Parameter gradients: per tensor max |fused - twin| over max(max |twin|, floor × the
+        // largest gradient of the block) (some gradients are zero in exact arithmetic, e.g. the
+        // bias of a layer norm feeding only attention logits: pure rounding noise in both).
+        let abs_max = |t: &Tensor| -> f64 {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let global = gt.iter().map(abs_max).fold(0f64, f64::max);
+        // bf16: every gradient carries ~1% rounding noise either way.
+        let (floor, gtol) = if dtype == DType::BF16 {
+            (3e-2, 0.15)
+        } else {
+            (1e-3, 5e-4)
+        };
+        let names: Vec<String> = {
+            let data = vm.data().lock().unwrap();
+            let mut n: Vec<String> = data.keys().cloned().collect();
+            n.sort();
+            n
+        };
+        let mut worst_g = (0f64, String::new());
+        for ((a, b), name) in gf.iter().zip(&gt).zip(&names) {
+            let diff = abs_max(&(a - b).unwrap());
+            let e = diff / abs_max(b).max(floor * global).max(f64::MIN_POSITIVE);
+            if e > worst_g.0 {
+                worst_g = (e, name.clone());
+            }
         }
         eprintln!(
-            "evoformer block {dtype:?}: activations err {worst:.3e}, param grads err {worst_g:.3e}"
+            "evoformer block {dtype:?}: activations err {worst:.3e}, param grads err {:.3e} ({})",
+            worst_g.0, worst_g.1
         );
         assert!(worst <= tol, "{dtype:?}: activations differ by {worst}");
         assert!(
-            worst_g <= 5.0 * tol,
-            "{dtype:?}: parameter gradients differ by {worst_g}"
+            worst_g.0 <= gtol,
+            "{dtype:?}: parameter gradients differ by {} ({})",
+            worst_g.0,
+            worst_g.1
         );
         // Dropout really was active (some pair entries unchanged by the masked updates is not
         // checkable directly; check the output is finite and non-trivial instead).

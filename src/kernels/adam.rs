@@ -17,10 +17,14 @@
 //! once per process on the device, [`affine_is_fma`]). The fused update is therefore bitwise
 //! equal to the candle-op twin (moments, weights and EMA), which the GPU test checks.
 //!
-//! The parameters (`Var`s, fp32 masters) are updated in place, as `Var::set` does; the new
-//! moments and EMA weights are written to three fresh flat buffers and returned as views of them
-//! (the old state tensors are not modified, like the twin). The model keeps no bf16 working copy
-//! (bf16 runs cast the masters in the forward), so there is none to write.
+//! Everything is updated in place: the parameters (`Var`s, fp32 masters, as `Var::set` does),
+//! the moments and the EMA weights (the tensors in `Adam::m`/`v` and `Ema::weights` keep their
+//! identity; a clone taken before the step sees the new values, take `.copy()` to snapshot). No
+//! allocation: at ~93M parameters a fresh 3 × 372 MB per step would go back to the driver at every
+//! synchronisation (the default memory pool keeps nothing), which costs more than the kernel.
+//! Written buffers must not overlap; [`adam_ema_fused`] checks it ([`Error::Train`] otherwise).
+//! The model keeps no bf16 working copy (bf16 runs cast the masters in the forward), so there is
+//! none to write.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -37,7 +41,7 @@ const CHUNK: usize = 4096;
 
 /// CUDA C source (`adam_ema_multi_f32`). `ptrs[5t..5t+5]` are tensor `t`'s `p, g, m, v, w`
 /// device pointers, `offs[t]` its offset in the flat concatenation (`offs[T]` the total), `hp[2t]`
-/// its step size `lr/bc1` and `hp[2t+1]` its `1/sqrt(bc2)`. Outputs `m', v', w'` are flat.
+/// its step size `lr/bc1` and `hp[2t+1]` its `1/sqrt(bc2)`. `p, m, v, w` are written in place.
 #[cfg(feature = "cuda")]
 pub const SOURCE: &str = r#"
 #define CHUNK 4096
@@ -47,7 +51,6 @@ __device__ __forceinline__ float aff(float x, float a, float b, int fma) {
 
 extern "C" __global__ void adam_ema_multi_f32(
     const unsigned long long* ptrs, const unsigned long long* offs, const float* hp, int n_tensors,
-    float* m_out, float* v_out, float* w_out,
     float clip, int do_clip, float b1, float omb1, float b2, float omb2, float eps, float omd, int fma)
 {
     __shared__ int t_first;
@@ -72,9 +75,9 @@ extern "C" __global__ void adam_ema_multi_f32(
         unsigned long long li = gi - offs[t];
         float* p = (float*)ptrs[5 * t];
         const float* g = (const float*)ptrs[5 * t + 1];
-        const float* m = (const float*)ptrs[5 * t + 2];
-        const float* v = (const float*)ptrs[5 * t + 3];
-        const float* w = (const float*)ptrs[5 * t + 4];
+        float* m = (float*)ptrs[5 * t + 2];
+        float* v = (float*)ptrs[5 * t + 3];
+        float* w = (float*)ptrs[5 * t + 4];
         float gv = g[li];
         if (do_clip) gv = aff(gv, clip, 0.0f, fma);
         float mv = __fadd_rn(aff(m[li], b1, 0.0f, fma), aff(gv, omb1, 0.0f, fma));
@@ -85,9 +88,9 @@ extern "C" __global__ void adam_ema_multi_f32(
         float wv = w[li];
         float d = aff(__fsub_rn(wv, pv), omd, 0.0f, fma);
         p[li] = pv;
-        m_out[gi] = mv;
-        v_out[gi] = vv;
-        w_out[gi] = __fsub_rn(wv, d);
+        m[li] = mv;
+        v[li] = vv;
+        w[li] = __fsub_rn(wv, d);
     }
 }
 "#;
@@ -116,9 +119,6 @@ pub struct AdamEmaItem<'a> {
     pub step: u64,
 }
 
-/// New `(m, v, w)` of one parameter.
-pub type NewState = (Tensor, Tensor, Tensor);
-
 /// Whether the fused update can take this parameter: all operands f32 on the same CUDA device,
 /// same shape, non-empty, contiguous.
 pub fn eligible(it: &AdamEmaItem) -> bool {
@@ -143,11 +143,12 @@ fn step_consts(h: &AdamEmaHyper, step: u64) -> (f32, f32) {
     ((h.lr / bc1) as f32, (1.0 / bc2.sqrt()) as f32)
 }
 
-/// Apply clip + Adam + EMA to every item in one launch (all items [`eligible`], on one device).
-/// Updates each `p` in place; returns the new `(m, v, w)` per item, in order.
-pub fn adam_ema_fused(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<Vec<NewState>> {
+/// Apply clip + Adam + EMA to every item in one launch (all items [`eligible`], on one device),
+/// updating `p`, `m`, `v` and `w` in place. Errors (before any write) when two written buffers
+/// overlap.
+pub fn adam_ema_fused(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
     if items.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     if let Some(bad) = items.iter().position(|it| !eligible(it)) {
         return Err(Error::Train(format!(
@@ -187,14 +188,12 @@ mod cuda {
     use candle_core::{Device, Tensor};
     use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
-    use super::super::elem_common::{cuda_storage, range, tensor_from_slice};
+    use super::super::elem_common::{cuda_storage, range};
     use super::super::nvrtc;
-    use super::{
-        affine_is_fma, step_consts, AdamEmaHyper, AdamEmaItem, NewState, CHUNK, MODULE, SOURCE,
-    };
+    use super::{affine_is_fma, step_consts, AdamEmaHyper, AdamEmaItem, CHUNK, MODULE, SOURCE};
     use crate::error::{Error, Result};
 
-    pub(super) fn launch(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<Vec<NewState>> {
+    pub(super) fn launch(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
         let device = items[0].p.as_tensor().device().clone();
         let Device::Cuda(dev) = &device else {
             return Err(Error::Train("fused Adam: not a CUDA device".into()));
@@ -234,17 +233,23 @@ mod cuda {
             ptrs.push(ptr);
             syncs.push(sync);
         }
+        // The written buffers (p, m, v, w of every tensor) must be pairwise disjoint.
+        let mut written: Vec<(u64, u64)> = Vec::with_capacity(4 * items.len());
+        for (t, it) in items.iter().enumerate() {
+            let bytes = 4 * it.p.as_tensor().elem_count() as u64;
+            for k in [0, 2, 3, 4] {
+                written.push((ptrs[5 * t + k], bytes));
+            }
+        }
+        written.sort_unstable();
+        if written.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(Error::Train(
+                "fused Adam: parameters, moments or EMA weights share memory".into(),
+            ));
+        }
         let d_ptrs = stream.clone_htod(&ptrs).w()?;
         let d_offs = stream.clone_htod(&offs).w()?;
         let d_hp = stream.clone_htod(&hp).w()?;
-        // SAFETY: every element is written by the kernel.
-        let (mut m_out, mut v_out, mut w_out) = unsafe {
-            (
-                dev.alloc::<f32>(total)?,
-                dev.alloc::<f32>(total)?,
-                dev.alloc::<f32>(total)?,
-            )
-        };
         let n_tensors = i32::try_from(items.len())
             .map_err(|_| Error::Train("fused Adam: too many tensors".into()))?;
         let (clip, do_clip) = match h.clip {
@@ -269,9 +274,6 @@ mod cuda {
             .arg(&d_offs)
             .arg(&d_hp)
             .arg(&n_tensors)
-            .arg(&mut m_out)
-            .arg(&mut v_out)
-            .arg(&mut w_out)
             .arg(&clip)
             .arg(&do_clip)
             .arg(&b1)
@@ -281,26 +283,14 @@ mod cuda {
             .arg(&eps)
             .arg(&omd)
             .arg(&fma);
-        // SAFETY: the tables describe live, contiguous f32 buffers of the given sizes (read guards
-        // held); parameters are written in place (as `Var::set` does), on candle's stream, after
-        // every earlier use of them on that stream.
+        // SAFETY: the tables describe live, contiguous, pairwise disjoint f32 buffers of the given
+        // sizes (read guards held). They are written in place through those pointers (as
+        // `Var::set` writes a variable), on candle's stream, after every earlier use on it.
         unsafe { b.launch(cfg) }.w()?;
         drop(syncs);
         drop(views);
         drop(guards);
-
-        let shape = candle_core::Shape::from(total);
-        let flat = |s| tensor_from_slice(s, dev, &shape);
-        let (fm, fv, fw) = (flat(m_out), flat(v_out), flat(w_out));
-        let mut out = Vec::with_capacity(items.len());
-        for (it, off) in items.iter().zip(&offs) {
-            let p = it.p.as_tensor();
-            let (off, n) = (*off as usize, p.elem_count());
-            let view =
-                |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, off, n)?.reshape(p.shape())?) };
-            out.push((view(&fm)?, view(&fv)?, view(&fw)?));
-        }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -1,70 +1,114 @@
 //! Residual add of a shared-mask dropout: `y = residual + update * mask` (AF2 supplement
 //! Algorithm 6, every `x += Dropout{rowwise,columnwise}(f(x))` line of the Evoformer).
 //!
-//! `mask` is the keep mask of [`crate::model::dropout::dropout_mask`] (entries `0` or
-//! `1/(1-rate)`, the scale already folded in, drawn on the host from the seeded [`DropoutCtx`]):
-//! the fused path uses exactly the twin's mask, so results do not depend on the device's RNG.
-//! The mask has `x`'s shape with the shared dimension set to 1 and is read broadcast by the
-//! kernel (never materialised at full size).
+//! The mask is the keep mask of [`crate::model::dropout::dropout_mask`]: `x`'s shape with the
+//! shared dimension set to 1, entry `k` (row-major) is `0` when the `k`-th SplitMix64 draw of the
+//! [`DropoutCtx`] seed, as a 53-bit uniform `u`, is `< rate`, else `1/(1-rate)` rounded to `x`'s
+//! dtype. SplitMix64 is counter-based (draw `k` = `mix(seed + (k+1)·γ)`), so the fused kernel
+//! computes each entry on the GPU from `(seed, k)`: bitwise the same mask as the host RNG
+//! (`u < rate` ⇔ `u·2⁵³ < ⌈rate·2⁵³⌉`, an integer compare), with no host loop, no upload and no
+//! full-size mask. Each thread draws `V` consecutive mask entries once and applies them to a few
+//! rows along the shared dimension.
 //!
 //! Fused on CUDA (f32/bf16, fp32 math): forward one kernel; backward one kernel
-//! `d_update = dy * mask` (`d_residual = dy` is passed through, the mask is a constant).
-//! In f32 the forward is bitwise equal to the twin (`__fmul_rn` then `__fadd_rn`, as candle's
-//! two kernels); in bf16 the fused result is rounded once instead of twice.
+//! `d_update = dy * mask` (`d_residual = dy` is passed through). In f32 the forward is bitwise
+//! equal to the CPU and GPU twins (`__fmul_rn` then `__fadd_rn`, as candle's two kernels); in
+//! bf16 the fused result is rounded once instead of twice, and the mask scale is the host's
+//! `bf16::from_f64` (the CPU twin's cast).
 //!
-//! DISCREPANCY (none with AF2; implementation note): the linear's bias add that precedes the
-//! dropout is not folded in: the update comes out of `linear_o`/`linear_z` with its bias added.
+//! Not fused: the bias add of the `linear_o`/`linear_z` producing the update (it stays in the
+//! linear layer).
 
 use candle_core::{DType, Device, Tensor};
 
 use super::{ElemBenchRow, ElemCheck};
 use crate::error::Result;
-use crate::model::dropout::{dropout_mask, dropout_shared, DropoutCtx};
+use crate::model::dropout::{dropout_shared, DropoutCtx};
 
 /// NVRTC module name.
 pub const MODULE: &str = "ferrofold_dropout_residual";
 
-/// CUDA C source (`dropres_fwd_{f32,bf16}`, `dropres_bwd_{f32,bf16}`). The mask of `x` viewed as
-/// `[outer, shared, inner]` is `[outer, 1, inner]`: element `i` reads mask
-/// `(i / (shared·inner))·inner + i % inner`.
+/// Rows (along the shared dimension) handled by one thread.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const ROWS: usize = 4;
+
+/// CUDA C source: `dropres_{f32,bf16}_v{1,4|8}`. `x` is viewed as `[outer, shared, inner]`, the
+/// mask as `[outer, inner]` (index `k`); a thread takes `V` consecutive mask entries (`V` divides
+/// `inner`) and `ROWS` rows `s`: elements `(o·shared + s)·inner + in`. `add = 1`:
+/// `y = a + u·mask` (forward); `add = 0`: `y = u·mask` (backward, `u = dy`).
 #[cfg(feature = "cuda")]
 pub const SOURCE: &str = concat!(
     elem_prelude!(),
     r#"
-__device__ __forceinline__ size_t mask_idx(size_t i, size_t block, size_t inner) {
-    return (i / block) * inner + i % inner;
+__device__ __forceinline__ unsigned long long splitmix(unsigned long long seed, unsigned long long k) {
+    unsigned long long z = seed + (k + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
 }
 
-template <typename T>
-__device__ __forceinline__ void dropres_fwd(const T* r, const T* u, const T* m, T* y, size_t n, size_t block, size_t inner) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    st(y, i, __fadd_rn(ld(r, i), __fmul_rn(ld(u, i), ld(m, mask_idx(i, block, inner)))));
+template <typename T, int V>
+__device__ __forceinline__ void dropres(const T* a, const T* u, T* y, size_t n_groups, size_t shared, size_t inner,
+                                        size_t rows, unsigned long long seed, unsigned long long thr, float scale, int add) {
+    size_t grp = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (grp >= n_groups) return;
+    size_t k0 = grp * V;
+    size_t o = k0 / inner, in = k0 % inner;
+    float m[V];
+#pragma unroll
+    for (int j = 0; j < V; j++) m[j] = (splitmix(seed, k0 + j) >> 11) >= thr ? scale : 0.0f;
+    size_t s0 = (size_t)blockIdx.y * rows;
+    size_t s1 = s0 + rows < shared ? s0 + rows : shared;
+    for (size_t s = s0; s < s1; s++) {
+        size_t i = (o * shared + s) * inner + in;
+        Pack<T, V> uv = *reinterpret_cast<const Pack<T, V>*>(u + i);
+        Pack<T, V> out;
+        if (add) {
+            Pack<T, V> av = *reinterpret_cast<const Pack<T, V>*>(a + i);
+#pragma unroll
+            for (int j = 0; j < V; j++) st(out.v, j, __fadd_rn(ld(av.v, j), __fmul_rn(ld(uv.v, j), m[j])));
+        } else {
+#pragma unroll
+            for (int j = 0; j < V; j++) st(out.v, j, __fmul_rn(ld(uv.v, j), m[j]));
+        }
+        *reinterpret_cast<Pack<T, V>*>(y + i) = out;
+    }
 }
 
-template <typename T>
-__device__ __forceinline__ void dropres_bwd(const T* dy, const T* m, T* du, size_t n, size_t block, size_t inner) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    st(du, i, __fmul_rn(ld(dy, i), ld(m, mask_idx(i, block, inner))));
+#define DROPRES(NAME, T, V) \
+extern "C" __global__ void NAME(const T* a, const T* u, T* y, size_t n_groups, size_t shared, size_t inner, \
+                                size_t rows, unsigned long long seed, unsigned long long thr, float scale, int add) { \
+    dropres<T, V>(a, u, y, n_groups, shared, inner, rows, seed, thr, scale, add); \
 }
-
-extern "C" __global__ void dropres_fwd_f32(const float* r, const float* u, const float* m, float* y, size_t n, size_t block, size_t inner) {
-    dropres_fwd(r, u, m, y, n, block, inner);
-}
-extern "C" __global__ void dropres_fwd_bf16(const __nv_bfloat16* r, const __nv_bfloat16* u, const __nv_bfloat16* m, __nv_bfloat16* y,
-                                            size_t n, size_t block, size_t inner) {
-    dropres_fwd(r, u, m, y, n, block, inner);
-}
-extern "C" __global__ void dropres_bwd_f32(const float* dy, const float* m, float* du, size_t n, size_t block, size_t inner) {
-    dropres_bwd(dy, m, du, n, block, inner);
-}
-extern "C" __global__ void dropres_bwd_bf16(const __nv_bfloat16* dy, const __nv_bfloat16* m, __nv_bfloat16* du,
-                                            size_t n, size_t block, size_t inner) {
-    dropres_bwd(dy, m, du, n, block, inner);
-}
+DROPRES(dropres_f32_v1, float, 1)
+DROPRES(dropres_f32_v4, float, 4)
+DROPRES(dropres_bf16_v1, __nv_bfloat16, 1)
+DROPRES(dropres_bf16_v8, __nv_bfloat16, 8)
 "#
 );
+
+/// Host mirror of the kernel's keep decision for mask entry `k` (tests the equivalence with
+/// [`crate::model::dropout::dropout_mask`]).
+pub fn keep_entry(seed: u64, k: u64, thr: u64) -> bool {
+    let state = seed.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (crate::train::seed::splitmix64(state) >> 11) >= thr
+}
+
+/// `⌈rate·2⁵³⌉`: a 53-bit draw `d` is dropped iff `d < thr` (iff `d·2⁻⁵³ < rate`).
+pub fn drop_threshold(rate: f64) -> u64 {
+    (rate * (1u64 << 53) as f64).ceil() as u64
+}
+
+/// The kept mask value `1/(1-rate)` rounded to `dtype` (as the CPU twin casts it), as f32.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn mask_scale(rate: f64, dtype: DType) -> f32 {
+    let s = 1.0 / (1.0 - rate);
+    if dtype == DType::BF16 {
+        half::bf16::from_f64(s).to_f32()
+    } else {
+        s as f32
+    }
+}
 
 /// Plain-candle twin: `residual + dropout_shared(update, rate, shared_dim, ctx)`.
 pub fn residual_dropout_twin(
@@ -95,58 +139,52 @@ pub fn residual_dropout(
             && update.elem_count() > 0
             && residual.device().same_device(update.device())
         {
-            let mask = dropout_mask(update, rate, shared_dim, ctx)?;
-            return residual_masked_fused(residual, update, &mask, shared_dim);
+            return residual_dropout_fused(residual, update, rate, shared_dim, ctx);
         }
     }
     residual_dropout_twin(residual, update, rate, shared_dim, ctx)
 }
 
-/// The fused op, unconditionally: `residual + update * mask`, `mask` of `update`'s shape with
-/// dimension `shared_dim` set to 1 (a constant: no gradient). CUDA only.
-pub fn residual_masked_fused(
+/// The fused op, unconditionally (CUDA tensors only; errors without the `cuda` feature):
+/// `residual + dropout_shared(update, rate, shared_dim, Some(ctx))`, the mask drawn on the GPU.
+pub fn residual_dropout_fused(
     residual: &Tensor,
     update: &Tensor,
-    mask: &Tensor,
+    rate: f64,
     shared_dim: usize,
+    ctx: &DropoutCtx,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        let mut want = update.dims().to_vec();
-        if shared_dim < want.len() {
-            want[shared_dim] = 1;
-        }
-        if mask.dims() != want.as_slice() {
-            return Err(crate::error::Error::Model(format!(
-                "residual dropout: mask shape {:?}, expected {want:?}",
-                mask.dims()
-            )));
-        }
-        let mask = mask.detach().to_dtype(update.dtype())?.contiguous()?;
-        Ok(residual.contiguous()?.apply_op3(
-            &update.contiguous()?,
-            &mask,
-            cuda::DropResOp { shared_dim },
-        )?)
+        let op = cuda::DropResOp {
+            seed: ctx.seed,
+            thr: drop_threshold(rate),
+            scale: mask_scale(rate, update.dtype()),
+            shared_dim,
+        };
+        Ok(residual
+            .contiguous()?
+            .apply_op2(&update.contiguous()?, op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (residual, update, mask, shared_dim);
+        let _ = (residual, update, rate, shared_dim, ctx);
         Err(crate::error::Error::Msg(
             "the fused residual-dropout kernel needs the `cuda` feature".into(),
         ))
     }
 }
 
-/// `(block, inner)` of `dims` split as `[outer, shared, inner]` around `shared_dim`
-/// (`block = shared·inner`); no sharing when `shared_dim` is past the last axis.
+/// `(outer, shared, inner)` of `dims` around `shared_dim`; no sharing (`(1, 1, n)`) when
+/// `shared_dim` is past the last axis.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn mask_geometry(dims: &[usize], shared_dim: usize) -> (usize, usize) {
+fn mask_geometry(dims: &[usize], shared_dim: usize) -> (usize, usize, usize) {
     if shared_dim >= dims.len() {
-        return (1, 1);
+        return (1, 1, dims.iter().product());
     }
+    let outer: usize = dims[..shared_dim].iter().product();
     let inner: usize = dims[shared_dim + 1..].iter().product();
-    (dims[shared_dim] * inner, inner)
+    (outer, dims[shared_dim], inner)
 }
 
 #[cfg(feature = "cuda")]
@@ -154,101 +192,114 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Shape, Tensor};
-    use cudarc::driver::{DeviceRepr, PushKernelArg};
+    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 
     use super::super::elem_common::{cerr, cuda_storage, range, suffix, tensor_from_slice, BLOCK};
     use super::super::nvrtc;
-    use super::{mask_geometry, MODULE, SOURCE};
+    use super::{mask_geometry, MODULE, ROWS, SOURCE};
 
-    /// `residual + update * mask` with the mask shared along `shared_dim`.
+    /// `residual + update * mask(seed, rate)` with the mask shared along `shared_dim`.
     pub(super) struct DropResOp {
+        pub(super) seed: u64,
+        pub(super) thr: u64,
+        pub(super) scale: f32,
         pub(super) shared_dim: usize,
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fwd_t<T: CudaDType + DeviceRepr>(
-        shared_dim: usize,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<CudaStorage> {
-        let dev = s1.device();
-        let n = l1.shape().elem_count();
-        let (block, inner) = mask_geometry(l1.shape().dims(), shared_dim);
-        let f = nvrtc::func(
-            dev,
-            MODULE,
-            SOURCE,
-            &format!("dropres_fwd_{}", suffix(s1.dtype())?),
-        )
-        .map_err(cerr)?;
-        let r = s1.as_cuda_slice::<T>()?.slice(range(l1)?);
-        let u = s2.as_cuda_slice::<T>()?.slice(range(l2)?);
-        let m = s3.as_cuda_slice::<T>()?.slice(range(l3)?);
-        // SAFETY: every element is written by the kernel.
-        let mut y = unsafe { dev.alloc::<T>(n)? };
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&r)
-            .arg(&u)
-            .arg(&m)
-            .arg(&mut y)
-            .arg(&n)
-            .arg(&block)
-            .arg(&inner);
-        // SAFETY: argument types match the kernel signature; `r`, `u`, `y` hold `n` elements and
-        // `m` holds `n / shared` (every index the kernel forms is below that).
-        unsafe { b.launch(nvrtc::grid_1d(n, BLOCK)) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    impl DropResOp {
+        /// `y = a + u·mask` (`add`) or `y = u·mask`, all of `dims`, contiguous views.
+        fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+            &self,
+            dev: &candle_core::cuda_backend::CudaDevice,
+            dims: &[usize],
+            a: &CudaView<T>,
+            u: &CudaView<T>,
+            starts: [usize; 2],
+            add: bool,
+        ) -> candle_core::Result<cudarc::driver::CudaSlice<T>> {
+            let n: usize = dims.iter().product();
+            let (outer, shared, inner) = mask_geometry(dims, self.shared_dim);
+            let dtype = T::DTYPE;
+            let wide = if dtype == DType::BF16 { 8 } else { 4 };
+            let v = if inner % wide == 0 && starts.iter().all(|s| s % wide == 0) {
+                wide
+            } else {
+                1
+            };
+            let name = format!("dropres_{}_v{v}", suffix(dtype)?);
+            let f = nvrtc::func(dev, MODULE, SOURCE, &name).map_err(cerr)?;
+            // SAFETY: every element is written by the kernel.
+            let mut y = unsafe { dev.alloc::<T>(n)? };
+            let n_groups = outer * inner / v;
+            let gx = u32::try_from(n_groups.div_ceil(BLOCK as usize).max(1))
+                .map_err(|_| candle_core::Error::Msg("dropout residual: grid too large".into()))?;
+            let gy = u32::try_from(shared.div_ceil(ROWS).max(1))
+                .map_err(|_| candle_core::Error::Msg("dropout residual: grid too large".into()))?;
+            let cfg = LaunchConfig {
+                grid_dim: (gx, gy, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let add = i32::from(add);
+            let rows = ROWS;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(a)
+                .arg(u)
+                .arg(&mut y)
+                .arg(&n_groups)
+                .arg(&shared)
+                .arg(&inner)
+                .arg(&rows)
+                .arg(&self.seed)
+                .arg(&self.thr)
+                .arg(&self.scale)
+                .arg(&add);
+            // SAFETY: argument types match the kernel; `a`, `u`, `y` hold `n = outer·shared·inner`
+            // elements; with `V > 1` every start offset and `inner` are multiples of `V`, so each
+            // `Pack` access is aligned (allocations are 256-byte aligned).
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(y)
+        }
+
+        fn fwd_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<CudaStorage> {
+            let dev = s1.device();
+            let (r1, r2) = (range(l1)?, range(l2)?);
+            let starts = [r1.start, r2.start];
+            let a = s1.as_cuda_slice::<T>()?.slice(r1);
+            let u = s2.as_cuda_slice::<T>()?.slice(r2);
+            let y = self.launch(dev, l1.shape().dims(), &a, &u, starts, true)?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+
+        fn bwd_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+            &self,
+            dy: &Tensor,
+        ) -> candle_core::Result<Tensor> {
+            let (sd, ld) = dy.storage_and_layout();
+            let sd = cuda_storage(&sd)?;
+            let dev = sd.device();
+            let r = range(ld)?;
+            let starts = [r.start, r.start];
+            let dv = sd.as_cuda_slice::<T>()?.slice(r);
+            let du = self.launch(dev, dy.dims(), &dv, &dv, starts, false)?;
+            Ok(tensor_from_slice(du, dev, dy.shape()))
+        }
     }
 
-    fn bwd_t<T: CudaDType + DeviceRepr>(
-        shared_dim: usize,
-        dy: &Tensor,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let n = dy.elem_count();
-        let (block, inner) = mask_geometry(dy.dims(), shared_dim);
-        let (sd, ld) = dy.storage_and_layout();
-        let (sm, lm) = mask.storage_and_layout();
-        let (sd, sm) = (cuda_storage(&sd)?, cuda_storage(&sm)?);
-        let dev = sd.device();
-        let f = nvrtc::func(
-            dev,
-            MODULE,
-            SOURCE,
-            &format!("dropres_bwd_{}", suffix(dy.dtype())?),
-        )
-        .map_err(cerr)?;
-        let dv = sd.as_cuda_slice::<T>()?.slice(range(ld)?);
-        let mv = sm.as_cuda_slice::<T>()?.slice(range(lm)?);
-        // SAFETY: every element is written by the kernel.
-        let mut du = unsafe { dev.alloc::<T>(n)? };
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&dv)
-            .arg(&mv)
-            .arg(&mut du)
-            .arg(&n)
-            .arg(&block)
-            .arg(&inner);
-        // SAFETY: as in the forward.
-        unsafe { b.launch(nvrtc::grid_1d(n, BLOCK)) }.w()?;
-        Ok(tensor_from_slice(du, dev, dy.shape()))
-    }
-
-    impl candle_core::CustomOp3 for DropResOp {
+    impl candle_core::CustomOp2 for DropResOp {
         fn name(&self) -> &'static str {
             "ferrofold-dropout-residual"
         }
 
         fn cpu_fwd(
             &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
             _: &candle_core::CpuStorage,
             _: &Layout,
             _: &candle_core::CpuStorage,
@@ -263,16 +314,13 @@ mod cuda {
             l1: &Layout,
             s2: &CudaStorage,
             l2: &Layout,
-            s3: &CudaStorage,
-            l3: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            if l1.shape() != l2.shape() || s1.dtype() != s2.dtype() || s1.dtype() != s3.dtype() {
+            if l1.shape() != l2.shape() || s1.dtype() != s2.dtype() {
                 candle_core::bail!("ferrofold-dropout-residual: operands differ in shape or dtype");
             }
-            let sd = self.shared_dim;
             let out = match s1.dtype() {
-                DType::F32 => fwd_t::<f32>(sd, s1, l1, s2, l2, s3, l3)?,
-                DType::BF16 => fwd_t::<half::bf16>(sd, s1, l1, s2, l2, s3, l3)?,
+                DType::F32 => self.fwd_t::<f32>(s1, l1, s2, l2)?,
+                DType::BF16 => self.fwd_t::<half::bf16>(s1, l1, s2, l2)?,
                 other => candle_core::bail!("ferrofold-dropout-residual: dtype {other:?}"),
             };
             Ok((out, l1.shape().clone()))
@@ -282,24 +330,23 @@ mod cuda {
             &self,
             residual: &Tensor,
             _update: &Tensor,
-            mask: &Tensor,
             _res: &Tensor,
             dy: &Tensor,
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
             let dy = dy.to_dtype(residual.dtype())?.contiguous()?;
             let du = match dy.dtype() {
-                DType::F32 => bwd_t::<f32>(self.shared_dim, &dy, mask)?,
-                DType::BF16 => bwd_t::<half::bf16>(self.shared_dim, &dy, mask)?,
+                DType::F32 => self.bwd_t::<f32>(&dy)?,
+                DType::BF16 => self.bwd_t::<half::bf16>(&dy)?,
                 other => candle_core::bail!("ferrofold-dropout-residual: dtype {other:?}"),
             };
-            Ok((Some(dy), Some(du), None))
+            Ok((Some(dy), Some(du)))
         }
     }
 }
 
 type ResDropFn = fn(&Tensor, &Tensor, f64, usize, Option<&DropoutCtx>) -> Result<Tensor>;
 
-/// The fused op with a drawn mask (what [`residual_dropout`] does on CUDA), unconditionally.
+/// The fused op (what [`residual_dropout`] does on CUDA in training), unconditionally.
 fn fused_with_ctx(
     residual: &Tensor,
     update: &Tensor,
@@ -308,8 +355,7 @@ fn fused_with_ctx(
     ctx: Option<&DropoutCtx>,
 ) -> Result<Tensor> {
     let ctx = ctx.ok_or_else(|| crate::error::Error::Msg("residual dropout: no ctx".into()))?;
-    let mask = dropout_mask(update, rate, shared_dim, ctx)?;
-    residual_masked_fused(residual, update, &mask, shared_dim)
+    residual_dropout_fused(residual, update, rate, shared_dim, ctx)
 }
 
 /// Output and the gradients of `sum(op(...) * dy)` for residual and update.
@@ -338,6 +384,8 @@ pub const CHECK_CASES: &[(&[usize], f64, usize)] = &[
     (&[4, 5, 6], 0.25, 0),
     (&[4, 5, 6], 0.25, 1),
     (&[3, 17, 33], 0.5, 0),
+    (&[2, 6, 16], 0.25, 1),
+    (&[5, 3, 8], 0.5, 3),
     (&[128, 256, 256], 0.15, 0),
     (&[256, 256, 128], 0.25, 0),
     (&[256, 256, 128], 0.25, 1),
@@ -378,11 +426,11 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
     Ok(out)
 }
 
-/// Fused vs twin timings at AF2 shapes: forward alone and forward+backward (both include drawing
-/// and uploading the mask, as in training).
+/// Fused vs twin timings at AF2 shapes: forward alone (the twin draws the mask on the host and
+/// uploads it, as in training; the fused kernel draws it on the GPU) and backward alone.
 pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
     let mut rows = Vec::new();
-    for &(shape, rate, sd) in &CHECK_CASES[3..] {
+    for &(shape, rate, sd) in &CHECK_CASES[5..] {
         for dtype in [DType::BF16, DType::F32] {
             let r = super::uniform_tensor(shape, 2.0, 1, dtype, dev)?;
             let u = super::uniform_tensor(shape, 1.0, 2, dtype, dev)?;
@@ -406,16 +454,21 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
                 twin_ms,
                 max_err: err,
             });
+            // Backward alone: `y.backward()` (seeded with ones) on a graph built once.
+            let rv = candle_core::Var::from_tensor(&r)?;
+            let uv = candle_core::Var::from_tensor(&u)?;
+            let yf = fused_with_ctx(rv.as_tensor(), uv.as_tensor(), rate, sd, c)?;
+            let yt = residual_dropout_twin(rv.as_tensor(), uv.as_tensor(), rate, sd, c)?;
             let fused_ms = super::median_ms(dev, 3, iters, || {
-                fwd_bwd(fused_with_ctx, &r, &u, &dy, rate, sd, &ctx).map(|_| ())
+                yf.backward().map(|_| ()).map_err(Into::into)
             })?;
             let twin_ms = super::median_ms(dev, 3, iters, || {
-                fwd_bwd(residual_dropout_twin, &r, &u, &dy, rate, sd, &ctx).map(|_| ())
+                yt.backward().map(|_| ()).map_err(Into::into)
             })?;
             let (_, _, a) = fwd_bwd(fused_with_ctx, &r, &u, &dy, rate, sd, &ctx)?;
             let (_, _, b) = fwd_bwd(residual_dropout_twin, &r, &u, &dy, rate, sd, &ctx)?;
             rows.push(ElemBenchRow {
-                op: "dropout+residual fwd+bwd".into(),
+                op: "dropout+residual bwd".into(),
                 case: case(shape, rate, sd, dtype),
                 fused_ms,
                 twin_ms,
@@ -432,20 +485,55 @@ mod tests {
 
     #[test]
     fn geometry_of_row_and_column_sharing() {
-        // [4, 5, 6]: row-wise mask [1, 5, 6] → index i % 30; column-wise [4, 1, 6].
-        assert_eq!(mask_geometry(&[4, 5, 6], 0), (120, 30));
-        assert_eq!(mask_geometry(&[4, 5, 6], 1), (30, 6));
-        assert_eq!(mask_geometry(&[4, 5, 6], 3), (1, 1));
-        // The kernel's index rule reproduces the broadcast of a [4, 1, 6] mask.
-        let (block, inner) = mask_geometry(&[4, 5, 6], 1);
+        // [4, 5, 6] as [outer, shared, inner].
+        assert_eq!(mask_geometry(&[4, 5, 6], 0), (1, 4, 30));
+        assert_eq!(mask_geometry(&[4, 5, 6], 1), (4, 5, 6));
+        assert_eq!(mask_geometry(&[4, 5, 6], 3), (1, 1, 120));
+        // The kernel's element index for mask entry (o, in) and row s reproduces the broadcast
+        // of a [4, 1, 6] mask.
+        let (_, shared, inner) = mask_geometry(&[4, 5, 6], 1);
         for a in 0..4 {
             for b in 0..5 {
                 for c in 0..6 {
-                    let i = (a * 5 + b) * 6 + c;
-                    assert_eq!((i / block) * inner + i % inner, a * 6 + c);
+                    let k = a * inner + c;
+                    let (o, i_n) = (k / inner, k % inner);
+                    assert_eq!((o * shared + b) * inner + i_n, (a * 5 + b) * 6 + c);
                 }
             }
         }
+    }
+
+    /// The kernel's counter-based draw (`keep_entry`, `drop_threshold`, `mask_scale`) gives
+    /// exactly the mask of `dropout_mask` (the host RNG), for several rates and seeds.
+    #[test]
+    fn gpu_mask_rule_equals_host_rng() {
+        let x = Tensor::zeros((3, 7, 11), DType::F64, &Device::Cpu).unwrap();
+        for (rate, seed) in [
+            (0.15, 1u64),
+            (0.25, 0xdead_beef),
+            (0.5, u64::MAX),
+            (0.9, 42),
+        ] {
+            let ctx = DropoutCtx::new(seed);
+            for sd in [0usize, 1, 2, 3] {
+                let m = crate::model::dropout::dropout_mask(&x, rate, sd, &ctx).unwrap();
+                let m = m.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let thr = drop_threshold(rate);
+                let scale = 1.0 / (1.0 - rate);
+                for (k, v) in m.iter().enumerate() {
+                    let want = if keep_entry(seed, k as u64, thr) {
+                        scale
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(*v, want, "rate {rate} seed {seed} dim {sd} entry {k}");
+                }
+                assert!(m.iter().any(|v| *v == 0.0) && m.iter().any(|v| *v != 0.0));
+            }
+            assert_eq!(mask_scale(rate, DType::F32), (1.0 / (1.0 - rate)) as f32);
+        }
+        // Exactness at the boundary: a draw equal to rate·2⁵³ is kept (u < rate is false).
+        assert_eq!(drop_threshold(0.5), 1 << 52);
     }
 
     /// On the CPU the entry point is the twin: the residual plus the dropped-out update, with the

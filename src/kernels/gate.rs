@@ -14,43 +14,54 @@ use crate::error::Result;
 /// NVRTC module name.
 pub const MODULE: &str = "ferrofold_gate";
 
-/// CUDA C source (`gate_fwd_{f32,bf16}`, `gate_bwd_{f32,bf16}`).
+/// CUDA C source: `gate_{fwd,bwd}_{f32,bf16}_v{1,4|8}`, one thread per `V` consecutive elements
+/// (one 16-byte access per operand when `V > 1`).
 #[cfg(feature = "cuda")]
 pub const SOURCE: &str = concat!(
     elem_prelude!(),
     r#"
 __device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-template <typename T>
-__device__ __forceinline__ void gate_fwd(const T* o, const T* g, T* y, size_t n) {
+template <typename T, int V>
+__device__ __forceinline__ void gate_fwd(const T* o, const T* g, T* y, size_t n_groups) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    st(y, i, ld(o, i) * sigm(ld(g, i)));
+    if (i >= n_groups) return;
+    Pack<T, V> ov = reinterpret_cast<const Pack<T, V>*>(o)[i];
+    Pack<T, V> gv = reinterpret_cast<const Pack<T, V>*>(g)[i];
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; j++) st(out.v, j, ld(ov.v, j) * sigm(ld(gv.v, j)));
+    reinterpret_cast<Pack<T, V>*>(y)[i] = out;
 }
 
-template <typename T>
-__device__ __forceinline__ void gate_bwd(const T* o, const T* g, const T* dy, T* d_o, T* d_g, size_t n) {
+template <typename T, int V>
+__device__ __forceinline__ void gate_bwd(const T* o, const T* g, const T* dy, T* d_o, T* d_g, size_t n_groups) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float s = sigm(ld(g, i));
-    float d = ld(dy, i);
-    st(d_o, i, d * s);
-    st(d_g, i, d * ld(o, i) * s * (1.0f - s));
+    if (i >= n_groups) return;
+    Pack<T, V> ov = reinterpret_cast<const Pack<T, V>*>(o)[i];
+    Pack<T, V> gv = reinterpret_cast<const Pack<T, V>*>(g)[i];
+    Pack<T, V> dv = reinterpret_cast<const Pack<T, V>*>(dy)[i];
+    Pack<T, V> a, b;
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        float s = sigm(ld(gv.v, j));
+        float d = ld(dv.v, j);
+        st(a.v, j, d * s);
+        st(b.v, j, d * ld(ov.v, j) * s * (1.0f - s));
+    }
+    reinterpret_cast<Pack<T, V>*>(d_o)[i] = a;
+    reinterpret_cast<Pack<T, V>*>(d_g)[i] = b;
 }
 
-extern "C" __global__ void gate_fwd_f32(const float* o, const float* g, float* y, size_t n) {
-    gate_fwd(o, g, y, n);
+#define GATE(SUF, T, V) \
+extern "C" __global__ void gate_fwd_##SUF(const T* o, const T* g, T* y, size_t n) { gate_fwd<T, V>(o, g, y, n); } \
+extern "C" __global__ void gate_bwd_##SUF(const T* o, const T* g, const T* dy, T* d_o, T* d_g, size_t n) { \
+    gate_bwd<T, V>(o, g, dy, d_o, d_g, n); \
 }
-extern "C" __global__ void gate_fwd_bf16(const __nv_bfloat16* o, const __nv_bfloat16* g, __nv_bfloat16* y, size_t n) {
-    gate_fwd(o, g, y, n);
-}
-extern "C" __global__ void gate_bwd_f32(const float* o, const float* g, const float* dy, float* d_o, float* d_g, size_t n) {
-    gate_bwd(o, g, dy, d_o, d_g, n);
-}
-extern "C" __global__ void gate_bwd_bf16(const __nv_bfloat16* o, const __nv_bfloat16* g, const __nv_bfloat16* dy,
-                                         __nv_bfloat16* d_o, __nv_bfloat16* d_g, size_t n) {
-    gate_bwd(o, g, dy, d_o, d_g, n);
-}
+GATE(f32_v1, float, 1)
+GATE(f32_v4, float, 4)
+GATE(bf16_v1, __nv_bfloat16, 1)
+GATE(bf16_v8, __nv_bfloat16, 8)
 "#
 );
 
@@ -102,6 +113,16 @@ mod cuda {
     /// `o * sigmoid(g)` with an analytic backward.
     pub(super) struct GateOp;
 
+    /// Elements per thread: 16 bytes when `n` and every start offset allow it, else 1.
+    fn width(dtype: DType, n: usize, starts: &[usize]) -> usize {
+        let wide = if dtype == DType::BF16 { 8 } else { 4 };
+        if n % wide == 0 && starts.iter().all(|s| s % wide == 0) {
+            wide
+        } else {
+            1
+        }
+    }
+
     fn fwd_t<T: CudaDType + DeviceRepr>(
         s1: &CudaStorage,
         l1: &Layout,
@@ -110,22 +131,21 @@ mod cuda {
     ) -> candle_core::Result<CudaStorage> {
         let dev = s1.device();
         let n = l1.shape().elem_count();
-        let f = nvrtc::func(
-            dev,
-            MODULE,
-            SOURCE,
-            &format!("gate_fwd_{}", suffix(s1.dtype())?),
-        )
-        .map_err(cerr)?;
-        let o = s1.as_cuda_slice::<T>()?.slice(range(l1)?);
-        let g = s2.as_cuda_slice::<T>()?.slice(range(l2)?);
+        let (r1, r2) = (range(l1)?, range(l2)?);
+        let v = width(s1.dtype(), n, &[r1.start, r2.start]);
+        let name = format!("gate_fwd_{}_v{v}", suffix(s1.dtype())?);
+        let f = nvrtc::func(dev, MODULE, SOURCE, &name).map_err(cerr)?;
+        let o = s1.as_cuda_slice::<T>()?.slice(r1);
+        let g = s2.as_cuda_slice::<T>()?.slice(r2);
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(n)? };
+        let groups = n / v;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&o).arg(&g).arg(&mut y).arg(&n);
-        // SAFETY: argument types match the kernel signature; all buffers hold `n` elements.
-        unsafe { b.launch(nvrtc::grid_1d(n, BLOCK)) }.w()?;
+        b.arg(&o).arg(&g).arg(&mut y).arg(&groups);
+        // SAFETY: argument types match the kernel signature; all buffers hold `n = groups·v`
+        // elements and start `v`-aligned.
+        unsafe { b.launch(nvrtc::grid_1d(groups, BLOCK)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
 
@@ -140,29 +160,27 @@ mod cuda {
         let (sd, ld) = dy.storage_and_layout();
         let (so, sg, sd) = (cuda_storage(&so)?, cuda_storage(&sg)?, cuda_storage(&sd)?);
         let dev = so.device();
-        let f = nvrtc::func(
-            dev,
-            MODULE,
-            SOURCE,
-            &format!("gate_bwd_{}", suffix(o.dtype())?),
-        )
-        .map_err(cerr)?;
-        let ov = so.as_cuda_slice::<T>()?.slice(range(lo)?);
-        let gv = sg.as_cuda_slice::<T>()?.slice(range(lg)?);
-        let dv = sd.as_cuda_slice::<T>()?.slice(range(ld)?);
+        let (ro, rg, rd) = (range(lo)?, range(lg)?, range(ld)?);
+        let v = width(o.dtype(), n, &[ro.start, rg.start, rd.start]);
+        let name = format!("gate_bwd_{}_v{v}", suffix(o.dtype())?);
+        let f = nvrtc::func(dev, MODULE, SOURCE, &name).map_err(cerr)?;
+        let ov = so.as_cuda_slice::<T>()?.slice(ro);
+        let gv = sg.as_cuda_slice::<T>()?.slice(rg);
+        let dv = sd.as_cuda_slice::<T>()?.slice(rd);
         // SAFETY: every element is written by the kernel.
         let mut d_o = unsafe { dev.alloc::<T>(n)? };
         let mut d_g = unsafe { dev.alloc::<T>(n)? };
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
+        let groups = n / v;
         b.arg(&ov)
             .arg(&gv)
             .arg(&dv)
             .arg(&mut d_o)
             .arg(&mut d_g)
-            .arg(&n);
-        // SAFETY: argument types match the kernel signature; all buffers hold `n` elements.
-        unsafe { b.launch(nvrtc::grid_1d(n, BLOCK)) }.w()?;
+            .arg(&groups);
+        // SAFETY: as in the forward.
+        unsafe { b.launch(nvrtc::grid_1d(groups, BLOCK)) }.w()?;
         Ok((
             tensor_from_slice(d_o, dev, o.shape()),
             tensor_from_slice(d_g, dev, o.shape()),
@@ -284,7 +302,8 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
     Ok(out)
 }
 
-/// Fused vs twin timings at AF2 shapes (bf16 and f32): forward alone and forward+backward.
+/// Fused vs twin timings at AF2 shapes (bf16 and f32): forward alone and backward alone (the
+/// error column of the backward row is that of `d_g`).
 pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
     let mut rows = Vec::new();
     for shape in [&[128usize, 256, 256][..], &[256, 256, 128]] {
@@ -302,16 +321,21 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
                 twin_ms,
                 max_err: err,
             });
+            // Backward alone: `y.backward()` (seeded with ones) on a graph built once.
+            let ov = candle_core::Var::from_tensor(&o)?;
+            let gv = candle_core::Var::from_tensor(&g)?;
+            let yf = gate_fused(ov.as_tensor(), gv.as_tensor())?;
+            let yt = gate_twin(ov.as_tensor(), gv.as_tensor())?;
             let fused_ms = super::median_ms(dev, 3, iters, || {
-                fwd_bwd(gate_fused, &o, &g, &dy).map(|_| ())
+                yf.backward().map(|_| ()).map_err(Into::into)
             })?;
             let twin_ms = super::median_ms(dev, 3, iters, || {
-                fwd_bwd(gate_twin, &o, &g, &dy).map(|_| ())
+                yt.backward().map(|_| ()).map_err(Into::into)
             })?;
-            let (_, a, _) = fwd_bwd(gate_fused, &o, &g, &dy)?;
-            let (_, b, _) = fwd_bwd(gate_twin, &o, &g, &dy)?;
+            let (_, _, a) = fwd_bwd(gate_fused, &o, &g, &dy)?;
+            let (_, _, b) = fwd_bwd(gate_twin, &o, &g, &dy)?;
             rows.push(ElemBenchRow {
-                op: "gate fwd+bwd".into(),
+                op: "gate bwd".into(),
                 case: case(shape, dtype),
                 fused_ms,
                 twin_ms,

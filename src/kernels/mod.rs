@@ -20,6 +20,8 @@ __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+// V consecutive elements, loaded/stored as one 8- or 16-byte access (the address must be aligned).
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 "#
     };
 }

@@ -210,44 +210,74 @@ pub fn clip_adam_ema_fused(
         ema_decay: ema.decay,
         clip,
     };
-    let mut fused_names = Vec::new();
-    let mut twin_names = Vec::new();
-    let new_state = {
-        let mut items = Vec::new();
-        for (name, p) in params {
-            let Some(g) = grads.get(name) else { continue };
-            let (Some(m), Some(v), Some(t), Some(w)) = (
-                adam.m.get(name),
-                adam.v.get(name),
-                adam.steps.get(name),
-                ema.weights.get(name),
-            ) else {
-                // Let the twin report the missing state.
-                twin_names.push(name);
-                continue;
+    // Which parameters the kernel takes (all operands f32/contiguous/CUDA/same shape).
+    let mut fused_names: Vec<&String> = Vec::new();
+    let mut twin_names: Vec<&String> = Vec::new();
+    for (name, p) in params {
+        let Some(g) = grads.get(name) else { continue };
+        let (Some(m), Some(v), Some(t), Some(w)) = (
+            adam.m.get(name),
+            adam.v.get(name),
+            adam.steps.get(name),
+            ema.weights.get(name),
+        ) else {
+            // Let the twin report the missing state.
+            twin_names.push(name);
+            continue;
+        };
+        let item = AdamEmaItem {
+            p,
+            g,
+            m,
+            v,
+            w,
+            step: t + 1,
+        };
+        if eligible(&item) {
+            fused_names.push(name);
+        } else {
+            twin_names.push(name);
+        }
+    }
+    let run = |adam: &Adam, ema: &Ema| -> Result<()> {
+        let mut items = Vec::with_capacity(fused_names.len());
+        for name in &fused_names {
+            let state = (
+                params.get(*name),
+                grads.get(*name),
+                adam.m.get(*name),
+                adam.v.get(*name),
+                adam.steps.get(*name),
+                ema.weights.get(*name),
+            );
+            let (Some(p), Some(g), Some(m), Some(v), Some(t), Some(w)) = state else {
+                return Err(Error::Train(format!("fused Adam: no state for `{name}`")));
             };
-            let item = AdamEmaItem {
+            items.push(AdamEmaItem {
                 p,
                 g,
                 m,
                 v,
                 w,
                 step: t + 1,
-            };
-            if eligible(&item) {
-                items.push(item);
-                fused_names.push(name);
-            } else {
-                twin_names.push(name);
+            });
+        }
+        adam_ema_fused(&items, &hyper)
+    };
+    // The kernel writes the moments and EMA weights in place and refuses overlapping buffers
+    // (checked before any write): then give every state tensor its own storage and retry.
+    if run(adam, ema).is_err() {
+        for name in &fused_names {
+            for map in [&mut adam.m, &mut adam.v, &mut ema.weights] {
+                if let Some(t) = map.get_mut(*name) {
+                    *t = t.copy()?;
+                }
             }
         }
-        adam_ema_fused(&items, &hyper)?
-    };
-    for (name, (m, v, w)) in fused_names.into_iter().zip(new_state) {
-        adam.m.insert(name.clone(), m);
-        adam.v.insert(name.clone(), v);
-        ema.weights.insert(name.clone(), w);
-        if let Some(t) = adam.steps.get_mut(name) {
+        run(adam, ema)?;
+    }
+    for name in &fused_names {
+        if let Some(t) = adam.steps.get_mut(*name) {
             *t += 1;
         }
     }
