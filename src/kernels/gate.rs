@@ -116,7 +116,7 @@ mod cuda {
     /// Elements per thread: 16 bytes when `n` and every start offset allow it, else 1.
     fn width(dtype: DType, n: usize, starts: &[usize]) -> usize {
         let wide = if dtype == DType::BF16 { 8 } else { 4 };
-        if n % wide == 0 && starts.iter().all(|s| s % wide == 0) {
+        if n.is_multiple_of(wide) && starts.iter().all(|s| s.is_multiple_of(wide)) {
             wide
         } else {
             1
