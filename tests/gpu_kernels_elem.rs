@@ -113,8 +113,107 @@ fn randomize(vm: &VarMap) {
     }
 }
 
+/// Outputs `(m, z)`, `dL/dm` and the parameter gradients (sorted by name) of one block forward
+/// in training mode (dropout on) with the fused kernels on or off; `L = mean(m²) + mean(z²)`.
+struct BlockRun {
+    m: Tensor,
+    z: Tensor,
+    dm: Tensor,
+    grads: Vec<(String, Tensor)>,
+}
+
+fn run_block(
+    block: &ferrofold::model::evoformer::EvoformerBlock,
+    vm: &VarMap,
+    m: &Tensor,
+    z: &Tensor,
+    fused: bool,
+) -> BlockRun {
+    kernels::set_fused(fused);
+    let dev = m.device();
+    let (s, r, _) = m.dims3().unwrap();
+    let msa_mask = Tensor::ones((s, r), m.dtype(), dev).unwrap();
+    let pair_mask = Tensor::ones((r, r), m.dtype(), dev).unwrap();
+    let ctx = DropoutCtx::new(4242);
+    let mv = Var::from_tensor(m).unwrap();
+    let zv = Var::from_tensor(z).unwrap();
+    let (mo, zo) = block
+        .forward(
+            mv.as_tensor(),
+            zv.as_tensor(),
+            &msa_mask,
+            &pair_mask,
+            Some(&ctx),
+        )
+        .unwrap();
+    let msq = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let loss = (msq(&mo) + msq(&zo)).unwrap();
+    let g = loss.backward().unwrap();
+    kernels::set_fused(true);
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let grads = names
+        .iter()
+        .map(|n| ((*n).clone(), g.get(data[*n].as_tensor()).unwrap().clone()))
+        .collect();
+    BlockRun {
+        m: mo,
+        z: zo,
+        dm: g.get(mv.as_tensor()).unwrap().clone(),
+        grads,
+    }
+}
+
+fn abs_max(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+}
+
+/// `(activation error, (parameter-gradient error, worst parameter))` of `a` against `b`:
+/// activations (`m`, `z`, `dL/dm`) by [`kernels::rel_err`]; parameter gradients per tensor as
+/// `max |a − b| / max(max |b|, floor × largest gradient)` (some gradients are zero in exact
+/// arithmetic, e.g. the bias of a layer norm that only feeds attention logits: pure rounding
+/// noise on both sides).
+fn block_err(a: &BlockRun, b: &BlockRun, floor: f64) -> (f64, (f64, String)) {
+    let mut act = 0f64;
+    for (x, y) in [(&a.m, &b.m), (&a.z, &b.z), (&a.dm, &b.dm)] {
+        act = act.max(kernels::rel_err(x, y).unwrap());
+    }
+    let global = b.grads.iter().map(|(_, t)| abs_max(t)).fold(0f64, f64::max);
+    let mut worst = (0f64, String::new());
+    for ((name, x), (_, y)) in a.grads.iter().zip(&b.grads) {
+        let x = x.to_dtype(DType::F32).unwrap();
+        let y = y.to_dtype(DType::F32).unwrap();
+        let e =
+            abs_max(&(&x - &y).unwrap()) / abs_max(&y).max(floor * global).max(f64::MIN_POSITIVE);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    (act, worst)
+}
+
 /// One Evoformer block (AF2 channel sizes, small S and R) in training mode with dropout, on CUDA:
-/// fused kernels on vs off (`kernels::set_fused`), outputs and parameter gradients.
+/// fused kernels on vs off (`kernels::set_fused`), outputs and all parameter gradients. f32: the
+/// two agree to rounding. bf16: both are compared with an f32 reference (same parameters, the
+/// bf16 inputs widened) and the fused block must be about as accurate as the twin (it rounds
+/// fewer times; bf16 runs differ from each other by a few percent through a whole block).
 #[test]
 fn evoformer_block_fused_vs_twin() {
     let Some(dev) = cuda() else { return };
@@ -124,120 +223,47 @@ fn evoformer_block_fused_vs_twin() {
     let block = EvoformerBlock::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &cfg).unwrap();
     randomize(&vm);
     let (s, r) = (8usize, 24usize);
-    for dtype in [DType::F32, DType::BF16] {
-        let m = kernels::uniform_tensor(&[s, r, cfg.c_m], 1.0, 1, dtype, &dev).unwrap();
-        let z = kernels::uniform_tensor(&[r, r, cfg.c_z], 1.0, 2, dtype, &dev).unwrap();
-        let msa_mask = Tensor::ones((s, r), dtype, &dev).unwrap();
-        let pair_mask = Tensor::ones((r, r), dtype, &dev).unwrap();
-        let ctx = DropoutCtx::new(4242);
-        let run = |fused: bool| {
-            kernels::set_fused(fused);
-            let mv = Var::from_tensor(&m).unwrap();
-            let zv = Var::from_tensor(&z).unwrap();
-            let (mo, zo) = block
-                .forward(
-                    mv.as_tensor(),
-                    zv.as_tensor(),
-                    &msa_mask,
-                    &pair_mask,
-                    Some(&ctx),
-                )
-                .unwrap();
-            let loss = (mo
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                + zo.to_dtype(DType::F32)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .mean_all()
-                    .unwrap())
-            .unwrap();
-            let g = loss.backward().unwrap();
-            let data = vm.data().lock().unwrap();
-            let mut names: Vec<&String> = data.keys().collect();
-            names.sort();
-            let grads: Vec<Tensor> = names
-                .iter()
-                .map(|n| g.get(data[*n].as_tensor()).unwrap().clone())
-                .collect();
-            (mo, zo, g.get(mv.as_tensor()).unwrap().clone(), grads)
-        };
-        let (mf, zf, dmf, gf) = run(true);
-        let (mt, zt, dmt, gt) = run(false);
-        kernels::set_fused(true);
-        let tol = if dtype == DType::BF16 { 5e-2 } else { 1e-4 };
-        let mut worst = 0f64;
-        for (a, b) in [(&mf, &mt), (&zf, &zt), (&dmf, &dmt)] {
-            worst = worst.max(kernels::rel_err(a, b).unwrap());
-        }
-        // Parameter gradients: per tensor max |fused - twin| over max(max |twin|, floor × the
-        // largest gradient of the block) (some gradients are zero in exact arithmetic, e.g. the
-        // bias of a layer norm feeding only attention logits: pure rounding noise in both).
-        let abs_max = |t: &Tensor| -> f64 {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
-        let global = gt.iter().map(abs_max).fold(0f64, f64::max);
-        // bf16: every gradient carries ~1% rounding noise either way.
-        let (floor, gtol) = if dtype == DType::BF16 {
-            (3e-2, 0.15)
-        } else {
-            (1e-3, 5e-4)
-        };
-        let names: Vec<String> = {
-            let data = vm.data().lock().unwrap();
-            let mut n: Vec<String> = data.keys().cloned().collect();
-            n.sort();
-            n
-        };
-        let mut worst_g = (0f64, String::new());
-        for ((a, b), name) in gf.iter().zip(&gt).zip(&names) {
-            let diff = abs_max(&(a - b).unwrap());
-            let e = diff / abs_max(b).max(floor * global).max(f64::MIN_POSITIVE);
-            if e > worst_g.0 {
-                worst_g = (e, name.clone());
-            }
-        }
-        eprintln!(
-            "evoformer block {dtype:?}: activations err {worst:.3e}, param grads err {:.3e} ({})",
-            worst_g.0, worst_g.1
-        );
-        assert!(worst <= tol, "{dtype:?}: activations differ by {worst}");
-        assert!(
-            worst_g.0 <= gtol,
-            "{dtype:?}: parameter gradients differ by {} ({})",
-            worst_g.0,
-            worst_g.1
-        );
-        // Dropout really was active (some pair entries unchanged by the masked updates is not
-        // checkable directly; check the output is finite and non-trivial instead).
-        assert!(
-            zf.i(0)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
-    }
+    // f32: fused vs twin.
+    let m = kernels::uniform_tensor(&[s, r, cfg.c_m], 1.0, 1, DType::F32, &dev).unwrap();
+    let z = kernels::uniform_tensor(&[r, r, cfg.c_z], 1.0, 2, DType::F32, &dev).unwrap();
+    let f = run_block(&block, &vm, &m, &z, true);
+    let t = run_block(&block, &vm, &m, &z, false);
+    let (act, (gerr, gname)) = block_err(&f, &t, 1e-3);
+    eprintln!("evoformer block F32 fused vs twin: activations {act:.3e}, param grads {gerr:.3e} ({gname})");
+    assert!(act <= 1e-4, "f32 activations differ by {act}");
+    assert!(
+        gerr <= 5e-4,
+        "f32 parameter gradients differ by {gerr} ({gname})"
+    );
+    // bf16: fused and twin against the f32 reference.
+    let mb = m.to_dtype(DType::BF16).unwrap();
+    let zb = z.to_dtype(DType::BF16).unwrap();
+    let reference = run_block(
+        &block,
+        &vm,
+        &mb.to_dtype(DType::F32).unwrap(),
+        &zb.to_dtype(DType::F32).unwrap(),
+        false,
+    );
+    let f = run_block(&block, &vm, &mb, &zb, true);
+    let t = run_block(&block, &vm, &mb, &zb, false);
+    let (fa, (fg, fname)) = block_err(&f, &reference, 3e-2);
+    let (ta, (tg, tname)) = block_err(&t, &reference, 3e-2);
+    let (fta, (ftg, _)) = block_err(&f, &t, 3e-2);
+    eprintln!(
+        "evoformer block BF16 vs f32 reference: fused activations {fa:.3e} grads {fg:.3e} ({fname}); \
+         twin activations {ta:.3e} grads {tg:.3e} ({tname}); fused vs twin {fta:.3e} / {ftg:.3e}"
+    );
+    assert!(
+        fa <= (1.5 * ta).max(2e-2),
+        "bf16 fused activations {fa} vs twin {ta}"
+    );
+    assert!(
+        fg <= (1.5 * tg).max(5e-2),
+        "bf16 fused grads {fg} vs twin {tg}"
+    );
+    // The outputs are not trivial.
+    assert!(abs_max(&f.z.i(0).unwrap()) > 0.0);
 }
 
 /// With the switch off, the CUDA entry points are exactly the twins.
