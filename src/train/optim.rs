@@ -152,8 +152,9 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
 /// EMA. Returns the clipping coefficient (1 when not clipping). `grads` is left unscaled.
 ///
 /// On CUDA parameters with fused kernels enabled ([`crate::kernels::fused_enabled`]) this is one
-/// fused kernel for all parameters ([`crate::kernels::adam`], bitwise equal to the candle ops);
-/// everywhere else it is exactly [`clip_adam_ema_twin`].
+/// fused kernel for all parameters ([`crate::kernels::adam`], bitwise equal to the candle ops;
+/// it updates the moment and EMA tensors in place instead of replacing them); everywhere else it
+/// is exactly [`clip_adam_ema_twin`].
 pub fn clip_adam_ema(
     adam: &mut Adam,
     ema: &mut Ema,
