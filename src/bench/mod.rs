@@ -21,6 +21,7 @@
 //! tensors (parameters, inputs, activations, gradients), like PyTorch's `max_memory_allocated`.
 //! cuBLAS workspaces and the CUDA context are outside the pool.
 
+mod elem_kernels;
 mod evoformer;
 mod gpu_mem;
 mod kernels;
@@ -36,6 +37,7 @@ pub(crate) use crate::data::rng::splitmix64;
 use crate::error::{Error, Result};
 use crate::model::evoformer::{BlockConfig, EvoformerBlock};
 
+pub use elem_kernels::{format_checks, format_rows, run_elem_kernels, ElemKernelsArgs};
 pub use evoformer::{
     bench_evoformer, evoformer_block_flops, evoformer_op_flops, format_evoformer, EvoformerBench,
     PassTiming, BLOCK_OPS,
@@ -62,6 +64,8 @@ pub enum BenchCommand {
     Ops(OpsArgs),
     /// Time each fused CUDA kernel against its composite twin (fwd, fwd+bwd, max error).
     Kernels(KernelsArgs),
+    /// Fused element-wise CUDA kernels (gate, dropout+residual, Adam+EMA) vs their candle twins.
+    ElemKernels(ElemKernelsArgs),
 }
 
 /// `ferrofold bench ops`: primitives at the shapes of MSA row attention (`[S, H, R, R]` logits,
@@ -396,6 +400,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let rows = bench_kernels(a)?;
             print!("{}", format_kernels(a, &rows));
             Ok(())
+        }
+        BenchCommand::ElemKernels(a) => {
+            let (checks, rows) = run_elem_kernels(a)?;
+            let (table, ok) = format_checks(&checks);
+            print!("{table}");
+            print!("{}", format_rows(&rows));
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Msg("bench elem-kernels: self-check failed".into()))
+            }
         }
         BenchCommand::Parity(a) => {
             let rows = parity(a)?;

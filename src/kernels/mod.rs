@@ -7,8 +7,34 @@
 //!
 //! [`set_fused`] (or the environment variable `FERROFOLD_FUSED_KERNELS=0`) switches the model back
 //! to the composite candle twins, for benchmarks and A/B checks.
+//!
+//! Element-wise kernels (this file's `gate`, `dropout_residual`, `adam` modules): each public
+//! entry point dispatches to the fused kernel on a CUDA device when [`fused_enabled`] and to its
+//! plain-candle twin (`*_twin`) everywhere else, so CPU results never change.
 
+/// CUDA C prelude of the element-wise kernels (a literal, for `concat!`): fp32 load/store of
+/// f32 and bf16 elements.
+#[cfg(feature = "cuda")]
+macro_rules! elem_prelude {
+    () => {
+        r#"
+#include <cuda_bf16.h>
+__device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+// V consecutive elements, loaded/stored as one 8- or 16-byte access (the address must be aligned).
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+"#
+    };
+}
+
+pub mod adam;
 pub mod check;
+pub mod dropout_residual;
+#[cfg(feature = "cuda")]
+mod elem_common;
+pub mod gate;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 pub mod layer_norm;
@@ -24,18 +50,22 @@ use std::sync::atomic::{AtomicU8, Ordering};
 pub const SOURCES: &[(&str, &str)] = &[
     (layer_norm::MODULE, layer_norm::SRC),
     (softmax::MODULE, softmax::SRC),
+    (gate::MODULE, gate::SOURCE),
+    (dropout_residual::MODULE, dropout_residual::SOURCE),
+    (adam::MODULE, adam::SOURCE),
 ];
 
-/// 0: not yet read from the environment, 1: fused kernels on, 2: off (composite twins).
+/// Process-wide switch: 0 = not decided yet (read `FERROFOLD_FUSED_KERNELS`), 1 = on, 2 = off.
 static FUSED: AtomicU8 = AtomicU8::new(0);
 
-/// Use the fused kernels where they apply (`true`, the default) or force the composite twins.
+/// Force the fused kernels on or off for the whole process (off: every op runs its plain-candle
+/// twin). Overrides `FERROFOLD_FUSED_KERNELS`.
 pub fn set_fused(on: bool) {
     FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// Whether the fused kernels are on: [`set_fused`] if called, else `FERROFOLD_FUSED_KERNELS`
-/// (`0`/`false`/`off` turn them off), else on.
+/// Whether fused kernels may be used (they still run only on CUDA devices). Default on;
+/// `FERROFOLD_FUSED_KERNELS=0` (or `false`/`off`) turns them off unless [`set_fused`] was called.
 pub fn fused_enabled() -> bool {
     match FUSED.load(Ordering::Relaxed) {
         1 => true,
@@ -45,7 +75,7 @@ pub fn fused_enabled() -> bool {
                 std::env::var("FERROFOLD_FUSED_KERNELS").as_deref(),
                 Ok("0") | Ok("false") | Ok("off")
             );
-            // Only the first reader initialises; a concurrent `set_fused` wins.
+            // A concurrent `set_fused` wins over the environment.
             let _ = FUSED.compare_exchange(
                 0,
                 if on { 1 } else { 2 },
@@ -55,4 +85,113 @@ pub fn fused_enabled() -> bool {
             FUSED.load(Ordering::Relaxed) == 1
         }
     }
+}
+
+/// True when the fused element-wise kernels apply to `t`: CUDA build, CUDA tensor, f32 or bf16,
+/// and [`fused_enabled`].
+pub(crate) fn fused_for(t: &candle_core::Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && t.device().is_cuda()
+        && matches!(
+            t.dtype(),
+            candle_core::DType::F32 | candle_core::DType::BF16
+        )
+        && fused_enabled()
+}
+
+/// One fused-vs-twin comparison of a `self_check`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ElemCheck {
+    /// Op and pass, e.g. `gate fwd`, `gate bwd d_o`.
+    pub op: String,
+    /// Shape and dtype.
+    pub case: String,
+    /// `max |fused - twin| / max |twin|` (0 when both are zero).
+    pub max_err: f64,
+    /// Largest `max_err` accepted.
+    pub tol: f64,
+}
+
+impl ElemCheck {
+    /// Within tolerance (false for NaN).
+    pub fn ok(&self) -> bool {
+        self.max_err <= self.tol
+    }
+}
+
+/// One fused-vs-twin timing of a `bench_rows`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ElemBenchRow {
+    pub op: String,
+    pub case: String,
+    /// Median wall time of the fused op (ms, device-synchronised).
+    pub fused_ms: f64,
+    /// Median wall time of the plain-candle twin (ms).
+    pub twin_ms: f64,
+    /// `max |fused - twin| / max |twin|` of the timed outputs.
+    pub max_err: f64,
+}
+
+/// `max |a - b| / max |b|` over all elements (computed in f32; 0 when both are zero).
+pub fn rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor) -> crate::error::Result<f64> {
+    use candle_core::DType;
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()? as f64;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+    if diff == 0.0 {
+        return Ok(0.0);
+    }
+    Ok(diff / scale.max(f64::MIN_POSITIVE))
+}
+
+/// Median wall time (ms) of `f` over `iters` runs after `warmup` runs, each ended by a device
+/// synchronisation.
+pub fn median_ms(
+    dev: &candle_core::Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> crate::error::Result<()>,
+) -> crate::error::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t0 = std::time::Instant::now();
+        f()?;
+        dev.synchronize()?;
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// Deterministic uniform values in `[-scale, scale)` as a `dtype` tensor on `dev` (generated on the
+/// CPU: every device sees the same values).
+pub fn uniform_tensor(
+    shape: &[usize],
+    scale: f32,
+    seed: u64,
+    dtype: candle_core::DType,
+    dev: &candle_core::Device,
+) -> crate::error::Result<candle_core::Tensor> {
+    let n: usize = shape.iter().product();
+    let mut st = seed;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let u = (crate::data::rng::splitmix64(&mut st) >> 40) as f32 / (1u64 << 24) as f32;
+            (u * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Ok(
+        candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?,
+    )
 }

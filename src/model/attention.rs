@@ -88,8 +88,9 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, nq, h * c))?; // [B, Q, H*C]
-        let g = sigmoid(&self.linear_g.forward(q_x)?)?;
-        self.linear_o.forward(&(o * g)?)
+                                       // o * sigmoid(linear_g(q_x)): one fused kernel on CUDA.
+        let g = self.linear_g.forward(q_x)?;
+        self.linear_o.forward(&crate::kernels::gate::gate(&o, &g)?)
     }
 
     /// Self-attention of `x` `[B, N, c]` over `N` with key mask `mask` `[B, N]` (converted to the

@@ -62,14 +62,40 @@ pub fn dropout_shared(
     if rate <= 0.0 {
         return Ok(x.clone());
     }
+    let mask = dropout_mask(x, rate, shared_dim, ctx)?;
+    super::primitives::mul_const(x, &mask)
+}
+
+/// The keep mask [`dropout_shared`] multiplies `x` by: `x`'s shape with dimension `shared_dim`
+/// set to 1, entries `0` or `1/(1-rate)` drawn from `ctx` (in `x`'s dtype, on `x`'s device).
+pub fn dropout_mask(x: &Tensor, rate: f64, shared_dim: usize, ctx: &DropoutCtx) -> Result<Tensor> {
     let mut shape = x.dims().to_vec();
     if shared_dim < shape.len() {
         shape[shared_dim] = 1;
     }
     let n: usize = shape.iter().product();
-    let mask =
-        Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?;
-    super::primitives::mul_const(x, &mask)
+    Ok(Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// `residual + dropout_rowwise(update)` (mask shared along axis 0), fused into one kernel on CUDA
+/// ([`crate::kernels::dropout_residual`]); same masks as [`dropout_rowwise`].
+pub fn add_dropout_rowwise(
+    residual: &Tensor,
+    update: &Tensor,
+    rate: f64,
+    ctx: Option<&DropoutCtx>,
+) -> Result<Tensor> {
+    crate::kernels::dropout_residual::residual_dropout(residual, update, rate, 0, ctx)
+}
+
+/// `residual + dropout_columnwise(update)` (mask shared along axis 1), fused on CUDA.
+pub fn add_dropout_columnwise(
+    residual: &Tensor,
+    update: &Tensor,
+    rate: f64,
+    ctx: Option<&DropoutCtx>,
+) -> Result<Tensor> {
+    crate::kernels::dropout_residual::residual_dropout(residual, update, rate, 1, ctx)
 }
 
 /// Row-wise dropout on `[*, A, B, C]`-style activations: mask shared along the first axis

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use super::dropout::{dropout_columnwise, dropout_rowwise, DropoutCtx};
+use super::dropout::{add_dropout_columnwise, add_dropout_rowwise, DropoutCtx};
 use super::msa::{MsaColumnAttention, MsaRowAttentionWithPairBias};
 use super::outer_product_mean::OuterProductMean;
 use super::primitives::{Linear, LinearInit};
@@ -106,18 +106,32 @@ impl PairStack {
     ) -> Result<Tensor> {
         let d = |k: u64| dropout.map(|c| c.fork(k));
         let p = self.pair_dropout;
-        let z = (z + dropout_rowwise(&self.tri_mul_out.forward(z, pair_mask)?, p, d(1).as_ref())?)?;
-        let z =
-            (&z + dropout_rowwise(&self.tri_mul_in.forward(&z, pair_mask)?, p, d(2).as_ref())?)?;
-        let z = (&z
-            + dropout_rowwise(
-                &self.tri_att_start.forward(&z, pair_mask)?,
-                p,
-                d(3).as_ref(),
-            )?)?;
+        // Residual adds of the dropped-out updates: one fused kernel each on CUDA.
+        let z = add_dropout_rowwise(
+            z,
+            &self.tri_mul_out.forward(z, pair_mask)?,
+            p,
+            d(1).as_ref(),
+        )?;
+        let z = add_dropout_rowwise(
+            &z,
+            &self.tri_mul_in.forward(&z, pair_mask)?,
+            p,
+            d(2).as_ref(),
+        )?;
+        let z = add_dropout_rowwise(
+            &z,
+            &self.tri_att_start.forward(&z, pair_mask)?,
+            p,
+            d(3).as_ref(),
+        )?;
         // Ending node: row-wise dropout in the transposed frame = column-wise here.
-        let z = (&z
-            + dropout_columnwise(&self.tri_att_end.forward(&z, pair_mask)?, p, d(4).as_ref())?)?;
+        let z = add_dropout_columnwise(
+            &z,
+            &self.tri_att_end.forward(&z, pair_mask)?,
+            p,
+            d(4).as_ref(),
+        )?;
         // `_mask_trans = False` (OpenFold model default): the pair transition is unmasked.
         Ok((&z + self.pair_transition.forward(&z, None)?)?)
     }
@@ -178,7 +192,7 @@ impl EvoformerBlock {
     ) -> Result<(Tensor, Tensor)> {
         let d0 = dropout.map(|c| c.fork(0));
         let row = self.msa_att_row.forward(m, z, msa_mask)?;
-        let m = (m + dropout_rowwise(&row, self.msa_dropout, d0.as_ref())?)?;
+        let m = add_dropout_rowwise(m, &row, self.msa_dropout, d0.as_ref())?;
         let m = (&m + self.msa_att_col.forward(&m, msa_mask)?)?;
         // `_mask_trans = False`: the MSA transition is unmasked.
         let m = (&m + self.msa_transition.forward(&m, None)?)?;

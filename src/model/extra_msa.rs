@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::dropout::{dropout_rowwise, DropoutCtx};
+use super::dropout::{add_dropout_rowwise, DropoutCtx};
 use super::evoformer::{BlockConfig, PairStack, TrunkGrads};
 use super::msa::{MsaColumnGlobalAttention, MsaRowAttentionWithPairBias};
 use super::outer_product_mean::OuterProductMean;
@@ -68,7 +68,7 @@ impl ExtraMsaBlock {
     ) -> Result<(Tensor, Tensor)> {
         let d0 = dropout.map(|c| c.fork(0));
         let row = self.msa_att_row.forward(m, z, msa_mask)?;
-        let m = (m + dropout_rowwise(&row, self.msa_dropout, d0.as_ref())?)?;
+        let m = add_dropout_rowwise(m, &row, self.msa_dropout, d0.as_ref())?;
         let m = (&m + self.msa_att_col.forward(&m, msa_mask)?)?;
         // The extra-MSA transition always receives the MSA mask (OpenFold).
         let m = (&m + self.msa_transition.forward(&m, Some(msa_mask))?)?;

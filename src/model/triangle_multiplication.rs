@@ -84,7 +84,7 @@ impl TriangleMultiplication {
             .permute((1, 2, 0))?
             .contiguous()?; // [I, J, C]
         let x = self.linear_z.forward(&self.layer_norm_out.forward(&x)?)?;
-        let g = sigmoid(&self.linear_g.forward(zln)?)?;
-        Ok((x * g)?)
+        // x * sigmoid(linear_g(zln)): one fused kernel on CUDA.
+        crate::kernels::gate::gate(&x, &self.linear_g.forward(zln)?)
     }
 }

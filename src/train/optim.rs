@@ -71,33 +71,39 @@ impl Adam {
     pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
         for (name, p) in params {
             let Some(g) = grads.get(name) else { continue };
-            let (Some(m), Some(v), Some(t)) = (
-                self.m.get_mut(name),
-                self.v.get_mut(name),
-                self.steps.get_mut(name),
-            ) else {
-                return Err(Error::Train(format!(
-                    "Adam has no state for parameter `{name}`"
-                )));
-            };
-            let g = if g.dtype() == p.dtype() {
-                g.clone()
-            } else {
-                g.to_dtype(p.dtype())?
-            };
-            *t += 1;
-            let tt = i32::try_from(*t).unwrap_or(i32::MAX);
-            let bc1 = 1.0 - self.beta1.powi(tt);
-            let bc2 = 1.0 - self.beta2.powi(tt);
-            let new_m = (m.affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
-            let new_v = (v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
-            let denom = new_v.sqrt()?.affine(1.0 / bc2.sqrt(), self.eps)?;
-            let update = (new_m.div(&denom)?).affine(lr / bc1, 0.0)?;
-            let new_p = p.as_tensor().sub(&update)?;
-            p.set(&new_p)?;
-            *m = new_m;
-            *v = new_v;
+            self.step_one(name, p, g, lr)?;
         }
+        Ok(())
+    }
+
+    /// The update of one parameter `name` (candle ops; the twin of the fused kernel).
+    fn step_one(&mut self, name: &str, p: &Var, g: &Tensor, lr: f64) -> Result<()> {
+        let (Some(m), Some(v), Some(t)) = (
+            self.m.get_mut(name),
+            self.v.get_mut(name),
+            self.steps.get_mut(name),
+        ) else {
+            return Err(Error::Train(format!(
+                "Adam has no state for parameter `{name}`"
+            )));
+        };
+        let g = if g.dtype() == p.dtype() {
+            g.clone()
+        } else {
+            g.to_dtype(p.dtype())?
+        };
+        *t += 1;
+        let tt = i32::try_from(*t).unwrap_or(i32::MAX);
+        let bc1 = 1.0 - self.beta1.powi(tt);
+        let bc2 = 1.0 - self.beta2.powi(tt);
+        let new_m = (m.affine(self.beta1, 0.0)? + g.affine(1.0 - self.beta1, 0.0)?)?;
+        let new_v = (v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
+        let denom = new_v.sqrt()?.affine(1.0 / bc2.sqrt(), self.eps)?;
+        let update = (new_m.div(&denom)?).affine(lr / bc1, 0.0)?;
+        let new_p = p.as_tensor().sub(&update)?;
+        p.set(&new_p)?;
+        *m = new_m;
+        *v = new_v;
         Ok(())
     }
 }
@@ -122,14 +128,178 @@ pub fn global_grad_norm(grads: &Grads) -> Result<f64> {
 /// `clip_grad_norm_` rule: coefficient `max_norm / (norm + 1e-6)`, applied only when below 1).
 /// `norm` is the pre-clipping global norm from [`global_grad_norm`]. Returns the coefficient used.
 pub fn clip_grads(grads: &mut Grads, norm: f64, max_norm: f64) -> Result<f64> {
-    let coef = max_norm / (norm + 1e-6);
-    if coef >= 1.0 {
+    let Some(coef) = clip_scale(norm, max_norm) else {
         return Ok(1.0);
-    }
+    };
     for g in grads.values_mut() {
         *g = g.affine(coef, 0.0)?;
     }
     Ok(coef)
+}
+
+/// The coefficient [`clip_grads`] scales the gradients by, `None` when it leaves them alone.
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    let coef = max_norm / (norm + 1e-6);
+    if coef >= 1.0 {
+        None
+    } else {
+        Some(coef)
+    }
+}
+
+/// The optimiser step of the trainer: clip the gradients to global norm `max_norm` (`norm` is
+/// their pre-clipping global norm), apply one Adam update with learning rate `lr`, then move the
+/// EMA. Returns the clipping coefficient (1 when not clipping). `grads` is left unscaled.
+///
+/// On CUDA parameters with fused kernels enabled ([`crate::kernels::fused_enabled`]) this is one
+/// fused kernel for all parameters ([`crate::kernels::adam`], bitwise equal to the candle ops;
+/// it updates the moment and EMA tensors in place instead of replacing them); everywhere else it
+/// is exactly [`clip_adam_ema_twin`].
+pub fn clip_adam_ema(
+    adam: &mut Adam,
+    ema: &mut Ema,
+    params: &Params,
+    grads: &Grads,
+    norm: f64,
+    max_norm: f64,
+    lr: f64,
+) -> Result<f64> {
+    let on_cuda = params.values().next().is_some_and(|p| p.device().is_cuda());
+    if on_cuda && crate::kernels::fused_enabled() {
+        clip_adam_ema_fused(adam, ema, params, grads, norm, max_norm, lr)
+    } else {
+        clip_adam_ema_twin(adam, ema, params, grads, norm, max_norm, lr)
+    }
+}
+
+/// [`clip_adam_ema`] with candle ops: [`clip_grads`] (on a copy of the map), [`Adam::step`],
+/// [`Ema::update`].
+pub fn clip_adam_ema_twin(
+    adam: &mut Adam,
+    ema: &mut Ema,
+    params: &Params,
+    grads: &Grads,
+    norm: f64,
+    max_norm: f64,
+    lr: f64,
+) -> Result<f64> {
+    let mut grads = grads.clone();
+    let coef = clip_grads(&mut grads, norm, max_norm)?;
+    adam.step(params, &grads, lr)?;
+    ema.update(params)?;
+    Ok(coef)
+}
+
+/// [`clip_adam_ema`] through the fused kernel for every parameter it can take (f32, contiguous,
+/// CUDA); the others get the twin's candle ops. Same results as [`clip_adam_ema_twin`].
+pub fn clip_adam_ema_fused(
+    adam: &mut Adam,
+    ema: &mut Ema,
+    params: &Params,
+    grads: &Grads,
+    norm: f64,
+    max_norm: f64,
+    lr: f64,
+) -> Result<f64> {
+    use crate::kernels::adam::{adam_ema_fused, eligible, AdamEmaHyper, AdamEmaItem};
+    let clip = clip_scale(norm, max_norm);
+    let hyper = AdamEmaHyper {
+        beta1: adam.beta1,
+        beta2: adam.beta2,
+        eps: adam.eps,
+        lr,
+        ema_decay: ema.decay,
+        clip,
+    };
+    // Which parameters the kernel takes (all operands f32/contiguous/CUDA/same shape).
+    let mut fused_names: Vec<&String> = Vec::new();
+    let mut twin_names: Vec<&String> = Vec::new();
+    for (name, p) in params {
+        let Some(g) = grads.get(name) else { continue };
+        let (Some(m), Some(v), Some(t), Some(w)) = (
+            adam.m.get(name),
+            adam.v.get(name),
+            adam.steps.get(name),
+            ema.weights.get(name),
+        ) else {
+            // Let the twin report the missing state.
+            twin_names.push(name);
+            continue;
+        };
+        let item = AdamEmaItem {
+            p,
+            g,
+            m,
+            v,
+            w,
+            step: t + 1,
+        };
+        if eligible(&item) {
+            fused_names.push(name);
+        } else {
+            twin_names.push(name);
+        }
+    }
+    let run = |adam: &Adam, ema: &Ema| -> Result<()> {
+        let mut items = Vec::with_capacity(fused_names.len());
+        for name in &fused_names {
+            let state = (
+                params.get(*name),
+                grads.get(*name),
+                adam.m.get(*name),
+                adam.v.get(*name),
+                adam.steps.get(*name),
+                ema.weights.get(*name),
+            );
+            let (Some(p), Some(g), Some(m), Some(v), Some(t), Some(w)) = state else {
+                return Err(Error::Train(format!("fused Adam: no state for `{name}`")));
+            };
+            items.push(AdamEmaItem {
+                p,
+                g,
+                m,
+                v,
+                w,
+                step: t + 1,
+            });
+        }
+        adam_ema_fused(&items, &hyper)
+    };
+    // The kernel writes the moments and EMA weights in place and refuses overlapping buffers
+    // (checked before any write): then give every state tensor its own storage and retry.
+    if run(adam, ema).is_err() {
+        for name in &fused_names {
+            for map in [&mut adam.m, &mut adam.v, &mut ema.weights] {
+                if let Some(t) = map.get_mut(*name) {
+                    *t = t.copy()?;
+                }
+            }
+        }
+        run(adam, ema)?;
+    }
+    for name in &fused_names {
+        if let Some(t) = adam.steps.get_mut(*name) {
+            *t += 1;
+        }
+    }
+    for name in twin_names {
+        let (Some(p), Some(g)) = (params.get(name), grads.get(name)) else {
+            continue;
+        };
+        let g = match clip {
+            Some(c) => g.affine(c, 0.0)?,
+            None => g.clone(),
+        };
+        adam.step_one(name, p, &g, lr)?;
+        ema.update_one(name, p)?;
+    }
+    // Parameters without gradient: EMA only (as the twin).
+    for (name, p) in params {
+        if !grads.contains_key(name) {
+            ema.update_one(name, p)?;
+        }
+    }
+    Ok(clip.unwrap_or(1.0))
 }
 
 /// Exponential moving average of the weights, used for evaluation:
@@ -153,16 +323,22 @@ impl Ema {
     /// Move the average towards the current parameters.
     pub fn update(&mut self, params: &Params) -> Result<()> {
         for (name, p) in params {
-            let Some(w) = self.weights.get_mut(name) else {
-                return Err(Error::Train(format!(
-                    "EMA has no weight for parameter `{name}`"
-                )));
-            };
-            let diff = w
-                .sub(&p.as_detached_tensor())?
-                .affine(1.0 - self.decay, 0.0)?;
-            *w = w.sub(&diff)?;
+            self.update_one(name, p)?;
         }
+        Ok(())
+    }
+
+    /// The update of one weight (candle ops; the twin of the fused kernel).
+    fn update_one(&mut self, name: &str, p: &Var) -> Result<()> {
+        let Some(w) = self.weights.get_mut(name) else {
+            return Err(Error::Train(format!(
+                "EMA has no weight for parameter `{name}`"
+            )));
+        };
+        let diff = w
+            .sub(&p.as_detached_tensor())?
+            .affine(1.0 - self.decay, 0.0)?;
+        *w = w.sub(&diff)?;
         Ok(())
     }
 }
