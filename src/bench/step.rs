@@ -101,6 +101,11 @@ pub struct StepBenchArgs {
     pub stereo_props: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also time the Evoformer stack alone (`--blocks` blocks, AF2 widths unless `--tiny`, remat
+    /// as `--remat`, no dropout) forward+backward at `n_seq × n_res`: eager, and replayed from a
+    /// CUDA graph when `--graphs` is not off.
+    #[arg(long)]
+    pub stack: bool,
 }
 
 /// Trunk precision of the benchmarked step.
@@ -504,6 +509,125 @@ fn graph_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam, out: &mut StepBench)
     })
 }
 
+fn stack_dims(a: &StepBenchArgs) -> super::BlockDims {
+    let s = &step_config(a).model;
+    let e = &s.evoformer;
+    super::BlockDims {
+        c_m: s.c_m,
+        c_z: s.c_z,
+        heads_msa: e.no_heads_msa,
+        c_hidden_msa: e.c_hidden_msa_att,
+        heads_pair: e.no_heads_pair,
+        c_hidden_pair: e.c_hidden_pair_att,
+        c_opm: e.c_hidden_opm,
+        c_mul: e.c_hidden_mul,
+        transition_n: e.transition_n,
+    }
+}
+
+/// The Evoformer stack alone: forward + backward through the remat tape (eager, then graph).
+fn stack_rows(a: &StepBenchArgs, dev: &Device, out: &mut StepBench) -> Result<()> {
+    let cfg = stack_dims(a).block_config(a.blocks);
+    let dtype = match a.precision {
+        StepPrecision::Bf16 => DType::BF16,
+        StepPrecision::Fp32 => DType::F32,
+    };
+    let (_vm, blocks) = super::build_blocks(&cfg, dev, a.seed)?;
+    let x = super::make_inputs(a.n_seq, a.n_res, &cfg, dtype, dev, a.seed)?;
+    let remat = Remat::from(a.remat);
+    let pass = || -> Result<(Tensor, Tensor, candle_core::backprop::GradStore)> {
+        let (_m, _z, tape) = crate::model::remat::forward_blocks(
+            &blocks, &x.m, &x.z, &x.msa_mask, &x.pair_mask, None, remat,
+        )?;
+        let mut grads = candle_core::backprop::GradStore::default();
+        let (dm, dz) = tape.backward(&x.dm, &x.dz, &mut grads)?;
+        Ok((dm, dz, grads))
+    };
+    let watch = PoolWatch::new(dev)?;
+    let mut times = Vec::new();
+    for it in 0..a.warmup + a.iters {
+        if it == a.warmup {
+            if let Some(w) = &watch {
+                w.reset_peak()?;
+            }
+        }
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        drop(pass()?);
+        dev.synchronize()?;
+        if it >= a.warmup {
+            times.push(ms(t0));
+        }
+    }
+    let peak = match &watch {
+        Some(w) => Some(w.peak()? as f64 / (1u64 << 20) as f64),
+        None => None,
+    };
+    out.rows.push(StepRow {
+        mode: format!("stack{} eager", a.blocks),
+        step_ms: median(&mut times),
+        parts: vec![],
+        peak_mib: peak,
+        loss: f64::NAN,
+        setup_ms: None,
+    });
+    #[cfg(feature = "cuda")]
+    if a.graphs != GraphMode::Off && dev.is_cuda() {
+        let Device::Cuda(cd) = dev else {
+            return Ok(());
+        };
+        let _htod = cd.enable_cuda_graph_htod_cache();
+        let t0 = Instant::now();
+        let captured = crate::train::graph::capture(dev, pass);
+        let (graph, (dm, dz, _grads)) = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                out.graph_error = Some(format!("stack: {e}"));
+                return Ok(());
+            }
+        };
+        let setup_ms = ms(t0);
+        let launch = |g: &cudarc::driver::CudaGraph| {
+            g.launch()
+                .map_err(|e| Error::Msg(format!("stack graph launch: {e:?}")))
+        };
+        launch(&graph)?;
+        dev.synchronize()?;
+        // Replay == eager on the input gradients.
+        let (em, ez, _) = pass()?;
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            let a = a.to_dtype(DType::F64)?;
+            let b = b.to_dtype(DType::F64)?;
+            let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let m = a.abs()?.max_all()?.to_scalar::<f64>()?;
+            Ok(if d == 0.0 { 0.0 } else { d / m.max(1e-30) })
+        };
+        let r = rel(&em, &dm)?.max(rel(&ez, &dz)?);
+        out.checks
+            .push((format!("stack{}", a.blocks), r, r == 0.0, 2));
+        drop((em, ez));
+        let mut times = Vec::new();
+        for it in 0..a.warmup + a.iters {
+            dev.synchronize()?;
+            let t0 = Instant::now();
+            launch(&graph)?;
+            dev.synchronize()?;
+            if it >= a.warmup {
+                times.push(ms(t0));
+            }
+        }
+        out.rows.push(StepRow {
+            mode: format!("stack{} graph", a.blocks),
+            step_ms: median(&mut times),
+            parts: vec![],
+            peak_mib: Some(crate::train::graph::graph_mem_high(dev)? as f64 / (1u64 << 20) as f64),
+            loss: f64::NAN,
+            setup_ms: Some(setup_ms),
+        });
+    }
+    Ok(())
+}
+
 /// Run `bench step`.
 pub fn bench_step(a: &StepBenchArgs) -> Result<StepBench> {
     if a.iters == 0 {
@@ -515,6 +639,9 @@ pub fn bench_step(a: &StepBenchArgs) -> Result<StepBench> {
         ..StepBench::default()
     };
     let mut adam = Adam::new(&s.params, &s.cfg.optim)?;
+    if a.stack {
+        stack_rows(a, &s.dev, &mut out)?;
+    }
     if a.graphs != GraphMode::On {
         out.rows.push(eager_row(a, &s, &mut adam)?);
     }

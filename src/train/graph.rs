@@ -188,7 +188,7 @@ pub fn compare_steps(a: &StepOutputs, b: &StepOutputs) -> Result<StepDiff> {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::{graph_device, graph_mem_high, StepGraph};
+pub use cuda::{capture, graph_device, graph_mem_high, StepGraph};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -240,6 +240,34 @@ mod cuda {
         };
         drv(r.result(), "cuDeviceGetGraphMemAttribute")?;
         Ok(v)
+    }
+
+    /// Capture `f` into a graph on `dev` (a [`graph_device`]): one eager run of `f` first (fills
+    /// candle's host→device cache; its result is dropped), then `f` under capture. Returns the
+    /// graph (not yet launched) and what the captured `f` returned (graph memory: valid after
+    /// each launch). The host→device cache must be held on by the caller for the graph's life.
+    pub fn capture<T>(
+        dev: &Device,
+        mut f: impl FnMut() -> Result<T>,
+    ) -> Result<(CudaGraph, T)> {
+        let Device::Cuda(cd) = dev else {
+            return Err(Error::Train("cuda graphs need a CUDA device".into()));
+        };
+        drop(f()?);
+        dev.synchronize()?;
+        let stream = cd.cuda_stream();
+        drv(
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+            "begin_capture",
+        )?;
+        let out = f();
+        let graph = stream.end_capture(
+            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        let out = out.map_err(|e| Error::Train(format!("cuda graph capture failed: {e}")))?;
+        let graph = drv(graph, "end_capture")?
+            .ok_or_else(|| Error::Train("cuda graph: capture produced no graph".into()))?;
+        Ok((graph, out))
     }
 
     struct Captured {
