@@ -190,6 +190,22 @@ pub fn compare_steps(a: &StepOutputs, b: &StepOutputs) -> Result<StepDiff> {
 #[cfg(feature = "cuda")]
 pub use cuda::{capture, graph_device, graph_mem_high, StepGraph};
 
+/// The training device of this rank ([`crate::device::select`]); with `train.cuda_graphs = on`
+/// on a CUDA device, the same GPU as a [`graph_device`] (own stream, event tracking off) so the
+/// step can be captured.
+pub fn select_device(cfg: &crate::config::Config, local_rank: usize) -> Result<Device> {
+    let dev = crate::device::select(cfg.train.device, local_rank)?;
+    #[cfg(feature = "cuda")]
+    if cfg.train.cuda_graphs == crate::config::CudaGraphs::On {
+        if let Device::Cuda(cd) = &dev {
+            let ordinal = cd.cuda_stream().context().ordinal();
+            drop(dev);
+            return graph_device(ordinal);
+        }
+    }
+    Ok(dev)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::collections::BTreeMap;

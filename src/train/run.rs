@@ -20,7 +20,8 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
         Error::Msg("train needs --run-dir DIR (checkpoints, logs, metrics)".into())
     })?;
     let groups = Arc::new(ProcessGroups::new(ctx, &cfg.parallel)?);
-    let device = crate::device::select(cfg.train.device, ctx.local_rank)?;
+    // (`train.cuda_graphs = on`: a capture-ready device, see `train::graph`.)
+    let device = crate::train::graph::select_device(&cfg, ctx.local_rank)?;
     if ctx.is_root() {
         cfg.write_resolved(&run_dir)?;
     }
