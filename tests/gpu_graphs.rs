@@ -45,13 +45,20 @@ fn config() -> Config {
     step_config(&w.a)
 }
 
+/// `$FERROFOLD_STEREO_PROPS`, else beside the golden dir (`$FERROFOLD_GOLDEN_DIR/../../data/`),
+/// else `../shared/data/` from the crate.
 fn stereo() -> std::path::PathBuf {
-    std::env::var_os("FERROFOLD_STEREO_PROPS")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/data/stereo_chemical_props.txt")
-        })
+    if let Some(p) = std::env::var_os("FERROFOLD_STEREO_PROPS") {
+        return p.into();
+    }
+    if let Some(g) = std::env::var_os("FERROFOLD_GOLDEN_DIR") {
+        let p = std::path::PathBuf::from(g).join("../../data/stereo_chemical_props.txt");
+        if p.exists() {
+            return p;
+        }
+    }
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/stereo_chemical_props.txt")
 }
 
 struct Setup {
@@ -75,12 +82,14 @@ fn setup() -> Option<(candle_core::Device, Setup)> {
     let params = params_from_varmap(&init.varmap).unwrap();
     // AF2 init zeroes some output projections: perturb every parameter so all gradients flow.
     for (i, p) in params.values().enumerate() {
-        let noise = (Tensor::randn(0f32, 0.02, p.dims(), &dev).unwrap() * (1.0 + i as f64 * 1e-3))
-            .unwrap();
+        let noise =
+            (Tensor::randn(0f32, 0.02, p.dims(), &dev).unwrap() * (1.0 + i as f64 * 1e-3)).unwrap();
         p.set(&(p.as_tensor() + noise).unwrap()).unwrap();
     }
     let tables = LossTables::load(&stereo(), &cfg.loss.violation, &dev).unwrap();
-    let feats = (1..=2).map(|s| synthetic_features(&cfg, s).unwrap()).collect();
+    let feats = (1..=2)
+        .map(|s| synthetic_features(&cfg, s).unwrap())
+        .collect();
     Some((
         dev,
         Setup {
@@ -107,7 +116,9 @@ fn graph_replay_equals_eager_across_samples_recycles_and_seeds() {
             .run(&s.model, &s.params, &s.tables, &s.cfg.loss)
             .unwrap()
             .clone();
-        let eager = g.eager(&s.model, &s.params, &s.tables, &s.cfg.loss).unwrap();
+        let eager = g
+            .eager(&s.model, &s.params, &s.tables, &s.cfg.loss)
+            .unwrap();
         let d = compare_steps(&eager, &replay).unwrap();
         let loss = replay.loss_value().unwrap();
         eprintln!(
@@ -169,7 +180,10 @@ fn graph_replay_without_dropout_equals_trainer_loss_and_grads() {
             .unwrap();
         let loss = replay.loss_value().unwrap();
         let rel = (loss - res.loss).abs() / res.loss.abs().max(1e-30);
-        eprintln!("sample {fi} recycles {r}: replay {loss:.8} trainer {:.8}", res.loss);
+        eprintln!(
+            "sample {fi} recycles {r}: replay {loss:.8} trainer {:.8}",
+            res.loss
+        );
         assert!(rel <= 1e-6, "loss {loss} vs {}", res.loss);
         let bd = replay.breakdown().unwrap();
         for (k, v) in &res.aux.terms {
@@ -194,7 +208,13 @@ fn graph_replay_without_dropout_equals_trainer_loss_and_grads() {
                 .unwrap()
                 .to_scalar::<f64>()
                 .unwrap();
-            let m = x.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let m = x
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(d <= 1e-6 * m.max(1e-12), "grad {name}: {d} (max {m})");
         }
     }

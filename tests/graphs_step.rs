@@ -15,13 +15,20 @@ use ferrofold::model::init::SeededVarMap;
 use ferrofold::train::graph::{compare_steps, device_step};
 use ferrofold::train::optim::params_from_varmap;
 
+/// `$FERROFOLD_STEREO_PROPS`, else beside the golden dir (`$FERROFOLD_GOLDEN_DIR/../../data/`),
+/// else `../shared/data/` from the crate.
 fn stereo() -> std::path::PathBuf {
-    std::env::var_os("FERROFOLD_STEREO_PROPS")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/data/stereo_chemical_props.txt")
-        })
+    if let Some(p) = std::env::var_os("FERROFOLD_STEREO_PROPS") {
+        return p.into();
+    }
+    if let Some(g) = std::env::var_os("FERROFOLD_GOLDEN_DIR") {
+        let p = std::path::PathBuf::from(g).join("../../data/stereo_chemical_props.txt");
+        if p.exists() {
+            return p;
+        }
+    }
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/stereo_chemical_props.txt")
 }
 
 const TINY: &[&str] = &[
@@ -50,7 +57,9 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 fn bench_step_cpu_runs_one_step_and_reports() {
     let stereo = stereo();
     let o = Command::new(env!("CARGO_BIN_EXE_ferrofold"))
-        .args(["bench", "step", "--device", "cpu", "--iters", "1", "--warmup", "0"])
+        .args([
+            "bench", "step", "--device", "cpu", "--iters", "1", "--warmup", "0",
+        ])
         .args(["--recycles", "1", "--stack", "--graphs", "both"])
         .args(["--stereo-props", stereo.to_str().unwrap()])
         .args(TINY)
@@ -62,8 +71,14 @@ fn bench_step_cpu_runs_one_step_and_reports() {
         "{out}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("| mode | step ms | samples/s | peak MiB | loss | parts (ms) |"), "{out}");
-    let results: Vec<&str> = out.lines().filter(|l| l.starts_with("RESULT step")).collect();
+    assert!(
+        out.contains("| mode | step ms | samples/s | peak MiB | loss | parts (ms) |"),
+        "{out}"
+    );
+    let results: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("RESULT step"))
+        .collect();
     assert_eq!(results.len(), 2, "{out}");
     let eager = results
         .iter()
@@ -87,7 +102,10 @@ fn synthetic_sample_is_valid() {
     // consecutive Cα 3.8 Å apart
     let ca = |i: usize| &p.positions[(i * 37 + 1) * 3..(i * 37 + 1) * 3 + 3];
     for i in 1..30 {
-        let d: f32 = (0..3).map(|k| (ca(i)[k] - ca(i - 1)[k]).powi(2)).sum::<f32>().sqrt();
+        let d: f32 = (0..3)
+            .map(|k| (ca(i)[k] - ca(i - 1)[k]).powi(2))
+            .sum::<f32>()
+            .sqrt();
         assert!((d - 3.8).abs() < 1e-3, "{d}");
     }
     let w = Wrap::parse_from(["x", "--recycles", "2"].iter().chain(TINY.iter()));

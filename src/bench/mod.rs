@@ -396,7 +396,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             print!("{}", format_step(a, &b));
             let failed = b.checks.iter().any(|c| c.1 > 1e-6);
             if failed {
-                Err(Error::Msg("bench step: graph replay differs from eager".into()))
+                Err(Error::Msg(
+                    "bench step: graph replay differs from eager".into(),
+                ))
             } else {
                 Ok(())
             }

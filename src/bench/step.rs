@@ -198,7 +198,9 @@ fn gauss3(st: &mut u64) -> [f64; 3] {
 fn rotation(st: &mut u64) -> [[f64; 3]; 3] {
     let g = gauss3(st);
     let w = gauss3(st)[0];
-    let n = (g[0] * g[0] + g[1] * g[1] + g[2] * g[2] + w * w).sqrt().max(1e-12);
+    let n = (g[0] * g[0] + g[1] * g[1] + g[2] * g[2] + w * w)
+        .sqrt()
+        .max(1e-12);
     let (a, b, c, d) = (w / n, g[0] / n, g[1] / n, g[2] / n);
     [
         [
@@ -221,7 +223,7 @@ fn rotation(st: &mut u64) -> [[f64; 3]; 3] {
 
 /// A random chain of `len` residues with an MSA of `rows` sequences (see the module docs).
 pub fn synthetic_protein(len: usize, rows: usize, seed: u64) -> ProteinInput {
-    let mut st = seed ^ 0x5EED_0F_A1FA;
+    let mut st = seed ^ 0x005E_ED0F_A1FA;
     let aatype: Vec<u8> = (0..len).map(|_| (splitmix64(&mut st) % 20) as u8).collect();
     let exists = rc::restype_atom37_mask();
     // Backbone offsets in the residue frame (Å): N, CA, C, CB, O.
@@ -372,7 +374,8 @@ fn setup(a: &StepBenchArgs) -> Result<Setup> {
 }
 
 fn dropout_for(a: &StepBenchArgs, step: u64) -> Option<DropoutCtx> {
-    (!a.no_dropout).then(|| DropoutCtx::new(crate::train::seed::seed_for(a.seed, "dropout", 0, step)))
+    (!a.no_dropout)
+        .then(|| DropoutCtx::new(crate::train::seed::seed_for(a.seed, "dropout", 0, step)))
 }
 
 /// The eager step, timed with device synchronisation at the part boundaries.
@@ -414,7 +417,11 @@ fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam) -> Result<StepRow> {
         adam.step(&s.params, &res.grads, 1e-4)?;
         s.dev.synchronize()?;
         let t_opt = ms(t0);
-        loss = res.loss.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?;
+        loss = res
+            .loss
+            .to_dtype(DType::F64)?
+            .to_device(&Device::Cpu)?
+            .to_scalar::<f64>()?;
         if it >= a.warmup {
             totals.push(t_opt);
             parts.entry("forward").or_default().push(t_fwd);
@@ -433,7 +440,17 @@ fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam) -> Result<StepRow> {
         step_ms: median(&mut totals),
         parts: order
             .iter()
-            .map(|k| (k.to_string(), median(parts.get_mut(k).map(|v| v.as_mut_slice()).unwrap_or(&mut []))))
+            .map(|k| {
+                (
+                    k.to_string(),
+                    median(
+                        parts
+                            .get_mut(k)
+                            .map(|v| v.as_mut_slice())
+                            .unwrap_or(&mut []),
+                    ),
+                )
+            })
             .collect(),
         peak_mib: peak,
         loss,
@@ -442,7 +459,12 @@ fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam) -> Result<StepRow> {
 }
 
 #[cfg(feature = "cuda")]
-fn graph_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam, out: &mut StepBench) -> Result<StepRow> {
+fn graph_row(
+    a: &StepBenchArgs,
+    s: &Setup,
+    adam: &mut Adam,
+    out: &mut StepBench,
+) -> Result<StepRow> {
     use crate::train::graph::{compare_steps, graph_mem_high, StepGraph};
     let watch = PoolWatch::new(&s.dev)?;
     let r = a.recycles;
@@ -460,8 +482,13 @@ fn graph_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam, out: &mut StepBench)
             let replay = g.run(&s.model, &s.params, &s.tables, &s.cfg.loss)?.clone();
             let eager = g.eager(&s.model, &s.params, &s.tables, &s.cfg.loss)?;
             let d = compare_steps(&eager, &replay)?;
-            out.checks.push((format!("sample{i}"), d.max_rel, d.bitwise, d.compared));
-            tracing::info!("graph check sample{i}: max rel {:.3e} at {}", d.max_rel, d.worst);
+            out.checks
+                .push((format!("sample{i}"), d.max_rel, d.bitwise, d.compared));
+            tracing::info!(
+                "graph check sample{i}: max rel {:.3e} at {}",
+                d.max_rel,
+                d.worst
+            );
         }
     }
     if let Some(w) = &watch {
@@ -537,7 +564,13 @@ fn stack_rows(a: &StepBenchArgs, dev: &Device, out: &mut StepBench) -> Result<()
     let remat = Remat::from(a.remat);
     let pass = || -> Result<(Tensor, Tensor, candle_core::backprop::GradStore)> {
         let (_m, _z, tape) = crate::model::remat::forward_blocks(
-            &blocks, &x.m, &x.z, &x.msa_mask, &x.pair_mask, None, remat,
+            &blocks,
+            &x.m,
+            &x.z,
+            &x.msa_mask,
+            &x.pair_mask,
+            None,
+            remat,
         )?;
         let mut grads = candle_core::backprop::GradStore::default();
         let (dm, dz) = tape.backward(&x.dm, &x.dz, &mut grads)?;
@@ -685,11 +718,17 @@ pub fn format_step(a: &StepBenchArgs, b: &StepBench) -> String {
         a.tiny,
         b.params as f64 / 1e6
     );
-    let _ = writeln!(s, "| mode | step ms | samples/s | peak MiB | loss | parts (ms) |");
+    let _ = writeln!(
+        s,
+        "| mode | step ms | samples/s | peak MiB | loss | parts (ms) |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for r in &b.rows {
         let parts: Vec<String> = r.parts.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
-        let peak = r.peak_mib.map(|p| format!("{p:.0}")).unwrap_or_else(|| "-".into());
+        let peak = r
+            .peak_mib
+            .map(|p| format!("{p:.0}"))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
             "| {} | {:.1} | {:.3} | {} | {:.4} | {}{} |",
@@ -699,7 +738,9 @@ pub fn format_step(a: &StepBenchArgs, b: &StepBench) -> String {
             peak,
             r.loss,
             parts.join(", "),
-            r.setup_ms.map(|m| format!(", capture {m:.0}")).unwrap_or_default()
+            r.setup_ms
+                .map(|m| format!(", capture {m:.0}"))
+                .unwrap_or_default()
         );
     }
     for r in &b.rows {
@@ -709,7 +750,9 @@ pub fn format_step(a: &StepBenchArgs, b: &StepBench) -> String {
             r.mode,
             r.step_ms,
             1e3 / r.step_ms,
-            r.peak_mib.map(|p| format!("{p:.1}")).unwrap_or_else(|| "na".into()),
+            r.peak_mib
+                .map(|p| format!("{p:.1}"))
+                .unwrap_or_else(|| "na".into()),
             r.loss
         );
     }

@@ -108,9 +108,10 @@ pub fn lddt_loss(
     check_trailing(logits, &[no_bins], "lddt logits")?;
     let dtype = logits.dtype();
     let (p, t, m) = ca_only(all_atom_pred_pos, all_atom_positions, all_atom_mask)?;
-    let score = lddt(&p, &t, &m, cutoff, eps, true)?; // [*, N]
+    // [*, N]
+    let score = lddt(&p, &t, &m, cutoff, eps, true)?;
     // nan_to_num(nan = nanmean), clamp at 0, bin: on the device, no gradient (no host round
-    // trip, so the step can be captured in a CUDA graph). `v - v` is NaN exactly for NaN/inf.
+    // trip, so the step can be captured in a CUDA graph). `v == v` is false exactly for NaN.
     let score = score.detach();
     let not_nan = score.eq(&score)?; // [*, N] u8
     let zeros = score.zeros_like()?;
@@ -118,7 +119,10 @@ pub fn lddt_loss(
     let finite_count = not_nan.to_dtype(score.dtype())?.sum_all()?;
     let nanmean = (finite_sum / finite_count)?; // NaN when every score is NaN
     let scaled = (&score * no_bins as f64)?;
-    let filled = not_nan.where_cond(&scaled, &(nanmean * no_bins as f64)?.broadcast_as(scaled.shape())?)?;
+    let filled = not_nan.where_cond(
+        &scaled,
+        &(nanmean * no_bins as f64)?.broadcast_as(scaled.shape())?,
+    )?;
     // clamp(v, 0, no_bins-1) then floor = min(floor(max(v, 0)), no_bins-1) for integer bounds.
     let bin = filled.clamp(0f64, (no_bins - 1) as f64)?.floor()?;
     let classes = Tensor::arange(0u32, no_bins as u32, logits.device())?.to_dtype(bin.dtype())?;

@@ -460,8 +460,8 @@ fn loss_terms(
     let mut cum: Option<Tensor> = None;
     for (name, weight, value) in terms {
         named.push((name.to_string(), value.detach()));
-        // `v - v` is 0 for finite v, NaN for NaN/inf.
-        let finite = (&value - &value)?.eq(0.0)?;
+        // `v·0` is 0 for finite v, NaN for NaN/inf.
+        let finite = (&value * 0.0)?.eq(0.0)?;
         let value = finite.where_cond(&value, &value.zeros_like()?)?;
         let w = (value * weight)?;
         cum = Some(match cum {

@@ -210,7 +210,9 @@ mod tests {
         let ma2 = v(dropout_rowwise(&x, 0.25, Some(&a)).unwrap());
         assert_eq!(ma, ma2, "same site, same mask");
         assert_ne!(ma, mb, "different sites");
-        assert!(ma.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-6));
+        assert!(ma
+            .iter()
+            .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-6));
         let dropped = ma.iter().filter(|&&m| m == 0.0).count() as f64 / ma.len() as f64;
         assert!((dropped - 0.25).abs() < 0.1, "{dropped}");
         // a third site was never sized

@@ -59,10 +59,7 @@ impl InputEmbedder {
         let classes = Tensor::arange(0u32, nb as u32, dev)?
             .to_dtype(DType::F32)?
             .reshape((1, 1, nb))?;
-        Ok(bin
-            .unsqueeze(2)?
-            .broadcast_eq(&classes)?
-            .to_dtype(dtype)?)
+        Ok(bin.unsqueeze(2)?.broadcast_eq(&classes)?.to_dtype(dtype)?)
     }
 
     /// `tf` `[R, tf_dim]`, `ri` `[R]` (integer residue index), `msa` `[S, R, msa_dim]` →

@@ -210,8 +210,8 @@ pub fn select_device(cfg: &crate::config::Config, local_rank: usize) -> Result<D
 mod cuda {
     use std::collections::BTreeMap;
 
-    use cudarc::driver::{sys, CudaGraph};
     use candle_core::Device;
+    use cudarc::driver::{sys, CudaGraph};
 
     use super::{copy_inputs, device_step, fixed_inputs, StepOutputs};
     use crate::config::LossConfig;
@@ -262,10 +262,7 @@ mod cuda {
     /// candle's host→device cache; its result is dropped), then `f` under capture. Returns the
     /// graph (not yet launched) and what the captured `f` returned (graph memory: valid after
     /// each launch). The host→device cache must be held on by the caller for the graph's life.
-    pub fn capture<T>(
-        dev: &Device,
-        mut f: impl FnMut() -> Result<T>,
-    ) -> Result<(CudaGraph, T)> {
+    pub fn capture<T>(dev: &Device, mut f: impl FnMut() -> Result<T>) -> Result<(CudaGraph, T)> {
         let Device::Cuda(cd) = dev else {
             return Err(Error::Train("cuda graphs need a CUDA device".into()));
         };
@@ -398,7 +395,15 @@ mod cuda {
                 .ok_or_else(|| Error::Train(format!("no graph captured for {r} recycles")))?;
             let _g = c.pool.install();
             c.pool.begin_step();
-            device_step(model, params, &self.inputs, tables, loss_cfg, r, self.ctx(seed))
+            device_step(
+                model,
+                params,
+                &self.inputs,
+                tables,
+                loss_cfg,
+                r,
+                self.ctx(seed),
+            )
         }
 
         fn capture(
@@ -413,7 +418,15 @@ mod cuda {
             let run = |pool: &MaskPool| -> Result<StepOutputs> {
                 let _g = pool.install();
                 pool.begin_step();
-                device_step(model, params, &self.inputs, tables, loss_cfg, r, self.ctx(seed))
+                device_step(
+                    model,
+                    params,
+                    &self.inputs,
+                    tables,
+                    loss_cfg,
+                    r,
+                    self.ctx(seed),
+                )
             };
             // 1. Size the dropout pool (masks from the host path this once).
             let pool = MaskPool::sizing();
@@ -429,9 +442,7 @@ mod cuda {
             };
             let stream = cd.cuda_stream();
             drv(
-                stream.begin_capture(
-                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                ),
+                stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
                 "begin_capture",
             )?;
             let out = run(&pool);
@@ -439,7 +450,9 @@ mod cuda {
                 sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
             );
             let out = out.map_err(|e| {
-                Error::Train(format!("cuda graph capture ({r} recycles) failed in the step: {e}"))
+                Error::Train(format!(
+                    "cuda graph capture ({r} recycles) failed in the step: {e}"
+                ))
             })?;
             let graph = drv(graph, "end_capture")?
                 .ok_or_else(|| Error::Train("cuda graph: capture produced no graph".into()))?;
