@@ -106,6 +106,9 @@ pub struct StepBenchArgs {
     /// CUDA graph when `--graphs` is not off.
     #[arg(long)]
     pub stack: bool,
+    /// With `--stack`: time only the stack (skip the full step).
+    #[arg(long)]
+    pub only_stack: bool,
 }
 
 /// Trunk precision of the benchmarked step.
@@ -672,8 +675,11 @@ pub fn bench_step(a: &StepBenchArgs) -> Result<StepBench> {
         ..StepBench::default()
     };
     let mut adam = Adam::new(&s.params, &s.cfg.optim)?;
-    if a.stack {
+    if a.stack || a.only_stack {
         stack_rows(a, &s.dev, &mut out)?;
+        if a.only_stack {
+            return Ok(out);
+        }
     }
     if a.graphs != GraphMode::On {
         out.rows.push(eager_row(a, &s, &mut adam)?);
