@@ -127,7 +127,7 @@ pub struct StepRow {
     pub parts: Vec<(String, f64)>,
     pub peak_mib: Option<f64>,
     pub loss: f64,
-    /// One-off cost (graph capture incl. its eager passes), ms.
+    /// One-off cost (graph capture incl. its eager pass), ms.
     pub setup_ms: Option<f64>,
 }
 
@@ -140,6 +140,27 @@ pub struct StepBench {
     /// Why a graph mode did not run (capture error), if it did not.
     pub graph_error: Option<String>,
     pub params: usize,
+}
+
+impl StepBench {
+    /// Record a row and print its `RESULT` line at once (a later timeout keeps it).
+    fn push(&mut self, row: StepRow) {
+        println!("{}", result_line(&row));
+        self.rows.push(row);
+    }
+}
+
+fn result_line(r: &StepRow) -> String {
+    format!(
+        "RESULT step mode={} step_ms={:.3} samples_per_s={:.4} peak_mib={} loss={:.6}",
+        r.mode.replace(' ', "_"),
+        r.step_ms,
+        1e3 / r.step_ms,
+        r.peak_mib
+            .map(|p| format!("{p:.1}"))
+            .unwrap_or_else(|| "na".into()),
+        r.loss
+    )
 }
 
 /// The run configuration of the benchmark.
@@ -473,7 +494,7 @@ fn graph_row(
     let r = a.recycles;
     let seed = |step: u64| crate::train::seed::seed_for(a.seed, "dropout", 0, step);
     let mut g = StepGraph::new(&s.dev, &s.feats[0], !a.no_dropout)?;
-    // First run: two eager passes + capture + first replay.
+    // First run: one eager pass + capture + first replay.
     g.prepare(&s.feats[0], r, seed(0))?;
     let t0 = Instant::now();
     g.run(&s.model, &s.params, &s.tables, &s.cfg.loss)?;
@@ -599,7 +620,7 @@ fn stack_rows(a: &StepBenchArgs, dev: &Device, out: &mut StepBench) -> Result<()
         Some(w) => Some(w.peak()? as f64 / (1u64 << 20) as f64),
         None => None,
     };
-    out.rows.push(StepRow {
+    out.push(StepRow {
         mode: format!("stack{} eager", a.blocks),
         step_ms: median(&mut times),
         parts: vec![],
@@ -652,7 +673,7 @@ fn stack_rows(a: &StepBenchArgs, dev: &Device, out: &mut StepBench) -> Result<()
                 times.push(ms(t0));
             }
         }
-        out.rows.push(StepRow {
+        out.push(StepRow {
             mode: format!("stack{} graph", a.blocks),
             step_ms: median(&mut times),
             parts: vec![],
@@ -682,14 +703,15 @@ pub fn bench_step(a: &StepBenchArgs) -> Result<StepBench> {
         }
     }
     if a.graphs != GraphMode::On {
-        out.rows.push(eager_row(a, &s, &mut adam)?);
+        let row = eager_row(a, &s, &mut adam)?;
+        out.push(row);
     }
     if a.graphs != GraphMode::Off {
         #[cfg(feature = "cuda")]
         {
             if s.dev.is_cuda() {
                 match graph_row(a, &s, &mut adam, &mut out) {
-                    Ok(row) => out.rows.push(row),
+                    Ok(row) => out.push(row),
                     Err(e) => out.graph_error = Some(e.to_string()),
                 }
             } else {
@@ -747,19 +769,6 @@ pub fn format_step(a: &StepBenchArgs, b: &StepBench) -> String {
             r.setup_ms
                 .map(|m| format!(", capture {m:.0}"))
                 .unwrap_or_default()
-        );
-    }
-    for r in &b.rows {
-        let _ = writeln!(
-            s,
-            "RESULT step mode={} step_ms={:.3} samples_per_s={:.4} peak_mib={} loss={:.6}",
-            r.mode,
-            r.step_ms,
-            1e3 / r.step_ms,
-            r.peak_mib
-                .map(|p| format!("{p:.1}"))
-                .unwrap_or_else(|| "na".into()),
-            r.loss
         );
     }
     for (name, rel, bitwise, n) in &b.checks {

@@ -1,21 +1,22 @@
-//! Dropout masks from a fixed device buffer of uniform numbers, for CUDA-graph capture.
+//! Dropout masks from fixed device buffers of uniform numbers, for CUDA-graph capture.
 //!
 //! The eager dropout ([`super::dropout`], [`super::structure_module::dropout`]) draws its masks on
 //! the host from the site's seed and uploads them: a host→device copy of data that changes every
 //! step, which cannot be part of a captured CUDA graph. While a [`MaskPool`] is installed on the
-//! current thread, every dropout site instead thresholds a slice of the pool's uniform buffer
-//! `U` (one fixed device tensor, refilled before each step):
-//! `mask = (U[off .. off + n] >= rate) / (1 - rate)`, reshaped to the site's mask shape.
+//! current thread, every dropout site instead thresholds its own fixed device buffer `U` of
+//! uniforms in `[0, 1)` (refilled before each step): `mask = (U >= rate) / (1 - rate)`, shaped
+//! like the site's mask (the shared dimension stays 1).
 //!
 //! Sites are identified by their seed *within a step*: the k-th distinct seed a step draws gets
-//! slice k. The model's control flow is the same every step, so slice k always belongs to the
-//! same site; a site that is drawn again in the same step (remat recomputation of a block)
-//! repeats its seed and gets the same slice, hence the same mask. Seeds are 64-bit hashes, so two
-//! sites of one step never share one in practice (a collision would only make two sites share a
-//! mask; the shape check below catches a mismatch).
+//! buffer k. The model's control flow is the same every step, so buffer k always belongs to the
+//! same site; a site drawn again in the same step (remat recomputation of a block) repeats its
+//! seed and gets the same buffer, hence the same mask. Seeds are 64-bit hashes, so two sites of
+//! one step never share one in practice (a collision would only make two sites share a mask; a
+//! size mismatch is an error).
 //!
-//! Lifecycle: [`MaskPool::sizing`] + one step records the sites' sizes; [`MaskPool::allocate`]
-//! makes `U`; before every step [`MaskPool::refill`] (new uniforms, outside any capture) then
+//! Lifecycle: [`MaskPool::new`]; one eager step with the pool installed creates (and fills) a
+//! buffer per site; [`MaskPool::freeze`] (no new sites after that: their buffers must exist
+//! before a capture); before every later step [`MaskPool::refill`] (outside any capture) and
 //! [`MaskPool::begin_step`]. Statistically this is the same dropout (keep probability
 //! `1 - rate`, the same shared dimensions); the masks are not the host path's masks.
 
@@ -27,18 +28,39 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-struct Site {
-    offset: usize,
-    len: usize,
-}
-
 struct PoolState {
-    /// `[P]` f32 uniforms in `[0, 1)`; `None` while sizing.
-    uniform: Option<Tensor>,
-    sites: Vec<Site>,
+    dev: Device,
+    /// One `[len]` f32 uniform buffer per site, in first-seen order.
+    sites: Vec<Tensor>,
     /// This step's seed → site index.
     seen: HashMap<u64, usize>,
     used: usize,
+    frozen: bool,
+    /// CPU stream state (the CPU RNG cannot be seeded).
+    cpu_state: u64,
+}
+
+impl PoolState {
+    /// `n` fresh uniforms in `[0, 1)`: the device RNG on CUDA, SplitMix64 (24-bit) on the CPU.
+    fn uniforms(&mut self, n: usize) -> Result<Tensor> {
+        if self.dev.is_cpu() {
+            let st = &mut self.cpu_state;
+            let v: Vec<f32> = (0..n)
+                .map(|_| (crate::data::rng::splitmix64(st) >> 40) as f32 / (1u64 << 24) as f32)
+                .collect();
+            Ok(Tensor::from_vec(v, n, &self.dev)?)
+        } else {
+            Ok(Tensor::rand(0f32, 1f32, n, &self.dev)?)
+        }
+    }
+
+    fn reseed(&mut self, seed: u64) -> Result<()> {
+        self.cpu_state = seed;
+        if !self.dev.is_cpu() {
+            self.dev.set_seed(seed)?;
+        }
+        Ok(())
+    }
 }
 
 /// A pool of dropout randomness (see the module docs). Cheap to clone (shared state).
@@ -61,14 +83,18 @@ impl Drop for PoolGuard {
 }
 
 impl MaskPool {
-    /// An empty pool in sizing mode: sites are recorded, masks come from the host path.
-    pub fn sizing() -> Self {
-        Self(Rc::new(RefCell::new(PoolState {
-            uniform: None,
+    /// An empty, growing pool on `dev`; new sites are filled from `seed`'s stream.
+    pub fn new(dev: &Device, seed: u64) -> Result<Self> {
+        let mut st = PoolState {
+            dev: dev.clone(),
             sites: Vec::new(),
             seen: HashMap::new(),
             used: 0,
-        })))
+            frozen: false,
+            cpu_state: 0,
+        };
+        st.reseed(seed)?;
+        Ok(Self(Rc::new(RefCell::new(st))))
     }
 
     /// Install on this thread until the guard drops.
@@ -77,44 +103,27 @@ impl MaskPool {
         PoolGuard(prev)
     }
 
-    /// Number of distinct sites recorded and their total size.
+    /// Number of sites and their total number of uniforms.
     pub fn size(&self) -> (usize, usize) {
         let s = self.0.borrow();
-        (s.sites.len(), s.sites.iter().map(|x| x.len).sum())
+        (s.sites.len(), s.sites.iter().map(|t| t.elem_count()).sum())
     }
 
-    /// Allocate the uniform buffer on `dev` (after a sizing step); zero-filled until refilled.
-    pub fn allocate(&self, dev: &Device) -> Result<()> {
-        let (_, n) = self.size();
-        self.0.borrow_mut().uniform = Some(Tensor::zeros(n.max(1), DType::F32, dev)?);
-        Ok(())
+    /// No new sites from now on (their buffers would not exist in a captured graph).
+    pub fn freeze(&self) {
+        self.0.borrow_mut().frozen = true;
     }
 
-    /// The uniform buffer (fixed address once allocated).
-    pub fn uniform(&self) -> Option<Tensor> {
-        self.0.borrow().uniform.clone()
-    }
-
-    /// New uniforms in `[0, 1)` for the next step, drawn on the device from `seed` and copied
-    /// into the buffer in place. Must run outside a graph capture.
+    /// New uniforms for the next step in every site buffer (in place), from `seed`. Must run
+    /// outside a graph capture.
     pub fn refill(&self, seed: u64) -> Result<()> {
-        let u = self
-            .uniform()
-            .ok_or_else(|| Error::Model("dropout pool: refill before allocate".into()))?;
-        let dev = u.device();
-        let n = u.elem_count();
-        let fresh = if dev.is_cpu() {
-            // The CPU RNG cannot be seeded: SplitMix64, 24-bit uniforms.
-            let mut st = seed;
-            let v: Vec<f32> = (0..n)
-                .map(|_| (crate::data::rng::splitmix64(&mut st) >> 40) as f32 / (1u64 << 24) as f32)
-                .collect();
-            Tensor::from_vec(v, n, dev)?
-        } else {
-            dev.set_seed(seed)?;
-            Tensor::rand(0f32, 1f32, n, dev)?
-        };
-        u.slice_set(&fresh, 0, 0)?;
+        let mut s = self.0.borrow_mut();
+        s.reseed(seed)?;
+        for i in 0..s.sites.len() {
+            let n = s.sites[i].elem_count();
+            let fresh = s.uniforms(n)?;
+            s.sites[i].slice_set(&fresh, 0, 0)?;
+        }
         Ok(())
     }
 
@@ -125,8 +134,8 @@ impl MaskPool {
         s.used = 0;
     }
 
-    /// The site of `seed` this step: existing, or the next one in order (recorded while sizing).
-    fn site(&self, seed: u64, len: usize) -> Result<(usize, Option<Tensor>)> {
+    /// The buffer of `seed`'s site this step: existing, or (growing pool) a new one.
+    fn site(&self, seed: u64, len: usize) -> Result<Tensor> {
         let mut s = self.0.borrow_mut();
         let idx = match s.seen.get(&seed) {
             Some(&i) => i,
@@ -137,42 +146,36 @@ impl MaskPool {
                 i
             }
         };
-        if s.uniform.is_none() {
-            if idx == s.sites.len() {
-                let offset = s.sites.last().map(|x| x.offset + x.len).unwrap_or(0);
-                s.sites.push(Site { offset, len });
+        if idx == s.sites.len() {
+            if s.frozen {
+                return Err(Error::Model(format!(
+                    "dropout pool: site {idx} is new but the pool is frozen ({} sites)",
+                    s.sites.len()
+                )));
             }
-        } else if idx >= s.sites.len() {
-            return Err(Error::Model(format!(
-                "dropout pool: site {idx} was not seen while sizing ({} sites)",
-                s.sites.len()
-            )));
+            let u = s.uniforms(len)?;
+            s.sites.push(u);
         }
-        let site = &s.sites[idx];
-        if site.len != len {
+        let u = s.sites[idx].clone();
+        if u.elem_count() != len {
             return Err(Error::Model(format!(
                 "dropout pool: site {idx} has {} values, this draw needs {len}",
-                site.len
+                u.elem_count()
             )));
         }
-        Ok((site.offset, s.uniform.clone()))
+        Ok(u)
     }
 }
 
-/// The mask of a dropout site drawn from the installed pool: `Ok(None)` when no pool is
-/// installed or it is still sizing (the caller draws its host mask), else `[shape]` in `dtype`
-/// with entries `0` or `1/(1-rate)`.
+/// The mask of a dropout site drawn from the installed pool (`Ok(None)`: no pool installed, the
+/// caller draws its host mask): `[shape]` in `dtype`, entries `0` or `1/(1-rate)`.
 pub fn pool_mask(seed: u64, shape: &[usize], rate: f64, dtype: DType) -> Result<Option<Tensor>> {
     let Some(pool) = ACTIVE.with(|a| a.borrow().clone()) else {
         return Ok(None);
     };
     let n: usize = shape.iter().product();
-    let (offset, uniform) = pool.site(seed, n)?;
-    let Some(u) = uniform else {
-        return Ok(None);
-    };
+    let u = pool.site(seed, n)?;
     let keep = u
-        .narrow(0, offset, n)?
         .ge(rate as f32)?
         .to_dtype(DType::F32)?
         .affine(1.0 / (1.0 - rate), 0.0)?
@@ -191,7 +194,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::ones((4, 50, 8), DType::F32, &dev).unwrap();
         let (a, b) = (DropoutCtx::new(1), DropoutCtx::new(2));
-        let pool = MaskPool::sizing();
+        let pool = MaskPool::new(&dev, 7).unwrap();
         {
             let _g = pool.install();
             pool.begin_step();
@@ -200,7 +203,7 @@ mod tests {
             dropout_rowwise(&x, 0.25, Some(&a)).unwrap();
         }
         assert_eq!(pool.size(), (2, 2 * 50 * 8));
-        pool.allocate(&dev).unwrap();
+        pool.freeze();
         pool.refill(7).unwrap();
         let _g = pool.install();
         pool.begin_step();
@@ -215,7 +218,7 @@ mod tests {
             .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-6));
         let dropped = ma.iter().filter(|&&m| m == 0.0).count() as f64 / ma.len() as f64;
         assert!((dropped - 0.25).abs() < 0.1, "{dropped}");
-        // a third site was never sized
+        // a third site is new, the pool frozen
         assert!(dropout_rowwise(&x, 0.25, Some(&DropoutCtx::new(3))).is_err());
         // a new step with new uniforms: site order restarts, masks change
         pool.refill(8).unwrap();

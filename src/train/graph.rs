@@ -353,7 +353,7 @@ mod cuda {
         }
 
         /// Run the prepared step: replay its graph, capturing it first if this recycle count
-        /// has none yet (two eager passes, then the capture). Returns the outputs (valid until
+        /// has none yet (one eager pass, then the capture). Returns the outputs (valid until
         /// the next `run`).
         pub fn run(
             &mut self,
@@ -428,13 +428,11 @@ mod cuda {
                     self.ctx(seed),
                 )
             };
-            // 1. Size the dropout pool (masks from the host path this once).
-            let pool = MaskPool::sizing();
+            // 1. One eager pass: creates and fills the dropout pool's site buffers and fills
+            //    the host→device cache with every small upload of the step.
+            let pool = MaskPool::new(&self.dev, seed)?;
             drop(run(&pool)?);
-            pool.allocate(&self.dev)?;
-            pool.refill(seed)?;
-            // 2. Warm pass on the pool: fills the host→device cache with every small upload.
-            drop(run(&pool)?);
+            pool.freeze();
             self.dev.synchronize()?;
             // 3. Capture.
             let Device::Cuda(cd) = &self.dev else {
