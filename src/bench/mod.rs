@@ -9,6 +9,9 @@
 //!   CUDA), comparing outputs and gradients.
 //! - `bench ops`: the candle primitives the block is made of (softmax, layer norm, matmul, casts,
 //!   broadcasts), timed alone at MSA-row-attention shapes.
+//! - `bench step`: the whole AF2 training step (forward over the recycles, loss, remat backward,
+//!   Adam) on a synthetic sample at the AF2 initial-training shape, eager and replayed from a CUDA
+//!   graph ([`crate::train::graph`]); `--stack` adds the Evoformer stack alone.
 //!
 //! Timing: `warmup` untimed iterations, then `iters` timed ones; each iteration ends with
 //! `Device::synchronize` before the clock is read, so the median is the true device time of the

@@ -18,6 +18,11 @@
 //! The step code ([`device_step`]) has no host synchronisation: the loss breakdown stays on the
 //! device ([`alphafold_loss_on_device`]) and is read after the replay. The optimiser step stays
 //! eager.
+//!
+//! Measured (H200, `ferrofold bench step`, bf16 trunk, remat per block, 0 recycles): replay is
+//! bitwise equal to the eager step; 64 residues × 32 MSA rows × 8 blocks: 490 → 246 ms per step
+//! (launch-bound); AF2 initial-training shape (256 × 128 × 1024 extra, 48 + 4 blocks): 11.8 →
+//! 10.9 s per step (GPU-bound), capture ≈ 26 s once per recycle count.
 
 use std::collections::BTreeMap;
 
