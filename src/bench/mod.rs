@@ -10,6 +10,9 @@
 //! - `bench kernels`: each fused CUDA kernel against its composite twin ([`kernels`]).
 //! - `bench ops`: the candle primitives the block is made of (softmax, layer norm, matmul, casts,
 //!   broadcasts), timed alone at MSA-row-attention shapes.
+//! - `bench step`: the whole AF2 training step (forward over the recycles, loss, remat backward,
+//!   Adam) on a synthetic sample at the AF2 initial-training shape, eager and replayed from a CUDA
+//!   graph ([`crate::train::graph`]); `--stack` adds the Evoformer stack alone.
 //!
 //! Timing: `warmup` untimed iterations, then `iters` timed ones; each iteration ends with
 //! `Device::synchronize` before the clock is read, so the median is the true device time of the
@@ -27,6 +30,7 @@ mod gpu_mem;
 mod kernels;
 mod ops;
 mod parity;
+mod step;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -45,6 +49,10 @@ pub use evoformer::{
 pub use kernels::{bench_kernels, format_kernels, KernelCase, KernelTiming, KernelsArgs};
 pub use ops::{bench_ops, format_ops, OpTiming};
 pub use parity::{format_parity, parity, ParityRow};
+pub use step::{
+    bench_step, format_step, step_config, synthetic_features, synthetic_protein, GraphMode,
+    StepBench, StepBenchArgs, StepPrecision, StepRow,
+};
 
 /// `ferrofold bench ...`.
 #[derive(Debug, Args)]
@@ -66,6 +74,8 @@ pub enum BenchCommand {
     Kernels(KernelsArgs),
     /// Fused element-wise CUDA kernels (gate, dropout+residual, Adam+EMA) vs their candle twins.
     ElemKernels(ElemKernelsArgs),
+    /// Time the whole AF2 training step (forward, loss, backward, Adam), eager and CUDA graph.
+    Step(StepBenchArgs),
 }
 
 /// `ferrofold bench ops`: primitives at the shapes of MSA row attention (`[S, H, R, R]` logits,
@@ -410,6 +420,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Ok(())
             } else {
                 Err(Error::Msg("bench elem-kernels: self-check failed".into()))
+            }
+        }
+        BenchCommand::Step(a) => {
+            let b = bench_step(a)?;
+            print!("{}", format_step(a, &b));
+            let failed = b.checks.iter().any(|c| c.1 > 1e-6);
+            if failed {
+                Err(Error::Msg(
+                    "bench step: graph replay differs from eager".into(),
+                ))
+            } else {
+                Ok(())
             }
         }
         BenchCommand::Parity(a) => {

@@ -132,7 +132,10 @@ pub fn residual_dropout(
     ctx: Option<&DropoutCtx>,
 ) -> Result<Tensor> {
     if let Some(ctx) = ctx {
+        // (Not in CUDA-graph mode: the mask seed is a launch argument, which a graph would
+        // freeze; the twin takes its mask from the graph's refilled pool instead.)
         if rate > 0.0
+            && !crate::model::dropout_pool::pool_active()
             && super::fused_for(update)
             && residual.shape() == update.shape()
             && residual.dtype() == update.dtype()

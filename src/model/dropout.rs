@@ -73,6 +73,10 @@ pub fn dropout_mask(x: &Tensor, rate: f64, shared_dim: usize, ctx: &DropoutCtx) 
     if shared_dim < shape.len() {
         shape[shared_dim] = 1;
     }
+    // CUDA-graph mode: the mask comes from the installed device pool (no host upload).
+    if let Some(mask) = super::dropout_pool::pool_mask(ctx.seed, &shape, rate, x.dtype())? {
+        return Ok(mask);
+    }
     let n: usize = shape.iter().product();
     Ok(Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?)
 }

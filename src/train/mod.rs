@@ -15,6 +15,7 @@
 
 pub mod af2;
 pub mod checkpoint;
+pub mod graph;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;
