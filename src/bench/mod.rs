@@ -24,6 +24,7 @@ mod evoformer;
 mod gpu_mem;
 mod ops;
 mod parity;
+mod step;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -40,6 +41,10 @@ pub use evoformer::{
 };
 pub use ops::{bench_ops, format_ops, OpTiming};
 pub use parity::{format_parity, parity, ParityRow};
+pub use step::{
+    bench_step, format_step, step_config, synthetic_features, synthetic_protein, GraphMode,
+    StepBench, StepBenchArgs, StepPrecision, StepRow,
+};
 
 /// `ferrofold bench ...`.
 #[derive(Debug, Args)]
@@ -57,6 +62,8 @@ pub enum BenchCommand {
     Parity(ParityArgs),
     /// Time the candle primitives the block is made of, at MSA-row-attention shapes.
     Ops(OpsArgs),
+    /// Time the whole AF2 training step (forward, loss, backward, Adam), eager and CUDA graph.
+    Step(StepBenchArgs),
 }
 
 /// `ferrofold bench ops`: primitives at the shapes of MSA row attention (`[S, H, R, R]` logits,
@@ -383,6 +390,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let rows = bench_ops(a)?;
             print!("{}", format_ops(a, &rows));
             Ok(())
+        }
+        BenchCommand::Step(a) => {
+            let b = bench_step(a)?;
+            print!("{}", format_step(a, &b));
+            let failed = b.checks.iter().any(|c| c.1 > 1e-6);
+            if failed {
+                Err(Error::Msg(
+                    "bench step: graph replay differs from eager".into(),
+                ))
+            } else {
+                Ok(())
+            }
         }
         BenchCommand::Parity(a) => {
             let rows = parity(a)?;

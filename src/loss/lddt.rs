@@ -1,10 +1,10 @@
 //! lDDT-Cα (Mariani et al. 2013, as simplified in AF2), the pLDDT loss (AF2 supplement Algorithm 29,
 //! section 1.9.6; OpenFold `lddt_loss`) and `compute_plddt`.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 use super::{check_trailing, in_range, softmax_cross_entropy};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Atom37 index of Cα.
 pub const CA_ATOM37: usize = 1;
@@ -108,39 +108,28 @@ pub fn lddt_loss(
     check_trailing(logits, &[no_bins], "lddt logits")?;
     let dtype = logits.dtype();
     let (p, t, m) = ca_only(all_atom_pred_pos, all_atom_positions, all_atom_mask)?;
-    let score = lddt(&p, &t, &m, cutoff, eps, true)?; // [*, N]
-    let shape = score.shape().clone();
-    // nan_to_num(nan = nanmean), clamp at 0, bin (host side: no gradient here)
-    let scaled: Vec<f64> = (score.clone() * no_bins as f64)?
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1()?;
-    let raw: Vec<f64> = score.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-    let finite: Vec<f64> = raw.iter().copied().filter(|v| !v.is_nan()).collect();
-    let nanmean = if finite.is_empty() {
-        f64::NAN
-    } else {
-        finite.iter().sum::<f64>() / finite.len() as f64
-    };
-    let mut onehot = vec![0f64; raw.len() * no_bins];
-    for (i, (&r, &s)) in raw.iter().zip(&scaled).enumerate() {
-        let v = if r.is_nan() {
-            nanmean * no_bins as f64
-        } else {
-            s
-        };
-        let v = if v < 0.0 { 0.0 } else { v };
-        if !v.is_finite() {
-            return Err(Error::Loss(format!(
-                "lddt_loss: non-finite lDDT score at residue {i}"
-            )));
-        }
-        let bin = (v.floor() as usize).min(no_bins - 1);
-        onehot[i * no_bins + bin] = 1.0;
-    }
-    let mut oshape = shape.dims().to_vec();
-    oshape.push(no_bins);
-    let labels = Tensor::from_vec(onehot, oshape, logits.device())?.to_dtype(dtype)?;
+    // [*, N]
+    let score = lddt(&p, &t, &m, cutoff, eps, true)?;
+    // nan_to_num(nan = nanmean), clamp at 0, bin: on the device, no gradient (no host round
+    // trip, so the step can be captured in a CUDA graph). `v == v` is false exactly for NaN.
+    let score = score.detach();
+    let not_nan = score.eq(&score)?; // [*, N] u8
+    let zeros = score.zeros_like()?;
+    let finite_sum = not_nan.where_cond(&score, &zeros)?.sum_all()?;
+    let finite_count = not_nan.to_dtype(score.dtype())?.sum_all()?;
+    let nanmean = (finite_sum / finite_count)?; // NaN when every score is NaN
+    let scaled = (&score * no_bins as f64)?;
+    let filled = not_nan.where_cond(
+        &scaled,
+        &(nanmean * no_bins as f64)?.broadcast_as(scaled.shape())?,
+    )?;
+    // clamp(v, 0, no_bins-1) then floor = min(floor(max(v, 0)), no_bins-1) for integer bounds.
+    let bin = filled.clamp(0f64, (no_bins - 1) as f64)?.floor()?;
+    let classes = Tensor::arange(0u32, no_bins as u32, logits.device())?.to_dtype(bin.dtype())?;
+    let labels = bin
+        .unsqueeze(D::Minus1)?
+        .broadcast_eq(&classes)?
+        .to_dtype(dtype)?; // [*, N, no_bins]
     let errors = softmax_cross_entropy(logits, &labels)?; // [*, N]
     let mask = m.squeeze(D::Minus1)?.to_dtype(dtype)?;
     let loss = ((errors * &mask)?.sum(D::Minus1)? / (mask.sum(D::Minus1)? + eps)?)?;

@@ -60,7 +60,9 @@ pub fn compute_renamed_ground_truth(
     );
     let mut per_atom = dims[..nd - 3].to_vec();
     per_atom.extend([n, 14]);
-    let (s_gt, s_alt) = if nd == 3 {
+    // The sparse form reads the mask back to the host (data-dependent shapes): CPU only. On a GPU
+    // the dense form is cheap and needs no host synchronisation (CUDA-graph capture).
+    let (s_gt, s_alt) = if nd == 3 && atom14_pred_positions.device().is_cpu() {
         // Only rows of ambiguous existing atoms contribute: evaluate those rows only
         // ([A, M] instead of [M, M]); rows are summed in the same order, and the skipped rows
         // are exact zeros, so the scores equal the dense evaluation bitwise.

@@ -287,6 +287,8 @@ pub struct LossResult {
     /// Differentiable scaled total.
     pub loss: Tensor,
     pub breakdown: LossBreakdown,
+    /// Every breakdown value as a detached device tensor (term name → value), in breakdown order.
+    pub terms: Vec<(String, Tensor)>,
     pub violations: Violations,
     pub renamed: RenamedGroundTruth,
 }
@@ -302,21 +304,12 @@ pub const TERMS: [&str; 7] = [
     "violation",
 ];
 
-fn scalar_f64(t: &Tensor) -> Result<f64> {
-    let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    v.first()
-        .copied()
-        .ok_or_else(|| Error::Loss("empty loss tensor".into()))
-}
-
 fn last_layer(t: &Tensor) -> Result<Tensor> {
     Ok(t.get(t.dim(0)? - 1)?)
 }
 
-/// OpenFold `AlphaFoldLoss.loss`: every term is computed even at weight 0; a NaN/inf term is
-/// logged, recorded in the breakdown and replaced by 0; `unscaled = Σ w_k·term_k`;
-/// `loss = unscaled · sqrt(min(mean(seq_length), crop_len))`.
-pub fn alphafold_loss(
+/// The loss terms on the device (see [`alphafold_loss`]).
+fn loss_terms(
     out: &LossOutputs,
     batch: &LossBatch,
     tables: &LossTables,
@@ -460,23 +453,16 @@ pub fn alphafold_loss(
         ),
     ];
 
-    let mut breakdown = LossBreakdown::default();
+    // Every term stays on the device: a NaN/inf term is replaced by 0 with `where_cond` (its
+    // gradient is then 0), the breakdown is read back in one transfer afterwards (or, in
+    // CUDA-graph mode, after the replay: see [`alphafold_loss_on_device`]).
+    let mut named: Vec<(String, Tensor)> = Vec::with_capacity(TERMS.len() + 4);
     let mut cum: Option<Tensor> = None;
     for (name, weight, value) in terms {
-        let v = scalar_f64(&value)?;
-        let value = if v.is_finite() {
-            breakdown.terms.insert(name.to_string(), v);
-            value
-        } else {
-            tracing::warn!(
-                term = name,
-                value = v,
-                "loss term is not finite; replaced by 0"
-            );
-            breakdown.non_finite.push(name.to_string());
-            breakdown.terms.insert(name.to_string(), 0.0);
-            value.detach().zeros_like()?
-        };
+        named.push((name.to_string(), value.detach()));
+        // `v·0` is 0 for finite v, NaN for NaN/inf.
+        let finite = (&value * 0.0)?.eq(0.0)?;
+        let value = finite.where_cond(&value, &value.zeros_like()?)?;
         let w = (value * weight)?;
         cum = Some(match cum {
             Some(c) => (c + w)?,
@@ -484,34 +470,85 @@ pub fn alphafold_loss(
         });
     }
     let cum = cum.ok_or_else(|| Error::Loss("no loss terms".into()))?;
-    for (name, t) in [("fape_backbone", &fape_bb), ("fape_sidechain", &fape_sc)] {
-        let v = scalar_f64(t)?;
-        breakdown.terms.insert(name.to_string(), v);
-    }
-    breakdown
-        .terms
-        .insert("unscaled_loss".into(), scalar_f64(&cum)?);
+    named.push(("fape_backbone".into(), fape_bb.detach()));
+    named.push(("fape_sidechain".into(), fape_sc.detach()));
+    named.push(("unscaled_loss".into(), cum.detach()));
 
     // F32 QUIRK: OpenFold takes `seq_len = mean(seq_length.float())` (float32) and, since
-    // seq_len <= crop_len, `sqrt(min(seq_len, crop_len))` is computed in float32.
-    let seq_len = batch
+    // seq_len <= crop_len, `sqrt(min(seq_len, crop_len))` is computed in float32 (here on the
+    // device, as a 0-dim f32 tensor).
+    let crop_len = batch.aatype.dim(D::Minus1)? as f32;
+    let scale = batch
         .seq_length
         .to_dtype(DType::F32)?
         .flatten_all()?
-        .mean(D::Minus1)?;
-    let seq_len: f32 = seq_len.to_scalar()?;
-    let crop_len = batch.aatype.dim(D::Minus1)? as f32;
-    let scale = if seq_len < crop_len {
-        seq_len.sqrt()
-    } else {
-        crop_len.sqrt()
-    };
-    let loss = (cum * scale as f64)?;
-    breakdown.terms.insert("loss".into(), scalar_f64(&loss)?);
+        .mean(D::Minus1)?
+        .minimum(crop_len)?
+        .sqrt()?
+        .to_dtype(cum.dtype())?;
+    let loss = cum.broadcast_mul(&scale)?;
+    named.push(("loss".into(), loss.detach()));
+    let breakdown = LossBreakdown::default();
     Ok(LossResult {
         loss,
         breakdown,
+        terms: named,
         violations,
         renamed,
     })
+}
+
+/// The AF2 loss as [`alphafold_loss`] computes it, but nothing is read back: `breakdown` is
+/// empty and [`LossResult::terms`] holds the device values (read them with
+/// [`breakdown_from_terms`] once the step has run). No host synchronisation: usable inside a
+/// CUDA-graph capture.
+pub fn alphafold_loss_on_device(
+    out: &LossOutputs,
+    batch: &LossBatch,
+    tables: &LossTables,
+    cfg: &LossConfig,
+) -> Result<LossResult> {
+    loss_terms(out, batch, tables, cfg)
+}
+
+/// OpenFold `AlphaFoldLoss.loss`: every term is computed even at weight 0; a NaN/inf term is
+/// logged, recorded in the breakdown and replaced by 0; `unscaled = Σ w_k·term_k`;
+/// `loss = unscaled · sqrt(min(mean(seq_length), crop_len))`.
+pub fn alphafold_loss(
+    out: &LossOutputs,
+    batch: &LossBatch,
+    tables: &LossTables,
+    cfg: &LossConfig,
+) -> Result<LossResult> {
+    let mut r = loss_terms(out, batch, tables, cfg)?;
+    r.breakdown = breakdown_from_terms(&r.terms)?;
+    Ok(r)
+}
+
+/// Read the device terms of [`LossResult::terms`] (one transfer) into a [`LossBreakdown`]; a
+/// non-finite weighted term (one of [`TERMS`]) is logged, listed and recorded as 0.
+pub fn breakdown_from_terms(terms: &[(String, Tensor)]) -> Result<LossBreakdown> {
+    let mut breakdown = LossBreakdown::default();
+    if terms.is_empty() {
+        return Ok(breakdown);
+    }
+    let flat = terms
+        .iter()
+        .map(|(_, t)| t.to_dtype(DType::F64)?.flatten_all()?.narrow(0, 0, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let values: Vec<f64> = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?.to_vec1()?;
+    for ((name, _), v) in terms.iter().zip(values) {
+        if TERMS.contains(&name.as_str()) && !v.is_finite() {
+            tracing::warn!(
+                term = name.as_str(),
+                value = v,
+                "loss term is not finite; replaced by 0"
+            );
+            breakdown.non_finite.push(name.clone());
+            breakdown.terms.insert(name.clone(), 0.0);
+        } else {
+            breakdown.terms.insert(name.clone(), v);
+        }
+    }
+    Ok(breakdown)
 }

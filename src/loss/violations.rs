@@ -379,8 +379,12 @@ fn between_residue_clash_loss(
         .broadcast_mul(&e.unsqueeze(D::Minus2)?)?
         .broadcast_mul(&ri_row.broadcast_lt(&ri_col)?.to_dtype(dtype)?)?;
     // atom14 slot of every flattened atom
-    let slots: Vec<u32> = (0..mm).map(|i| (i % 14) as u32).collect();
-    let slots = Tensor::new(slots, dev)?;
+    // (built on the device from a 14-entry arange: no large host upload, CUDA-graph safe)
+    let slots = Tensor::arange(0u32, 14, dev)?
+        .unsqueeze(0)?
+        .broadcast_as((mm / 14, 14))?
+        .contiguous()?
+        .reshape(mm)?;
     let slot_is = |s: u32| -> Result<Tensor> { Ok(slots.eq(s)?.to_dtype(dtype)?) };
     // backbone C(i)–N(i+1) is a bond, not a clash
     let neighbour = (ri_row + 1.0)?.broadcast_eq(&ri_col)?.to_dtype(dtype)?;

@@ -255,6 +255,15 @@ pub struct LossAndGrads<T> {
     pub output: AlphaFoldOutput,
 }
 
+/// Result of [`AlphaFold::loss_and_grads_on_device`]: as [`LossAndGrads`], the loss a 0-dim
+/// device tensor.
+pub struct LossAndGradsOnDevice<T> {
+    pub loss: Tensor,
+    pub aux: T,
+    pub grads: BTreeMap<String, Tensor>,
+    pub output: AlphaFoldOutput,
+}
+
 /// Trunk inputs of one cycle before the stacks (graph kept to the embedders' parameters).
 struct Embedded {
     /// `[S, N, c_m]` MSA embedding incl. recycled first row (trunk dtype).
@@ -650,14 +659,33 @@ impl AlphaFold {
         dropout: Option<DropoutCtx>,
         loss_fn: impl FnOnce(&AlphaFoldOutput) -> Result<(Tensor, T)>,
     ) -> Result<LossAndGrads<T>> {
+        let r = self.loss_and_grads_on_device(params, batch, num_recycles, dropout, loss_fn)?;
+        Ok(LossAndGrads {
+            loss: r.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            aux: r.aux,
+            grads: r.grads,
+            output: r.output,
+        })
+    }
+
+    /// [`AlphaFold::loss_and_grads`] without reading anything back to the host: the loss stays a
+    /// (detached, 0-dim) device tensor. On the single-rank path no host synchronisation happens
+    /// if `loss_fn` has none, so the whole step can be captured in a CUDA graph.
+    pub fn loss_and_grads_on_device<T>(
+        &self,
+        params: &BTreeMap<String, Var>,
+        batch: &AfBatch,
+        num_recycles: usize,
+        dropout: Option<DropoutCtx>,
+        loss_fn: impl FnOnce(&AlphaFoldOutput) -> Result<(Tensor, T)>,
+    ) -> Result<LossAndGradsOnDevice<T>> {
         if self.dap.is_some() {
             // DAP stacks: one graph through the (differentiable) DAP collectives.
             let output = self.forward(batch, num_recycles, dropout)?;
             let (loss, aux) = loss_fn(&output)?;
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = backward_vars(&loss)?;
-            return Ok(LossAndGrads {
-                loss: loss_value,
+            return Ok(LossAndGradsOnDevice {
+                loss: loss.detach(),
                 aux,
                 grads: named_grads(params, &store)?,
                 output: output.detach(),
@@ -701,7 +729,7 @@ impl AlphaFold {
         let (sm, x) = self.structure(f, &single, &pair, d.as_ref())?;
         let output = self.finish(f, msa, pair, single, sm, x, recycled)?;
         let (loss, aux) = loss_fn(&output)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss_value = loss.detach();
 
         // Structure module, heads, loss.
         let mut grads = backward_vars(&loss)?;
@@ -730,7 +758,7 @@ impl AlphaFold {
             (&e.a, &extra.dm),
         ])?)?;
         grads.extend(emb)?;
-        Ok(LossAndGrads {
+        Ok(LossAndGradsOnDevice {
             loss: loss_value,
             aux,
             grads: named_grads(params, &grads)?,

@@ -66,6 +66,10 @@ pub fn dropout_shared(
     if shared_dim < shape.len() {
         shape[shared_dim] = 1;
     }
+    // CUDA-graph mode: the mask comes from the installed device pool (no host upload).
+    if let Some(mask) = super::dropout_pool::pool_mask(ctx.seed, &shape, rate, x.dtype())? {
+        return super::primitives::mul_const(x, &mask);
+    }
     let n: usize = shape.iter().product();
     let mask =
         Tensor::from_vec(ctx.mask_values(n, rate), shape, x.device())?.to_dtype(x.dtype())?;

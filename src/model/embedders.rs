@@ -45,20 +45,21 @@ impl InputEmbedder {
 
     /// One-hot of `clip(ri_i - ri_j, -k, k) + k`, `[R, R, 2k+1]` in `dtype` (Algorithm 4).
     pub fn relpos_one_hot(&self, ri: &Tensor, dtype: DType) -> Result<Tensor> {
-        let ri: Vec<i64> = ri.to_dtype(DType::I64)?.to_vec1()?;
-        let r = ri.len();
-        let k = self.relpos_k as i64;
+        // On the device (no host round trip, so the step can be captured in a CUDA graph):
+        // residue indices are integers far below 2^24, exact in f32.
+        let k = self.relpos_k as f64;
         let nb = 2 * self.relpos_k + 1;
-        let mut v = vec![0f32; r * r * nb];
-        for i in 0..r {
-            for j in 0..r {
-                let bin = ((ri[i] - ri[j]).clamp(-k, k) + k) as usize;
-                v[(i * r + j) * nb + bin] = 1.0;
-            }
-        }
-        Ok(Tensor::from_vec(v, (r, r, nb), &candle_core::Device::Cpu)?
-            .to_device(self.linear_relpos.weight.device())?
-            .to_dtype(dtype)?)
+        let dev = self.linear_relpos.weight.device();
+        let ri = ri.to_device(dev)?.to_dtype(DType::F32)?;
+        let bin = (ri
+            .unsqueeze(1)?
+            .broadcast_sub(&ri.unsqueeze(0)?)?
+            .clamp(-k, k)?
+            + k)?; // [R, R]
+        let classes = Tensor::arange(0u32, nb as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((1, 1, nb))?;
+        Ok(bin.unsqueeze(2)?.broadcast_eq(&classes)?.to_dtype(dtype)?)
     }
 
     /// `tf` `[R, tf_dim]`, `ri` `[R]` (integer residue index), `msa` `[S, R, msa_dim]` →

@@ -7,6 +7,7 @@
 pub mod alphafold;
 pub mod attention;
 pub mod dropout;
+pub mod dropout_pool;
 pub mod embedders;
 pub mod evoformer;
 pub mod extra_msa;

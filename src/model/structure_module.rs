@@ -197,6 +197,10 @@ pub fn dropout(x: &Tensor, rate: f64, seed: u64) -> Result<Tensor> {
     if rate <= 0.0 {
         return Ok(x.clone());
     }
+    // CUDA-graph mode: the mask comes from the installed device pool (no host upload).
+    if let Some(m) = super::dropout_pool::pool_mask(seed, x.dims(), rate, x.dtype())? {
+        return Ok((x * m)?);
+    }
     let n = x.elem_count();
     let keep = 1.0 - rate;
     let mut v = Vec::with_capacity(n);

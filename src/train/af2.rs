@@ -78,6 +78,20 @@ pub struct Af2Task {
     loader: Option<Loader>,
     loader_state: LoaderState,
     eval_set: Option<Vec<EvalChain>>,
+    /// `train.cuda_graphs = on` on CUDA: the captured training steps (made on the first step;
+    /// `None` after a failure, which falls back to the eager step for the rest of the run).
+    #[cfg(feature = "cuda")]
+    graph: GraphState,
+}
+
+/// State of the CUDA-graph training step.
+#[cfg(feature = "cuda")]
+enum GraphState {
+    /// Not configured, or given up (eager steps).
+    Off,
+    /// Configured; made on the first step.
+    Pending,
+    On(Box<crate::train::graph::StepGraph>),
 }
 
 /// `stereo_chemical_props.txt` for the violation tables: `loss.violation.stereo_props`, else env
@@ -143,6 +157,12 @@ impl Af2Task {
             loader: None,
             loader_state: LoaderState::default(),
             eval_set: None,
+            #[cfg(feature = "cuda")]
+            graph: if cfg.train.cuda_graphs == crate::config::CudaGraphs::On {
+                GraphState::Pending
+            } else {
+                GraphState::Off
+            },
         })
     }
 
@@ -205,6 +225,74 @@ impl Af2Task {
             self.eval_set = Some(chains);
         }
         Ok(self.eval_set.as_deref().unwrap_or(&[]))
+    }
+
+    /// One training step replayed from a CUDA graph (captured for this recycle count on first
+    /// use): same loss, dropout seed and metrics as the eager step; dropout masks come from the
+    /// graph's device pool (see [`crate::model::dropout_pool`]).
+    #[cfg(feature = "cuda")]
+    fn graph_step(
+        &mut self,
+        ctx: &StepCtx,
+        feats: &BTreeMap<String, Tensor>,
+    ) -> Result<StepOutput> {
+        use crate::train::graph::StepGraph;
+        if self.model.dap().is_some() {
+            return Err(Error::Train("cuda graphs do not support DAP".into()));
+        }
+        if matches!(self.graph, GraphState::Pending) {
+            self.graph = GraphState::On(Box::new(StepGraph::new(&self.device, feats, true)?));
+        }
+        let GraphState::On(g) = &mut self.graph else {
+            return Err(Error::Train("cuda graphs are off".into()));
+        };
+        let cycles = feats
+            .get("aatype")
+            .ok_or_else(|| Error::Data {
+                what: "sample".into(),
+                msg: "no aatype".into(),
+            })?
+            .dims()
+            .last()
+            .copied()
+            .unwrap_or(1);
+        let r = ctx.num_recycles.min(cycles.saturating_sub(1));
+        let seed = seed_for(
+            self.cfg.train.seed,
+            "dropout",
+            self.opts.shard.0 as u64,
+            ctx.step,
+        );
+        g.prepare(feats, r, seed)?;
+        let out = g
+            .run(&self.model, &self.params, &self.tables, &self.cfg.loss)?
+            .clone();
+        let mut metrics = out.breakdown()?.flat("loss/");
+        let lb = LossBatch::from_last_dim(feats, r)?;
+        let pred = out
+            .final_atom_positions
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        let l = lddt_ca(
+            &pred,
+            &lb.all_atom_positions,
+            &lb.all_atom_mask,
+            15.0,
+            1e-10,
+            false,
+        )?;
+        metrics.insert(
+            "train_lddt_ca".into(),
+            f64::from(l.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?),
+        );
+        metrics.insert("recycles".into(), r as f64);
+        metrics.insert("cuda_graph".into(), 1.0);
+        let loss = Tensor::new(out.loss_value()? as f32, &Device::Cpu)?;
+        Ok(StepOutput {
+            loss,
+            metrics,
+            grads: Some(out.grads),
+        })
     }
 
     /// Evaluate every validation chain: per-protein metrics (`<id>/lddt_ca`, ...) and their means
@@ -325,6 +413,21 @@ impl Task for Af2Task {
 
     fn step_loss(&mut self, ctx: &StepCtx) -> Result<StepOutput> {
         let sample = self.loader().next_sample()?;
+        #[cfg(feature = "cuda")]
+        if !matches!(self.graph, GraphState::Off) {
+            let feats: BTreeMap<String, Tensor> = sample
+                .to_tensors(&Device::Cpu, DType::F32)?
+                .into_iter()
+                .collect();
+            match self.graph_step(ctx, &feats) {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    // Capture failed or the sample's shapes differ from the captured ones.
+                    tracing::warn!("cuda graphs off for the rest of the run: {e}");
+                    self.graph = GraphState::Off;
+                }
+            }
+        }
         let id = sample.id.clone();
         let feats: BTreeMap<String, Tensor> = sample
             .to_tensors(&self.device, DType::F32)?

@@ -14,6 +14,7 @@
 
 pub mod af2;
 pub mod checkpoint;
+pub mod graph;
 pub mod metrics;
 pub mod mllog;
 pub mod optim;

@@ -19,7 +19,8 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     let run_dir = args.common.run_dir.clone().ok_or_else(|| {
         Error::Msg("train needs --run-dir DIR (checkpoints, logs, metrics)".into())
     })?;
-    let device = crate::device::select(cfg.train.device, ctx.local_rank)?;
+    // (`train.cuda_graphs = on`: a capture-ready device, see `train::graph`.)
+    let device = crate::train::graph::select_device(&cfg, ctx.local_rank)?;
     // NCCL communicators on a GPU (`parallel.backend = auto | nccl`), MPI on the CPU.
     let groups = Arc::new(ProcessGroups::with_device(ctx, &cfg.parallel, &device)?);
     if ctx.is_root() {
