@@ -21,7 +21,7 @@
 //! cuBLAS workspaces and the CUDA context are outside the pool.
 
 mod evoformer;
-mod gpu_mem;
+pub mod gpu_mem;
 mod ops;
 mod parity;
 mod step;
