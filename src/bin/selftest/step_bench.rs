@@ -509,8 +509,8 @@ pub fn step_bench(ctx: &ParallelCtx) -> Result<()> {
             if ctx.is_root() {
                 let stall = r
                     .stall_ms
-                    .map(|s| format!("{s:.1} ({:.1}%)", 100.0 * s / r.step_ms))
-                    .unwrap_or_else(|| "na".into());
+                    .map(|s| format!("{s:.1} stall_pct={:.1}", 100.0 * s / r.step_ms))
+                    .unwrap_or_else(|| "na stall_pct=na".into());
                 println!(
                     "STEP mode={} ranks={} remat={:?} blocks={} step_ms={:.1} samples_per_s={:.3} \
                      fwdbwd_ms={:.1} allreduce_ms={:.1} opt_ms={:.1} stall_ms={stall} peak_gib={} \
