@@ -127,11 +127,15 @@ fn step_dist_dap2_matches_single_and_modes_run() {
     }
     // DAP speedup and DP scaling are reported against the single-rank step.
     assert!(
-        stdout.lines().any(|l| l.starts_with("STEPSUM") && l.contains("DAP-2 speedup")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("STEPSUM") && l.contains("DAP-2 speedup")),
         "{report}"
     );
     assert!(
-        stdout.lines().any(|l| l.starts_with("STEPSUM") && l.contains("DP-2 throughput")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("STEPSUM") && l.contains("DP-2 throughput")),
         "{report}"
     );
     assert!(!stdout.contains("FAIL"), "{report}");

@@ -290,7 +290,12 @@ fn check(ctx: &ParallelCtx, w: &World, base: &StepBenchArgs) -> Result<()> {
     let (ln, gn) = rig.loss_and_grads(&feats, 0, 7)?;
     let gn = reduce(&GradSync::new(w.comm.clone(), 1), gn, n)?;
     let loss_rel = (ln - l1).abs() / l1.abs().max(1e-30);
-    ensure!(g1.len() == gn.len(), "gradient count {} vs {}", g1.len(), gn.len());
+    ensure!(
+        g1.len() == gn.len(),
+        "gradient count {} vs {}",
+        g1.len(),
+        gn.len()
+    );
     // Per-tensor scale, floored at 1e-3 of the largest gradient (tensors with ~zero gradient).
     let mut gmax = 0.0f64;
     for g in g1.values() {
@@ -303,7 +308,9 @@ fn check(ctx: &ParallelCtx, w: &World, base: &StepBenchArgs) -> Result<()> {
     }
     let (mut worst, mut at) = (0.0f64, String::new());
     for (k, want) in &g1 {
-        let got = gn.get(k).with_context(|| format!("DAP step has no gradient {k}"))?;
+        let got = gn
+            .get(k)
+            .with_context(|| format!("DAP step has no gradient {k}"))?;
         let r = rel_diff(got, want, 1e-3 * gmax)?;
         if r > worst {
             worst = r;
