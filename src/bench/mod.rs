@@ -26,7 +26,7 @@
 
 mod elem_kernels;
 mod evoformer;
-mod gpu_mem;
+pub mod gpu_mem;
 mod kernels;
 mod ops;
 mod parity;

@@ -8,7 +8,8 @@
 //! Cases: `collectives`, `groups` (needs 4 ranks), `ddp`, `dap`, `dap-dp` (even rank count),
 //! `panic-rank1`, `dp-toy` (data-parallel training of the toy task), `dap-evo` (the DAP Evoformer
 //! stack vs the golden fixture and vs one rank), `dap-evo-dp` (DP-2 x DAP-2, 4 ranks; see
-//! `selftest/dap_evo.rs`), and `bench` /
+//! `selftest/dap_evo.rs`), `step-bench` (the full AF2 training step: DAP-n / DP-n vs one
+//! rank, with a DAP-vs-single loss/gradient check; `selftest/step_bench.rs`), and `bench` /
 //! `dap-evo-bench` (timings printed by rank 0 as `BENCH` lines; not tests).
 //!
 //! `--device cuda` (or `FERROFOLD_SELFTEST_DEVICE=cuda`; `cuda` builds) runs the same cases on
@@ -20,6 +21,8 @@
 mod dap_evo;
 #[path = "selftest/dap_remat.rs"]
 mod dap_remat;
+#[path = "selftest/step_bench.rs"]
+mod step_bench;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -96,6 +99,7 @@ const CASES: &[&str] = &[
     "dp-evo-bench",
     "dap-remat",
     "dap-remat-mem",
+    "step-bench",
 ];
 
 fn main() {
@@ -161,6 +165,7 @@ fn run(case: &str, ctx: &ParallelCtx) -> Result<()> {
         "dap-evo-dp" => dap_evo::dap_evo_dp(ctx),
         "dp-evo-bench" => dap_evo::dp_evo_bench(ctx),
         "dap-remat" | "dap-remat-mem" => dap_remat::run(case, ctx),
+        "step-bench" => step_bench::step_bench(ctx),
         other => bail!("unknown case {other}"),
     }
 }
