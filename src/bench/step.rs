@@ -35,7 +35,7 @@ use crate::model::alphafold::{AfBatch, AlphaFold};
 use crate::model::dropout::DropoutCtx;
 use crate::model::init::SeededVarMap;
 use crate::model::residue_constants as rc;
-use crate::train::optim::{params_from_varmap, Adam, Params};
+use crate::train::optim::{params_from_varmap, Params, StepUpdate};
 
 /// Which step implementations to time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -403,7 +403,7 @@ fn dropout_for(a: &StepBenchArgs, step: u64) -> Option<DropoutCtx> {
 }
 
 /// The eager step, timed with device synchronisation at the part boundaries.
-fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam) -> Result<StepRow> {
+fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut StepUpdate) -> Result<StepRow> {
     let watch = PoolWatch::new(&s.dev)?;
     let r = a.recycles;
     let feats = on_device(&s.feats[0], &s.dev)?;
@@ -438,7 +438,7 @@ fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam) -> Result<StepRow> {
         )?;
         s.dev.synchronize()?;
         let t_bwd = ms(t0);
-        adam.step(&s.params, &res.grads, 1e-4)?;
+        adam.apply(&s.params, &res.grads, 1e-4)?;
         s.dev.synchronize()?;
         let t_opt = ms(t0);
         loss = res
@@ -486,7 +486,7 @@ fn eager_row(a: &StepBenchArgs, s: &Setup, adam: &mut Adam) -> Result<StepRow> {
 fn graph_row(
     a: &StepBenchArgs,
     s: &Setup,
-    adam: &mut Adam,
+    adam: &mut StepUpdate,
     out: &mut StepBench,
 ) -> Result<StepRow> {
     use crate::train::graph::{compare_steps, graph_mem_high, StepGraph};
@@ -531,7 +531,7 @@ fn graph_row(
         let o = g.run(&s.model, &s.params, &s.tables, &s.cfg.loss)?;
         s.dev.synchronize()?;
         let t_replay = ms(t0);
-        adam.step(&s.params, &o.grads, 1e-4)?;
+        adam.apply(&s.params, &o.grads, 1e-4)?;
         s.dev.synchronize()?;
         let t_opt = ms(t0);
         loss = o.loss_value()?;
@@ -695,7 +695,8 @@ pub fn bench_step(a: &StepBenchArgs) -> Result<StepBench> {
         params: s.params.values().map(|p| p.elem_count()).sum(),
         ..StepBench::default()
     };
-    let mut adam = Adam::new(&s.params, &s.cfg.optim)?;
+    // The trainer's update: global norm, clip, Adam, EMA (fused on CUDA).
+    let mut adam = StepUpdate::new(&s.params, &s.cfg.optim)?;
     if a.stack || a.only_stack {
         stack_rows(a, &s.dev, &mut out)?;
         if a.only_stack {

@@ -172,6 +172,38 @@ pub fn clip_adam_ema(
     }
 }
 
+/// The trainer's whole parameter update (global gradient norm, clip, Adam, EMA) as one object,
+/// for benchmarks that must time exactly what a training step does.
+pub struct StepUpdate {
+    pub adam: Adam,
+    pub ema: Ema,
+    max_norm: f64,
+}
+
+impl StepUpdate {
+    pub fn new(params: &Params, cfg: &OptimConfig) -> Result<Self> {
+        Ok(Self {
+            adam: Adam::new(params, cfg)?,
+            ema: Ema::new(params, cfg.ema_decay)?,
+            max_norm: cfg.grad_clip_norm,
+        })
+    }
+
+    /// One update at learning rate `lr`; returns the clip coefficient.
+    pub fn apply(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<f64> {
+        let norm = global_grad_norm(grads)?;
+        clip_adam_ema(
+            &mut self.adam,
+            &mut self.ema,
+            params,
+            grads,
+            norm,
+            self.max_norm,
+            lr,
+        )
+    }
+}
+
 /// [`clip_adam_ema`] with candle ops: [`clip_grads`] (on a copy of the map), [`Adam::step`],
 /// [`Ema::update`].
 pub fn clip_adam_ema_twin(

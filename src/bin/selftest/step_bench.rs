@@ -47,7 +47,7 @@ use ferrofold::model::alphafold::{AfBatch, AlphaFold};
 use ferrofold::model::dropout::DropoutCtx;
 use ferrofold::model::init::SeededVarMap;
 use ferrofold::parallel::{dap_grad_scale, Communicator, Dap, GradSync, ParallelCtx};
-use ferrofold::train::optim::{params_from_varmap, Adam, Grads, Params};
+use ferrofold::train::optim::{params_from_varmap, Grads, Params, StepUpdate};
 use ferrofold::train::run::is_dap_sharded;
 
 use crate::{dev, env_usize, sync_dev};
@@ -163,7 +163,8 @@ struct Rig {
     cfg: Config,
     model: AlphaFold,
     params: Params,
-    adam: Adam,
+    /// The trainer's update: global norm, clip, Adam, EMA (fused on CUDA).
+    adam: StepUpdate,
     tables: LossTables,
     recycles: usize,
     dropout: bool,
@@ -178,7 +179,7 @@ impl Rig {
         let mut model = AlphaFold::new(init.builder(DType::F32, dev), &cfg.model)?;
         model.set_precision(cfg.train.precision);
         let params = params_from_varmap(&init.varmap)?;
-        let adam = Adam::new(&params, &cfg.optim)?;
+        let adam = StepUpdate::new(&params, &cfg.optim)?;
         let tables = LossTables::load(&stereo_path(), &cfg.loss.violation, dev)?;
         Ok(Self {
             cfg,
@@ -429,7 +430,7 @@ fn run_mode(
             };
             sync_dev()?;
             let t2 = t0.elapsed().as_secs_f64() * 1e3;
-            rig.adam.step(&rig.params, &grads, 1e-4)?;
+            rig.adam.apply(&rig.params, &grads, 1e-4)?;
             drop(grads);
             sync_dev()?;
             let t3 = t0.elapsed().as_secs_f64() * 1e3;
