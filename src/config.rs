@@ -591,7 +591,9 @@ pub struct ParallelConfig {
     pub backend: CommBackend,
     /// Overlap of DAP communication with computation.
     pub overlap: Overlap,
-    /// Ranks reserved for asynchronous evaluation (0 = evaluate on a background thread).
+    /// Dedicated evaluation ranks: the last `eval_ranks` world ranks do not train, they evaluate
+    /// the EMA weights handed over by training rank 0 (MPI on the CPU; needs
+    /// `train.eval_mode = "async"`). 0 = evaluate on a background thread of every rank.
     pub eval_ranks: usize,
     /// Gradient all-reduce bucket size in MiB.
     pub bucket_mib: usize,
@@ -852,13 +854,12 @@ impl Config {
         if self.optim.decay_every == 0 {
             return bad("optim.decay_every", "must be > 0".into());
         }
-        if self.parallel.eval_ranks > 0 {
+        if self.parallel.eval_ranks > 0 && self.train.eval_mode != EvalMode::Async {
             return bad(
                 "parallel.eval_ranks",
                 format!(
-                    "dedicated evaluation ranks are not supported yet (got {}); use 0 with \
-                     train.eval_mode = \"async\" (evaluation on a background thread of every \
-                     rank)",
+                    "dedicated evaluation ranks ({}) evaluate beside training: they need \
+                     train.eval_mode = \"async\"",
                     self.parallel.eval_ranks
                 ),
             );

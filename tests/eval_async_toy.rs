@@ -311,7 +311,7 @@ fn eval_async_lost_eval_is_redone_on_resume() {
     assert_eq!(t.last_eval().unwrap(), &(6, want));
 }
 
-/// `train.eval_mode` parses (default async); dedicated evaluation ranks are refused clearly.
+/// `train.eval_mode` parses (default async); dedicated evaluation ranks need async mode.
 #[test]
 fn eval_async_config_keys() {
     assert_eq!(Config::default().train.eval_mode, EvalMode::Async);
@@ -321,11 +321,18 @@ fn eval_async_config_keys() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("eval_mode"), "{err}");
-    let err = Config::load(&[], &["parallel.eval_ranks=1".into()])
-        .unwrap_err()
-        .to_string();
+    // Dedicated evaluation ranks need asynchronous evaluation.
+    let err = Config::load(
+        &[],
+        &[
+            "parallel.eval_ranks=1".into(),
+            "train.eval_mode=\"sync\"".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
-        err.contains("parallel.eval_ranks") && err.contains("not supported"),
+        err.contains("parallel.eval_ranks") && err.contains("async"),
         "{err}"
     );
 }

@@ -33,6 +33,7 @@ pub mod weights;
 // Evaluation: the asynchronous evaluator and the AF2 evaluation.
 pub mod eval;
 pub mod eval_af2;
+pub mod eval_ranks;
 
 pub use optim::{Adam, Ema, Grads, Params};
 pub use seed::{recycles_for_step, seed_for, Rng};

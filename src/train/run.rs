@@ -7,12 +7,98 @@ use std::sync::Arc;
 
 use crate::cli::{ConvertArgs, EvalArgs, PlotArgs, TrainArgs};
 use crate::error::{Error, Result};
-use crate::parallel::{GroupCollective, ParallelCtx, ProcessGroups};
+use crate::parallel::{Communicator, GroupCollective, MpiComm, ParallelCtx, ProcessGroups};
 use crate::train::af2::{Af2Options, Af2Task};
+use crate::train::eval_af2::merge_shards;
+use crate::train::eval_ranks::{eval_rank_loop, EvalLink, RemoteEval};
 use crate::train::weights::{
     load_into, read_openfold, read_weights, write_safetensors, NameReport, WeightsKind,
 };
 use crate::train::{Outcome, Resume, Task, Trainer, TrainerOptions};
+
+/// `parallel.eval_ranks = N`: split the world into the training ranks (`0..W-N`, their DP × DAP
+/// grid) and the evaluation ranks (`W-N..`), and link training rank 0 with the evaluation ranks.
+/// Collective over the world. Returns `(Some(groups), link)` on training ranks (`link` on training
+/// rank 0 only), `(None, Some(link))` on evaluation ranks.
+fn split_eval_ranks(
+    ctx: &ParallelCtx,
+    cfg: &crate::config::Config,
+    device: &candle_core::Device,
+) -> Result<(Option<ProcessGroups>, Option<EvalLink>)> {
+    let n_eval = cfg.parallel.eval_ranks;
+    let world_size = ctx.world_size;
+    // Checks first, identical on every rank, so that every rank fails the same way.
+    if n_eval >= world_size {
+        return Err(Error::config(
+            "resolved",
+            "parallel.eval_ranks",
+            format!(
+                "{n_eval} evaluation ranks leave no training rank in a world of {world_size} \
+                 (need eval_ranks < world size)"
+            ),
+        ));
+    }
+    let train_ranks = world_size - n_eval;
+    let dap = cfg.parallel.dap_size;
+    if dap == 0 || !train_ranks.is_multiple_of(dap) {
+        return Err(Error::config(
+            "resolved",
+            "parallel.dap_size",
+            format!(
+                "dap_size {dap} must divide the number of training ranks {train_ranks} \
+                 (world {world_size} - parallel.eval_ranks {n_eval})"
+            ),
+        ));
+    }
+    if !device.is_cpu() || cfg.parallel.backend == crate::config::CommBackend::Nccl {
+        return Err(Error::config(
+            "resolved",
+            "parallel.eval_ranks",
+            "dedicated evaluation ranks are supported on the CPU (MPI backend) only",
+        ));
+    }
+    ctx.require_collectives()?;
+    let world = MpiComm::world(ctx)?;
+    let is_eval = ctx.rank >= train_ranks;
+    let sub = world.split(usize::from(is_eval), ctx.rank)?;
+    let link = EvalLink::new(ctx, train_ranks)?;
+    if is_eval {
+        return Ok((None, link));
+    }
+    Ok((Some(ProcessGroups::from_world(sub, dap)?), link))
+}
+
+/// An evaluation rank (`parallel.eval_ranks`): the DAP-free model of the background evaluator,
+/// this rank's shard of the validation chains, evaluating the weights training rank 0 sends until
+/// it says stop. Returns exit status 0.
+fn eval_rank(
+    ctx: &ParallelCtx,
+    cfg: &crate::config::Config,
+    run_dir: &std::path::Path,
+    device: candle_core::Device,
+    link: &EvalLink,
+) -> Result<i32> {
+    let (index, n) = (link.rank().saturating_sub(1), link.eval_ranks());
+    let opts = Af2Options {
+        pdb_dir: Some(run_dir.join("eval")),
+        async_eval_shard: (index, n),
+        ..Af2Options::default()
+    };
+    let task = Af2Task::new(cfg, device, opts)?;
+    let shapes: Vec<(String, Vec<usize>)> = task
+        .params()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    let factory = task
+        .evaluator()?
+        .ok_or_else(|| Error::Train("the task offers no evaluator".into()))?;
+    drop(task);
+    let mut evaluator = factory()?;
+    tracing::debug!("rank {}: evaluation rank {index} of {n}", ctx.rank);
+    eval_rank_loop(link, &shapes, evaluator.as_mut())?;
+    Ok(0)
+}
 
 /// `ferrofold train`: returns the process exit status (0, or [`crate::train::EXIT_STOPPED`] after a
 /// signal-triggered checkpoint, which the launcher requeues).
@@ -24,7 +110,26 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     // (`train.cuda_graphs = on`: a capture-ready device, see `train::graph`.)
     let device = crate::train::graph::select_device(&cfg, ctx.local_rank)?;
     // NCCL communicators on a GPU (`parallel.backend = auto | nccl`), MPI on the CPU.
-    let groups = Arc::new(ProcessGroups::with_device(ctx, &cfg.parallel, &device)?);
+    let n_eval = cfg.parallel.eval_ranks;
+    let (groups, remote_eval) = if n_eval > 0 {
+        let (groups, link) = split_eval_ranks(ctx, &cfg, &device)?;
+        match groups {
+            Some(g) => (Arc::new(g), link),
+            // An evaluation rank: evaluate until training rank 0 says stop.
+            None => {
+                let link = link.ok_or_else(|| Error::Comm {
+                    rank: ctx.rank,
+                    msg: "evaluation rank without a link".into(),
+                })?;
+                return eval_rank(ctx, &cfg, &run_dir, device, &link);
+            }
+        }
+    } else {
+        (
+            Arc::new(ProcessGroups::with_device(ctx, &cfg.parallel, &device)?),
+            None,
+        )
+    };
     if ctx.is_root() {
         cfg.write_resolved(&run_dir)?;
     }
@@ -93,8 +198,15 @@ pub fn train(ctx: &ParallelCtx, args: &TrainArgs) -> Result<i32> {
     let mut topts = TrainerOptions::new(&run_dir);
     topts.resume = resume;
     topts.stop_at = args.stop_at;
+    if n_eval > 0 {
+        topts.remote_eval = Some(RemoteEval::new(remote_eval, Box::new(merge_shards)));
+    }
     let mut trainer = Trainer::new(task, coll, &cfg, topts)?;
-    let outcome = trainer.run()?;
+    let outcome = trainer.run();
+    // Stop the evaluation ranks (after the evaluation in flight) whatever the outcome.
+    let stopped = trainer.shutdown_eval();
+    let outcome = outcome?;
+    stopped?;
     if ctx.is_root() {
         tracing::info!("training ended: {outcome:?}");
     }

@@ -40,6 +40,7 @@ use crate::config::{Config, EvalMode};
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{self, CheckpointData, CheckpointMeta, FORMAT_VERSION};
 use crate::train::eval::{snapshot, AsyncEval};
+use crate::train::eval_ranks::{EvalBackend, RemoteEval};
 use crate::train::metrics::{EvalRecord, MetricsLog, ProgressBar, StepRecord};
 use crate::train::mllog::{keys, MlLogger};
 use crate::train::optim::{clip_adam_ema, global_grad_norm, Adam, Ema, Grads, Params};
@@ -97,6 +98,8 @@ pub struct TrainerOptions {
     /// MLPerf logger; `None` = stdout on rank 0 when `log.mllog = "on"`.
     pub mllog: Option<MlLogger>,
     pub submission: Submission,
+    /// Evaluate on dedicated evaluation ranks (`parallel.eval_ranks`) instead of a thread.
+    pub remote_eval: Option<RemoteEval>,
 }
 
 impl TrainerOptions {
@@ -108,6 +111,7 @@ impl TrainerOptions {
             handle_signals: true,
             mllog: None,
             submission: Submission::default(),
+            remote_eval: None,
         }
     }
 }
@@ -202,8 +206,9 @@ pub struct Trainer<T: Task, C: Collective = SingleProcess> {
     last_eval: Option<(u64, BTreeMap<String, f64>)>,
     metrics: MetricsLog,
     mllog: MlLogger,
-    /// The background evaluation thread (`train.eval_mode = "async"` and the task offers one).
-    async_eval: Option<AsyncEval>,
+    /// The background evaluation: a thread (`train.eval_mode = "async"` and the task offers
+    /// one) or the dedicated evaluation ranks ([`TrainerOptions::remote_eval`]).
+    async_eval: Option<EvalBackend>,
     /// lDDT-Cα of an evaluation that reached `train.target_lddt_ca` (agreed by all ranks).
     reached: Option<f64>,
 }
@@ -344,8 +349,13 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             checkpoint::remove_stale_tmp(&run_dir)?;
         }
         let metrics = MetricsLog::open(&run_dir, step, rank == 0)?;
-        let async_eval = if cfg.train.eval_mode == EvalMode::Async && cfg.train.eval_every > 0 {
-            task.evaluator()?.map(AsyncEval::spawn).transpose()?
+        let async_eval = if let Some(r) = opts.remote_eval.take() {
+            Some(EvalBackend::Ranks(r))
+        } else if cfg.train.eval_mode == EvalMode::Async && cfg.train.eval_every > 0 {
+            task.evaluator()?
+                .map(AsyncEval::spawn)
+                .transpose()?
+                .map(EvalBackend::Thread)
         } else {
             None
         };
@@ -371,6 +381,15 @@ impl<T: Task, C: Collective> Trainer<T, C> {
     /// True when evaluations run on the background thread.
     pub fn eval_is_async(&self) -> bool {
         self.async_eval.is_some()
+    }
+
+    /// Dedicated evaluation ranks: wait for the evaluation in flight (its result is dropped) and
+    /// stop them (training rank 0 sends the stop message). Nothing otherwise. Call after the run.
+    pub fn shutdown_eval(&mut self) -> Result<()> {
+        match self.async_eval.as_mut() {
+            Some(b) => b.shutdown(),
+            None => Ok(()),
+        }
     }
 
     /// Steps completed.
@@ -801,7 +820,7 @@ impl<T: Task, C: Collective> Trainer<T, C> {
             if self.coll.any(!here)? {
                 return Ok(());
             }
-            self.async_eval.as_mut().and_then(AsyncEval::take)
+            self.async_eval.as_mut().and_then(EvalBackend::take)
         };
         let done = done.ok_or_else(|| {
             Error::Train(format!(
@@ -811,7 +830,12 @@ impl<T: Task, C: Collective> Trainer<T, C> {
         let metrics = done
             .metrics
             .map_err(|e| Error::Train(format!("evaluation of step {}: {e}", done.step)))?;
-        let metrics = self.gather_eval(metrics)?;
+        // The dedicated evaluation ranks' results arrive merged on training rank 0.
+        let metrics = if self.async_eval.as_ref().is_some_and(EvalBackend::is_ranks) {
+            metrics
+        } else {
+            self.gather_eval(metrics)?
+        };
         if self.coll.rank() == 0 {
             tracing::debug!(
                 "evaluation of step {} taken at step {} ({:.2} s, {:.2} s after its start)",

@@ -1,0 +1,197 @@
+//! Dedicated evaluation ranks (`parallel.eval_ranks`), with real `mpirun` runs of the binary (tiny
+//! AF2 model, one training and one validation chain of the sample data): 2 training ranks (DP-2)
+//! + 1 evaluation rank train bitwise like the same DP-2 run without evaluation ranks, and the
+//! evaluation ranks' metrics equal the in-place (sync) evaluation's at the same steps. Bad layouts
+//! are refused with errors naming the key.
+
+mod common;
+mod train_support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::data::manifest_subset;
+use ferrofold::config::Config;
+use train_support::{metrics_lines, run_dir};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferrofold")
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `ferrofold train` on `np` ranks (`None`: no mpirun) with the tiny config plus `sets`.
+fn train(np: Option<usize>, manifest: &Path, run: &Path, sets: &[&str]) -> Output {
+    let mut cmd = match np {
+        Some(n) => {
+            let mut c = Command::new("mpirun");
+            c.args([
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-np",
+                &n.to_string(),
+            ])
+            .arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    cmd.arg("train")
+        .args([
+            "--config",
+            "configs/base.toml",
+            "--config",
+            "configs/tiny.toml",
+        ])
+        .args([
+            "--set",
+            &format!("data.manifest=\"{}\"", manifest.display()),
+        ])
+        .args(["--set", "data.crop_size=72"])
+        .args(["--set", "data.loader.order=\"deterministic\""])
+        .args(["--set", "log.progress=\"never\""])
+        .args(["--set", "train.checkpoint_every=1000"])
+        .args(["--run-dir", run.to_str().unwrap()]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+type Evals = BTreeMap<u64, BTreeMap<String, f64>>;
+
+/// Training losses (as bits) and evaluation records of a run directory.
+fn read_run(run: &Path) -> (Vec<(u64, u64)>, Evals) {
+    let lines = metrics_lines(run);
+    let losses = lines
+        .iter()
+        .filter(|v| v["kind"] == "train")
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap().to_bits(),
+            )
+        })
+        .collect();
+    let evals = lines
+        .iter()
+        .filter(|v| v["kind"] == "eval")
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                serde_json::from_value(v["metrics"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    (losses, evals)
+}
+
+#[test]
+fn eval_ranks_np3_trains_like_dp2_and_evaluates_like_sync() {
+    let d = run_dir("evalranks");
+    let manifest = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
+    let steps = ["train.max_steps=2", "train.eval_every=1"];
+    let t0 = std::time::Instant::now();
+    // 2 training ranks + 1 evaluation rank.
+    let ranks = d.join("ranks");
+    let mut sets = steps.to_vec();
+    sets.extend(["parallel.eval_ranks=1", "train.eval_mode=\"async\""]);
+    let o = train(Some(3), &manifest, &ranks, &sets);
+    assert!(o.status.success(), "{}", describe(&o));
+    // The same DP-2 run, evaluating in place.
+    let sync = d.join("sync");
+    let mut sets = steps.to_vec();
+    sets.push("train.eval_mode=\"sync\"");
+    let o = train(Some(2), &manifest, &sync, &sets);
+    assert!(o.status.success(), "{}", describe(&o));
+    println!("two runs: {:.1} s", t0.elapsed().as_secs_f64());
+
+    let (l_ranks, e_ranks) = read_run(&ranks);
+    let (l_sync, e_sync) = read_run(&sync);
+    assert_eq!(l_sync.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        l_ranks, l_sync,
+        "training losses depend on the evaluation ranks"
+    );
+    assert_eq!(e_sync.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    for m in e_sync.values() {
+        assert_eq!(m["eval_chains"], 1.0);
+        assert!(m["3u8v_A/lddt_ca"] > 0.0 && m["3u8v_A/lddt_ca"] <= 1.0);
+    }
+    // Bitwise: the f64 JSON round trip is exact.
+    assert_eq!(
+        e_ranks, e_sync,
+        "evaluation ranks' metrics differ from sync"
+    );
+    // The evaluation rank wrote the predictions, equal to the in-place ones.
+    for step in [1u64, 2] {
+        let pdb = |run: &Path| {
+            std::fs::read(run.join(format!("eval/step-{step:09}/3u8v_A.pdb"))).unwrap()
+        };
+        assert_eq!(pdb(&ranks), pdb(&sync), "PDB of step {step} differs");
+    }
+}
+
+/// Layouts without training ranks, or whose training ranks DAP does not divide, are refused
+/// (before any training) with errors naming the key; so is `eval_ranks` with in-place evaluation.
+#[test]
+fn eval_ranks_bad_layouts_are_refused() {
+    let d = run_dir("evalranks-bad");
+    let manifest = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
+    let fails = |np: Option<usize>, sets: &[&str], key: &str| {
+        let run = d.join(format!("run-{}", key.len() + sets.len() + np.unwrap_or(1)));
+        let o = train(np, &manifest, &run, sets);
+        assert!(!o.status.success(), "{}", describe(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(key), "{key} not named:\n{}", describe(&o));
+    };
+    // A singleton with one evaluation rank: no training rank.
+    fails(
+        None,
+        &["parallel.eval_ranks=1", "train.eval_mode=\"async\""],
+        "parallel.eval_ranks",
+    );
+    // Two ranks, both evaluation ranks.
+    fails(
+        Some(2),
+        &["parallel.eval_ranks=2", "train.eval_mode=\"async\""],
+        "parallel.eval_ranks",
+    );
+    // One training rank cannot hold a DAP-2 group.
+    fails(
+        Some(2),
+        &[
+            "parallel.eval_ranks=1",
+            "parallel.dap_size=2",
+            "train.eval_mode=\"async\"",
+        ],
+        "parallel.dap_size",
+    );
+    // Evaluation ranks evaluate beside training: sync mode is a configuration error.
+    let err = Config::load(
+        &[],
+        &[
+            "parallel.eval_ranks=1".into(),
+            "train.eval_mode=\"sync\"".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("parallel.eval_ranks") && err.contains("eval_mode"),
+        "{err}"
+    );
+    assert!(Config::load(&[], &["parallel.eval_ranks=1".into()]).is_ok());
+}
