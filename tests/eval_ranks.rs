@@ -1,6 +1,6 @@
 //! Dedicated evaluation ranks (`parallel.eval_ranks`), with real `mpirun` runs of the binary (tiny
-//! AF2 model, one training and one validation chain of the sample data): 2 training ranks (DP-2)
-//! + 1 evaluation rank train bitwise like the same DP-2 run without evaluation ranks, and the
+//! AF2 model, one training and one validation chain of the sample data): two training ranks
+//! (DP-2) plus one evaluation rank train bitwise like the same DP-2 run without evaluation ranks, and the
 //! evaluation ranks' metrics equal the in-place (sync) evaluation's at the same steps. Bad layouts
 //! are refused with errors naming the key.
 
