@@ -195,3 +195,43 @@ fn eval_ranks_bad_layouts_are_refused() {
     );
     assert!(Config::load(&[], &["parallel.eval_ranks=1".into()]).is_ok());
 }
+
+/// The lDDT target reached by an evaluation rank's result stops every training rank with success
+/// (the evaluation rank exits 0 after the stop message), and the checkpoint of the evaluated step
+/// carries the metrics in its `meta.json`.
+#[test]
+fn eval_ranks_target_reached_stops_all_ranks_and_annotates_checkpoint() {
+    let d = run_dir("evalranks-target");
+    let manifest = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
+    let run = d.join("run");
+    let o = train(
+        Some(3),
+        &manifest,
+        &run,
+        &[
+            "train.max_steps=4",
+            "train.eval_every=1",
+            "train.checkpoint_every=1",
+            "train.keep_last=10",
+            "train.target_lddt_ca=0.0",
+            "parallel.eval_ranks=1",
+            "train.eval_mode=\"async\"",
+        ],
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+    let (losses, evals) = read_run(&run);
+    // The result of step 1 reaches the target: training stops when it is taken (before step 4
+    // unless every step outran the evaluation; at the latest at the run end).
+    let first = evals.keys().next().copied();
+    assert_eq!(first, Some(1), "{evals:?}");
+    assert!(evals[&1]["lddt_ca"] >= 0.0);
+    assert!(!losses.is_empty() && losses.len() <= 4);
+    let meta = ferrofold::train::checkpoint::read_meta(&run.join("ckpt-000000001")).unwrap();
+    assert_eq!(meta.eval, evals[&1], "checkpoint meta of step 1");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("TargetReached"), "{}", describe(&o));
+}
