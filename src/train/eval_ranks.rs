@@ -481,3 +481,47 @@ pub fn eval_rank_loop(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights() -> BTreeMap<String, Tensor> {
+        let mut w = BTreeMap::new();
+        w.insert(
+            "a".to_string(),
+            Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        w
+    }
+
+    /// A training rank other than 0 (no link): one job at a time, its (empty) result available
+    /// at once, stop idempotent and final.
+    #[test]
+    fn follower_rank_protocol() {
+        let mut r = RemoteEval::new(None, Box::new(|mut p| p.pop().unwrap_or_default()));
+        assert!(r.poll().unwrap());
+        assert!(r.wait().unwrap().is_none());
+        r.submit(3, weights()).unwrap();
+        assert_eq!(r.pending_step(), Some(3));
+        assert!(r.submit(4, weights()).is_err());
+        assert!(r.poll().unwrap());
+        let d = r.take().unwrap();
+        assert_eq!(d.step, 3);
+        assert!(d.metrics.unwrap().is_empty());
+        assert_eq!(r.pending_step(), None);
+        r.submit(5, weights()).unwrap();
+        let mut b = EvalBackend::Ranks(r);
+        assert!(b.is_ranks());
+        assert_eq!(b.wait().unwrap().unwrap().step, 5);
+        b.submit(6, weights()).unwrap();
+        b.shutdown().unwrap();
+        assert_eq!(
+            b.pending_step(),
+            None,
+            "shutdown waits for the job in flight"
+        );
+        b.shutdown().unwrap();
+        assert!(b.submit(7, weights()).is_err(), "stopped");
+    }
+}

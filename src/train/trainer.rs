@@ -28,6 +28,9 @@
 //! evaluation starts; the metrics are added to its `meta.json` when they arrive (then the retention
 //! policy runs again), so the best-by-lDDT checkpoint is the evaluated step's. Evaluation never
 //! touches the training state: trajectories do not depend on the evaluation mode or timing.
+//! With dedicated evaluation ranks ([`TrainerOptions::remote_eval`], `parallel.eval_ranks`) the
+//! same protocol runs over MPI instead of a thread ([`crate::train::eval_ranks`]): training rank 0
+//! sends the weights and receives the merged metrics; the other training ranks follow it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
