@@ -235,3 +235,76 @@ fn eval_ranks_target_reached_stops_all_ranks_and_annotates_checkpoint() {
     );
     assert!(out.contains("TargetReached"), "{}", describe(&o));
 }
+
+/// SIGUSR1 to mpirun (forwarded to every rank): the training ranks checkpoint and stop with 75,
+/// waiting for the evaluation in flight; the evaluation rank ignores the signal and exits 0 when
+/// training rank 0 sends the stop message.
+#[test]
+fn eval_ranks_sigusr1_stops_with_checkpoint() {
+    use std::time::{Duration, Instant};
+    let d = run_dir("evalranks-sig");
+    let manifest = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
+    let run = d.join("run");
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3", bin()])
+        .arg("train")
+        .args([
+            "--config",
+            "configs/base.toml",
+            "--config",
+            "configs/tiny.toml",
+        ])
+        .args([
+            "--set",
+            &format!("data.manifest=\"{}\"", manifest.display()),
+        ])
+        .args(["--set", "data.crop_size=72"])
+        .args(["--set", "log.progress=\"never\""])
+        .args(["--set", "train.max_steps=10000"])
+        .args(["--set", "train.eval_every=1"])
+        .args(["--set", "train.checkpoint_every=10000"])
+        .args(["--set", "train.eval_mode=\"async\""])
+        .args(["--set", "parallel.eval_ranks=1"])
+        .args(["--run-dir", run.to_str().unwrap()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    // Wait for a taken evaluation, so that the evaluation rank is known to be running.
+    while read_run(&run).1.is_empty() {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("exited early: {s}");
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("no evaluation within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
+    assert_eq!(rc, 0);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(75), "{status}");
+    let (losses, evals) = read_run(&run);
+    let last = losses.last().unwrap().0;
+    assert!(last < 10000);
+    assert!(
+        run.join(format!("ckpt-{last:09}")).is_dir(),
+        "checkpoint of the stop step {last}"
+    );
+    assert!(evals.keys().all(|s| *s <= last), "{evals:?}");
+}

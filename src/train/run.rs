@@ -78,6 +78,9 @@ fn eval_rank(
     device: candle_core::Device,
     link: &EvalLink,
 ) -> Result<i32> {
+    // SIGTERM/SIGUSR1 reach every rank (mpirun, scancel): here they only set the stop flag, which
+    // this rank ignores; training rank 0 stops it after its checkpoint.
+    crate::train::signals::install()?;
     let (index, n) = (link.rank().saturating_sub(1), link.eval_ranks());
     let opts = Af2Options {
         pdb_dir: Some(run_dir.join("eval")),
