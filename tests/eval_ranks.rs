@@ -98,17 +98,18 @@ fn read_run(run: &Path) -> (Vec<(u64, u64)>, Evals) {
     (losses, evals)
 }
 
-#[test]
-fn eval_ranks_np3_trains_like_dp2_and_evaluates_like_sync() {
-    let d = run_dir("evalranks");
-    let manifest = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
+/// `2 + n_eval` ranks (`parallel.eval_ranks = n_eval`) against the same DP-2 run evaluating in
+/// place, on the validation chains of `ids` (`val_ids`).
+fn ranks_equal_dp2_sync(tag: &str, n_eval: usize, ids: &[&str], val_ids: &[&str]) {
+    let d = run_dir(tag);
+    let manifest = manifest_subset(&d, ids);
     let steps = ["train.max_steps=2", "train.eval_every=1"];
     let t0 = std::time::Instant::now();
-    // 2 training ranks + 1 evaluation rank.
     let ranks = d.join("ranks");
+    let n_eval_set = format!("parallel.eval_ranks={n_eval}");
     let mut sets = steps.to_vec();
-    sets.extend(["parallel.eval_ranks=1", "train.eval_mode=\"async\""]);
-    let o = train(Some(3), &manifest, &ranks, &sets);
+    sets.extend([n_eval_set.as_str(), "train.eval_mode=\"async\""]);
+    let o = train(Some(2 + n_eval), &manifest, &ranks, &sets);
     assert!(o.status.success(), "{}", describe(&o));
     // The same DP-2 run, evaluating in place.
     let sync = d.join("sync");
@@ -127,21 +128,44 @@ fn eval_ranks_np3_trains_like_dp2_and_evaluates_like_sync() {
     );
     assert_eq!(e_sync.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
     for m in e_sync.values() {
-        assert_eq!(m["eval_chains"], 1.0);
-        assert!(m["3u8v_A/lddt_ca"] > 0.0 && m["3u8v_A/lddt_ca"] <= 1.0);
+        assert_eq!(m["eval_chains"], val_ids.len() as f64);
+        for id in val_ids {
+            let l = m[&format!("{id}/lddt_ca")];
+            assert!(l > 0.0 && l <= 1.0, "{id}: {l}");
+        }
     }
     // Bitwise: the f64 JSON round trip is exact.
     assert_eq!(
         e_ranks, e_sync,
         "evaluation ranks' metrics differ from sync"
     );
-    // The evaluation rank wrote the predictions, equal to the in-place ones.
+    // The evaluation ranks wrote the predictions, equal to the in-place ones.
     for step in [1u64, 2] {
-        let pdb = |run: &Path| {
-            std::fs::read(run.join(format!("eval/step-{step:09}/3u8v_A.pdb"))).unwrap()
-        };
-        assert_eq!(pdb(&ranks), pdb(&sync), "PDB of step {step} differs");
+        for id in val_ids {
+            let pdb = |run: &Path| {
+                std::fs::read(run.join(format!("eval/step-{step:09}/{id}.pdb"))).unwrap()
+            };
+            assert_eq!(pdb(&ranks), pdb(&sync), "{id}: PDB of step {step} differs");
+        }
     }
+}
+
+/// DP-2 + one evaluation rank (all validation chains on it).
+#[test]
+fn eval_ranks_np3_trains_like_dp2_and_evaluates_like_sync() {
+    ranks_equal_dp2_sync("evalranks", 1, &["2q2k_A", "3u8v_A"], &["3u8v_A"]);
+}
+
+/// DP-2 + two evaluation ranks: the two validation chains are split over them and merged on
+/// training rank 0 like the in-place shards.
+#[test]
+fn eval_ranks_np4_two_eval_ranks_share_the_chains() {
+    ranks_equal_dp2_sync(
+        "evalranks2",
+        2,
+        &["2q2k_A", "3o5r_A", "3u8v_A"],
+        &["3o5r_A", "3u8v_A"],
+    );
 }
 
 /// Layouts without training ranks, or whose training ranks DAP does not divide, are refused
