@@ -188,7 +188,7 @@ mod cuda {
     use candle_core::{Device, Tensor};
     use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
-    use super::super::elem_common::{cuda_storage, range};
+    use super::super::launch::{cuda_storage, range};
     use super::super::nvrtc;
     use super::{affine_is_fma, step_consts, AdamEmaHyper, AdamEmaItem, CHUNK, MODULE, SOURCE};
     use crate::error::{Error, Result};

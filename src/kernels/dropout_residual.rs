@@ -197,8 +197,7 @@ mod cuda {
     use candle_core::{DType, Layout, Shape, Tensor};
     use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 
-    use super::super::elem_common::{cerr, cuda_storage, range, suffix, tensor_from_slice, BLOCK};
-    use super::super::nvrtc;
+    use super::super::launch::{cuda_storage, func, range, suffix, tensor_from_slice, BLOCK};
     use super::{mask_geometry, MODULE, ROWS, SOURCE};
 
     /// `residual + update * mask(seed, rate)` with the mask shared along `shared_dim`.
@@ -230,7 +229,7 @@ mod cuda {
                 1
             };
             let name = format!("dropres_{}_v{v}", suffix(dtype)?);
-            let f = nvrtc::func(dev, MODULE, SOURCE, &name).map_err(cerr)?;
+            let f = func(dev, MODULE, SOURCE, &name)?;
             // SAFETY: every element is written by the kernel.
             let mut y = unsafe { dev.alloc::<T>(n)? };
             let n_groups = outer * inner / v;

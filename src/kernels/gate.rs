@@ -106,7 +106,7 @@ mod cuda {
     use candle_core::{DType, Layout, Shape, Tensor};
     use cudarc::driver::{DeviceRepr, PushKernelArg};
 
-    use super::super::elem_common::{cerr, cuda_storage, range, suffix, tensor_from_slice, BLOCK};
+    use super::super::launch::{cuda_storage, func, range, suffix, tensor_from_slice, BLOCK};
     use super::super::nvrtc;
     use super::{MODULE, SOURCE};
 
@@ -134,7 +134,7 @@ mod cuda {
         let (r1, r2) = (range(l1)?, range(l2)?);
         let v = width(s1.dtype(), n, &[r1.start, r2.start]);
         let name = format!("gate_fwd_{}_v{v}", suffix(s1.dtype())?);
-        let f = nvrtc::func(dev, MODULE, SOURCE, &name).map_err(cerr)?;
+        let f = func(dev, MODULE, SOURCE, &name)?;
         let o = s1.as_cuda_slice::<T>()?.slice(r1);
         let g = s2.as_cuda_slice::<T>()?.slice(r2);
         // SAFETY: every element is written by the kernel.
@@ -163,7 +163,7 @@ mod cuda {
         let (ro, rg, rd) = (range(lo)?, range(lg)?, range(ld)?);
         let v = width(o.dtype(), n, &[ro.start, rg.start, rd.start]);
         let name = format!("gate_bwd_{}_v{v}", suffix(o.dtype())?);
-        let f = nvrtc::func(dev, MODULE, SOURCE, &name).map_err(cerr)?;
+        let f = func(dev, MODULE, SOURCE, &name)?;
         let ov = so.as_cuda_slice::<T>()?.slice(ro);
         let gv = sg.as_cuda_slice::<T>()?.slice(rg);
         let dv = sd.as_cuda_slice::<T>()?.slice(rd);

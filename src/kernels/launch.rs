@@ -1,45 +1,29 @@
-//! Shared launch helpers of the fused LayerNorm / softmax kernels (CUDA builds only): a
-//! per-device cache of loaded kernel functions (a launch after the first costs one map lookup,
-//! no PTX copy) and the choice of the per-lane register width of the warp-per-row kernels.
+//! Launch helpers shared by every fused kernel (CUDA builds only): kernel lookup, dtype names,
+//! storage access, output wrapping, and the launch shapes of the warp-per-row (LayerNorm /
+//! softmax) and element-wise (gate, dropout + residual, Adam) kernels.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Shape, Storage, Tensor};
+use cudarc::driver::{CudaFunction, CudaSlice};
 
-use candle_core::cuda_backend::{CudaDevice, DeviceId};
-use cudarc::driver::CudaFunction;
+/// Threads per block of every element-wise kernel.
+pub(crate) const BLOCK: u32 = 256;
 
 /// `candle_core::Error` from any message (kernel errors inside a `CustomOp`).
 pub(crate) fn cerr(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-type FuncCache = HashMap<DeviceId, HashMap<String, CudaFunction>>;
-
-/// Kernel `name` of NVRTC module `module` (source `src`) on `dev`, compiled/loaded on first use.
+/// Kernel `name` of NVRTC module `module` (source `src`) on `dev` ([`super::nvrtc::func`], as a
+/// candle error).
 pub(crate) fn func(
     dev: &CudaDevice,
     module: &str,
     src: &str,
     name: &str,
 ) -> candle_core::Result<CudaFunction> {
-    static CACHE: OnceLock<Mutex<FuncCache>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(f) = cache
-        .lock()
-        .map_err(|_| cerr("kernel cache poisoned"))?
-        .get(&dev.id())
-        .and_then(|m| m.get(name))
-    {
-        return Ok(f.clone());
-    }
-    let f = super::nvrtc::func(dev, module, src, name).map_err(cerr)?;
-    cache
-        .lock()
-        .map_err(|_| cerr("kernel cache poisoned"))?
-        .entry(dev.id())
-        .or_default()
-        .insert(name.to_string(), f.clone());
-    Ok(f)
+    super::nvrtc::func(dev, module, src, name).map_err(cerr)
 }
 
 /// Values per lane of a warp-per-row kernel for rows of `c` elements: the smallest of
@@ -49,12 +33,43 @@ pub(crate) fn values_per_lane(c: usize) -> Option<usize> {
 }
 
 /// Kernel-name suffix of a dtype (`f32`, `bf16`), `None` for dtypes without fused kernels.
-pub(crate) fn dtype_suffix(dt: candle_core::DType) -> Option<&'static str> {
+pub(crate) fn dtype_suffix(dt: DType) -> Option<&'static str> {
     match dt {
-        candle_core::DType::F32 => Some("f32"),
-        candle_core::DType::BF16 => Some("bf16"),
+        DType::F32 => Some("f32"),
+        DType::BF16 => Some("bf16"),
         _ => None,
     }
+}
+
+/// [`dtype_suffix`] or an error naming the dtype.
+pub(crate) fn suffix(dt: DType) -> candle_core::Result<&'static str> {
+    dtype_suffix(dt).ok_or_else(|| cerr(format!("fused kernels support f32/bf16, not {dt:?}")))
+}
+
+/// Element range of a contiguous layout inside its storage.
+pub(crate) fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("fused kernel: input must be contiguous"),
+    }
+}
+
+/// The CUDA storage of a storage guard.
+pub(crate) fn cuda_storage(s: &Storage) -> candle_core::Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("fused kernel: tensor is not on a CUDA device"),
+    }
+}
+
+/// A tensor (no gradient history) owning `slice`, contiguous with `shape`.
+pub(crate) fn tensor_from_slice<T: CudaDType>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: &Shape,
+) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
 }
 
 /// 1-D launch of `rows` warps (one row each) in blocks of `warps_per_block` warps.

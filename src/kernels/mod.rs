@@ -32,8 +32,6 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 pub mod adam;
 pub mod check;
 pub mod dropout_residual;
-#[cfg(feature = "cuda")]
-mod elem_common;
 pub mod gate;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;

@@ -71,13 +71,30 @@ pub fn ptx(module: &str, src: &str) -> Result<String> {
     Ok(compiled)
 }
 
-/// The kernel `func` of module `module` (CUDA C `src`) on `dev`, compiled and loaded on first use.
+/// The kernel `func` of module `module` (CUDA C `src`) on `dev`, compiled and loaded on first use
+/// and cached per (device, module, kernel): a launch after the first costs one map lookup.
 /// Launch it on candle's stream: `dev.cuda_stream().launch_builder(&f)`.
 pub fn func(dev: &CudaDevice, module: &str, src: &str, func: &str) -> Result<CudaFunction> {
+    type Key = (candle_core::cuda_backend::DeviceId, String, String);
+    static FUNCS: OnceLock<Mutex<HashMap<Key, CudaFunction>>> = OnceLock::new();
+    let funcs = FUNCS.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (dev.id(), module.to_string(), func.to_string());
+    if let Some(f) = funcs
+        .lock()
+        .map_err(|_| Error::Msg("nvrtc function cache poisoned".into()))?
+        .get(&key)
+    {
+        return Ok(f.clone());
+    }
     let p = ptx(module, src)?;
-    Ok(dev
+    let f = dev
         .get_or_load_custom_func(func, module, &p)?
-        .into_cuda_function())
+        .into_cuda_function();
+    funcs
+        .lock()
+        .map_err(|_| Error::Msg("nvrtc function cache poisoned".into()))?
+        .insert(key, f.clone());
+    Ok(f)
 }
 
 /// Launch configuration for a 1-D grid of `n` threads in blocks of `block`.
