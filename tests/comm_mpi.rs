@@ -4,101 +4,15 @@
 //! per rank. The checks themselves (expected values from the definitions) live in
 //! `src/bin/ferrofold-selftest.rs`.
 
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-struct Outcome {
-    /// `None` when the job had to be killed (timeout).
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
+use std::time::Duration;
 
-fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
-/// Stop a hung job: SIGTERM lets mpirun take its ranks down; SIGKILL if it does not exit.
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(3) {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn mpirun(np: usize, case: &str, timeout: Duration) -> Outcome {
-    let start = Instant::now();
-    let mut child = Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            &np.to_string(),
-        ])
-        .arg(env!("CARGO_BIN_EXE_ferrofold-selftest"))
-        .arg(case)
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mpirun (is Open MPI installed?)");
-    let out = reader(child.stdout.take().expect("stdout"));
-    let err = reader(child.stderr.take().expect("stderr"));
-    let mut status = None;
-    while start.elapsed() < timeout {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if status.is_none() {
-        stop(&mut child);
-    }
-    // Reaped already (try_wait/stop); this only returns the cached status.
-    let _ = child.wait();
-    Outcome {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-        elapsed: start.elapsed(),
-    }
-}
+use common::selftest::mpirun;
 
 /// Run `case` on `np` ranks and require success with a PASS line from every rank.
 fn expect_pass(np: usize, case: &str) {
-    let o = mpirun(np, case, Duration::from_secs(15));
-    let report = format!(
-        "case {case} np {np}: status {:?} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status, o.elapsed, o.stdout, o.stderr
-    );
-    let status = o
-        .status
-        .unwrap_or_else(|| panic!("timed out (hang?)\n{report}"));
-    assert!(status.success(), "job failed\n{report}");
-    for r in 0..np {
-        let line = format!("PASS {case} rank {r}/{np}");
-        assert!(
-            o.stdout.lines().any(|l| l.trim() == line),
-            "missing `{line}`\n{report}"
-        );
-    }
-    assert!(!o.stdout.contains("FAIL"), "{report}");
+    common::selftest::expect_pass(np, &[case], &[], Duration::from_secs(15));
 }
 
 #[test]
@@ -146,11 +60,8 @@ fn comm_dap_dp_grid_np4() {
 /// rank 0 sits in a collective that rank 1 never joins.
 #[test]
 fn comm_panic_rank1_aborts_job() {
-    let o = mpirun(2, "panic-rank1", Duration::from_secs(15));
-    let report = format!(
-        "status {:?} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status, o.elapsed, o.stdout, o.stderr
-    );
+    let o = mpirun(2, &["panic-rank1"], &[], Duration::from_secs(15));
+    let report = o.report();
     let status = o
         .status
         .unwrap_or_else(|| panic!("job hung after a rank panicked\n{report}"));

@@ -9,74 +9,10 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
+use std::time::Duration;
 
 fn expect_pass(np: usize, case: &str) {
-    let start = Instant::now();
-    let mut child = Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            &np.to_string(),
-        ])
-        .arg(env!("CARGO_BIN_EXE_ferrofold-selftest"))
-        .arg(case)
-        .env("FERROFOLD_GOLDEN_DIR", common::golden::golden_dir())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mpirun (is Open MPI installed?)");
-    let out = reader(child.stdout.take().expect("stdout"));
-    let err = reader(child.stderr.take().expect("stderr"));
-    let mut status = None;
-    while start.elapsed() < Duration::from_secs(20) {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if status.is_none() {
-        // SIGTERM lets mpirun take its ranks down; then make sure.
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        std::thread::sleep(Duration::from_secs(2));
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    let (stdout, stderr) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    let report = format!(
-        "case {case} np {np}: status {status:?} after {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        start.elapsed()
-    );
-    let status = status.unwrap_or_else(|| panic!("timed out (hang?)\n{report}"));
-    assert!(status.success(), "job failed\n{report}");
-    for r in 0..np {
-        let line = format!("PASS {case} rank {r}/{np}");
-        assert!(
-            stdout.lines().any(|l| l.trim() == line),
-            "missing `{line}`\n{report}"
-        );
-    }
-    assert!(!stdout.contains("FAIL"), "{report}");
-    println!("{stdout}");
+    common::selftest::expect_pass(np, &[case], &[], Duration::from_secs(20));
 }
 
 /// DAP-1 (the single-rank path through `DapEvoformer`) equals the fixture.

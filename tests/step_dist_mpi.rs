@@ -10,17 +10,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
+use std::time::Duration;
 
 /// `$FERROFOLD_STEREO_PROPS`, else beside the golden dir, else `../shared/data/` from the crate.
 fn stereo() -> std::path::PathBuf {
@@ -38,47 +28,13 @@ fn stereo() -> std::path::PathBuf {
 
 /// Run `step-bench` on `np` ranks with `env`; (success, stdout, report). Kills it after `timeout`.
 fn run(np: usize, env: &[(&str, &str)], timeout: Duration) -> (bool, String, String) {
-    let start = Instant::now();
-    let mut cmd = Command::new("mpirun");
-    cmd.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        &np.to_string(),
-    ])
-    .arg(env!("CARGO_BIN_EXE_ferrofold-selftest"))
-    .args(["step-bench", "--device", "cpu"])
-    .env("FERROFOLD_STEREO_PROPS", stereo())
-    .env("RUST_BACKTRACE", "0")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn mpirun (is Open MPI installed?)");
-    let out = reader(child.stdout.take().expect("stdout"));
-    let err = reader(child.stderr.take().expect("stderr"));
-    let mut status = None;
-    while start.elapsed() < timeout {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let _ = child.wait();
-    let stdout = out.join().unwrap_or_default();
-    let report = format!(
-        "np {np} {env:?}: status {status:?} after {:?}\n--- stdout\n{stdout}\n--- stderr\n{}",
-        start.elapsed(),
-        err.join().unwrap_or_default()
-    );
-    assert!(status.is_some(), "timed out (hang?)\n{report}");
-    (status.is_some_and(|s| s.success()), stdout, report)
+    let stereo = stereo();
+    let mut env = env.to_vec();
+    let stereo = stereo.to_string_lossy();
+    env.push(("FERROFOLD_STEREO_PROPS", &stereo));
+    let o =
+        common::selftest::mpirun_finished(np, &["step-bench", "--device", "cpu"], &env, timeout);
+    (o.success(), o.stdout.clone(), o.report())
 }
 
 const TINY: &[(&str, &str)] = &[
