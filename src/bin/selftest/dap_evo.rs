@@ -160,6 +160,22 @@ impl Inputs {
             cs: c(&self.cs)?,
         })
     }
+
+    /// f64 copy with the last of `s_seq` MSA rows masked (its mask and its cotangent zeroed).
+    fn last_sequence_masked(&self, s_seq: usize) -> Result<Self> {
+        let keep = Tensor::from_vec(
+            (0..s_seq)
+                .map(|i| if i + 1 == s_seq { 0.0 } else { 1.0 })
+                .collect::<Vec<f64>>(),
+            (s_seq, 1),
+            &dev(),
+        )?;
+        Ok(Self {
+            msa_mask: self.msa_mask.broadcast_mul(&keep)?,
+            cm: self.cm.broadcast_mul(&keep.unsqueeze(2)?)?,
+            ..self.to_dtype(DType::F64)?
+        })
+    }
 }
 
 /// Forward + backward of `L = Σ out·cotangent`; `dap = None` is the single-rank stack.
@@ -315,18 +331,7 @@ pub fn dap_evo(ctx: &ParallelCtx) -> Result<()> {
     // The masked row's own outputs depend on the padding (its softmax sees only masked keys), so
     // its m outputs and cotangent are left out.
     let last = s_seq - 1;
-    let keep = Tensor::from_vec(
-        (0..s_seq)
-            .map(|i| if i == last { 0.0 } else { 1.0 })
-            .collect::<Vec<f64>>(),
-        (s_seq, 1),
-        &dev(),
-    )?;
-    let xm = Inputs {
-        msa_mask: x.msa_mask.broadcast_mul(&keep)?,
-        cm: x.cm.broadcast_mul(&keep.unsqueeze(2)?)?,
-        ..x.to_dtype(DType::F64)?
-    };
+    let xm = x.last_sequence_masked(s_seq)?;
     let drop = DropoutCtx::new(20261123);
     for (dt, tol, abs_tol) in [(DType::F64, 1e-10, 1e-12), (DType::F32, 1e-5, 5e-5)] {
         let (vm, stack) = build(&params, &cfg, c_s, dt)?;
@@ -450,18 +455,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
         }
     }
     let last = s_seq - 1;
-    let keep = Tensor::from_vec(
-        (0..s_seq)
-            .map(|i| if i == last { 0.0 } else { 1.0 })
-            .collect::<Vec<f64>>(),
-        (s_seq, 1),
-        &dev(),
-    )?;
-    let xm = Inputs {
-        msa_mask: x.msa_mask.broadcast_mul(&keep)?,
-        cm: x.cm.broadcast_mul(&keep.unsqueeze(2)?)?,
-        ..x.to_dtype(DType::F64)?
-    };
+    let xm = x.last_sequence_masked(s_seq)?;
     // Block 0 of a stack uses `dropout.fork(0)`.
     let drop = DropoutCtx::new(99);
     let want = run(&stack, &vm, None, &xm, Some(&drop.fork(0)))?;
