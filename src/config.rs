@@ -60,6 +60,8 @@ pub struct ModelConfig {
     pub heads: HeadsConfig,
     /// Activation recomputation policy for the Evoformer and extra-MSA stacks.
     pub remat: Remat,
+    /// How the Evoformer and extra-MSA blocks are differentiated.
+    pub backward: TrunkBackward,
     /// Large value used for attention mask biases in the trunk (`inf * (mask - 1)`).
     pub inf: f64,
     /// Small epsilon for the outer product mean normalisation.
@@ -83,6 +85,7 @@ impl Default for ModelConfig {
             structure: StructureConfig::default(),
             heads: HeadsConfig::default(),
             remat: Remat::Block,
+            backward: TrunkBackward::Manual,
             inf: 1e9,
             eps_opm: 1e-3,
         }
@@ -97,6 +100,18 @@ pub enum Remat {
     None,
     /// Keep only block inputs; recompute each block in backward.
     Block,
+}
+
+/// How the trunk blocks' backward pass is computed. Both give the same gradients up to
+/// floating-point summation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrunkBackward {
+    /// candle's autograd over each block's graph.
+    Autograd,
+    /// Hand-written per-module backward passes (`model::vjp`): far fewer kernels and no
+    /// per-edge gradient buffers.
+    Manual,
 }
 
 /// Recycling embedder and iteration count (Algorithm 32).

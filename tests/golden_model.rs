@@ -1,6 +1,8 @@
 //! The full AlphaFold2 model against OpenFold (`model/alphafold_model`: real 3u8v crop, 2 cycles):
 //! every forward output incl. the recycled state, the loss and its breakdown, and d loss / d every
-//! parameter, in f64 (rel ≤ 1e-10) and f32 (rel ≤ 1e-4), with remat `none` and `block`.
+//! parameter, in f64 (rel ≤ 1e-10) and f32 (rel ≤ 1e-4), with remat `none` and `block`, the trunk
+//! differentiated by the hand-written backward (`model.backward = "manual"`, the default) and by
+//! candle's autograd.
 
 mod common;
 mod model_support;
@@ -9,9 +11,9 @@ use std::collections::BTreeSet;
 
 use candle_core::{DType, Tensor};
 use common::golden::{Fixture, Report};
-use ferrofold::config::Remat;
+use ferrofold::config::{Remat, TrunkBackward};
 use ferrofold::train::optim::params_from_varmap;
-use model_support::{batch, build, loss_batch, loss_fn, tables};
+use model_support::{batch, build_with, loss_batch, loss_fn, tables};
 
 fn structurally_zero(fx: &Fixture) -> BTreeSet<String> {
     fx.meta["float32_vs_float64"]["summary"]["structurally_zero"]
@@ -20,9 +22,9 @@ fn structurally_zero(fx: &Fixture) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn golden(dtype: DType, remat: Remat, rel: f64, zero_abs: f64) {
+fn golden(dtype: DType, remat: Remat, backward: TrunkBackward, rel: f64, zero_abs: f64) {
     let fx = Fixture::named("model", "alphafold_model");
-    let (vm, model) = build(&fx, dtype, remat);
+    let (vm, model) = build_with(&fx, dtype, remat, backward);
     let b = batch(&fx);
     let lb = loss_batch(&fx);
     let t = tables();
@@ -41,7 +43,7 @@ fn golden(dtype: DType, remat: Remat, rel: f64, zero_abs: f64) {
         "[{dtype:?} {remat:?}] forward+loss+backward: {:.3} s",
         t0.elapsed().as_secs_f64()
     );
-    let tag = format!("[{dtype:?} remat={remat:?}]");
+    let tag = format!("[{dtype:?} remat={remat:?} backward={backward:?}]");
     let mut report = Report::default();
     let mut worst: Vec<(String, f64)> = Vec::new();
     let mut check = |report: &mut Report, name: &str, got: &Tensor, key: &str, abs: f64| {
@@ -126,15 +128,43 @@ fn golden(dtype: DType, remat: Remat, rel: f64, zero_abs: f64) {
 
 #[test]
 fn golden_model_f64_remat_none() {
-    golden(DType::F64, Remat::None, 1e-10, 1e-12);
+    golden(DType::F64, Remat::None, TrunkBackward::Manual, 1e-10, 1e-12);
 }
 
 #[test]
 fn golden_model_f64_remat_block() {
-    golden(DType::F64, Remat::Block, 1e-10, 1e-12);
+    golden(
+        DType::F64,
+        Remat::Block,
+        TrunkBackward::Manual,
+        1e-10,
+        1e-12,
+    );
 }
 
 #[test]
 fn golden_model_f32_remat_block() {
-    golden(DType::F32, Remat::Block, 1e-4, 1e-6);
+    golden(DType::F32, Remat::Block, TrunkBackward::Manual, 1e-4, 1e-6);
+}
+
+#[test]
+fn golden_model_f64_remat_none_autograd() {
+    golden(
+        DType::F64,
+        Remat::None,
+        TrunkBackward::Autograd,
+        1e-10,
+        1e-12,
+    );
+}
+
+#[test]
+fn golden_model_f64_remat_block_autograd() {
+    golden(
+        DType::F64,
+        Remat::Block,
+        TrunkBackward::Autograd,
+        1e-10,
+        1e-12,
+    );
 }

@@ -214,6 +214,7 @@ impl BlockDims {
             inf: 1e9,
             eps_opm: 1e-3,
             eps_global: 1e-8,
+            backward: crate::config::TrunkBackward::Manual,
         }
     }
 }

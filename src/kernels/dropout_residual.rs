@@ -148,6 +148,39 @@ pub fn residual_dropout(
     residual_dropout_twin(residual, update, rate, shared_dim, ctx)
 }
 
+/// The update's gradient of [`residual_dropout`] for hand-written backward passes:
+/// `dropout_shared(dy, rate, shared_dim, ctx)` (the residual's gradient is `dy` itself). One
+/// kernel on CUDA when [`residual_dropout`] would use the fused kernel (same mask); the twin's
+/// mask product otherwise; `dy` unchanged in eval mode.
+pub fn dropout_grad(
+    dy: &Tensor,
+    rate: f64,
+    shared_dim: usize,
+    ctx: Option<&DropoutCtx>,
+) -> Result<Tensor> {
+    let Some(ctx) = ctx else {
+        return Ok(dy.clone());
+    };
+    if rate <= 0.0 {
+        return Ok(dy.clone());
+    }
+    #[cfg(feature = "cuda")]
+    if !crate::model::dropout_pool::pool_active() && super::fused_for(dy) && dy.elem_count() > 0 {
+        let op = cuda::DropResOp {
+            seed: ctx.seed,
+            thr: drop_threshold(rate),
+            scale: mask_scale(rate, dy.dtype()),
+            shared_dim,
+        };
+        let dy = dy.detach().contiguous()?;
+        return Ok(match dy.dtype() {
+            DType::F32 => op.bwd_t::<f32>(&dy)?,
+            _ => op.bwd_t::<half::bf16>(&dy)?,
+        });
+    }
+    crate::model::dropout::dropout_shared(&dy.detach(), rate, shared_dim, Some(ctx))
+}
+
 /// The fused op, unconditionally (CUDA tensors only; errors without the `cuda` feature):
 /// `residual + dropout_shared(update, rate, shared_dim, Some(ctx))`, the mask drawn on the GPU.
 pub fn residual_dropout_fused(
@@ -280,7 +313,7 @@ mod cuda {
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
 
-        fn bwd_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        pub(super) fn bwd_t<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             &self,
             dy: &Tensor,
         ) -> candle_core::Result<Tensor> {

@@ -99,6 +99,36 @@ pub fn gate_fused(o: &Tensor, g: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Backward of the fused gate for hand-written backward passes: `(d_o, d_g)` of `o * sigmoid(g)`
+/// for the cotangent `dy`; `Ok(None)` when the fused kernel does not apply (see [`gate`]).
+pub fn gate_bwd(o: &Tensor, g: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    if !(super::fused_for(o)
+        && o.shape() == g.shape()
+        && o.shape() == dy.shape()
+        && o.dtype() == g.dtype()
+        && o.elem_count() > 0
+        && o.device().same_device(g.device()))
+    {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let dy = dy.detach().to_dtype(o.dtype())?.contiguous()?;
+        let (o, g) = (o.detach().contiguous()?, g.detach().contiguous()?);
+        let r = match o.dtype() {
+            candle_core::DType::F32 => cuda::bwd_t::<f32>(&o, &g, &dy)?,
+            candle_core::DType::BF16 => cuda::bwd_t::<half::bf16>(&o, &g, &dy)?,
+            _ => return Ok(None),
+        };
+        Ok(Some(r))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dy;
+        Ok(None)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -149,7 +179,7 @@ mod cuda {
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
 
-    fn bwd_t<T: CudaDType + DeviceRepr>(
+    pub(super) fn bwd_t<T: CudaDType + DeviceRepr>(
         o: &Tensor,
         g: &Tensor,
         dy: &Tensor,

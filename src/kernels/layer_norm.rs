@@ -192,6 +192,28 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
     }
 }
 
+/// Backward of the fused LayerNorm for hand-written backward passes: from the input `x`, the
+/// weight `w` (f32 or castable) and the cotangent `g` of the output, `dx` (in `x`'s dtype) and, if
+/// `params`, `(dw, db)` in f32. `Ok(None)` when the kernel does not apply (see [`layer_norm`]).
+#[allow(clippy::type_complexity)]
+pub fn layer_norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    params: bool,
+) -> Result<Option<(Tensor, Option<(Tensor, Tensor)>)>> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::layer_norm_bwd(x, w, g, eps, params)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w, g, eps, params);
+        Ok(None)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -236,6 +258,38 @@ mod cuda {
             LayerNormCuda { eps: eps as f32 },
         )?;
         Ok(Some(y))
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub(super) fn layer_norm_bwd(
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        eps: f64,
+        params: bool,
+    ) -> Result<Option<(Tensor, Option<(Tensor, Tensor)>)>> {
+        let c = x.dims().last().copied().unwrap_or(0);
+        if !x.device().is_cuda()
+            || !crate::kernels::fused_enabled()
+            || dtype_suffix(x.dtype()).is_none()
+            || x.rank() == 0
+            || c == 0
+            || c > MAX_C
+            || w.dims() != [c]
+            || g.dims() != x.dims()
+        {
+            return Ok(None);
+        }
+        let x = x.detach().contiguous()?;
+        let w = crate::model::primitives::cast(&w.detach(), DType::F32)?.contiguous()?;
+        let g = g.detach().to_dtype(x.dtype())?.contiguous()?;
+        let eps = eps as f32;
+        let dx = x.apply_op3(&w, &g, LayerNormBwdDx { eps })?;
+        if !params {
+            return Ok(Some((dx, None)));
+        }
+        let wb = x.apply_op2(&g, LayerNormBwdWb { eps })?; // [2, c] f32
+        Ok(Some((dx, Some((wb.get(0)?, wb.get(1)?)))))
     }
 
     /// Contiguous view of a storage's slice of type `T`.

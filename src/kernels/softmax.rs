@@ -319,6 +319,39 @@ pub fn softmax(x: &Tensor) -> Result<Option<Tensor>> {
     softmax_with_biases(x, &[])
 }
 
+/// Backward of the fused softmax for hand-written backward passes: `dx = y · (g − Σ_j g_j y_j)`
+/// from the softmax output `y` and its cotangent `g` (cast to `y`'s dtype); `Ok(None)` when the
+/// kernel does not apply (not CUDA, not f32/bf16, fused kernels off).
+pub fn softmax_bwd(y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::softmax_bwd(y, g)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (y, g);
+        Ok(None)
+    }
+}
+
+/// The gradient of a bias broadcast to the logits: `dx` summed to `bias_dims` (right-aligned
+/// broadcast), deterministic (a leading broadcast prefix is summed in order with f32
+/// accumulation). `Ok(None)` when `dx` is not a CUDA tensor.
+pub fn reduce_bias_grad(dx: &Tensor, bias_dims: &[usize]) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !dx.device().is_cuda() || !super::fused_enabled() {
+            return Ok(None);
+        }
+        Ok(Some(cuda::reduce_to_dims(dx, bias_dims, dx.dtype())?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dx, bias_dims);
+        Ok(None)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -362,6 +395,21 @@ mod cuda {
         let b1 = bs.first().unwrap_or(&x);
         let b2 = bs.get(1).unwrap_or(&x);
         Ok(Some(x.apply_op3(b1, b2, BiasedSoftmaxCuda { nb })?))
+    }
+
+    pub(super) fn softmax_bwd(y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if !y.device().is_cuda()
+            || !crate::kernels::fused_enabled()
+            || dtype_suffix(y.dtype()).is_none()
+            || y.rank() == 0
+            || y.dims().last().copied().unwrap_or(0) == 0
+            || y.dims() != g.dims()
+        {
+            return Ok(None);
+        }
+        let y = y.detach().contiguous()?;
+        let g = g.detach().to_dtype(y.dtype())?.contiguous()?;
+        Ok(Some(y.apply_op2(&g, SoftmaxBwdCuda)?))
     }
 
     fn view<'a, T: CudaDType>(
@@ -453,9 +501,18 @@ mod cuda {
 
     /// `dx` `[*x dims]` summed to the shape of a bias broadcast to it.
     fn reduce_to(dx: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        reduce_to_dims(dx, bias.dims(), bias.dtype())
+    }
+
+    /// `dx` summed to the (right-aligned, broadcast) shape `bd`, in dtype `dt` (see
+    /// [`super::reduce_bias_grad`]).
+    pub(super) fn reduce_to_dims(
+        dx: &Tensor,
+        bd: &[usize],
+        dt: DType,
+    ) -> candle_core::Result<Tensor> {
         let xd = dx.dims();
         let n = xd.len();
-        let bd = bias.dims();
         if bd.len() > n {
             candle_core::bail!("softmax bias of higher rank than the logits");
         }
@@ -476,7 +533,7 @@ mod cuda {
                 acc = acc.sum_keepdim(i)?;
             }
         }
-        acc.reshape(bd)?.to_dtype(bias.dtype())
+        acc.reshape(bd)?.to_dtype(dt)
     }
 
     fn no_cpu(name: &str) -> candle_core::Result<(CpuStorage, Shape)> {

@@ -6,15 +6,17 @@ use candle_core::{IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::dropout::{add_dropout_columnwise, add_dropout_rowwise, DropoutCtx};
-use super::msa::{MsaColumnAttention, MsaRowAttentionWithPairBias};
-use super::outer_product_mean::OuterProductMean;
-use super::primitives::{Linear, LinearInit};
+use super::msa::{MsaColSaved, MsaColumnAttention, MsaRowAttentionWithPairBias, MsaRowSaved};
+use super::outer_product_mean::{OpmSaved, OuterProductMean};
+use super::primitives::{cast, Linear, LinearInit};
 use super::remat::{backward_vars, forward_blocks, vjp_loss, BlocksTape, TrunkBlock};
-use super::transition::{MsaTransition, PairTransition};
-use super::triangle_attention::TriangleAttention;
-use super::triangle_multiplication::TriangleMultiplication;
-use crate::config::{ModelConfig, Remat, StackConfig};
+use super::transition::{MsaTransition, PairTransition, TransitionSaved};
+use super::triangle_attention::{TriAttSaved, TriangleAttention};
+use super::triangle_multiplication::{TriMulSaved, TriangleMultiplication};
+use super::vjp::residual_dropout_nograd;
+use crate::config::{ModelConfig, Remat, StackConfig, TrunkBackward};
 use crate::error::Result;
+use crate::kernels::dropout_residual::dropout_grad;
 
 /// Dimensions of one Evoformer-like block (main Evoformer or extra-MSA stack).
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +31,8 @@ pub struct BlockConfig {
     pub eps_opm: f64,
     /// Global column attention masked-mean epsilon (OpenFold config `eps`, 1e-8).
     pub eps_global: f64,
+    /// How the blocks are differentiated in training.
+    pub backward: TrunkBackward,
 }
 
 impl BlockConfig {
@@ -41,6 +45,7 @@ impl BlockConfig {
             inf: cfg.inf,
             eps_opm: cfg.eps_opm,
             eps_global: 1e-8,
+            backward: cfg.backward,
         }
     }
 
@@ -137,6 +142,77 @@ impl PairStack {
     }
 }
 
+/// What [`PairStack::backward`] keeps from [`PairStack::forward_saved`].
+pub struct PairStackSaved {
+    /// Activation dtype.
+    dtype: candle_core::DType,
+    tri_mul_out: TriMulSaved,
+    tri_mul_in: TriMulSaved,
+    tri_att_start: TriAttSaved,
+    tri_att_end: TriAttSaved,
+    pair_transition: TransitionSaved,
+}
+
+impl PairStack {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (hand-written
+    /// backward, see [`super::vjp`]). Same dropout masks as [`Self::forward`].
+    pub fn forward_saved(
+        &self,
+        z: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, PairStackSaved)> {
+        let d = |k: u64| dropout.map(|c| c.fork(k));
+        let p = self.pair_dropout;
+        let (u, tri_mul_out) = self.tri_mul_out.forward_saved(z, pair_mask)?;
+        let z = residual_dropout_nograd(z, &u, p, 0, d(1).as_ref())?;
+        let (u, tri_mul_in) = self.tri_mul_in.forward_saved(&z, pair_mask)?;
+        let z = residual_dropout_nograd(&z, &u, p, 0, d(2).as_ref())?;
+        let (u, tri_att_start) = self.tri_att_start.forward_saved(&z, pair_mask)?;
+        let z = residual_dropout_nograd(&z, &u, p, 0, d(3).as_ref())?;
+        let (u, tri_att_end) = self.tri_att_end.forward_saved(&z, pair_mask)?;
+        let z = residual_dropout_nograd(&z, &u, p, 1, d(4).as_ref())?;
+        let (u, pair_transition) = self.pair_transition.forward_saved(&z, None)?;
+        let z = (z + u)?;
+        let saved = PairStackSaved {
+            dtype: z.dtype(),
+            tri_mul_out,
+            tri_mul_in,
+            tri_att_start,
+            tri_att_end,
+            pair_transition,
+        };
+        Ok((z, saved))
+    }
+
+    /// Backward of [`Self::forward_saved`] for the output cotangent `dz` (in the activation
+    /// dtype): parameter gradients into `grads`, returns the input's gradient.
+    pub fn backward(
+        &self,
+        s: PairStackSaved,
+        dz: &Tensor,
+        dropout: Option<&DropoutCtx>,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let d = |k: u64| dropout.map(|c| c.fork(k));
+        let p = self.pair_dropout;
+        let dz = &cast(&dz.detach(), s.dtype)?;
+        // Each step is `z_out = z_in + drop(f(z_in))`: dz_in = dz_out + f'(drop'(dz_out)).
+        let dz = (dz
+            + self
+                .pair_transition
+                .backward(s.pair_transition, dz, grads)?)?;
+        let du = dropout_grad(&dz, p, 1, d(4).as_ref())?;
+        let dz = (&dz + self.tri_att_end.backward(s.tri_att_end, &du, grads)?)?;
+        let du = dropout_grad(&dz, p, 0, d(3).as_ref())?;
+        let dz = (&dz + self.tri_att_start.backward(s.tri_att_start, &du, grads)?)?;
+        let du = dropout_grad(&dz, p, 0, d(2).as_ref())?;
+        let dz = (&dz + self.tri_mul_in.backward(s.tri_mul_in, &du, grads)?)?;
+        let du = dropout_grad(&dz, p, 0, d(1).as_ref())?;
+        Ok((&dz + self.tri_mul_out.backward(s.tri_mul_out, &du, grads)?)?)
+    }
+}
+
 /// Algorithm 6: one Evoformer block.
 #[derive(Debug, Clone)]
 pub struct EvoformerBlock {
@@ -146,6 +222,7 @@ pub struct EvoformerBlock {
     pub outer_product_mean: OuterProductMean,
     pub pair_stack: PairStack,
     pub msa_dropout: f64,
+    pub backward: TrunkBackward,
 }
 
 impl EvoformerBlock {
@@ -177,6 +254,7 @@ impl EvoformerBlock {
             )?,
             pair_stack: PairStack::new(vb.pp("pair_stack"), cfg)?,
             msa_dropout: s.msa_dropout,
+            backward: cfg.backward,
         })
     }
 
@@ -202,7 +280,101 @@ impl EvoformerBlock {
     }
 }
 
+/// What [`EvoformerBlock::backward_saved`] keeps from [`EvoformerBlock::forward_saved`].
+pub struct EvoformerBlockSaved {
+    msa_att_row: MsaRowSaved,
+    msa_att_col: MsaColSaved,
+    msa_transition: TransitionSaved,
+    outer_product_mean: OpmSaved,
+    pair_stack: PairStackSaved,
+}
+
+impl EvoformerBlock {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward_saved`] needs (hand-written
+    /// backward, see [`super::vjp`]).
+    pub fn forward_saved(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor, EvoformerBlockSaved)> {
+        let (m, z) = (m.detach(), z.detach());
+        let d0 = dropout.map(|c| c.fork(0));
+        let (row, msa_att_row) = self.msa_att_row.forward_saved(&m, &z, msa_mask)?;
+        let m = residual_dropout_nograd(&m, &row, self.msa_dropout, 0, d0.as_ref())?;
+        let (col, msa_att_col) = self.msa_att_col.forward_saved(&m, msa_mask)?;
+        let m = (m + col)?;
+        let (tr, msa_transition) = self.msa_transition.forward_saved(&m, None)?;
+        let m = (m + tr)?;
+        let (opm, outer_product_mean) = self.outer_product_mean.forward_saved(&m, msa_mask)?;
+        let z = (z + opm)?;
+        let (z, pair_stack) = self.pair_stack.forward_saved(&z, pair_mask, dropout)?;
+        let saved = EvoformerBlockSaved {
+            msa_att_row,
+            msa_att_col,
+            msa_transition,
+            outer_product_mean,
+            pair_stack,
+        };
+        Ok((m, z, saved))
+    }
+
+    /// Backward of [`Self::forward_saved`] (same `dropout`): parameter gradients into `grads`,
+    /// returns the gradients of the block's inputs `(dm, dz)` in the activation dtype.
+    pub fn backward_saved(
+        &self,
+        s: EvoformerBlockSaved,
+        dm: &Tensor,
+        dz: &Tensor,
+        dropout: Option<&DropoutCtx>,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)> {
+        let d0 = dropout.map(|c| c.fork(0));
+        let dz = self.pair_stack.backward(s.pair_stack, dz, dropout, grads)?;
+        let dm = cast(&dm.detach(), dz.dtype())?;
+        let dm = (&dm
+            + self
+                .outer_product_mean
+                .backward(s.outer_product_mean, &dz, grads)?)?;
+        let dm = (&dm + self.msa_transition.backward(s.msa_transition, &dm, grads)?)?;
+        let dm = (&dm + self.msa_att_col.backward(s.msa_att_col, &dm, grads)?)?;
+        let du = dropout_grad(&dm, self.msa_dropout, 0, d0.as_ref())?;
+        let (dm_row, dz_row) = self.msa_att_row.backward(s.msa_att_row, &du, grads)?;
+        Ok(((dm + dm_row)?, (dz + dz_row)?))
+    }
+}
+
 impl TrunkBlock for EvoformerBlock {
+    type Saved = EvoformerBlockSaved;
+
+    fn manual_backward(&self) -> bool {
+        self.backward == TrunkBackward::Manual
+    }
+
+    fn forward_block_saved(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor, Self::Saved)> {
+        self.forward_saved(m, z, msa_mask, pair_mask, dropout)
+    }
+
+    fn backward_block(
+        &self,
+        saved: Self::Saved,
+        dm: &Tensor,
+        dz: &Tensor,
+        dropout: Option<&DropoutCtx>,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)> {
+        self.backward_saved(saved, dm, dz, dropout, grads)
+    }
+
     fn forward_block(
         &self,
         m: &Tensor,

@@ -25,3 +25,4 @@ pub mod structure_module;
 pub mod transition;
 pub mod triangle_attention;
 pub mod triangle_multiplication;
+pub mod vjp;

@@ -1,6 +1,7 @@
 //! MSA attention modules: row attention with pair bias (Algorithm 7), column attention
 //! (Algorithm 8) and global column attention (Algorithm 19).
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
@@ -155,5 +156,88 @@ impl MsaColumnGlobalAttention {
         let mt = self.layer_norm_m.forward(&mt)?;
         let out = self.global_attention.forward(&mt, &maskt)?;
         Ok(out.transpose(0, 1)?.contiguous()?)
+    }
+}
+
+/// What [`MsaColumnAttention::backward`] keeps from [`MsaColumnAttention::forward_saved`].
+pub struct MsaColSaved(super::vjp::AutogradVjp);
+
+impl MsaColumnAttention {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaColSaved)> {
+        let mask = mask.detach();
+        let v = super::vjp::AutogradVjp::run(&[m], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
+        let y = super::vjp::first(v.outputs())?;
+        Ok((y, MsaColSaved(v)))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
+    /// gradient.
+    pub fn backward(&self, s: MsaColSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        super::vjp::first(s.0.backward(&[dy], grads)?)
+    }
+}
+
+/// What [`MsaColumnGlobalAttention::backward`] keeps from [`MsaColumnGlobalAttention::forward_saved`].
+pub struct MsaGlobalColSaved(super::vjp::AutogradVjp);
+
+impl MsaColumnGlobalAttention {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaGlobalColSaved)> {
+        let mask = mask.detach();
+        let v = super::vjp::AutogradVjp::run(&[m], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
+        let y = super::vjp::first(v.outputs())?;
+        Ok((y, MsaGlobalColSaved(v)))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
+    /// gradient.
+    pub fn backward(
+        &self,
+        s: MsaGlobalColSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        super::vjp::first(s.0.backward(&[dy], grads)?)
+    }
+}
+
+/// What [`MsaRowAttentionWithPairBias::backward`] keeps from
+/// [`MsaRowAttentionWithPairBias::forward_saved`].
+pub struct MsaRowSaved(super::vjp::AutogradVjp);
+
+impl MsaRowAttentionWithPairBias {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    pub fn forward_saved(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, MsaRowSaved)> {
+        let mask = mask.detach();
+        let v = super::vjp::AutogradVjp::run(&[m, z], |i| {
+            Ok(vec![self.forward(&i[0], &i[1], &mask)?])
+        })?;
+        let y = super::vjp::first(v.outputs())?;
+        Ok((y, MsaRowSaved(v)))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `(dm, dz)`.
+    pub fn backward(
+        &self,
+        s: MsaRowSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut d = s.0.backward(&[dy], grads)?.into_iter();
+        match (d.next(), d.next()) {
+            (Some(dm), Some(dz)) => Ok((dm, dz)),
+            _ => Err(crate::error::Error::Model(
+                "msa row attention backward: missing gradient".into(),
+            )),
+        }
     }
 }

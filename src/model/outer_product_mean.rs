@@ -1,5 +1,6 @@
 //! Algorithm 10: outer product mean (MSA → pair update).
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
@@ -79,5 +80,25 @@ impl OuterProductMean {
                                                       // norm[i, j] = Σ_s mask[s, i] mask[s, j] + eps
         let norm = (mask_a.t()?.matmul(mask_b)? + self.eps)?.unsqueeze(2)?; // [Ri, Rj, 1]
         mul_const(&outer, &norm.recip()?)
+    }
+}
+
+/// What [`OuterProductMean::backward`] keeps from [`OuterProductMean::forward_saved`].
+pub struct OpmSaved(super::vjp::AutogradVjp);
+
+impl OuterProductMean {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, OpmSaved)> {
+        let mask = mask.detach();
+        let v = super::vjp::AutogradVjp::run(&[m], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
+        let y = super::vjp::first(v.outputs())?;
+        Ok((y, OpmSaved(v)))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
+    /// gradient.
+    pub fn backward(&self, s: OpmSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        super::vjp::first(s.0.backward(&[dy], grads)?)
     }
 }

@@ -37,6 +37,33 @@ use crate::error::Result;
 
 /// A block of an Evoformer-like stack: `(m, z) → (m', z')`.
 pub trait TrunkBlock {
+    /// What [`Self::backward_block`] needs from [`Self::forward_block_saved`].
+    type Saved;
+
+    /// Whether training differentiates the block with its hand-written backward
+    /// ([`Self::forward_block_saved`] + [`Self::backward_block`]) instead of candle's autograd.
+    fn manual_backward(&self) -> bool;
+
+    /// The forward without a graph, keeping what [`Self::backward_block`] needs.
+    fn forward_block_saved(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor, Self::Saved)>;
+
+    /// Hand-written backward: parameter gradients into `grads`, returns the input gradients.
+    fn backward_block(
+        &self,
+        saved: Self::Saved,
+        dm: &Tensor,
+        dz: &Tensor,
+        dropout: Option<&DropoutCtx>,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)>;
+
     fn forward_block(
         &self,
         m: &Tensor,
@@ -95,7 +122,9 @@ fn grad_or_zeros(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {
     }
 }
 
-enum Saved {
+enum Saved<S> {
+    /// Every block's hand-written-backward state (no remat, manual backward).
+    Manual(Vec<S>),
     /// Whole graph kept, from input `Var`s to the outputs.
     Graph {
         m_in: Var,
@@ -113,7 +142,7 @@ pub struct BlocksTape<'a, B: TrunkBlock> {
     msa_mask: Tensor,
     pair_mask: Tensor,
     dropout: Option<DropoutCtx>,
-    saved: Saved,
+    saved: Saved<B::Saved>,
 }
 
 /// Dropout context of block `i`: forked from the stack's context by block index.
@@ -132,7 +161,29 @@ pub fn forward_blocks<'a, B: TrunkBlock>(
     dropout: Option<DropoutCtx>,
     remat: Remat,
 ) -> Result<(Tensor, Tensor, BlocksTape<'a, B>)> {
+    let manual = blocks.iter().all(|b| b.manual_backward());
     let saved = match remat {
+        Remat::None if manual => {
+            let mut v = Vec::with_capacity(blocks.len());
+            let (mut mc, mut zc) = (m.detach(), z.detach());
+            for (i, b) in blocks.iter().enumerate() {
+                let d = block_dropout(dropout.as_ref(), i);
+                let (mn, zn, s) =
+                    b.forward_block_saved(&mc, &zc, msa_mask, pair_mask, d.as_ref())?;
+                v.push(s);
+                (mc, zc) = (mn, zn);
+            }
+            // The outputs ride along as the last "inputs" entry of the returned pair.
+            let (m_out, z_out) = (mc, zc);
+            let tape = BlocksTape {
+                blocks,
+                msa_mask: msa_mask.clone(),
+                pair_mask: pair_mask.clone(),
+                dropout,
+                saved: Saved::Manual(v),
+            };
+            return Ok((m_out, z_out, tape));
+        }
         Remat::None => {
             let m_in = Var::from_tensor(&m.detach())?;
             let z_in = Var::from_tensor(&z.detach())?;
@@ -163,6 +214,7 @@ pub fn forward_blocks<'a, B: TrunkBlock>(
         }
     };
     let (m_out, z_out) = match &saved {
+        Saved::Manual(_) => (m.detach(), z.detach()),
         Saved::Graph { m_out, z_out, .. } => (m_out.detach(), z_out.detach()),
         Saved::Inputs(v) => match v.last() {
             Some((m, z)) => (m.clone(), z.clone()),
@@ -189,6 +241,14 @@ impl<B: TrunkBlock> BlocksTape<'_, B> {
         grads: &mut GradStore,
     ) -> Result<(Tensor, Tensor)> {
         match self.saved {
+            Saved::Manual(saved) => {
+                let (mut dm, mut dz) = (dm.detach(), dz.detach());
+                for ((i, b), s) in self.blocks.iter().enumerate().zip(saved).rev() {
+                    let d = block_dropout(self.dropout.as_ref(), i);
+                    (dm, dz) = b.backward_block(s, &dm, &dz, d.as_ref(), grads)?;
+                }
+                Ok((dm, dz))
+            }
             Saved::Graph {
                 m_in,
                 z_in,
@@ -205,9 +265,21 @@ impl<B: TrunkBlock> BlocksTape<'_, B> {
                 let (mut dm, mut dz) = (dm.detach(), dz.detach());
                 for (i, b) in self.blocks.iter().enumerate().rev() {
                     let (m0, z0) = &inputs[i];
+                    let d = block_dropout(self.dropout.as_ref(), i);
+                    if b.manual_backward() {
+                        // Recompute with saved state, then the hand-written backward.
+                        let (_, _, s) = b.forward_block_saved(
+                            m0,
+                            z0,
+                            &self.msa_mask,
+                            &self.pair_mask,
+                            d.as_ref(),
+                        )?;
+                        (dm, dz) = b.backward_block(s, &dm, &dz, d.as_ref(), grads)?;
+                        continue;
+                    }
                     let m_in = Var::from_tensor(m0)?;
                     let z_in = Var::from_tensor(z0)?;
-                    let d = block_dropout(self.dropout.as_ref(), i);
                     let (mo, zo) = b.forward_block(
                         m_in.as_tensor(),
                         z_in.as_tensor(),

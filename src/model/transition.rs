@@ -1,5 +1,6 @@
 //! MSA transition (Algorithm 9) and pair transition (Algorithm 15): a two-layer per-position MLP.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
@@ -35,6 +36,70 @@ impl Transition {
             }
             None => Ok(x),
         }
+    }
+}
+
+/// What [`Transition::backward`] keeps from [`Transition::forward_saved`].
+pub struct TransitionSaved {
+    /// Input `[*, c]`.
+    x: Tensor,
+    /// `LN(x)` `[*, c]`.
+    x_ln: Tensor,
+    /// `relu(linear_1(LN(x)))` `[*, n·c]`.
+    a: Tensor,
+    /// Mask with a trailing unit dim, in the activation dtype.
+    mask: Option<Tensor>,
+}
+
+impl Transition {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]).
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, TransitionSaved)> {
+        let x = x.detach();
+        let x_ln = self.layer_norm.forward_nograd(&x)?;
+        let a = self.linear_1.forward_nograd(&x_ln)?.relu()?;
+        let mut y = self.linear_2.forward_nograd(&a)?;
+        let mask = match mask {
+            Some(m) => {
+                let m = super::primitives::cast(&m.detach(), y.dtype())?;
+                Some(m.unsqueeze(m.rank())?)
+            }
+            None => None,
+        };
+        if let Some(m) = &mask {
+            y = y.broadcast_mul(m)?;
+        }
+        Ok((y, TransitionSaved { x, x_ln, a, mask }))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `dx`.
+    pub fn backward(
+        &self,
+        s: TransitionSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let dy = super::primitives::cast(&dy.detach(), s.a.dtype())?;
+        let dy = match &s.mask {
+            Some(m) => dy.broadcast_mul(m)?,
+            None => dy,
+        };
+        let missing = || crate::error::Error::Model("transition backward: no dx".into());
+        let d_a = self
+            .linear_2
+            .backward(&s.a, &dy, grads, true)?
+            .ok_or_else(missing)?;
+        let d_h = super::vjp::relu_bwd_from_output(&d_a, &s.a)?;
+        drop(d_a);
+        let d_ln = self
+            .linear_1
+            .backward(&s.x_ln, &d_h, grads, true)?
+            .ok_or_else(missing)?;
+        self.layer_norm.backward(&s.x, &d_ln, grads)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Algorithms 13 and 14: triangle self-attention around the starting / ending node.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
@@ -72,5 +73,25 @@ impl TriangleAttention {
         let tb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, Q, K]
                                                                        // Mask bias [I, 1, 1, K] first, then the triangle bias.
         self.mha.forward_masked(x, mask, self.inf, &[&tb])
+    }
+}
+
+/// What [`TriangleAttention::backward`] keeps from [`TriangleAttention::forward_saved`].
+pub struct TriAttSaved(super::vjp::AutogradVjp);
+
+impl TriangleAttention {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    pub fn forward_saved(&self, x: &Tensor, mask: &Tensor) -> Result<(Tensor, TriAttSaved)> {
+        let mask = mask.detach();
+        let v = super::vjp::AutogradVjp::run(&[x], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
+        let y = super::vjp::first(v.outputs())?;
+        Ok((y, TriAttSaved(v)))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
+    /// gradient.
+    pub fn backward(&self, s: TriAttSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        super::vjp::first(s.0.backward(&[dy], grads)?)
     }
 }

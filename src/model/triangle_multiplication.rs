@@ -1,5 +1,6 @@
 //! Algorithms 11 and 12: triangular multiplicative update using outgoing / incoming edges.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
@@ -86,5 +87,25 @@ impl TriangleMultiplication {
         let x = self.linear_z.forward(&self.layer_norm_out.forward(&x)?)?;
         // x * sigmoid(linear_g(zln)): one fused kernel on CUDA.
         crate::kernels::gate::gate(&x, &self.linear_g.forward(zln)?)
+    }
+}
+
+/// What [`TriangleMultiplication::backward`] keeps from [`TriangleMultiplication::forward_saved`].
+pub struct TriMulSaved(super::vjp::AutogradVjp);
+
+impl TriangleMultiplication {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    pub fn forward_saved(&self, z: &Tensor, mask: &Tensor) -> Result<(Tensor, TriMulSaved)> {
+        let mask = mask.detach();
+        let v = super::vjp::AutogradVjp::run(&[z], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
+        let y = super::vjp::first(v.outputs())?;
+        Ok((y, TriMulSaved(v)))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
+    /// gradient.
+    pub fn backward(&self, s: TriMulSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        super::vjp::first(s.0.backward(&[dy], grads)?)
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ferrofold::config::{
     HeadsConfig, LossConfig, ModelConfig, RecyclingConfig, Remat, StackConfig, StructureConfig,
-    ViolationConfig,
+    TrunkBackward, ViolationConfig,
 };
 use ferrofold::loss::{alphafold_loss, LossBatch, LossBreakdown, LossTables};
 use ferrofold::model::alphafold::{AfBatch, AlphaFold, AlphaFoldOutput};
@@ -91,20 +91,29 @@ pub fn model_config(fx: &Fixture, remat: Remat) -> ModelConfig {
             ..HeadsConfig::default()
         },
         remat,
+        backward: TrunkBackward::Manual,
         inf: f(&evo["inf"]),
         eps_opm: 1e-3,
     }
 }
 
-/// The fixture's model with its parameters in `dtype`.
+/// The fixture's model with its parameters in `dtype` (hand-written trunk backward).
 pub fn build(fx: &Fixture, dtype: DType, remat: Remat) -> (VarMap, AlphaFold) {
+    build_with(fx, dtype, remat, TrunkBackward::Manual)
+}
+
+/// [`build`] with the trunk differentiated by `backward`.
+pub fn build_with(
+    fx: &Fixture,
+    dtype: DType,
+    remat: Remat,
+    backward: TrunkBackward,
+) -> (VarMap, AlphaFold) {
     let vm = varmap_from_tensors(fx.params(DType::F64), dtype).unwrap();
     let n_before = vm.all_vars().len();
-    let model = AlphaFold::new(
-        VarBuilder::from_varmap(&vm, dtype, &Device::Cpu),
-        &model_config(fx, remat),
-    )
-    .unwrap();
+    let mut cfg = model_config(fx, remat);
+    cfg.backward = backward;
+    let model = AlphaFold::new(VarBuilder::from_varmap(&vm, dtype, &Device::Cpu), &cfg).unwrap();
     // Every stored parameter is used and nothing new was created.
     assert_eq!(vm.all_vars().len(), n_before, "model created parameters");
     (vm, model)

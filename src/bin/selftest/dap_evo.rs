@@ -97,6 +97,7 @@ fn block_config(fx: &Fixture) -> Result<BlockConfig> {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
+        backward: ferrofold::config::TrunkBackward::Manual,
     })
 }
 
@@ -383,6 +384,7 @@ fn dap_extra_msa(world: &Arc<dyn Communicator>) -> Result<()> {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
+        backward: ferrofold::config::TrunkBackward::Manual,
     };
     cfg.stack.num_blocks = 1;
     let params: BTreeMap<String, Tensor> = fx
@@ -544,6 +546,7 @@ fn bench_config(gpu: bool, c_m: usize, c_z: usize, blocks: usize) -> BlockConfig
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
+        backward: ferrofold::config::TrunkBackward::Manual,
     }
 }
 

@@ -75,6 +75,7 @@ fn block_config(c_m: usize, c_z: usize, blocks: usize) -> BlockConfig {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
+        backward: ferrofold::config::TrunkBackward::Manual,
     }
 }
 
