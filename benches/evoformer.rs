@@ -25,6 +25,7 @@ fn af2_config() -> BlockConfig {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
+        backward: ferrofold::config::TrunkBackward::Manual,
     }
 }
 

@@ -26,6 +26,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::golden::{errors, fixtures_in, Fixture, Report};
@@ -143,6 +144,15 @@ pub const REGISTRY: &[Entry] = &[
     ),
 ];
 
+/// Modules with a hand-written backward (`forward_saved` + `backward`, see `model::vjp`): the same
+/// fixtures, differentiated without candle's autograd.
+pub const MANUAL_REGISTRY: &[Entry] = &[
+    single("MSATransition", run_msa_transition_manual),
+    single("PairTransition", run_pair_transition_manual),
+    trunk("EvoformerBlock", run_evoformer_block_manual),
+    trunk("ExtraMSABlock", run_extra_msa_block_manual),
+];
+
 fn entry(class: &str) -> Option<&'static Entry> {
     REGISTRY.iter().find(|e| e.class == class)
 }
@@ -249,6 +259,46 @@ impl<'f> Harness<'f> {
             .collect();
         Ok(Outcome { outputs, grads })
     }
+
+    /// [`Self::finish`] for a hand-written backward: `backward` gets the cotangents of the
+    /// fixture's outputs (in `cotangent_outputs` order) and a gradient store, adds the parameter
+    /// gradients to the store and returns `(input name, gradient)` pairs.
+    pub fn finish_manual(
+        self,
+        outputs: Vec<(&str, Tensor)>,
+        backward: impl FnOnce(&[Tensor], &mut GradStore) -> Result<Vec<(&'static str, Tensor)>>,
+    ) -> Result<Outcome> {
+        let mut cots = Vec::new();
+        for name in self.fx.cotangent_outputs() {
+            if !outputs.iter().any(|(n, _)| *n == name) {
+                return Err(Error::Model(format!("runner produced no output `{name}`")));
+            }
+            cots.push(self.fx.get_as(&format!("cotangent.{name}"), self.dtype));
+        }
+        let mut store = GradStore::default();
+        let d_in = backward(&cots, &mut store)?;
+        let mut grads = BTreeMap::new();
+        for (name, var) in sorted_vars(&self.vm) {
+            let g = match store.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            grads.insert(format!("grad.param.{name}"), g);
+        }
+        for name in self.inputs.keys() {
+            let g = d_in
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, g)| g.clone())
+                .ok_or_else(|| Error::Model(format!("no gradient for input `{name}`")))?;
+            grads.insert(format!("grad.input.{name}"), g);
+        }
+        let outputs = outputs
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t.detach()))
+            .collect();
+        Ok(Outcome { outputs, grads })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,6 +355,26 @@ fn run_msa_transition(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let (m, mask) = (h.input("m")?, h.input("mask")?);
     let out = module.forward(&m, Some(&mask))?;
     h.finish(vec![("m_update", out)])
+}
+
+fn run_msa_transition_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = Transition::new(h.vb(), h.arg("c_m"), h.arg("n"))?;
+    let (m, mask) = (h.input("m")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&m, Some(&mask))?;
+    h.finish_manual(vec![("m_update", out)], |cot, g| {
+        Ok(vec![("m", module.backward(saved, &cot[0], g)?)])
+    })
+}
+
+fn run_pair_transition_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = Transition::new(h.vb(), h.arg("c_z"), h.arg("n"))?;
+    let (z, mask) = (h.input("z")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&z, Some(&mask))?;
+    h.finish_manual(vec![("z_update", out)], |cot, g| {
+        Ok(vec![("z", module.backward(saved, &cot[0], g)?)])
+    })
 }
 
 fn run_pair_transition(fx: &Fixture, dt: DType) -> Result<Outcome> {
@@ -402,6 +472,7 @@ fn block_config(fx: &Fixture) -> Result<BlockConfig> {
         inf: fx.arg_f64("inf"),
         eps_opm: 1e-3,
         eps_global: fx.arg_f64("eps"),
+        backward: ferrofold::config::TrunkBackward::Manual,
     })
 }
 
@@ -412,6 +483,30 @@ fn run_evoformer_block(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let (mm, pm) = (h.input("msa_mask")?, h.input("pair_mask")?);
     let (m, z) = block.forward(&m, &z, &mm, &pm, None)?;
     h.finish(vec![("m", m), ("z", z)])
+}
+
+fn run_evoformer_block_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let block = EvoformerBlock::new(h.vb(), &block_config(fx)?)?;
+    let (m, z) = (h.input("m")?, h.input("z")?);
+    let (mm, pm) = (h.input("msa_mask")?, h.input("pair_mask")?);
+    let (m, z, saved) = block.forward_saved(&m, &z, &mm, &pm, None)?;
+    h.finish_manual(vec![("m", m), ("z", z)], |cot, g| {
+        let (dm, dz) = block.backward_saved(saved, &cot[0], &cot[1], None, g)?;
+        Ok(vec![("m", dm), ("z", dz)])
+    })
+}
+
+fn run_extra_msa_block_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let block = ExtraMsaBlock::new(h.vb(), &block_config(fx)?)?;
+    let (m, z) = (h.input("m")?, h.input("z")?);
+    let (mm, pm) = (h.input("msa_mask")?, h.input("pair_mask")?);
+    let (m, z, saved) = block.forward_saved(&m, &z, &mm, &pm, None)?;
+    h.finish_manual(vec![("m", m), ("z", z)], |cot, g| {
+        let (dm, dz) = block.backward_saved(saved, &cot[0], &cot[1], None, g)?;
+        Ok(vec![("m", dm), ("z", dz)])
+    })
 }
 
 fn run_evoformer_stack(fx: &Fixture, dt: DType) -> Result<Outcome> {
@@ -722,10 +817,18 @@ fn check_fixture(rep: &mut Report, fx: &Fixture, e: &Entry, dtype: DType) -> (f6
 /// Check fixtures at `dtype`, each dispatched by its class through the registry. A fixture of an
 /// unregistered class is a failure.
 fn check_fixtures(fixtures: impl IntoIterator<Item = Fixture>, dtype: DType) -> Report {
+    check_fixtures_with(fixtures, dtype, REGISTRY)
+}
+
+fn check_fixtures_with(
+    fixtures: impl IntoIterator<Item = Fixture>,
+    dtype: DType,
+    registry: &[Entry],
+) -> Report {
     let mut rep = Report::default();
     for fx in fixtures {
         let class = fx.target();
-        let Some(e) = entry(&class) else {
+        let Some(e) = registry.iter().find(|e| e.class == class) else {
             rep.fail(format!("{}: unregistered class `{class}`", fx.name));
             continue;
         };
@@ -760,6 +863,35 @@ fn golden_modules_f64() {
 #[test]
 fn golden_modules_f32() {
     run_all(DType::F32);
+}
+
+/// The fixtures of every module with a hand-written backward, through that backward.
+fn run_all_manual(dtype: DType) {
+    let fixtures: Vec<Fixture> = fixtures_in("modules")
+        .into_iter()
+        .map(|p| Fixture::load(&p))
+        .filter(|fx| MANUAL_REGISTRY.iter().any(|e| e.class == fx.target()))
+        .collect();
+    let classes: BTreeSet<String> = fixtures.iter().map(|f| f.target()).collect();
+    for e in MANUAL_REGISTRY {
+        assert!(
+            classes.contains(e.class),
+            "no fixture for manual {}",
+            e.class
+        );
+    }
+    check_fixtures_with(fixtures, dtype, MANUAL_REGISTRY)
+        .assert_ok(&format!("golden modules, hand-written backward, {dtype:?}"));
+}
+
+#[test]
+fn golden_modules_manual_f64() {
+    run_all_manual(DType::F64);
+}
+
+#[test]
+fn golden_modules_manual_f32() {
+    run_all_manual(DType::F32);
 }
 
 /// Every parameter of every registered module gets a finite, non-zero gradient, except the
