@@ -2,7 +2,8 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
 
 use super::{build_blocks, gpu_mem, make_inputs, median, BenchPasses, EvoformerBenchArgs, Inputs};
 use crate::config::Remat;
@@ -34,6 +35,8 @@ impl PassTiming {
 #[derive(Debug, Clone)]
 pub struct EvoformerBench {
     pub device: String,
+    /// `--check-backward` rows: (tensor, relative L2 error hand-written vs autograd).
+    pub check: Vec<(String, f64)>,
     pub passes: Vec<PassTiming>,
     /// Bytes in use after parameters and inputs were created (CUDA pool), before timing.
     pub resident_bytes: Option<u64>,
@@ -135,7 +138,7 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
     }
     let mut cfg = a.dims.block_config(a.blocks);
     cfg.backward = a.backward.into();
-    let (_vm, blocks) = build_blocks(&cfg, &dev, a.seed)?;
+    let (vm, blocks) = build_blocks(&cfg, &dev, a.seed)?;
     let x = make_inputs(a.n_seq, a.n_res, &cfg, a.dtype.dtype(), &dev, a.seed)?;
     dev.synchronize()?;
     let mem = gpu_mem::PoolWatch::new(&dev)?;
@@ -146,6 +149,11 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
         BenchPasses::Fwd => &[false],
         BenchPasses::FwdBwd => &[true],
         BenchPasses::Both => &[false, true],
+    };
+    let check = if a.check_backward {
+        check_backward(&vm, &blocks, &x, a.seed)?
+    } else {
+        Vec::new()
     };
     let mut passes = Vec::new();
     for &backward in kinds {
@@ -205,6 +213,7 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
     }
     Ok(EvoformerBench {
         device: describe_device(&dev),
+        check,
         passes,
         resident_bytes,
         block_flops,
@@ -253,6 +262,102 @@ fn run_op(b: &EvoformerBlock, op: usize, x: &Inputs, backward: bool) -> Result<V
     let grads = crate::model::remat::backward_vars(&crate::model::remat::vjp_loss(&[(&out, g)])?)?;
     drop(grads);
     Ok(vec![out])
+}
+
+/// Relative L2 error `‖a − b‖ / ‖b‖` (f64 accumulation; 0 when both are 0).
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(if den == 0.0 { num } else { num / den })
+}
+
+/// `--check-backward`: the stack's forward + backward with the hand-written backward and with
+/// candle's autograd (dropout on, masked first sequence and last residue), compared per tensor.
+/// Returns `(name, relative L2 error)` rows: outputs, input gradients, then the worst parameter.
+fn check_backward(
+    vm: &candle_nn::VarMap,
+    blocks: &[EvoformerBlock],
+    x: &Inputs,
+    seed: u64,
+) -> Result<Vec<(String, f64)>> {
+    use crate::config::TrunkBackward;
+    use crate::model::dropout::DropoutCtx;
+    let (s, r) = x.msa_mask.dims2()?;
+    // Mask the first sequence's last residue column and the last pair row.
+    let mut mm = vec![1f32; s * r];
+    for v in mm.iter_mut().skip(r - 1).step_by(r) {
+        *v = 0.0;
+    }
+    mm[..r].iter_mut().for_each(|v| *v = 0.0);
+    let dt = x.m.dtype();
+    let dev = x.m.device();
+    let msa_mask = Tensor::from_vec(mm, (s, r), dev)?.to_dtype(dt)?;
+    let mut pmv = vec![1f32; r * r];
+    pmv[(r - 1) * r..].iter_mut().for_each(|v| *v = 0.0);
+    let pair_mask = Tensor::from_vec(pmv, (r, r), dev)?.to_dtype(dt)?;
+    let run = |mode: TrunkBackward| -> Result<(Vec<Tensor>, GradStore)> {
+        let bs: Vec<EvoformerBlock> = blocks
+            .iter()
+            .map(|b| {
+                let mut b = b.clone();
+                b.backward = mode;
+                b.msa_dropout = 0.15;
+                b.pair_stack.pair_dropout = 0.25;
+                b
+            })
+            .collect();
+        let drop = Some(DropoutCtx::new(seed ^ 0x5eed));
+        let (m, z, tape) =
+            forward_blocks(&bs, &x.m, &x.z, &msa_mask, &pair_mask, drop, Remat::None)?;
+        let mut g = GradStore::default();
+        let (dm, dz) = tape.backward(&x.dm, &x.dz, &mut g)?;
+        Ok((vec![m, z, dm, dz], g))
+    };
+    let (ta, ga) = run(TrunkBackward::Autograd)?;
+    let (tm, gm) = run(TrunkBackward::Manual)?;
+    let mut rows = Vec::new();
+    for (i, name) in ["m", "z", "dm", "dz"].iter().enumerate() {
+        rows.push((name.to_string(), rel_l2(&tm[i], &ta[i])?));
+    }
+    let mut vars: Vec<(String, candle_core::Var)> = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Msg("varmap lock poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    // Gradients that are structurally ~0 (e.g. a LayerNorm bias feeding only a softmax-invariant
+    // per-row constant) are compared against 1e-3 of the largest parameter gradient instead.
+    let mut floor = 0.0f64;
+    for (_, v) in &vars {
+        if let Some(b) = ga.get(v.as_tensor()) {
+            let n = b.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+            floor = floor.max(1e-3 * n);
+        }
+    }
+    let (mut worst, mut missing) = ((String::new(), 0.0f64), Vec::new());
+    for (name, v) in &vars {
+        match (gm.get(v.as_tensor()), ga.get(v.as_tensor())) {
+            (Some(a), Some(b)) => {
+                let bn = b.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+                let e = rel_l2(a, b)? * bn / bn.max(floor).max(f64::MIN_POSITIVE);
+                if e > worst.1 || worst.0.is_empty() {
+                    worst = (name.clone(), e);
+                }
+            }
+            (None, Some(_)) => missing.push(name.clone()),
+            _ => {}
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Msg(format!(
+            "check-backward: no hand-written gradient for {missing:?}"
+        )));
+    }
+    rows.push((format!("worst param ({} of {})", worst.0, vars.len()), worst.1));
+    Ok(rows)
 }
 
 /// [`run_op`] forward+backward through the hand-written backward (`forward_saved` + `backward`).
@@ -327,6 +432,14 @@ pub fn format_evoformer(a: &EvoformerBenchArgs, b: &EvoformerBench) -> String {
         "counted forward FLOPs: {:.4} GFLOP per block (fwd+bwd counted as 3x; remat recompute not counted)\n",
         b.block_flops / 1e9
     );
+    if !b.check.is_empty() {
+        s += "check-backward (hand-written vs autograd, relative L2):\n";
+        for (name, e) in &b.check {
+            s += &format!("  {name}: {e:.3e}\n");
+        }
+        let worst = b.check.iter().map(|c| c.1).fold(0.0, f64::max);
+        s += &format!("RESULT check-backward worst_rel={worst:.3e}\n");
+    }
     s += "| pass | median ms | min ms | max ms | TFLOP/s | peak MiB |\n|---|---|---|---|---|---|\n";
     for p in &b.passes {
         s += &format!(

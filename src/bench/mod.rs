@@ -254,6 +254,11 @@ pub struct EvoformerBenchArgs {
     /// Hand-written trunk backward (`manual`) or candle's autograd.
     #[arg(long, value_enum, default_value_t = BenchBackward::Manual)]
     pub backward: BenchBackward,
+    /// Before timing, compare the hand-written backward with candle's autograd on these blocks
+    /// (dropout on, the first sequence and last residue masked): outputs, input gradients and
+    /// every parameter gradient (relative L2 error).
+    #[arg(long)]
+    pub check_backward: bool,
     /// Timed iterations (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
