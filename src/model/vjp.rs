@@ -302,3 +302,76 @@ impl AutogradVjp {
         Ok(d_in)
     }
 }
+
+/// Several [`Linear`]s reading the same input, applied as one GEMM: the weights (detached, cast
+/// to `x`'s dtype) are concatenated along the output dimension in `parts` order, so the output is
+/// `[*, Σ c_out]` with part `k` at columns `offset_k..offset_k + c_out_k`. A part without a bias
+/// gets zeros there. No graph is built.
+pub fn linear_cat_nograd(parts: &[&Linear], x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let ws = parts
+        .iter()
+        .map(|l| cast(&l.weight.detach(), dt))
+        .collect::<Result<Vec<_>>>()?;
+    let bias = if parts.iter().any(|l| l.bias.is_some()) {
+        let bs = parts
+            .iter()
+            .map(|l| match &l.bias {
+                Some(b) => cast(&b.detach(), dt),
+                None => Ok(Tensor::zeros(l.out_dim(), dt, x.device())?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&bs, 0)?)
+    } else {
+        None
+    };
+    Linear {
+        weight: Tensor::cat(&ws, 0)?,
+        bias,
+    }
+    .forward(&x.detach())
+}
+
+/// Backward of [`linear_cat_nograd`] at input `x` with the output cotangent `dy` `[*, Σ c_out]`:
+/// one `dyᵀ x` GEMM whose rows are split into each part's weight gradient (and one column sum for
+/// the biases), added to `grads` under each part's own parameters; returns `dx = dy W_cat` when
+/// `need_dx`.
+pub fn linear_cat_backward(
+    parts: &[&Linear],
+    x: &Tensor,
+    dy: &Tensor,
+    grads: &mut GradStore,
+    need_dx: bool,
+) -> Result<Option<Tensor>> {
+    let dims = x.dims();
+    let c_in = *dims.last().unwrap_or(&0);
+    let c_out: usize = parts.iter().map(|l| l.out_dim()).sum();
+    let n = x.elem_count() / c_in.max(1);
+    let dt = x.dtype();
+    let x2 = x.detach().reshape((n, c_in))?;
+    let dy2 = cast(&dy.detach(), dt)?.contiguous()?.reshape((n, c_out))?;
+    let dw = dy2.t()?.matmul(&x2)?; // [Σ c_out, c_in]
+    let db = if parts.iter().any(|l| l.bias.is_some()) {
+        Some(column_sum(&dy2)?)
+    } else {
+        None
+    };
+    let mut off = 0;
+    for l in parts {
+        let k = l.out_dim();
+        add_param_grad(grads, &l.weight, &dw.narrow(0, off, k)?.contiguous()?)?;
+        if let (Some(b), Some(db)) = (&l.bias, &db) {
+            add_param_grad(grads, b, &db.narrow(0, off, k)?.contiguous()?)?;
+        }
+        off += k;
+    }
+    if !need_dx {
+        return Ok(None);
+    }
+    let ws = parts
+        .iter()
+        .map(|l| cast(&l.weight.detach(), dt))
+        .collect::<Result<Vec<_>>>()?;
+    let w = Tensor::cat(&ws, 0)?; // [Σ c_out, c_in]
+    Ok(Some(dy2.matmul(&w)?.reshape(dims)?))
+}
