@@ -151,11 +151,10 @@ pub const MANUAL_REGISTRY: &[Entry] = &[
     single("PairTransition", run_pair_transition_manual),
     trunk("EvoformerBlock", run_evoformer_block_manual),
     trunk("ExtraMSABlock", run_extra_msa_block_manual),
+    single("OuterProductMean", run_opm_manual),
+    single("TriangleMultiplicationOutgoing", run_tri_mul_out_manual),
+    single("TriangleMultiplicationIncoming", run_tri_mul_in_manual),
 ];
-
-fn entry(class: &str) -> Option<&'static Entry> {
-    REGISTRY.iter().find(|e| e.class == class)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Harness shared by runners
@@ -397,6 +396,40 @@ fn run_opm(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let (m, mask) = (h.input("m")?, h.input("mask")?);
     let out = module.forward(&m, &mask)?;
     h.finish(vec![("z_update", out)])
+}
+
+fn run_opm_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = OuterProductMean::new(
+        h.vb(),
+        h.arg("c_m"),
+        h.arg("c_z"),
+        h.arg("c_hidden"),
+        h.argf("eps"),
+    )?;
+    let (m, mask) = (h.input("m")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&m, &mask)?;
+    h.finish_manual(vec![("z_update", out)], |cot, g| {
+        Ok(vec![("m", module.backward(saved, &cot[0], g)?)])
+    })
+}
+
+fn run_tri_mul_manual(fx: &Fixture, dt: DType, outgoing: bool) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = TriangleMultiplication::new(h.vb(), h.arg("c_z"), h.arg("c_hidden"), outgoing)?;
+    let (z, mask) = (h.input("z")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&z, &mask)?;
+    h.finish_manual(vec![("z_update", out)], |cot, g| {
+        Ok(vec![("z", module.backward(saved, &cot[0], g)?)])
+    })
+}
+
+fn run_tri_mul_out_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    run_tri_mul_manual(fx, dt, true)
+}
+
+fn run_tri_mul_in_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    run_tri_mul_manual(fx, dt, false)
 }
 
 fn run_tri_mul(fx: &Fixture, dt: DType, outgoing: bool) -> Result<Outcome> {
@@ -898,11 +931,23 @@ fn golden_modules_manual_f32() {
 /// fixture-documented structurally-zero ones (which must be ~0).
 #[test]
 fn golden_gradient_flow() {
+    gradient_flow(REGISTRY, 100);
+}
+
+/// [`golden_gradient_flow`] through the hand-written backward passes ([`MANUAL_REGISTRY`]).
+#[test]
+fn golden_gradient_flow_manual() {
+    gradient_flow(MANUAL_REGISTRY, 50);
+}
+
+/// Runs the fixtures of `registry`'s classes in f64 and checks that every parameter gradient is
+/// finite and non-zero (structurally-zero ones ~0); at least `min_checked` of them.
+fn gradient_flow(registry: &[Entry], min_checked: usize) {
     let mut failures = Vec::new();
     let mut checked = 0;
     for path in fixtures_in("modules") {
         let fx = Fixture::load(&path);
-        let Some(e) = entry(&fx.target()) else {
+        let Some(e) = registry.iter().find(|e| e.class == fx.target()) else {
             continue;
         };
         let sz = fx.structurally_zero();
@@ -928,7 +973,10 @@ fn golden_gradient_flow() {
             }
         }
     }
-    assert!(checked > 100, "only {checked} parameter gradients checked");
+    assert!(
+        checked > min_checked,
+        "only {checked} parameter gradients checked"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -4,8 +4,9 @@ use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::primitives::{mul_const, LayerNorm, Linear, LinearInit};
-use crate::error::Result;
+use super::primitives::{cast, mul_const, LayerNorm, Linear, LinearInit};
+use super::vjp::{linear_cat_backward, linear_cat_nograd};
+use crate::error::{Error, Result};
 
 /// Algorithm 10 (OpenFold `OuterProductMean`).
 #[derive(Debug, Clone)]
@@ -65,17 +66,7 @@ impl OuterProductMean {
     ) -> Result<Tensor> {
         let mask_a = &super::primitives::cast(mask_a, a.dtype())?;
         let mask_b = &super::primitives::cast(mask_b, a.dtype())?;
-        let (s, ri, c) = a.dims3()?;
-        let (_, rj, _) = b.dims3()?;
-        // outer[i, j, c1, c2] = Σ_s a[s, i, c1] b[s, j, c2] as one (Ri·C, S) x (S, Rj·C) matmul.
-        let a2 = a.reshape((s, ri * c))?.t()?; // [Ri*C, S] (transposed view)
-        let b2 = b.reshape((s, rj * c))?; // [S, Rj*C]
-        let outer = a2
-            .matmul(&b2)? // [Ri*C (i,c1), Rj*C (j,c2)]
-            .reshape((ri, c, rj, c))?
-            .transpose(1, 2)? // [Ri, Rj, c1, c2]
-            .contiguous()?
-            .reshape((ri, rj, c * c))?; // index c1*C + c2
+        let outer = outer_flat(a, b)?; // [Ri, Rj, C*C]
         let outer = self.linear_out.forward(&outer)?; // bias included before normalisation
                                                       // norm[i, j] = Σ_s mask[s, i] mask[s, j] + eps
         let norm = (mask_a.t()?.matmul(mask_b)? + self.eps)?.unsqueeze(2)?; // [Ri, Rj, 1]
@@ -83,22 +74,158 @@ impl OuterProductMean {
     }
 }
 
+/// `outer[i, j, c1·C + c2] = Σ_s a[s, i, c1] b[s, j, c2]` for `a` `[S, Ri, C]`, `b` `[S, Rj, C]`
+/// → `[Ri, Rj, C·C]`, as one `(Ri·C, S) × (S, Rj·C)` matmul.
+fn outer_flat(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (s, ri, c) = a.dims3()?;
+    let (_, rj, _) = b.dims3()?;
+    let a2 = a.reshape((s, ri * c))?.t()?; // [Ri*C, S] (transposed view)
+    let b2 = b.reshape((s, rj * c))?; // [S, Rj*C]
+    Ok(a2
+        .matmul(&b2)? // [Ri*C (i,c1), Rj*C (j,c2)]
+        .reshape((ri, c, rj, c))?
+        .transpose(1, 2)? // [Ri, Rj, c1, c2]
+        .contiguous()?
+        .reshape((ri, rj, c * c))?) // index c1*C + c2
+}
+
 /// What [`OuterProductMean::backward`] keeps from [`OuterProductMean::forward_saved`].
-pub struct OpmSaved(super::vjp::AutogradVjp);
+pub struct OpmSaved {
+    /// Input `[S, R, c_m]`.
+    m: Tensor,
+    /// `LN(m)` `[S, R, c_m]`.
+    ln: Tensor,
+    /// Masked projections `a = linear_1(ln)·mask`, `b = linear_2(ln)·mask`, each `[S, R, C]`.
+    a: Tensor,
+    b: Tensor,
+    /// Outer products (input of `linear_out`) `[R, R, C·C]`.
+    outer: Tensor,
+    /// `mask[..., None]` `[S, R, 1]` in the activation dtype.
+    mask3: Tensor,
+    /// `1 / (Σ_s mask[s, i] mask[s, j] + eps)` `[R, R, 1]`.
+    inv_norm: Tensor,
+}
 
 impl OuterProductMean {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
-    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    /// [`super::vjp`]). `linear_1` and `linear_2` run as one GEMM.
     pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, OpmSaved)> {
-        let mask = mask.detach();
-        let v = super::vjp::AutogradVjp::run(&[m], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
-        let y = super::vjp::first(v.outputs())?;
-        Ok((y, OpmSaved(v)))
+        let m = m.detach();
+        let mask = cast(&mask.detach(), m.dtype())?; // [S, R]
+        let c = self.c_hidden;
+        let ln = self.layer_norm.forward_nograd(&m)?; // [S, R, c_m]
+        let mask3 = mask.unsqueeze(2)?; // [S, R, 1]
+        let ab = linear_cat_nograd(&[&self.linear_1, &self.linear_2], &ln)?; // [S, R, 2C]
+        let a = ab.narrow(2, 0, c)?.broadcast_mul(&mask3)?; // [S, R, C]
+        let b = ab.narrow(2, c, c)?.broadcast_mul(&mask3)?; // [S, R, C]
+        drop(ab);
+        let outer = outer_flat(&a, &b)?; // [R, R, C*C]
+        let y0 = self.linear_out.forward_nograd(&outer)?; // [R, R, c_z]
+        let inv_norm = (mask.t()?.matmul(&mask)? + self.eps)?
+            .recip()?
+            .unsqueeze(2)?; // [R, R, 1]
+        let y = y0.broadcast_mul(&inv_norm)?;
+        let saved = OpmSaved {
+            m,
+            ln,
+            a,
+            b,
+            outer,
+            mask3,
+            inv_norm,
+        };
+        Ok((y, saved))
     }
 
-    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
-    /// gradient.
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `dm`.
+    ///
+    /// With `outer2 = a2ᵀ b2` (`a2` = `a` as `[S, Ri·C]`, `b2` = `b` as `[S, Rj·C]`) and `D` the
+    /// cotangent of `outer2` (`[Ri·C, Rj·C]`, from `linear_out`'s backward of the 1/norm-scaled
+    /// `dy`): `da2 = b2 Dᵀ`, `db2 = a2 D`; then the mask, the joint `linear_1`/`linear_2`
+    /// backward and the LayerNorm's.
     pub fn backward(&self, s: OpmSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        super::vjp::first(s.0.backward(&[dy], grads)?)
+        let OpmSaved {
+            m,
+            ln,
+            a,
+            b,
+            outer,
+            mask3,
+            inv_norm,
+        } = s;
+        let missing = || Error::Model("outer product mean backward: no dx".into());
+        let dt = a.dtype();
+        let (sn, ri, c) = a.dims3()?;
+        let rj = b.dims()[1];
+        let dy0 = cast(&dy.detach(), dt)?.broadcast_mul(&inv_norm)?; // [Ri, Rj, c_z]
+        let d_outer = self
+            .linear_out
+            .backward(&outer, &dy0, grads, true)?
+            .ok_or_else(missing)?; // [Ri, Rj, C*C]
+        drop((outer, dy0));
+        let d2 = d_outer
+            .reshape((ri, rj, c, c))?
+            .transpose(1, 2)? // [Ri, c1, Rj, c2]
+            .contiguous()?
+            .reshape((ri * c, rj * c))?;
+        drop(d_outer);
+        let a2 = a.reshape((sn, ri * c))?; // [S, Ri*C]
+        let b2 = b.reshape((sn, rj * c))?; // [S, Rj*C]
+        let da = b2.matmul(&d2.t()?)?.reshape((sn, ri, c))?; // [S, Ri, C]
+        let db = a2.matmul(&d2)?.reshape((sn, rj, c))?; // [S, Rj, C]
+        drop(d2);
+        // Masked rows: the projections' cotangents vanish there.
+        let dab = Tensor::cat(&[&da, &db], 2)?.broadcast_mul(&mask3)?; // [S, R, 2C]
+        drop((da, db));
+        let dln = linear_cat_backward(&[&self.linear_1, &self.linear_2], &ln, &dab, grads, true)?
+            .ok_or_else(missing)?;
+        drop(dab);
+        self.layer_norm.backward(&m, &dln, grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_tensor, randomize};
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// Hand-written vs autograd gradients in f64 with padding: the last MSA row and the last
+    /// residue fully masked, plus scattered zeros (pairs whose mean has no sequence at all).
+    #[test]
+    fn manual_backward_matches_autograd_with_padding() {
+        let dev = Device::Cpu;
+        let (s, r, c_m, c_z, c) = (5, 7, 6, 4, 3);
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+        let opm = OuterProductMean::new(vb, c_m, c_z, c, 1e-3).unwrap();
+        randomize(&vm, 7).unwrap();
+        let m = random_tensor(&[s, r, c_m], 2.0, 11, DType::F64, &dev).unwrap();
+        let mut mask = random_tensor(&[s, r], 1.0, 12, DType::F64, &dev)
+            .unwrap()
+            .ge(-0.6)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        for (si, row) in mask.iter_mut().enumerate() {
+            row[r - 1] = 0.0;
+            if si == s - 1 {
+                row.iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+        let mask = Tensor::new(mask, &dev).unwrap();
+        crate::model::vjp::assert_manual_matches_autograd(
+            &vm,
+            &m,
+            |x| opm.forward(x, &mask),
+            |x, dy, g| {
+                let (y, saved) = opm.forward_saved(x, &mask)?;
+                Ok((y, opm.backward(saved, dy, g)?))
+            },
+            1e-12,
+        );
     }
 }

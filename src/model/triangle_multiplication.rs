@@ -4,8 +4,11 @@ use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::primitives::{mul_const, sigmoid, LayerNorm, Linear, LinearInit};
-use crate::error::Result;
+use super::primitives::{cast, mul_const, sigmoid, LayerNorm, Linear, LinearInit};
+use super::vjp::{
+    gate_bwd, gate_nograd, linear_cat_backward, linear_cat_nograd, sigmoid_bwd_from_output,
+};
+use crate::error::{Error, Result};
 
 /// Triangle multiplicative update (OpenFold `TriangleMultiplicativeUpdate`); `outgoing` selects
 /// Algorithm 11 (`x[i,j] = Σ_k a[i,k] b[j,k]`) or Algorithm 12 (`x[i,j] = Σ_k a[k,i] b[k,j]`).
@@ -71,41 +74,212 @@ impl TriangleMultiplication {
     /// `[I, J, c_z]`. Outgoing: `a` `[I, K, C]`, `b` `[J, K, C]`; incoming: `a` `[K, I, C]`,
     /// `b` `[K, J, C]` (under DAP one of them is all-gathered, the other is this rank's part).
     pub fn combine(&self, zln: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        // Channel-first batched matmul: [C, I, K] x [C, K, J] → [C, I, J].
-        let (a_cik, b_ckj) = if self.outgoing {
-            // x[i,j,c] = Σ_k a[i,k,c] b[j,k,c]
-            (a.permute((2, 0, 1))?, b.permute((2, 1, 0))?)
-        } else {
-            // x[i,j,c] = Σ_k a[k,i,c] b[k,j,c]
-            (a.permute((2, 1, 0))?, b.permute((2, 0, 1))?)
-        };
-        let x = a_cik
-            .contiguous()?
-            .matmul(&b_ckj.contiguous()?)?
-            .permute((1, 2, 0))?
-            .contiguous()?; // [I, J, C]
+        let (a_cik, b_ckj) = self.channel_first(a, b)?;
+        let x = triangle_product(&a_cik, &b_ckj)?; // [I, J, C]
         let x = self.linear_z.forward(&self.layer_norm_out.forward(&x)?)?;
         // x * sigmoid(linear_g(zln)): one fused kernel on CUDA.
         crate::kernels::gate::gate(&x, &self.linear_g.forward(zln)?)
     }
 }
 
+impl TriangleMultiplication {
+    /// The einsum operands channel-first and contiguous: `(a_cik [C, I, K], b_ckj [C, K, J])`.
+    /// Outgoing: `x[i,j,c] = Σ_k a[i,k,c] b[j,k,c]`; incoming: `x[i,j,c] = Σ_k a[k,i,c] b[k,j,c]`.
+    fn channel_first(&self, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (a_cik, b_ckj) = if self.outgoing {
+            (a.permute((2, 0, 1))?, b.permute((2, 1, 0))?)
+        } else {
+            (a.permute((2, 1, 0))?, b.permute((2, 0, 1))?)
+        };
+        Ok((a_cik.contiguous()?, b_ckj.contiguous()?))
+    }
+
+    /// The five projections of `LN_in(z)`, in the order of the joint GEMM of
+    /// [`Self::forward_saved`]: `a_p, a_g, b_p, b_g` (`c_hidden` each) and the gate `g` (`c_z`).
+    fn projections(&self) -> [&Linear; 5] {
+        [
+            &self.linear_a_p,
+            &self.linear_a_g,
+            &self.linear_b_p,
+            &self.linear_b_g,
+            &self.linear_g,
+        ]
+    }
+}
+
+/// Channel-first batched matmul `[C, I, K] × [C, K, J] → [C, I, J]`, returned as `[I, J, C]`.
+fn triangle_product(a_cik: &Tensor, b_ckj: &Tensor) -> Result<Tensor> {
+    Ok(a_cik.matmul(b_ckj)?.permute((1, 2, 0))?.contiguous()?)
+}
+
 /// What [`TriangleMultiplication::backward`] keeps from [`TriangleMultiplication::forward_saved`].
-pub struct TriMulSaved(super::vjp::AutogradVjp);
+pub struct TriMulSaved {
+    /// Input `[I, J, c_z]`.
+    z: Tensor,
+    /// `LN_in(z)` `[I, J, c_z]`.
+    zln: Tensor,
+    /// The joint projection of `zln` `[I, J, 4C + c_z]`: `a_p, a_g, b_p, b_g` (pre-sigmoid) and
+    /// the gate logits (see [`TriangleMultiplication::projections`]).
+    proj: Tensor,
+    /// Gate logits `[I, J, c_z]` (contiguous copy of the last part of `proj`).
+    g: Tensor,
+    /// `mask[..., None]` `[I, J, 1]` in the activation dtype.
+    mask3: Tensor,
+    /// Einsum operands, channel-first: `[C, I, K]` and `[C, K, J]`.
+    a_cik: Tensor,
+    b_ckj: Tensor,
+    /// Triangle product `x` `[I, J, C]`, `LN_out(x)`, and `linear_z(LN_out(x))` `[I, J, c_z]`.
+    x: Tensor,
+    xo: Tensor,
+    y0: Tensor,
+}
 
 impl TriangleMultiplication {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
-    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    /// [`super::vjp`]). The five projections of `LN_in(z)` run as one GEMM.
     pub fn forward_saved(&self, z: &Tensor, mask: &Tensor) -> Result<(Tensor, TriMulSaved)> {
-        let mask = mask.detach();
-        let v = super::vjp::AutogradVjp::run(&[z], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
-        let y = super::vjp::first(v.outputs())?;
-        Ok((y, TriMulSaved(v)))
+        let z = z.detach();
+        let c = self.layer_norm_out.weight.dims1()?;
+        let c_z = self.linear_g.out_dim();
+        let mask3 = cast(&mask.detach(), z.dtype())?.unsqueeze(2)?; // [I, J, 1]
+        let zln = self.layer_norm_in.forward_nograd(&z)?; // [I, J, c_z]
+        let proj = linear_cat_nograd(&self.projections(), &zln)?; // [I, J, 4C + c_z]
+        let part = |k: usize| proj.narrow(2, k * c, c);
+        // a = sigmoid(a_g) · mask · a_p, b likewise: [I, J, C].
+        let a = sigmoid(&part(1)?)?.broadcast_mul(&mask3)?.mul(&part(0)?)?;
+        let b = sigmoid(&part(3)?)?.broadcast_mul(&mask3)?.mul(&part(2)?)?;
+        let (a_cik, b_ckj) = self.channel_first(&a, &b)?;
+        drop((a, b));
+        let x = triangle_product(&a_cik, &b_ckj)?; // [I, J, C]
+        let xo = self.layer_norm_out.forward_nograd(&x)?;
+        let y0 = self.linear_z.forward_nograd(&xo)?; // [I, J, c_z]
+        let g = proj.narrow(2, 4 * c, c_z)?.contiguous()?;
+        let y = gate_nograd(&y0, &g)?;
+        let saved = TriMulSaved {
+            z,
+            zln,
+            proj,
+            g,
+            mask3,
+            a_cik,
+            b_ckj,
+            x,
+            xo,
+            y0,
+        };
+        Ok((y, saved))
     }
 
-    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
-    /// gradient.
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `dz`.
+    ///
+    /// With `X = A B` per channel (`A = a_cik`, `B = b_ckj`): `dA = dX Bᵀ`, `dB = Aᵀ dX`, then
+    /// back to the pair layout; `a = s·mask·a_p` with `s = sigmoid(a_g)` gives
+    /// `da_p = da·mask·s`, `da_g = da·mask·a_p·s·(1 − s)` (and `b` likewise). The five
+    /// projection cotangents go through one joint GEMM backward, then `LN_in`'s.
     pub fn backward(&self, s: TriMulSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        super::vjp::first(s.0.backward(&[dy], grads)?)
+        let TriMulSaved {
+            z,
+            zln,
+            proj,
+            g,
+            mask3,
+            a_cik,
+            b_ckj,
+            x,
+            xo,
+            y0,
+        } = s;
+        let missing = || Error::Model("triangle multiplication backward: no dx".into());
+        let c = x.dims3()?.2;
+        let dy = cast(&dy.detach(), x.dtype())?;
+        let (dy0, dg) = gate_bwd(&y0, &g, &dy)?;
+        drop((y0, g, dy));
+        let dxo = self
+            .linear_z
+            .backward(&xo, &dy0, grads, true)?
+            .ok_or_else(missing)?;
+        drop((xo, dy0));
+        let dx = self.layer_norm_out.backward(&x, &dxo, grads)?; // [I, J, C]
+        drop((x, dxo));
+        let dx_cij = dx.permute((2, 0, 1))?.contiguous()?; // [C, I, J]
+        drop(dx);
+        let da_cik = dx_cij.matmul(&b_ckj.transpose(1, 2)?)?; // [C, I, K]
+        drop(b_ckj);
+        let db_ckj = a_cik.transpose(1, 2)?.matmul(&dx_cij)?; // [C, K, J]
+        drop((a_cik, dx_cij));
+        // Back to the pair layout (views): outgoing a[i,k,c], b[j,k,c]; incoming a[k,i,c], b[k,j,c].
+        let (da, db) = if self.outgoing {
+            (da_cik.permute((1, 2, 0))?, db_ckj.permute((2, 1, 0))?)
+        } else {
+            (da_cik.permute((2, 1, 0))?, db_ckj.permute((1, 2, 0))?)
+        };
+        let part = |k: usize| proj.narrow(2, k * c, c);
+        // (d_p, d_g) of `sigmoid(gl)·mask·p` for the cotangent `d`.
+        let gated_bwd = |d: &Tensor, p: &Tensor, gl: &Tensor| -> Result<(Tensor, Tensor)> {
+            let dm = d.broadcast_mul(&mask3)?;
+            let sg = sigmoid(gl)?;
+            let d_p = (&dm * &sg)?;
+            let d_g = sigmoid_bwd_from_output(&(dm * p)?, &sg)?;
+            Ok((d_p, d_g))
+        };
+        let (d_ap, d_ag) = gated_bwd(&da, &part(0)?, &part(1)?)?;
+        drop((da, da_cik));
+        let (d_bp, d_bg) = gated_bwd(&db, &part(2)?, &part(3)?)?;
+        drop((db, db_ckj, proj));
+        let dproj = Tensor::cat(&[&d_ap, &d_ag, &d_bp, &d_bg, &dg], 2)?; // [I, J, 4C + c_z]
+        drop((d_ap, d_ag, d_bp, d_bg, dg));
+        let dzln = linear_cat_backward(&self.projections(), &zln, &dproj, grads, true)?
+            .ok_or_else(missing)?;
+        drop((zln, dproj));
+        self.layer_norm_in.backward(&z, &dzln, grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_tensor, randomize};
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// Hand-written vs autograd gradients in f64, outgoing and incoming, with the last two
+    /// residues padded (their pair rows and columns masked) plus scattered zeros.
+    #[test]
+    fn manual_backward_matches_autograd_with_padding() {
+        let dev = Device::Cpu;
+        let (r, c_z, c) = (7, 6, 5);
+        let mut mask = random_tensor(&[r, r], 1.0, 21, DType::F64, &dev)
+            .unwrap()
+            .ge(-0.7)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        for (i, row) in mask.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                if i >= r - 2 || j >= r - 2 {
+                    *v = 0.0;
+                }
+            }
+        }
+        let mask = Tensor::new(mask, &dev).unwrap();
+        for outgoing in [true, false] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+            let tm = TriangleMultiplication::new(vb, c_z, c, outgoing).unwrap();
+            randomize(&vm, 3).unwrap();
+            let z = random_tensor(&[r, r, c_z], 2.0, 5, DType::F64, &dev).unwrap();
+            crate::model::vjp::assert_manual_matches_autograd(
+                &vm,
+                &z,
+                |x| tm.forward(x, &mask),
+                |x, dy, g| {
+                    let (y, saved) = tm.forward_saved(x, &mask)?;
+                    Ok((y, tm.backward(saved, dy, g)?))
+                },
+                1e-12,
+            );
+        }
     }
 }

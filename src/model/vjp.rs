@@ -302,3 +302,147 @@ impl AutogradVjp {
         Ok(d_in)
     }
 }
+
+/// Several [`Linear`]s reading the same input, applied as one GEMM: the weights (detached, cast
+/// to `x`'s dtype) are concatenated along the output dimension in `parts` order, so the output is
+/// `[*, Σ c_out]` with part `k` at columns `offset_k..offset_k + c_out_k`. A part without a bias
+/// gets zeros there. No graph is built.
+pub fn linear_cat_nograd(parts: &[&Linear], x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let ws = parts
+        .iter()
+        .map(|l| cast(&l.weight.detach(), dt))
+        .collect::<Result<Vec<_>>>()?;
+    let bias = if parts.iter().any(|l| l.bias.is_some()) {
+        let bs = parts
+            .iter()
+            .map(|l| match &l.bias {
+                Some(b) => cast(&b.detach(), dt),
+                None => Ok(Tensor::zeros(l.out_dim(), dt, x.device())?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&bs, 0)?)
+    } else {
+        None
+    };
+    Linear {
+        weight: Tensor::cat(&ws, 0)?,
+        bias,
+    }
+    .forward(&x.detach())
+}
+
+/// Backward of [`linear_cat_nograd`] at input `x` with the output cotangent `dy` `[*, Σ c_out]`:
+/// one `dyᵀ x` GEMM whose rows are split into each part's weight gradient (and one column sum for
+/// the biases), added to `grads` under each part's own parameters; returns `dx = dy W_cat` when
+/// `need_dx`.
+pub fn linear_cat_backward(
+    parts: &[&Linear],
+    x: &Tensor,
+    dy: &Tensor,
+    grads: &mut GradStore,
+    need_dx: bool,
+) -> Result<Option<Tensor>> {
+    let dims = x.dims();
+    let c_in = *dims.last().unwrap_or(&0);
+    let c_out: usize = parts.iter().map(|l| l.out_dim()).sum();
+    let n = x.elem_count() / c_in.max(1);
+    let dt = x.dtype();
+    let x2 = x.detach().reshape((n, c_in))?;
+    let dy2 = cast(&dy.detach(), dt)?.contiguous()?.reshape((n, c_out))?;
+    let dw = dy2.t()?.matmul(&x2)?; // [Σ c_out, c_in]
+    let db = if parts.iter().any(|l| l.bias.is_some()) {
+        Some(column_sum(&dy2)?)
+    } else {
+        None
+    };
+    let mut off = 0;
+    for l in parts {
+        let k = l.out_dim();
+        add_param_grad(grads, &l.weight, &dw.narrow(0, off, k)?.contiguous()?)?;
+        if let (Some(b), Some(db)) = (&l.bias, &db) {
+            add_param_grad(grads, b, &db.narrow(0, off, k)?.contiguous()?)?;
+        }
+        off += k;
+    }
+    if !need_dx {
+        return Ok(None);
+    }
+    let ws = parts
+        .iter()
+        .map(|l| cast(&l.weight.detach(), dt))
+        .collect::<Result<Vec<_>>>()?;
+    let w = Tensor::cat(&ws, 0)?; // [Σ c_out, c_in]
+    Ok(Some(dy2.matmul(&w)?.reshape(dims)?))
+}
+
+/// Test helper: the hand-written backward of a module against candle's autograd on the same
+/// parameters `vm` and input `x`. `autograd(x)` is the module's `forward` (a graph through `x`
+/// and the parameters); `manual(x, dy, grads)` runs `forward_saved` + `backward` for the output
+/// cotangent `dy` and returns `(y, dx)`. Asserts that outputs, input gradients and every
+/// parameter gradient agree to relative max-norm error `tol`, and that every parameter gets a
+/// gradient.
+#[cfg(test)]
+pub(crate) fn assert_manual_matches_autograd(
+    vm: &candle_nn::VarMap,
+    x: &Tensor,
+    autograd: impl Fn(&Tensor) -> Result<Tensor>,
+    manual: impl FnOnce(&Tensor, &Tensor, &mut GradStore) -> Result<(Tensor, Tensor)>,
+    tol: f64,
+) {
+    use super::params::sorted_vars;
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let scalar = |t: Tensor| -> f64 {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.to_scalar::<f64>())
+                .unwrap_or(f64::NAN)
+        };
+        let diff = scalar(
+            (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap(),
+        );
+        let norm = scalar(
+            b.to_dtype(DType::F64)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap(),
+        );
+        diff / norm.max(1e-300)
+    }
+    let xv = Var::from_tensor(&x.detach()).unwrap();
+    let y_ref = autograd(xv.as_tensor()).unwrap();
+    let dy = Tensor::randn(0.0, 1.0, y_ref.shape(), y_ref.device())
+        .unwrap()
+        .to_dtype(y_ref.dtype())
+        .unwrap();
+    let g_ref = backward_vars(&vjp_loss(&[(&y_ref, &dy)]).unwrap()).unwrap();
+    let mut g = GradStore::default();
+    let (y, dx) = manual(x, &dy, &mut g).unwrap();
+    let mut report = vec![("output".to_string(), rel(&y, &y_ref))];
+    let dx_ref = g_ref
+        .get(xv.as_tensor())
+        .expect("autograd: no input gradient");
+    report.push(("input".to_string(), rel(&dx, dx_ref)));
+    for (name, v) in sorted_vars(vm) {
+        let want = g_ref
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("autograd: no gradient for {name}"));
+        let got = g
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("manual: no gradient for {name}"));
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        report.push((name, rel(got, want)));
+    }
+    for (name, r) in &report {
+        assert!(
+            r.is_finite() && *r <= tol,
+            "{name}: rel {r:e} > {tol:e}\n{report:?}"
+        );
+    }
+}
