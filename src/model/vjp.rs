@@ -302,3 +302,11 @@ impl AutogradVjp {
         Ok(d_in)
     }
 }
+
+/// The gradient of a bias added over the last dimension: `dy` `[*, c]` summed over all leading
+/// dimensions → `[c]` (deterministic; a ones-vector matmul on CUDA, as in [`Linear::backward`]).
+pub fn bias_grad(dy: &Tensor) -> Result<Tensor> {
+    let c = *dy.dims().last().unwrap_or(&0);
+    let n = dy.elem_count() / c.max(1);
+    column_sum(&dy.detach().contiguous()?.reshape((n, c))?)
+}
