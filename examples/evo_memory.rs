@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: 1e-8,
+        backward: ferrofold::config::TrunkBackward::Manual,
     };
     let dev = Device::Cpu;
     let vm = VarMap::new();

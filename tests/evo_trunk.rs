@@ -35,6 +35,7 @@ fn stack_config(fx: &Fixture, blocks: usize) -> BlockConfig {
         inf: 1e9,
         eps_opm: 1e-3,
         eps_global: fx.arg_f64("eps"),
+        backward: ferrofold::config::TrunkBackward::Manual,
     }
 }
 
@@ -439,6 +440,7 @@ fn block_config_from_json(j: &serde_json::Value) -> BlockConfig {
         inf: f("inf"),
         eps_opm: 1e-3,
         eps_global: f("eps"),
+        backward: ferrofold::config::TrunkBackward::Manual,
     }
 }
 

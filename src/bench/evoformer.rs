@@ -133,7 +133,8 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
     if a.tf32 {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
     }
-    let cfg = a.dims.block_config(a.blocks);
+    let mut cfg = a.dims.block_config(a.blocks);
+    cfg.backward = a.backward.into();
     let (_vm, blocks) = build_blocks(&cfg, &dev, a.seed)?;
     let x = make_inputs(a.n_seq, a.n_res, &cfg, a.dtype.dtype(), &dev, a.seed)?;
     dev.synchronize()?;
@@ -227,6 +228,9 @@ fn timing(pass: &'static str, mut ms: Vec<f64>, flops: f64, peak_bytes: Option<u
 /// Sub-module `op` (index into [`BLOCK_OPS`]) of `b` alone on the bench inputs (its update only,
 /// no residual); with `backward`, also the gradients of its inputs and parameters.
 fn run_op(b: &EvoformerBlock, op: usize, x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
+    if backward && b.backward == crate::config::TrunkBackward::Manual {
+        return run_op_manual(b, op, x);
+    }
     let m = candle_core::Var::from_tensor(&x.m)?;
     let z = candle_core::Var::from_tensor(&x.z)?;
     let (m, z) = (m.as_tensor(), z.as_tensor());
@@ -251,6 +255,54 @@ fn run_op(b: &EvoformerBlock, op: usize, x: &Inputs, backward: bool) -> Result<V
     Ok(vec![out])
 }
 
+/// [`run_op`] forward+backward through the hand-written backward (`forward_saved` + `backward`).
+fn run_op_manual(b: &EvoformerBlock, op: usize, x: &Inputs) -> Result<Vec<Tensor>> {
+    let mut g = candle_core::backprop::GradStore::default();
+    let ps = &b.pair_stack;
+    let (m, z) = (&x.m, &x.z);
+    let (mm, pm) = (&x.msa_mask, &x.pair_mask);
+    let (out, d) = match op {
+        0 => {
+            let (o, s) = b.msa_att_row.forward_saved(m, z, mm)?;
+            let (dm, _dz) = b.msa_att_row.backward(s, &x.dm, &mut g)?;
+            (o, dm)
+        }
+        1 => {
+            let (o, s) = b.msa_att_col.forward_saved(m, mm)?;
+            (o, b.msa_att_col.backward(s, &x.dm, &mut g)?)
+        }
+        2 => {
+            let (o, s) = b.msa_transition.forward_saved(m, None)?;
+            (o, b.msa_transition.backward(s, &x.dm, &mut g)?)
+        }
+        3 => {
+            let (o, s) = b.outer_product_mean.forward_saved(m, mm)?;
+            (o, b.outer_product_mean.backward(s, &x.dz, &mut g)?)
+        }
+        4 => {
+            let (o, s) = ps.tri_mul_out.forward_saved(z, pm)?;
+            (o, ps.tri_mul_out.backward(s, &x.dz, &mut g)?)
+        }
+        5 => {
+            let (o, s) = ps.tri_mul_in.forward_saved(z, pm)?;
+            (o, ps.tri_mul_in.backward(s, &x.dz, &mut g)?)
+        }
+        6 => {
+            let (o, s) = ps.tri_att_start.forward_saved(z, pm)?;
+            (o, ps.tri_att_start.backward(s, &x.dz, &mut g)?)
+        }
+        7 => {
+            let (o, s) = ps.tri_att_end.forward_saved(z, pm)?;
+            (o, ps.tri_att_end.backward(s, &x.dz, &mut g)?)
+        }
+        _ => {
+            let (o, s) = ps.pair_transition.forward_saved(z, None)?;
+            (o, ps.pair_transition.backward(s, &x.dz, &mut g)?)
+        }
+    };
+    Ok(vec![out, d])
+}
+
 fn describe_device(dev: &Device) -> String {
     match dev {
         Device::Cpu => "cpu".into(),
@@ -267,8 +319,8 @@ fn mib(b: Option<u64>) -> String {
 /// The printed report of `bench evoformer` (a table plus one `RESULT` line per pass).
 pub fn format_evoformer(a: &EvoformerBenchArgs, b: &EvoformerBench) -> String {
     let mut s = format!(
-        "bench evoformer: device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} iters={} warmup={} tf32={}\n",
-        b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.iters, a.warmup, a.tf32
+        "bench evoformer: device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} backward={:?} iters={} warmup={} tf32={}\n",
+        b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.backward, a.iters, a.warmup, a.tf32
     )
     .to_lowercase();
     s += &format!(
@@ -310,8 +362,8 @@ pub fn format_evoformer(a: &EvoformerBenchArgs, b: &EvoformerBench) -> String {
     }
     for p in &b.passes {
         s += &format!(
-            "RESULT bench=evoformer device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} pass={} median_ms={:.3} tflops={:.2} peak_mib={}\n",
-            b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, p.pass, p.median_ms, p.tflops(), mib(p.peak_bytes)
+            "RESULT bench=evoformer device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} backward={:?} pass={} median_ms={:.3} tflops={:.2} peak_mib={}\n",
+            b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.backward, p.pass, p.median_ms, p.tflops(), mib(p.peak_bytes)
         )
         .to_lowercase()
         .replace("result bench", "RESULT bench");

@@ -134,6 +134,22 @@ impl From<BenchRemat> for Remat {
     }
 }
 
+/// How the trunk blocks are differentiated (see [`crate::config::TrunkBackward`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackward {
+    Manual,
+    Autograd,
+}
+
+impl From<BenchBackward> for crate::config::TrunkBackward {
+    fn from(b: BenchBackward) -> Self {
+        match b {
+            BenchBackward::Manual => Self::Manual,
+            BenchBackward::Autograd => Self::Autograd,
+        }
+    }
+}
+
 /// Device to run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchDevice {
@@ -235,6 +251,9 @@ pub struct EvoformerBenchArgs {
     pub dtype: BenchDtype,
     #[arg(long, value_enum, default_value_t = BenchRemat::None)]
     pub remat: BenchRemat,
+    /// Hand-written trunk backward (`manual`) or candle's autograd.
+    #[arg(long, value_enum, default_value_t = BenchBackward::Manual)]
+    pub backward: BenchBackward,
     /// Timed iterations (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub iters: usize,

@@ -76,6 +76,9 @@ pub struct StepBenchArgs {
     pub precision: StepPrecision,
     #[arg(long, value_enum, default_value_t = super::BenchRemat::Block)]
     pub remat: super::BenchRemat,
+    /// Hand-written trunk backward (`manual`) or candle's autograd.
+    #[arg(long, value_enum, default_value_t = super::BenchBackward::Manual)]
+    pub backward: super::BenchBackward,
     /// Dropout as in training (`--no-dropout`: eval-like, no masks).
     #[arg(long)]
     pub no_dropout: bool,
@@ -172,6 +175,7 @@ pub fn step_config(a: &StepBenchArgs) -> Config {
     m.structure.no_blocks = a.sm_layers;
     m.recycling.max_iters = a.recycles;
     m.remat = Remat::from(a.remat);
+    m.backward = a.backward.into();
     if a.tiny {
         m.c_m = 16;
         m.c_z = 8;

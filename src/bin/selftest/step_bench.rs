@@ -81,6 +81,11 @@ fn bench_args() -> Result<StepBenchArgs> {
         recycles: env_usize("STEP_RECYCLES", 0),
         precision,
         remat: remat_of(&env_str("STEP_REMAT", "block"))?,
+        backward: match env_str("STEP_BACKWARD", "manual").as_str() {
+            "manual" => ferrofold::bench::BenchBackward::Manual,
+            "autograd" => ferrofold::bench::BenchBackward::Autograd,
+            o => bail!("STEP_BACKWARD {o}: expected manual or autograd"),
+        },
         no_dropout: env_str("STEP_DROPOUT", "1") == "0",
         tiny: env_str("STEP_TINY", "0") == "1",
         graphs: GraphMode::Off,
