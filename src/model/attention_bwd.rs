@@ -417,27 +417,44 @@ mod tests {
     /// Every parameter random (the zero gating/final inits would hide bugs).
     fn randomise(vm: &VarMap) {
         for (_, v) in sorted_vars(vm) {
-            let t = Tensor::randn(0f64, 0.5, v.shape(), &Device::Cpu).unwrap();
+            let t = Tensor::randn(0f64, 0.5, v.shape(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(v.dtype())
+                .unwrap();
             v.set(&t).unwrap();
         }
     }
 
     fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let (a, b) = (
+            a.to_dtype(DType::F64).unwrap(),
+            b.to_dtype(DType::F64).unwrap(),
+        );
+        let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
         let m = b.abs().unwrap().max_all().unwrap();
         d.to_scalar::<f64>().unwrap() / m.to_scalar::<f64>().unwrap().max(1e-300)
     }
 
+    fn randn(dims: &[usize], dt: DType) -> Tensor {
+        Tensor::randn(0f64, 1.0, dims, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    }
+
     /// A `[B, N]` mask with batch 0 fully masked (fully-masked rows) and a few other zeros.
-    fn mask(b: usize, n: usize) -> Tensor {
+    fn mask(b: usize, n: usize, dt: DType) -> Tensor {
         let v: Vec<f64> = (0..b * n)
             .map(|i| if i < n || i % 5 == 3 { 0.0 } else { 1.0 })
             .collect();
-        Tensor::from_vec(v, (b, n), &Device::Cpu).unwrap()
+        Tensor::from_vec(v, (b, n), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
     }
 
-    /// Compare the manual parameter gradients with autograd's.
-    fn check_params(vm: &VarMap, auto: &GradStore, manual: &GradStore) {
+    /// Compare the manual parameter gradients with autograd's (same dtype as the parameter).
+    fn check_params(vm: &VarMap, auto: &GradStore, manual: &GradStore, tol: f64) {
         for (name, v) in sorted_vars(vm) {
             let a = auto
                 .get(v.as_tensor())
@@ -446,25 +463,27 @@ mod tests {
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("no manual gradient for {name}"));
             assert_eq!(a.dims(), m.dims(), "{name}");
+            assert_eq!(m.dtype(), v.dtype(), "{name}");
             let r = rel(m, a);
-            assert!(r < 1e-12, "{name}: rel {r:e}");
+            assert!(r < tol, "{name}: rel {r:e}");
         }
     }
 
-    #[test]
-    fn attention_manual_backward_matches_autograd() {
+    /// `Attention` with the mask bias (one fully-masked batch) and two gradient biases, manual vs
+    /// autograd; parameters in `pdt`, activations in `adt`.
+    fn attention_case(pdt: DType, adt: DType, tol: f64) {
         let dev = Device::Cpu;
         let (b, n, cin, c, h) = (3, 7, 6, 4, 2);
         let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+        let vb = VarBuilder::from_varmap(&vm, pdt, &dev);
         let att = Attention::new(vb.pp("mha"), cin, cin, c, h).unwrap();
         randomise(&vm);
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, n, cin), &dev).unwrap()).unwrap();
-        // Two grad biases after the mask: a pair bias [1, H, N, N] and a per-batch [B, 1, 1, N].
-        let pb = Var::from_tensor(&Tensor::randn(0f64, 1.0, (1, h, n, n), &dev).unwrap()).unwrap();
-        let kb = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, 1, 1, n), &dev).unwrap()).unwrap();
-        let mask = mask(b, n);
-        let cot = Tensor::randn(0f64, 1.0, (b, n, cin), &dev).unwrap();
+        let x = Var::from_tensor(&randn(&[b, n, cin], adt)).unwrap();
+        // A pair bias [1, H, N, N] and a per-batch [B, 1, 1, N], both differentiated.
+        let pb = Var::from_tensor(&randn(&[1, h, n, n], adt)).unwrap();
+        let kb = Var::from_tensor(&randn(&[b, 1, 1, n], adt)).unwrap();
+        let mask = mask(b, n, adt);
+        let cot = randn(&[b, n, cin], adt);
 
         let out = att
             .forward_masked(x.as_tensor(), &mask, 1e9, &[pb.as_tensor(), kb.as_tensor()])
@@ -484,31 +503,33 @@ mod tests {
                 &[(pb.as_tensor(), true), (kb.as_tensor(), true)],
             )
             .unwrap();
-        assert!(rel(&y, &out) < 1e-13, "forward {}", rel(&y, &out));
+        assert_eq!(y.dtype(), adt);
+        assert!(rel(&y, &out) < tol, "forward {}", rel(&y, &out));
         let mut store = GradStore::default();
         let g = att.backward(saved, &cot, &mut store).unwrap();
-        check_params(&vm, &auto, &store);
+        check_params(&vm, &auto, &store, tol);
+        assert_eq!(g.dx.dtype(), adt);
         let r = rel(&g.dx, auto.get(x.as_tensor()).unwrap());
-        assert!(r < 1e-12, "dx rel {r:e}");
+        assert!(r < tol, "dx rel {r:e}");
         assert_eq!(g.d_biases.len(), 2);
         for (d, v) in g.d_biases.iter().zip([&pb, &kb]) {
             assert_eq!(d.dims(), v.dims());
             let r = rel(d, auto.get(v.as_tensor()).unwrap());
-            assert!(r < 1e-12, "bias rel {r:e}");
+            assert!(r < tol, "bias rel {r:e}");
         }
     }
 
-    #[test]
-    fn global_attention_manual_backward_matches_autograd() {
+    /// `GlobalAttention` with one fully-masked batch element, manual vs autograd.
+    fn global_case(pdt: DType, adt: DType, tol: f64) {
         let dev = Device::Cpu;
         let (b, n, cin, c, h) = (4, 9, 6, 3, 2);
         let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+        let vb = VarBuilder::from_varmap(&vm, pdt, &dev);
         let att = GlobalAttention::new(vb.pp("ga"), cin, c, h, 1e9, 1e-10).unwrap();
         randomise(&vm);
-        let m = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, n, cin), &dev).unwrap()).unwrap();
-        let mask = mask(b, n);
-        let cot = Tensor::randn(0f64, 1.0, (b, n, cin), &dev).unwrap();
+        let m = Var::from_tensor(&randn(&[b, n, cin], adt)).unwrap();
+        let mask = mask(b, n, adt);
+        let cot = randn(&[b, n, cin], adt);
         let out = att.forward(m.as_tensor(), &mask).unwrap();
         let auto = (&out * &cot)
             .unwrap()
@@ -517,11 +538,30 @@ mod tests {
             .backward()
             .unwrap();
         let (y, saved) = att.forward_saved(m.as_tensor(), &mask).unwrap();
-        assert!(rel(&y, &out) < 1e-13, "forward {}", rel(&y, &out));
+        assert!(rel(&y, &out) < tol, "forward {}", rel(&y, &out));
         let mut store = GradStore::default();
         let dm = att.backward(saved, &cot, &mut store).unwrap();
-        check_params(&vm, &auto, &store);
+        check_params(&vm, &auto, &store, tol);
+        assert_eq!(dm.dtype(), adt);
         let r = rel(&dm, auto.get(m.as_tensor()).unwrap());
-        assert!(r < 1e-12, "dm rel {r:e}");
+        assert!(r < tol, "dm rel {r:e}");
+    }
+
+    #[test]
+    fn attention_manual_backward_matches_autograd() {
+        attention_case(DType::F64, DType::F64, 1e-12);
+    }
+
+    #[test]
+    fn global_attention_manual_backward_matches_autograd() {
+        global_case(DType::F64, DType::F64, 1e-12);
+    }
+
+    /// f32 master parameters with bf16 activations (the GPU training setup; CPU twin paths): the
+    /// dtypes flow through and the results agree with autograd to bf16 precision.
+    #[test]
+    fn attention_manual_backward_bf16_activations() {
+        attention_case(DType::F32, DType::BF16, 5e-2);
+        global_case(DType::F32, DType::BF16, 5e-2);
     }
 }
