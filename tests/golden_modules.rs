@@ -154,6 +154,11 @@ pub const MANUAL_REGISTRY: &[Entry] = &[
     single("OuterProductMean", run_opm_manual),
     single("TriangleMultiplicationOutgoing", run_tri_mul_out_manual),
     single("TriangleMultiplicationIncoming", run_tri_mul_in_manual),
+    single("MSARowAttentionWithPairBias", run_msa_row_manual),
+    single("MSAColumnAttention", run_msa_col_manual),
+    single("MSAColumnGlobalAttention", run_msa_col_global_manual),
+    single("TriangleAttentionStartingNode", run_tri_att_start_manual),
+    single("TriangleAttentionEndingNode", run_tri_att_end_manual),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -348,6 +353,57 @@ fn run_msa_col_global(fx: &Fixture, dt: DType) -> Result<Outcome> {
     h.finish(vec![("m_update", out)])
 }
 
+fn run_msa_row_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = MsaRowAttentionWithPairBias::new(
+        h.vb(),
+        h.arg("c_m"),
+        h.arg("c_z"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        h.argf("inf"),
+    )?;
+    let (m, z, mask) = (h.input("m")?, h.input("z")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&m, &z, &mask)?;
+    h.finish_manual(vec![("m_update", out)], |cot, g| {
+        let (dm, dz) = module.backward(saved, &cot[0], g)?;
+        Ok(vec![("m", dm), ("z", dz)])
+    })
+}
+
+fn run_msa_col_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = MsaColumnAttention::new(
+        h.vb(),
+        h.arg("c_m"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        h.argf("inf"),
+    )?;
+    let (m, mask) = (h.input("m")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&m, &mask)?;
+    h.finish_manual(vec![("m_update", out)], |cot, g| {
+        Ok(vec![("m", module.backward(saved, &cot[0], g)?)])
+    })
+}
+
+fn run_msa_col_global_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = MsaColumnGlobalAttention::new(
+        h.vb(),
+        h.arg("c_in"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        h.argf("inf"),
+        h.argf("eps"),
+    )?;
+    let (m, mask) = (h.input("m")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&m, &mask)?;
+    h.finish_manual(vec![("m_update", out)], |cot, g| {
+        Ok(vec![("m", module.backward(saved, &cot[0], g)?)])
+    })
+}
+
 fn run_msa_transition(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let mut h = Harness::new(fx, dt)?;
     let module = Transition::new(h.vb(), h.arg("c_m"), h.arg("n"))?;
@@ -469,6 +525,31 @@ fn run_tri_att_start(fx: &Fixture, dt: DType) -> Result<Outcome> {
 
 fn run_tri_att_end(fx: &Fixture, dt: DType) -> Result<Outcome> {
     run_tri_att(fx, dt, false)
+}
+
+fn run_tri_att_manual(fx: &Fixture, dt: DType, starting: bool) -> Result<Outcome> {
+    let mut h = Harness::new(fx, dt)?;
+    let module = TriangleAttention::new(
+        h.vb(),
+        h.arg("c_in"),
+        h.arg("c_hidden"),
+        h.arg("no_heads"),
+        starting,
+        h.argf("inf"),
+    )?;
+    let (x, mask) = (h.input("x")?, h.input("mask")?);
+    let (out, saved) = module.forward_saved(&x, &mask)?;
+    h.finish_manual(vec![("z_update", out)], |cot, g| {
+        Ok(vec![("x", module.backward(saved, &cot[0], g)?)])
+    })
+}
+
+fn run_tri_att_start_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    run_tri_att_manual(fx, dt, true)
+}
+
+fn run_tri_att_end_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
+    run_tri_att_manual(fx, dt, false)
 }
 
 /// `BlockConfig` from EvoformerBlock/EvoformerStack/ExtraMSABlock constructor args.

@@ -333,7 +333,12 @@ fn check_backward(
     let mut floor = 0.0f64;
     for (_, v) in &vars {
         if let Some(b) = ga.get(v.as_tensor()) {
-            let n = b.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+            let n = b
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                .sqrt();
             floor = floor.max(1e-3 * n);
         }
     }
@@ -341,7 +346,12 @@ fn check_backward(
     for (name, v) in &vars {
         match (gm.get(v.as_tensor()), ga.get(v.as_tensor())) {
             (Some(a), Some(b)) => {
-                let bn = b.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+                let bn = b
+                    .to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?
+                    .sqrt();
                 let e = rel_l2(a, b)? * bn / bn.max(floor).max(f64::MIN_POSITIVE);
                 if e > worst.1 || worst.0.is_empty() {
                     worst = (name.clone(), e);
@@ -356,7 +366,10 @@ fn check_backward(
             "check-backward: no hand-written gradient for {missing:?}"
         )));
     }
-    rows.push((format!("worst param ({} of {})", worst.0, vars.len()), worst.1));
+    rows.push((
+        format!("worst param ({} of {})", worst.0, vars.len()),
+        worst.1,
+    ));
     Ok(rows)
 }
 

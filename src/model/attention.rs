@@ -4,6 +4,9 @@
 //!   AF2 supplement Algorithms 7, 8, 13 and 14; OpenFold `Attention`).
 //! * [`GlobalAttention`]: the global (averaged-query) gated attention of Algorithm 19.
 //!
+//! Their hand-written backward passes (`forward_saved` / `backward`, used by the trunk's manual
+//! backward) are in [`super::attention_bwd`].
+//!
 //! Shapes are unbatched: the trunk processes one sample at a time; attention runs over a flat batch
 //! dimension `B` (MSA rows, MSA columns or pair rows) so that every matmul is a 3-D batched matmul.
 

@@ -6,7 +6,8 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::{Attention, GlobalAttention};
-use super::primitives::{LayerNorm, Linear, LinearInit};
+use super::attention_bwd::{AttentionSaved, GlobalAttentionSaved};
+use super::primitives::{cast, LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
 /// Algorithm 7: MSA row-wise gated self-attention with pair bias.
@@ -159,37 +160,71 @@ impl MsaColumnGlobalAttention {
     }
 }
 
+/// What [`MsaAttention::backward`] keeps from [`MsaAttention::forward_saved`].
+pub struct MsaAttSaved {
+    /// Input `[B, N, c]`.
+    m: Tensor,
+    mha: AttentionSaved,
+}
+
+impl MsaAttention {
+    /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
+    /// [`super::vjp`]).
+    pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaAttSaved)> {
+        let m = m.detach();
+        let m_ln = self.layer_norm_m.forward_nograd(&m)?;
+        let (y, mha) = self.mha.forward_masked_saved(&m_ln, mask, self.inf, &[])?;
+        Ok((y, MsaAttSaved { m, mha }))
+    }
+
+    /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `dm`.
+    pub fn backward(&self, s: MsaAttSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        let d_ln = self.mha.backward(s.mha, dy, grads)?.dx;
+        self.layer_norm_m.backward(&s.m, &d_ln, grads)
+    }
+}
+
 /// What [`MsaColumnAttention::backward`] keeps from [`MsaColumnAttention::forward_saved`].
-pub struct MsaColSaved(super::vjp::AutogradVjp);
+pub struct MsaColSaved(MsaAttSaved);
 
 impl MsaColumnAttention {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
-    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    /// [`super::vjp`]).
     pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaColSaved)> {
-        let mask = mask.detach();
-        let v = super::vjp::AutogradVjp::run(&[m], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
-        let y = super::vjp::first(v.outputs())?;
-        Ok((y, MsaColSaved(v)))
+        let mt = m.detach().transpose(0, 1)?.contiguous()?; // [R, S, c_m]
+        let maskt = mask.detach().t()?.contiguous()?; // [R, S]
+        let (out, s) = self.msa_att.forward_saved(&mt, &maskt)?;
+        Ok((out.transpose(0, 1)?.contiguous()?, MsaColSaved(s)))
     }
 
     /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
     /// gradient.
     pub fn backward(&self, s: MsaColSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        super::vjp::first(s.0.backward(&[dy], grads)?)
+        let dyt = dy.detach().transpose(0, 1)?.contiguous()?; // [R, S, c_m]
+        let dmt = self.msa_att.backward(s.0, &dyt, grads)?;
+        Ok(dmt.transpose(0, 1)?.contiguous()?)
     }
 }
 
 /// What [`MsaColumnGlobalAttention::backward`] keeps from [`MsaColumnGlobalAttention::forward_saved`].
-pub struct MsaGlobalColSaved(super::vjp::AutogradVjp);
+pub struct MsaGlobalColSaved {
+    /// Transposed input `[R, S, c]`.
+    mt: Tensor,
+    att: GlobalAttentionSaved,
+}
 
 impl MsaColumnGlobalAttention {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
-    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    /// [`super::vjp`]).
     pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaGlobalColSaved)> {
-        let mask = mask.detach();
-        let v = super::vjp::AutogradVjp::run(&[m], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
-        let y = super::vjp::first(v.outputs())?;
-        Ok((y, MsaGlobalColSaved(v)))
+        let mt = m.detach().transpose(0, 1)?.contiguous()?; // [R, S, c]
+        let maskt = mask.detach().t()?.contiguous()?; // [R, S]
+        let m_ln = self.layer_norm_m.forward_nograd(&mt)?;
+        let (out, att) = self.global_attention.forward_saved(&m_ln, &maskt)?;
+        Ok((
+            out.transpose(0, 1)?.contiguous()?,
+            MsaGlobalColSaved { mt, att },
+        ))
     }
 
     /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
@@ -200,29 +235,44 @@ impl MsaColumnGlobalAttention {
         dy: &Tensor,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
-        super::vjp::first(s.0.backward(&[dy], grads)?)
+        let dt = s.mt.dtype();
+        let dyt = cast(&dy.detach(), dt)?.transpose(0, 1)?.contiguous()?; // [R, S, c]
+        let d_ln = self.global_attention.backward(s.att, &dyt, grads)?;
+        let dmt = self.layer_norm_m.backward(&s.mt, &d_ln, grads)?;
+        Ok(dmt.transpose(0, 1)?.contiguous()?)
     }
 }
 
 /// What [`MsaRowAttentionWithPairBias::backward`] keeps from
 /// [`MsaRowAttentionWithPairBias::forward_saved`].
-pub struct MsaRowSaved(super::vjp::AutogradVjp);
+pub struct MsaRowSaved {
+    /// Inputs `[S, R, c_m]`, `[R, R, c_z]`.
+    m: Tensor,
+    z: Tensor,
+    /// `LN_z(z)` `[R, R, c_z]`.
+    z_ln: Tensor,
+    mha: AttentionSaved,
+}
 
 impl MsaRowAttentionWithPairBias {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
-    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    /// [`super::vjp`]).
     pub fn forward_saved(
         &self,
         m: &Tensor,
         z: &Tensor,
         mask: &Tensor,
     ) -> Result<(Tensor, MsaRowSaved)> {
-        let mask = mask.detach();
-        let v = super::vjp::AutogradVjp::run(&[m, z], |i| {
-            Ok(vec![self.forward(&i[0], &i[1], &mask)?])
-        })?;
-        let y = super::vjp::first(v.outputs())?;
-        Ok((y, MsaRowSaved(v)))
+        let (m, z) = (m.detach(), z.detach());
+        let z_ln = self.layer_norm_z.forward_nograd(&z)?;
+        let bias = self.linear_z.forward_nograd(&z_ln)?; // [R, R, H]
+        let zb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, R, R]
+        drop(bias);
+        let m_ln = self.layer_norm_m.forward_nograd(&m)?;
+        let (y, mha) = self
+            .mha
+            .forward_masked_saved(&m_ln, mask, self.inf, &[(&zb, true)])?;
+        Ok((y, MsaRowSaved { m, z, z_ln, mha }))
     }
 
     /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `(dm, dz)`.
@@ -232,12 +282,19 @@ impl MsaRowAttentionWithPairBias {
         dy: &Tensor,
         grads: &mut GradStore,
     ) -> Result<(Tensor, Tensor)> {
-        let mut d = s.0.backward(&[dy], grads)?.into_iter();
-        match (d.next(), d.next()) {
-            (Some(dm), Some(dz)) => Ok((dm, dz)),
-            _ => Err(crate::error::Error::Model(
-                "msa row attention backward: missing gradient".into(),
-            )),
-        }
+        let g = self.mha.backward(s.mha, dy, grads)?;
+        let dm = self.layer_norm_m.backward(&s.m, &g.dx, grads)?;
+        let d_zb = g.d_biases.into_iter().next().ok_or_else(|| {
+            crate::error::Error::Model("msa row attention backward: no pair-bias gradient".into())
+        })?; // [1, H, R, R]
+        let d_bias = d_zb.squeeze(0)?.permute((1, 2, 0))?; // [R, R, H]
+        let d_zln = self
+            .linear_z
+            .backward(&s.z_ln, &d_bias, grads, true)?
+            .ok_or_else(|| {
+                crate::error::Error::Model("msa row attention backward: no dz".into())
+            })?;
+        let dz = self.layer_norm_z.backward(&s.z, &d_zln, grads)?;
+        Ok((dm, dz))
     }
 }

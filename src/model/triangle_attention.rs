@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::Attention;
+use super::attention_bwd::AttentionSaved;
 use super::primitives::{LayerNorm, Linear, LinearInit};
 use crate::error::Result;
 
@@ -77,21 +78,64 @@ impl TriangleAttention {
 }
 
 /// What [`TriangleAttention::backward`] keeps from [`TriangleAttention::forward_saved`].
-pub struct TriAttSaved(super::vjp::AutogradVjp);
+pub struct TriAttSaved {
+    /// Input in the starting-node frame (transposed for the ending node) `[I, J, c]`.
+    x: Tensor,
+    /// `LN(x)` `[I, J, c]`.
+    x_ln: Tensor,
+    mha: AttentionSaved,
+}
 
 impl TriangleAttention {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
-    /// [`super::vjp`]). (Generic version: the module's candle graph is kept.)
+    /// [`super::vjp`]).
     pub fn forward_saved(&self, x: &Tensor, mask: &Tensor) -> Result<(Tensor, TriAttSaved)> {
-        let mask = mask.detach();
-        let v = super::vjp::AutogradVjp::run(&[x], |i| Ok(vec![self.forward(&i[0], &mask)?]))?;
-        let y = super::vjp::first(v.outputs())?;
-        Ok((y, TriAttSaved(v)))
+        let (x, mask) = (x.detach(), mask.detach());
+        let (x, mask) = if self.starting {
+            (x, mask)
+        } else {
+            (x.transpose(0, 1)?.contiguous()?, mask.t()?.contiguous()?)
+        };
+        let x_ln = self.layer_norm.forward_nograd(&x)?;
+        let tb = self.linear.forward_nograd(&x_ln)?; // [Q, K, H]
+        let tb = tb.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, Q, K]
+        let (y, mha) = self
+            .mha
+            .forward_masked_saved(&x_ln, &mask, self.inf, &[(&tb, true)])?;
+        let y = if self.starting {
+            y
+        } else {
+            y.transpose(0, 1)?.contiguous()?
+        };
+        Ok((y, TriAttSaved { x, x_ln, mha }))
     }
 
     /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
     /// gradient.
     pub fn backward(&self, s: TriAttSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        super::vjp::first(s.0.backward(&[dy], grads)?)
+        let dy = super::primitives::cast(&dy.detach(), s.x.dtype())?;
+        let dy = if self.starting {
+            dy
+        } else {
+            dy.transpose(0, 1)?.contiguous()?
+        };
+        let g = self.mha.backward(s.mha, &dy, grads)?;
+        let d_tb = g.d_biases.into_iter().next().ok_or_else(|| {
+            crate::error::Error::Model("triangle attention backward: no bias gradient".into())
+        })?; // [1, H, Q, K]
+        let d_tb = d_tb.squeeze(0)?.permute((1, 2, 0))?; // [Q, K, H]
+        let d_ln = self
+            .linear
+            .backward(&s.x_ln, &d_tb, grads, true)?
+            .ok_or_else(|| {
+                crate::error::Error::Model("triangle attention backward: no dx".into())
+            })?;
+        let d_ln = (g.dx + d_ln)?;
+        let dx = self.layer_norm.backward(&s.x, &d_ln, grads)?;
+        if self.starting {
+            Ok(dx)
+        } else {
+            Ok(dx.transpose(0, 1)?.contiguous()?)
+        }
     }
 }

@@ -446,3 +446,11 @@ pub(crate) fn assert_manual_matches_autograd(
         );
     }
 }
+
+/// The gradient of a bias added over the last dimension: `dy` `[*, c]` summed over all leading
+/// dimensions → `[c]` (deterministic; a ones-vector matmul on CUDA, as in [`Linear::backward`]).
+pub fn bias_grad(dy: &Tensor) -> Result<Tensor> {
+    let c = *dy.dims().last().unwrap_or(&0);
+    let n = dy.elem_count() / c.max(1);
+    column_sum(&dy.detach().contiguous()?.reshape((n, c))?)
+}
