@@ -204,7 +204,15 @@ pub fn forward_blocks<'a, B: TrunkBlock>(
             let (mut mc, mut zc) = (m.detach(), z.detach());
             for (i, b) in blocks.iter().enumerate() {
                 let d = block_dropout(dropout.as_ref(), i);
-                let (mn, zn) = b.forward_block(&mc, &zc, msa_mask, pair_mask, d.as_ref())?;
+                // With the hand-written backward, the forward is its graph-free forward (the
+                // saved state is dropped at once); the recomputation then repeats it bitwise.
+                let (mn, zn) = if manual {
+                    let (mn, zn, _) =
+                        b.forward_block_saved(&mc, &zc, msa_mask, pair_mask, d.as_ref())?;
+                    (mn, zn)
+                } else {
+                    b.forward_block(&mc, &zc, msa_mask, pair_mask, d.as_ref())?
+                };
                 inputs.push((mc, zc));
                 // Detaching drops this block's graph as soon as `mn`/`zn` go out of scope.
                 (mc, zc) = (mn.detach(), zn.detach());
