@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::config::OptimConfig;
 use crate::error::{Error, Result};
@@ -108,20 +108,20 @@ impl Adam {
     }
 }
 
-/// Global L2 norm of all gradients, accumulated in f64 in sorted name order. One device-to-host
-/// transfer for all tensors.
+/// Global L2 norm of all gradients. On a CUDA device with fused kernels enabled
+/// ([`crate::kernels::fused_enabled`]) one fused multi-tensor kernel computes it
+/// ([`crate::kernels::grad_norm`]: f64 squares and sums, deterministic, one device-to-host copy);
+/// tensors it cannot take (and every tensor on the CPU) get candle ops: f32 squares summed per
+/// tensor, the sums accumulated in f64 in sorted name order, one device-to-host transfer.
+/// A NaN or infinite gradient gives a non-finite norm.
 pub fn global_grad_norm(grads: &Grads) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let sums = grads
-        .values()
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let per_tensor = Tensor::stack(&sums, 0)?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    Ok(per_tensor.iter().sum::<f64>().sqrt())
+    let all: Vec<&Tensor> = grads.values().collect();
+    let (fused, rest) = crate::kernels::grad_norm::fused_sum_sq(&all)?;
+    let candle = crate::kernels::grad_norm::sum_sq_candle(&rest)?;
+    Ok((fused + candle).sqrt())
 }
 
 /// Scale the gradients so that their global L2 norm is at most `max_norm` (PyTorch
@@ -378,7 +378,7 @@ impl Ema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn params(vals: &[(&str, Vec<f32>)]) -> Params {
         vals.iter()
