@@ -181,7 +181,9 @@ pub fn sum_sq_fused(tensors: &[&Tensor]) -> Result<f64> {
     }
     #[cfg(not(feature = "cuda"))]
     {
-        Err(Error::Msg("fused grad norm needs the `cuda` feature".into()))
+        Err(Error::Msg(
+            "fused grad norm needs the `cuda` feature".into(),
+        ))
     }
 }
 
@@ -279,8 +281,8 @@ mod cuda {
         tab.extend_from_slice(&offs);
         tab.extend_from_slice(&kinds);
         let d_tab = stream.clone_htod(&tab).w()?;
-        let n_tensors =
-            i32::try_from(n).map_err(|_| Error::Train("fused grad norm: too many tensors".into()))?;
+        let n_tensors = i32::try_from(n)
+            .map_err(|_| Error::Train("fused grad norm: too many tensors".into()))?;
         let n_blocks = i32::try_from(blocks)
             .map_err(|_| Error::Train("fused grad norm: too many elements".into()))?;
         // SAFETY: every block writes its partial; stage 2 reads them after stage 1 (same stream).
@@ -369,7 +371,9 @@ pub fn self_check(dev: &candle_core::Device) -> Result<Vec<super::ElemCheck>> {
     }
     for bad in [f32::NAN, f32::INFINITY] {
         let a = super::uniform_tensor(&[1000], 1.0, 3, DType::F32, dev)?;
-        let v: Vec<f32> = (0..4096).map(|i| if i == 4000 { bad } else { 0.5 }).collect();
+        let v: Vec<f32> = (0..4096)
+            .map(|i| if i == 4000 { bad } else { 0.5 })
+            .collect();
         let b = Tensor::from_vec(v, 4096, &candle_core::Device::Cpu)?.to_device(dev)?;
         let n = sum_sq_fused(&[&a, &b])?.sqrt();
         checks.push(super::ElemCheck {
