@@ -375,6 +375,21 @@ pub fn clip_adam_ema_fused(
             }
         }
     }
+    let n_twin = has_grad
+        .iter()
+        .zip(&fused)
+        .filter(|(g, f)| **g && !**f)
+        .count();
+    if n_twin > 0 {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::warn!(
+                "fused Adam: {n_twin} of {} parameters are not f32/contiguous/same-shape on \
+                 CUDA; they take per-tensor candle ops (slow)",
+                params.len()
+            )
+        });
+    }
     for (i, (name, p)) in params.iter().enumerate() {
         if fused[i] {
             continue;
