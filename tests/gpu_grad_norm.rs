@@ -71,11 +71,11 @@ fn grad_norm_self_check_passes() {
             c.op, c.case, c.max_err, c.tol
         );
     }
-    assert!(checks.len() >= 8);
+    assert!(checks.len() >= 11);
     assert!(checks.iter().all(|c| c.ok()), "{checks:?}");
 }
 
-/// AF2 shapes, f32 and bf16: fused vs candle ops (1e-6 relative), vs the host f64 sum (1e-12),
+/// AF2 shapes, f32 and bf16: fused vs candle ops (1e-5 relative), vs the host f64 sum (1e-11),
 /// bitwise equal run to run, and `global_grad_norm` (optim and ddp) dispatches to it.
 #[test]
 fn fused_norm_matches_candle_at_af2_shapes() {
@@ -96,8 +96,10 @@ fn fused_norm_matches_candle_at_af2_shapes() {
         );
         assert!(fused.is_finite() && fused > 0.0);
         assert_eq!(fused.to_bits(), again.to_bits(), "not reproducible");
-        assert!(rel(fused, candle) <= 1e-6, "{fused} vs candle {candle}");
-        assert!(rel(fused, exact) <= 1e-12, "{fused} vs host {exact}");
+        // The candle ops sum f32 squares in f32 (per-thread runs of ~n/1024 terms); the fused
+        // kernel sums in f64: the host f64 sum is the reference.
+        assert!(rel(fused, candle) <= 1e-5, "{fused} vs candle {candle}");
+        assert!(rel(fused, exact) <= 1e-11, "{fused} vs host {exact}");
         // The public entry points take the fused path on CUDA.
         let via_optim = global_grad_norm(&grads).unwrap();
         assert_eq!(via_optim.to_bits(), fused.to_bits());
