@@ -323,3 +323,69 @@ fn clip_adam_ema_fused_bitwise_at_af2_shapes() {
     assert_eq!(max_abs_diff(&e_f.weights, &e_t.weights), 0.0);
     assert_eq!(a_f.steps, a_t.steps);
 }
+
+/// Moment / EMA tensors that share one buffer make the kernel refuse the launch (before any
+/// write); `clip_adam_ema_fused` then gives each its own copy and retries: still bitwise the
+/// twin, and the shared buffer is no longer shared.
+#[test]
+fn shared_state_buffers_are_split_and_retried() {
+    use ferrofold::train::optim::{clip_adam_ema_fused, clip_adam_ema_twin, Adam, Ema};
+    let Some(dev) = cuda() else { return };
+    kernels::set_fused(true);
+    let shapes = [vec![33usize, 7], vec![5000], vec![1]];
+    let mk = |seed: u64| -> Params {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = kernels::uniform_tensor(s, 0.5, seed + i as u64, DType::F32, &dev).unwrap();
+                (format!("w{i}"), Var::from_tensor(&t).unwrap())
+            })
+            .collect()
+    };
+    let (pf, pt) = (mk(10), mk(10));
+    let grads: Grads = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let t = kernels::uniform_tensor(s, 2.0, 50 + i as u64, DType::F32, &dev).unwrap();
+            (format!("w{i}"), t)
+        })
+        .collect();
+    let cfg = ferrofold::config::OptimConfig::default();
+    let (mut af, mut ef) = (Adam::new(&pf, &cfg).unwrap(), Ema::new(&pf, 0.99).unwrap());
+    let (mut at, mut et) = (Adam::new(&pt, &cfg).unwrap(), Ema::new(&pt, 0.99).unwrap());
+    // m and v of `w1` are one buffer (both zero).
+    let shared = af.m["w1"].clone();
+    af.v.insert("w1".into(), shared);
+    for _ in 0..2 {
+        let n = global_grad_norm(&grads).unwrap();
+        let cf = clip_adam_ema_fused(&mut af, &mut ef, &pf, &grads, n, 1.0, 1e-3).unwrap();
+        let ct = clip_adam_ema_twin(&mut at, &mut et, &pt, &grads, n, 1.0, 1e-3).unwrap();
+        assert_eq!(cf, ct);
+    }
+    for k in ["w0", "w1", "w2"] {
+        let a = pf[k]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = pt[k]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "{k}");
+        for (x, y) in [(&af.m, &at.m), (&af.v, &at.v), (&ef.weights, &et.weights)] {
+            let a = x[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = y[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{k}");
+        }
+    }
+    assert_ne!(
+        af.m["w1"].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        af.v["w1"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}

@@ -247,39 +247,37 @@ fn aligned<'a, V>(params: &Params, map: &'a BTreeMap<String, V>) -> Vec<Option<&
     out
 }
 
-/// The fused-kernel items of the parameters flagged in `fused` (indices into `params`' order),
-/// looked up in the current maps.
-fn fused_items<'a>(
+/// Per parameter (in `params`' order) its fused-kernel operands when it has a gradient and
+/// complete optimiser state, else `None`.
+fn state_items<'a>(
     params: &'a Params,
     grads: &'a Grads,
     adam: &'a Adam,
     ema: &'a Ema,
-    fused: &[bool],
-) -> Result<Vec<crate::kernels::adam::AdamEmaItem<'a>>> {
+) -> Vec<Option<crate::kernels::adam::AdamEmaItem<'a>>> {
     let (g, m, v) = (
         aligned(params, grads),
         aligned(params, &adam.m),
         aligned(params, &adam.v),
     );
     let (t, w) = (aligned(params, &adam.steps), aligned(params, &ema.weights));
-    let mut items = Vec::with_capacity(fused.iter().filter(|f| **f).count());
-    for (i, (name, p)) in params.iter().enumerate() {
-        if !fused[i] {
-            continue;
-        }
-        let (Some(g), Some(m), Some(v), Some(t), Some(w)) = (g[i], m[i], v[i], t[i], w[i]) else {
-            return Err(Error::Train(format!("fused Adam: no state for `{name}`")));
-        };
-        items.push(crate::kernels::adam::AdamEmaItem {
-            p,
-            g,
-            m,
-            v,
-            w,
-            step: t + 1,
-        });
-    }
-    Ok(items)
+    params
+        .values()
+        .enumerate()
+        .map(|(i, p)| match (g[i], m[i], v[i], t[i], w[i]) {
+            (Some(g), Some(m), Some(v), Some(t), Some(w)) => {
+                Some(crate::kernels::adam::AdamEmaItem {
+                    p,
+                    g,
+                    m,
+                    v,
+                    w,
+                    step: t + 1,
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// [`clip_adam_ema`] through the fused kernel for every parameter it can take (f32, contiguous,
@@ -311,27 +309,14 @@ pub fn clip_adam_ema_fused(
     let has_grad: Vec<bool> = aligned(params, grads).iter().map(Option::is_some).collect();
     let mut fused = vec![false; params.len()];
     let first = {
-        let (g, m, v) = (
-            aligned(params, grads),
-            aligned(params, &adam.m),
-            aligned(params, &adam.v),
-        );
-        let (t, w) = (aligned(params, &adam.steps), aligned(params, &ema.weights));
         let mut items = Vec::with_capacity(params.len());
-        for (i, p) in params.values().enumerate() {
-            if let (Some(g), Some(m), Some(v), Some(t), Some(w)) = (g[i], m[i], v[i], t[i], w[i]) {
-                let item = AdamEmaItem {
-                    p,
-                    g,
-                    m,
-                    v,
-                    w,
-                    step: t + 1,
-                };
-                if eligible(&item) {
-                    fused[i] = true;
-                    items.push(item);
-                }
+        for (i, item) in state_items(params, grads, adam, ema)
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(item) = item.filter(eligible) {
+                fused[i] = true;
+                items.push(item);
             }
         }
         adam_ema_fused(&items, &hyper)
@@ -352,7 +337,14 @@ pub fn clip_adam_ema_fused(
                 }
             }
         }
-        let items = fused_items(params, grads, adam, ema, &fused)?;
+        let items: Vec<AdamEmaItem> = state_items(params, grads, adam, ema)
+            .into_iter()
+            .zip(&fused)
+            .filter_map(|(it, f)| it.filter(|_| *f))
+            .collect();
+        if items.len() != fused.iter().filter(|f| **f).count() {
+            return Err(Error::Train("fused Adam: state lost on retry".into()));
+        }
         adam_ema_fused(&items, &hyper)?;
     }
     // Step counts of the fused parameters (lockstep walk of `adam.steps`).
