@@ -187,6 +187,15 @@ pub fn adam_ema_fused(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
             "fused Adam: operand {bad} is not f32/contiguous/CUDA/same-shape"
         )));
     }
+    adam_ema_fused_unchecked(items, h)
+}
+
+/// [`adam_ema_fused`] for items the caller already filtered with [`eligible`] (no second pass
+/// over the 5 operands of every parameter). The overlap check still runs.
+pub(crate) fn adam_ema_fused_unchecked(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
     #[cfg(feature = "cuda")]
     {
         cuda::launch(items, h, 0).map(|_| ())
@@ -289,10 +298,19 @@ mod cuda {
         let mut offs: Vec<u64> = Vec::with_capacity(n + 1);
         let mut hp: Vec<u64> = Vec::with_capacity(n);
         let mut total = 0usize;
+        // Parameters usually share one step count: compute its constants once.
+        let mut last: Option<(u64, (f32, f32))> = None;
         for it in items {
             offs.push(total as u64);
             total += it.p.as_tensor().elem_count();
-            let (step_size, inv_sqrt_bc2) = step_consts(h, it.step);
+            let (step_size, inv_sqrt_bc2) = match last {
+                Some((s, c)) if s == it.step => c,
+                _ => {
+                    let c = step_consts(h, it.step);
+                    last = Some((it.step, c));
+                    c
+                }
+            };
             // Little-endian: `step_size` is the f32 at the lower address.
             hp.push(u64::from(step_size.to_bits()) | (u64::from(inv_sqrt_bc2.to_bits()) << 32));
         }
@@ -313,8 +331,8 @@ mod cuda {
         }
         // The written buffers (p, m, v, w of every tensor) must be pairwise disjoint.
         let mut written: Vec<(u64, u64)> = Vec::with_capacity(4 * n);
-        for (t, it) in items.iter().enumerate() {
-            let bytes = 4 * it.p.as_tensor().elem_count() as u64;
+        for t in 0..n {
+            let bytes = 4 * (offs[t + 1] - offs[t]);
             for k in [0, 2, 3, 4] {
                 written.push((tab[5 * t + k], bytes));
             }
@@ -621,9 +639,32 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
         })?;
         rows.push(ElemBenchRow {
             op: "update (twin: candle norm)".into(),
-            case,
+            case: case.clone(),
             fused_ms,
             twin_ms,
+            max_err: 0.0,
+        });
+        // Its parts: the global norm as the trainer calls it, and clip + Adam + EMA.
+        let norm_ms = super::median_ms(dev, 2, iters, || {
+            crate::train::optim::global_grad_norm(g).map(|_| ())
+        })?;
+        let opt_ms = super::median_ms(dev, 2, iters, || {
+            crate::train::optim::clip_adam_ema(
+                &mut up.adam,
+                &mut up.ema,
+                &p_fused,
+                g,
+                10.0,
+                0.1,
+                1e-4,
+            )
+            .map(|_| ())
+        })?;
+        rows.push(ElemBenchRow {
+            op: "update parts: norm | adam".into(),
+            case,
+            fused_ms: norm_ms,
+            twin_ms: opt_ms,
             max_err: 0.0,
         });
     }

@@ -183,6 +183,15 @@ pub fn sum_sq_fused(tensors: &[&Tensor]) -> Result<f64> {
             "fused grad norm: tensor {bad} is on another device than tensor 0"
         )));
     }
+    sum_sq_unchecked(tensors)
+}
+
+/// [`sum_sq_fused`] without the checks (the caller selected the tensors with [`eligible`] on one
+/// device, as [`fused_selection`] does).
+fn sum_sq_unchecked(tensors: &[&Tensor]) -> Result<f64> {
+    if tensors.is_empty() {
+        return Ok(0.0);
+    }
     #[cfg(feature = "cuda")]
     {
         cuda::sum_sq(tensors)
@@ -198,7 +207,8 @@ pub fn sum_sq_fused(tensors: &[&Tensor]) -> Result<f64> {
 /// Split for a global norm: the f64 sum of squares of the tensors the fused kernel takes
 /// ([`fused_selection`]) and the tensors left for the caller's candle-op path. On the CPU, in CPU
 /// builds or with fused kernels off this is `(0.0, all tensors)`, so `fused + rest` equals the
-/// caller's candle result bitwise there.
+/// caller's candle result bitwise there. When some tensors are fused, empty ones are left out of
+/// the rest (they add nothing).
 pub fn fused_sum_sq<'a>(tensors: &[&'a Tensor]) -> Result<(f64, Vec<&'a Tensor>)> {
     let sel = fused_selection(tensors);
     if sel.is_empty() {
@@ -209,10 +219,11 @@ pub fn fused_sum_sq<'a>(tensors: &[&'a Tensor]) -> Result<(f64, Vec<&'a Tensor>)
         take[i] = true;
     }
     let fused: Vec<&Tensor> = sel.iter().map(|&i| tensors[i]).collect();
+    // Empty tensors add nothing (and some candle CUDA ops refuse them).
     let rest: Vec<&Tensor> = tensors
         .iter()
         .zip(&take)
-        .filter(|(_, &k)| !k)
+        .filter(|(t, &k)| !k && t.elem_count() > 0)
         .map(|(t, _)| *t)
         .collect();
     if !rest.is_empty() {
@@ -226,7 +237,7 @@ pub fn fused_sum_sq<'a>(tensors: &[&'a Tensor]) -> Result<(f64, Vec<&'a Tensor>)
             )
         });
     }
-    Ok((sum_sq_fused(&fused)?, rest))
+    Ok((sum_sq_unchecked(&fused)?, rest))
 }
 
 /// The candle-op sum of squares of [`crate::train::optim::global_grad_norm`]: per tensor f32

@@ -294,7 +294,7 @@ pub fn clip_adam_ema_fused(
     max_norm: f64,
     lr: f64,
 ) -> Result<f64> {
-    use crate::kernels::adam::{adam_ema_fused, eligible, AdamEmaHyper, AdamEmaItem};
+    use crate::kernels::adam::{adam_ema_fused_unchecked, eligible, AdamEmaHyper, AdamEmaItem};
     let clip = clip_scale(norm, max_norm);
     let hyper = AdamEmaHyper {
         beta1: adam.beta1,
@@ -319,7 +319,7 @@ pub fn clip_adam_ema_fused(
                 items.push(item);
             }
         }
-        adam_ema_fused(&items, &hyper)
+        adam_ema_fused_unchecked(&items, &hyper)
     };
     // The kernel writes the moments and EMA weights in place and refuses overlapping buffers
     // (checked before any write): then give every state tensor its own storage and retry.
@@ -345,7 +345,7 @@ pub fn clip_adam_ema_fused(
         if items.len() != fused.iter().filter(|f| **f).count() {
             return Err(Error::Train("fused Adam: state lost on retry".into()));
         }
-        adam_ema_fused(&items, &hyper)?;
+        adam_ema_fused_unchecked(&items, &hyper)?;
     }
     // Step counts of the fused parameters (lockstep walk of `adam.steps`).
     let mut steps = adam.steps.iter_mut().peekable();
