@@ -1,5 +1,5 @@
 //! `ferrofold bench elem-kernels`: the fused element-wise CUDA kernels (gated output, dropout +
-//! residual, clip + Adam + EMA) against their plain-candle twins: correctness self-checks, then
+//! residual, clip + Adam + EMA, the global gradient norm) against their plain-candle twins: correctness self-checks, then
 //! median times, speedups and max relative errors at AF2 shapes.
 
 use clap::Args;
@@ -30,10 +30,15 @@ pub fn run_elem_kernels(a: &ElemKernelsArgs) -> Result<(Vec<ElemCheck>, Vec<Elem
     let mut checks = crate::kernels::gate::self_check(&dev)?;
     checks.extend(crate::kernels::dropout_residual::self_check(&dev)?);
     checks.extend(crate::kernels::adam::self_check(&dev)?);
+    checks.extend(crate::kernels::grad_norm::self_check(&dev)?);
     let mut rows = Vec::new();
     if !a.check_only {
         rows.extend(crate::kernels::gate::bench_rows(&dev, a.iters)?);
         rows.extend(crate::kernels::dropout_residual::bench_rows(&dev, a.iters)?);
+        rows.extend(crate::kernels::grad_norm::bench_rows(
+            &dev,
+            a.adam_iters.max(5),
+        )?);
         rows.extend(crate::kernels::adam::bench_rows(&dev, a.adam_iters)?);
     }
     Ok((checks, rows))

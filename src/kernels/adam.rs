@@ -39,24 +39,34 @@ pub const MODULE: &str = "ferrofold_adam";
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const CHUNK: usize = 4096;
 
-/// CUDA C source (`adam_ema_multi_f32`). `ptrs[5t..5t+5]` are tensor `t`'s `p, g, m, v, w`
-/// device pointers, `offs[t]` its offset in the flat concatenation (`offs[T]` the total), `hp[2t]`
-/// its step size `lr/bc1` and `hp[2t+1]` its `1/sqrt(bc2)`. `p, m, v, w` are written in place.
+/// CUDA C source (`adam_ema_multi_f32`). One table `tab` (u64, `T` tensors): `tab[5t..5t+5]`
+/// tensor `t`'s `p, g, m, v, w` device pointers, `tab[5T..6T+1]` the offsets in the flat
+/// concatenation (`offs[T]` the total), then `2T` f32 (two per u64, little-endian): `hp[2t]` its
+/// step size `lr/bc1` and `hp[2t+1]` its `1/sqrt(bc2)`. `p, m, v, w` are written in place.
+///
+/// Block `b` updates flat elements `[b·CHUNK, (b+1)·CHUNK)`, walking the tensor segments it
+/// crosses (block-uniform); in a segment each thread loads `BATCH` elements (stride = block
+/// size), then computes and stores them.
 #[cfg(feature = "cuda")]
 pub const SOURCE: &str = r#"
-#define CHUNK 4096
+#define CHUNK 4096ULL
+#define BATCH 4
 __device__ __forceinline__ float aff(float x, float a, float b, int fma) {
     return fma ? __fmaf_rn(x, a, b) : __fadd_rn(__fmul_rn(x, a), b);
 }
 
 extern "C" __global__ void adam_ema_multi_f32(
-    const unsigned long long* ptrs, const unsigned long long* offs, const float* hp, int n_tensors,
+    const unsigned long long* tab, int n_tensors,
     float clip, int do_clip, float b1, float omb1, float b2, float omb2, float eps, float omd, int fma)
 {
     __shared__ int t_first;
+    const unsigned long long* ptrs = tab;
+    const unsigned long long* offs = tab + 5 * n_tensors;
+    const float* hp = (const float*)(tab + 6 * n_tensors + 1);
     const unsigned long long total = offs[n_tensors];
     const unsigned long long start = (unsigned long long)blockIdx.x * CHUNK;
     if (start >= total) return;
+    const unsigned long long end = min(start + CHUNK, total);
     if (threadIdx.x == 0) {
         // Last tensor whose offset is <= start.
         int lo = 0, hi = n_tensors - 1;
@@ -67,30 +77,52 @@ extern "C" __global__ void adam_ema_multi_f32(
         t_first = lo;
     }
     __syncthreads();
+    const unsigned long long nthr = blockDim.x;
     int t = t_first;
-    for (unsigned int j = threadIdx.x; j < CHUNK; j += blockDim.x) {
-        unsigned long long gi = start + j;
-        if (gi >= total) break;
-        while (gi >= offs[t + 1]) t++;
-        unsigned long long li = gi - offs[t];
+    unsigned long long s = start;
+    while (s < end) {
+        while (offs[t + 1] <= s) t++;
+        const unsigned long long base = offs[t];
+        const unsigned long long seg_end = min(offs[t + 1], end);
         float* p = (float*)ptrs[5 * t];
         const float* g = (const float*)ptrs[5 * t + 1];
         float* m = (float*)ptrs[5 * t + 2];
         float* v = (float*)ptrs[5 * t + 3];
         float* w = (float*)ptrs[5 * t + 4];
-        float gv = g[li];
-        if (do_clip) gv = aff(gv, clip, 0.0f, fma);
-        float mv = __fadd_rn(aff(m[li], b1, 0.0f, fma), aff(gv, omb1, 0.0f, fma));
-        float vv = __fadd_rn(aff(v[li], b2, 0.0f, fma), aff(__fmul_rn(gv, gv), omb2, 0.0f, fma));
-        float den = aff(__fsqrt_rn(vv), hp[2 * t + 1], eps, fma);
-        float upd = aff(__fdiv_rn(mv, den), hp[2 * t], 0.0f, fma);
-        float pv = __fsub_rn(p[li], upd);
-        float wv = w[li];
-        float d = aff(__fsub_rn(wv, pv), omd, 0.0f, fma);
-        p[li] = pv;
-        m[li] = mv;
-        v[li] = vv;
-        w[li] = __fsub_rn(wv, d);
+        const float step_size = hp[2 * t];
+        const float inv_sqrt_bc2 = hp[2 * t + 1];
+        for (unsigned long long i0 = s + threadIdx.x; i0 < seg_end; i0 += BATCH * nthr) {
+            float pr[BATCH], gr[BATCH], mr[BATCH], vr[BATCH], wr[BATCH];
+#pragma unroll
+            for (int k = 0; k < BATCH; k++) {
+                const unsigned long long i = i0 + k * nthr;
+                if (i < seg_end) {
+                    const unsigned long long li = i - base;
+                    pr[k] = p[li]; gr[k] = g[li]; mr[k] = m[li]; vr[k] = v[li]; wr[k] = w[li];
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < BATCH; k++) {
+                const unsigned long long i = i0 + k * nthr;
+                if (i < seg_end) {
+                    const unsigned long long li = i - base;
+                    float gv = gr[k];
+                    if (do_clip) gv = aff(gv, clip, 0.0f, fma);
+                    float mv = __fadd_rn(aff(mr[k], b1, 0.0f, fma), aff(gv, omb1, 0.0f, fma));
+                    float vv = __fadd_rn(aff(vr[k], b2, 0.0f, fma), aff(__fmul_rn(gv, gv), omb2, 0.0f, fma));
+                    float den = aff(__fsqrt_rn(vv), inv_sqrt_bc2, eps, fma);
+                    float upd = aff(__fdiv_rn(mv, den), step_size, 0.0f, fma);
+                    float pv = __fsub_rn(pr[k], upd);
+                    float wv = wr[k];
+                    float d = aff(__fsub_rn(wv, pv), omd, 0.0f, fma);
+                    p[li] = pv;
+                    m[li] = mv;
+                    v[li] = vv;
+                    w[li] = __fsub_rn(wv, d);
+                }
+            }
+        }
+        s = seg_end;
     }
 }
 "#;
@@ -155,9 +187,40 @@ pub fn adam_ema_fused(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
             "fused Adam: operand {bad} is not f32/contiguous/CUDA/same-shape"
         )));
     }
+    adam_ema_fused_unchecked(items, h)
+}
+
+/// [`adam_ema_fused`] for items the caller already filtered with [`eligible`] (no second pass
+/// over the 5 operands of every parameter). The overlap check still runs.
+pub(crate) fn adam_ema_fused_unchecked(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
     #[cfg(feature = "cuda")]
     {
-        cuda::launch(items, h)
+        cuda::launch(items, h, 0).map(|_| ())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = h;
+        Err(Error::Msg("fused Adam needs the `cuda` feature".into()))
+    }
+}
+
+/// For benchmarks: the GPU time (ms, CUDA events) of one launch of the fused kernel, averaged
+/// over `reps` back-to-back launches from one table (each launch applies another update).
+pub fn adam_ema_kernel_ms(items: &[AdamEmaItem], h: &AdamEmaHyper, reps: usize) -> Result<f64> {
+    if items.is_empty() || reps == 0 {
+        return Ok(0.0);
+    }
+    if let Some(bad) = items.iter().position(|it| !eligible(it)) {
+        return Err(Error::Train(format!(
+            "fused Adam: operand {bad} is not f32/contiguous/CUDA/same-shape"
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda::launch(items, h, reps)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -184,8 +247,10 @@ pub fn affine_is_fma(dev: &Device) -> Result<bool> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use std::sync::Mutex;
+
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
     use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
     use super::super::launch::{cuda_storage, range};
@@ -193,7 +258,32 @@ mod cuda {
     use super::{affine_is_fma, step_consts, AdamEmaHyper, AdamEmaItem, CHUNK, MODULE, SOURCE};
     use crate::error::{Error, Result};
 
-    pub(super) fn launch(items: &[AdamEmaItem], h: &AdamEmaHyper) -> Result<()> {
+    /// The written `(pointer, bytes)` list last found pairwise disjoint (the parameters,
+    /// moments and EMA weights keep their buffers from step to step: checked once).
+    static DISJOINT: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+    /// Error unless the `(pointer, bytes)` ranges are pairwise disjoint.
+    fn check_disjoint(written: &[(u64, u64)]) -> Result<()> {
+        let mut last = DISJOINT
+            .lock()
+            .map_err(|_| Error::Train("fused Adam: overlap cache poisoned".into()))?;
+        if last.as_slice() == written {
+            return Ok(());
+        }
+        let mut sorted = written.to_vec();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(Error::Train(
+                "fused Adam: parameters, moments or EMA weights share memory".into(),
+            ));
+        }
+        *last = written.to_vec();
+        Ok(())
+    }
+
+    /// One launch (`reps == 0`, returns 0), or `reps` launches timed by CUDA events (returns the
+    /// mean GPU ms per launch; synchronises).
+    pub(super) fn launch(items: &[AdamEmaItem], h: &AdamEmaHyper, reps: usize) -> Result<f64> {
         let device = items[0].p.as_tensor().device().clone();
         let Device::Cuda(dev) = &device else {
             return Err(Error::Train("fused Adam: not a CUDA device".into()));
@@ -201,57 +291,58 @@ mod cuda {
         let fma = i32::from(affine_is_fma(&device)?);
         let f = nvrtc::func(dev, MODULE, SOURCE, "adam_ema_multi_f32")?;
         let stream = dev.cuda_stream();
+        let n = items.len();
 
-        // Host tables: offsets and per-tensor constants.
-        let mut offs: Vec<u64> = Vec::with_capacity(items.len() + 1);
-        let mut hp: Vec<f32> = Vec::with_capacity(2 * items.len());
+        // One table: 5 pointers per tensor, the offsets, the per-tensor constants.
+        let mut tab: Vec<u64> = Vec::with_capacity(7 * n + 1);
+        let mut offs: Vec<u64> = Vec::with_capacity(n + 1);
+        let mut hp: Vec<u64> = Vec::with_capacity(n);
         let mut total = 0usize;
+        // Parameters usually share one step count: compute its constants once.
+        let mut last: Option<(u64, (f32, f32))> = None;
         for it in items {
             offs.push(total as u64);
             total += it.p.as_tensor().elem_count();
-            let (step_size, inv_sqrt_bc2) = step_consts(h, it.step);
-            hp.push(step_size);
-            hp.push(inv_sqrt_bc2);
+            let (step_size, inv_sqrt_bc2) = match last {
+                Some((s, c)) if s == it.step => c,
+                _ => {
+                    let c = step_consts(h, it.step);
+                    last = Some((it.step, c));
+                    c
+                }
+            };
+            // Little-endian: `step_size` is the f32 at the lower address.
+            hp.push(u64::from(step_size.to_bits()) | (u64::from(inv_sqrt_bc2.to_bits()) << 32));
         }
         offs.push(total as u64);
 
         // Device pointers of every operand (read guards held until after the launch).
-        let tensors: Vec<&Tensor> = items
+        let guards: Vec<_> = items
             .iter()
             .flat_map(|it| [it.p.as_tensor(), it.g, it.m, it.v, it.w])
+            .map(|t| t.storage_and_layout())
             .collect();
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut views = Vec::with_capacity(guards.len());
+        let mut syncs = Vec::with_capacity(guards.len());
         for (s, l) in &guards {
-            let cs = cuda_storage(s)?;
-            views.push(cs.as_cuda_slice::<f32>()?.slice(range(l)?));
-        }
-        let mut ptrs: Vec<u64> = Vec::with_capacity(views.len());
-        let mut syncs = Vec::with_capacity(views.len());
-        for v in &views {
-            let (ptr, sync) = v.device_ptr(&stream);
-            ptrs.push(ptr);
+            let r = range(l)?;
+            let (ptr, sync) = cuda_storage(s)?.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            tab.push(ptr + 4 * r.start as u64);
             syncs.push(sync);
         }
         // The written buffers (p, m, v, w of every tensor) must be pairwise disjoint.
-        let mut written: Vec<(u64, u64)> = Vec::with_capacity(4 * items.len());
-        for (t, it) in items.iter().enumerate() {
-            let bytes = 4 * it.p.as_tensor().elem_count() as u64;
+        let mut written: Vec<(u64, u64)> = Vec::with_capacity(4 * n);
+        for t in 0..n {
+            let bytes = 4 * (offs[t + 1] - offs[t]);
             for k in [0, 2, 3, 4] {
-                written.push((ptrs[5 * t + k], bytes));
+                written.push((tab[5 * t + k], bytes));
             }
         }
-        written.sort_unstable();
-        if written.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
-            return Err(Error::Train(
-                "fused Adam: parameters, moments or EMA weights share memory".into(),
-            ));
-        }
-        let d_ptrs = stream.clone_htod(&ptrs).w()?;
-        let d_offs = stream.clone_htod(&offs).w()?;
-        let d_hp = stream.clone_htod(&hp).w()?;
-        let n_tensors = i32::try_from(items.len())
-            .map_err(|_| Error::Train("fused Adam: too many tensors".into()))?;
+        check_disjoint(&written)?;
+        tab.extend_from_slice(&offs);
+        tab.extend_from_slice(&hp);
+        let d_tab = stream.clone_htod(&tab).w()?;
+        let n_tensors =
+            i32::try_from(n).map_err(|_| Error::Train("fused Adam: too many tensors".into()))?;
         let (clip, do_clip) = match h.clip {
             Some(c) => (c as f32, 1i32),
             None => (1.0f32, 0i32),
@@ -269,28 +360,41 @@ mod cuda {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = stream.launch_builder(&f);
-        b.arg(&d_ptrs)
-            .arg(&d_offs)
-            .arg(&d_hp)
-            .arg(&n_tensors)
-            .arg(&clip)
-            .arg(&do_clip)
-            .arg(&b1)
-            .arg(&omb1)
-            .arg(&b2)
-            .arg(&omb2)
-            .arg(&eps)
-            .arg(&omd)
-            .arg(&fma);
-        // SAFETY: the tables describe live, contiguous, pairwise disjoint f32 buffers of the given
-        // sizes (read guards held). They are written in place through those pointers (as
-        // `Var::set` writes a variable), on candle's stream, after every earlier use on it.
-        unsafe { b.launch(cfg) }.w()?;
+        let timing = if reps > 0 {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            Some((stream.record_event(flags).w()?, flags))
+        } else {
+            None
+        };
+        for _ in 0..reps.max(1) {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&d_tab)
+                .arg(&n_tensors)
+                .arg(&clip)
+                .arg(&do_clip)
+                .arg(&b1)
+                .arg(&omb1)
+                .arg(&b2)
+                .arg(&omb2)
+                .arg(&eps)
+                .arg(&omd)
+                .arg(&fma);
+            // SAFETY: the table describes live, contiguous, pairwise disjoint f32 buffers of the
+            // given sizes (read guards held). They are written in place through those pointers
+            // (as `Var::set` writes a variable), on candle's stream, after every earlier use on it.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let ms = match timing {
+            Some((e0, flags)) => {
+                let e1 = stream.record_event(flags).w()?;
+                e1.synchronize().w()?;
+                f64::from(e0.elapsed_ms(&e1).w()?) / reps as f64
+            }
+            None => 0.0,
+        };
         drop(syncs);
-        drop(views);
         drop(guards);
-        Ok(())
+        Ok(ms)
     }
 }
 
@@ -467,15 +571,102 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
     let err_p = max_err_maps(p_fused.iter().map(|(k, v)| (k, v.as_tensor())), &pt)?;
     let err_m = max_err_maps(a_f.m.iter(), &a_t.m)?;
     let err_w = max_err_maps(e_f.weights.iter(), &e_t.weights)?;
-    Ok(vec![ElemBenchRow {
+    let case = format!(
+        "AF2: {} tensors, {:.1}M params f32",
+        shapes.len(),
+        n as f64 / 1e6
+    );
+    let mut rows = vec![ElemBenchRow {
         op: "clip+adam+ema step".into(),
-        case: format!(
-            "AF2: {} tensors, {:.1}M params f32",
-            shapes.len(),
-            n as f64 / 1e6
-        ),
+        case: case.clone(),
         fused_ms,
         twin_ms,
         max_err: err_p.max(err_m).max(err_w),
-    }])
+    }];
+    // GPU time of the kernel alone (CUDA events over back-to-back launches; twin column: the
+    // whole fused call above, host work included).
+    {
+        let mut items = Vec::with_capacity(p_fused.len());
+        for (name, p) in &p_fused {
+            let state = (
+                g.get(name),
+                a_f.m.get(name),
+                a_f.v.get(name),
+                e_f.weights.get(name),
+            );
+            let (Some(g), Some(m), Some(v), Some(w)) = state else {
+                return Err(Error::Msg(format!("adam bench: no state for `{name}`")));
+            };
+            items.push(AdamEmaItem {
+                p,
+                g,
+                m,
+                v,
+                w,
+                step: 100,
+            });
+        }
+        let h = AdamEmaHyper {
+            beta1: a_f.beta1,
+            beta2: a_f.beta2,
+            eps: a_f.eps,
+            lr: 1e-3,
+            ema_decay: e_f.decay,
+            clip: Some(0.01),
+        };
+        adam_ema_kernel_ms(&items, &h, 1)?;
+        let kernel_ms = adam_ema_kernel_ms(&items, &h, iters.max(1) * 2)?;
+        rows.push(ElemBenchRow {
+            op: "adam kernel only (GPU)".into(),
+            case: case.clone(),
+            fused_ms: kernel_ms,
+            twin_ms: fused_ms,
+            max_err: 0.0,
+        });
+    }
+    drop((p_twin, a_t, e_t));
+    // The trainer's whole update (`StepUpdate::apply`: fused global norm + clip + Adam + EMA)
+    // vs the previous path (global norm by candle ops, then the fused clip + Adam + EMA).
+    {
+        use crate::kernels::grad_norm::sum_sq_candle;
+        use crate::train::optim::StepUpdate;
+        let mut up = StepUpdate::new(&p_fused, &cfg)?;
+        let fused_ms = super::median_ms(dev, 2, iters, || up.apply(&p_fused, g, 1e-4).map(|_| ()))?;
+        let refs: Vec<&Tensor> = g.values().collect();
+        let twin_ms = super::median_ms(dev, 1, iters.min(3), || {
+            let norm = sum_sq_candle(&refs)?.sqrt();
+            clip_adam_ema_fused(&mut up.adam, &mut up.ema, &p_fused, g, norm, 0.1, 1e-4).map(|_| ())
+        })?;
+        rows.push(ElemBenchRow {
+            op: "update (twin: candle norm)".into(),
+            case: case.clone(),
+            fused_ms,
+            twin_ms,
+            max_err: 0.0,
+        });
+        // Its parts: the global norm as the trainer calls it, and clip + Adam + EMA.
+        let norm_ms = super::median_ms(dev, 2, iters, || {
+            crate::train::optim::global_grad_norm(g).map(|_| ())
+        })?;
+        let opt_ms = super::median_ms(dev, 2, iters, || {
+            crate::train::optim::clip_adam_ema(
+                &mut up.adam,
+                &mut up.ema,
+                &p_fused,
+                g,
+                10.0,
+                0.1,
+                1e-4,
+            )
+            .map(|_| ())
+        })?;
+        rows.push(ElemBenchRow {
+            op: "update parts: norm | adam".into(),
+            case,
+            fused_ms: norm_ms,
+            twin_ms: opt_ms,
+            max_err: 0.0,
+        });
+    }
+    Ok(rows)
 }

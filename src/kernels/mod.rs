@@ -33,6 +33,7 @@ pub mod adam;
 pub mod check;
 pub mod dropout_residual;
 pub mod gate;
+pub mod grad_norm;
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
 pub mod layer_norm;
@@ -51,6 +52,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     (gate::MODULE, gate::SOURCE),
     (dropout_residual::MODULE, dropout_residual::SOURCE),
     (adam::MODULE, adam::SOURCE),
+    (grad_norm::MODULE, grad_norm::SOURCE),
 ];
 
 /// Process-wide switch: 0 = not decided yet (read `FERROFOLD_FUSED_KERNELS`), 1 = on, 2 = off.

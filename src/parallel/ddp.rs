@@ -169,10 +169,14 @@ pub fn sorted_grads(
 }
 
 /// L2 norm of all gradients together (call after the all-reduce: every rank then gets the same
-/// value without further communication). Accumulated in f64.
+/// value without further communication). Accumulated in f64: on a CUDA device with fused kernels
+/// enabled by the fused multi-tensor kernel ([`crate::kernels::grad_norm`], f64 squares and
+/// sums, one launch pair and one device-to-host copy), elsewhere (and for tensors the kernel
+/// cannot take) with candle ops on f64 copies.
 pub fn global_grad_norm(grads: &[(String, Tensor)]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for (_, g) in grads {
+    let all: Vec<&Tensor> = grads.iter().map(|(_, g)| g).collect();
+    let (mut sum, rest) = crate::kernels::grad_norm::fused_sum_sq(&all)?;
+    for g in rest {
         sum += g
             .to_dtype(DType::F64)?
             .sqr()?

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::config::OptimConfig;
 use crate::error::{Error, Result};
@@ -108,20 +108,20 @@ impl Adam {
     }
 }
 
-/// Global L2 norm of all gradients, accumulated in f64 in sorted name order. One device-to-host
-/// transfer for all tensors.
+/// Global L2 norm of all gradients. On a CUDA device with fused kernels enabled
+/// ([`crate::kernels::fused_enabled`]) one fused multi-tensor kernel computes it
+/// ([`crate::kernels::grad_norm`]: f64 squares and sums, deterministic, one device-to-host copy);
+/// tensors it cannot take (and every tensor on the CPU) get candle ops: f32 squares summed per
+/// tensor, the sums accumulated in f64 in sorted name order, one device-to-host transfer.
+/// A NaN or infinite gradient gives a non-finite norm.
 pub fn global_grad_norm(grads: &Grads) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
-    let sums = grads
-        .values()
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let per_tensor = Tensor::stack(&sums, 0)?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    Ok(per_tensor.iter().sum::<f64>().sqrt())
+    let all: Vec<&Tensor> = grads.values().collect();
+    let (fused, rest) = crate::kernels::grad_norm::fused_sum_sq(&all)?;
+    let candle = crate::kernels::grad_norm::sum_sq_candle(&rest)?;
+    Ok((fused + candle).sqrt())
 }
 
 /// Scale the gradients so that their global L2 norm is at most `max_norm` (PyTorch
@@ -222,8 +222,69 @@ pub fn clip_adam_ema_twin(
     Ok(coef)
 }
 
+/// The values of `map` for the names of `params`, in `params`' (sorted) order: one merge walk
+/// over the two sorted maps (one key comparison per entry instead of a tree lookup per name).
+fn aligned<'a, V>(params: &Params, map: &'a BTreeMap<String, V>) -> Vec<Option<&'a V>> {
+    let mut out = Vec::with_capacity(params.len());
+    let mut it = map.iter().peekable();
+    for name in params.keys() {
+        let mut found = None;
+        while let Some((k, v)) = it.peek() {
+            match k.as_str().cmp(name.as_str()) {
+                std::cmp::Ordering::Less => {
+                    it.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    found = Some(*v);
+                    it.next();
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        out.push(found);
+    }
+    out
+}
+
+/// Per parameter (in `params`' order) its fused-kernel operands when it has a gradient and
+/// complete optimiser state, else `None`.
+fn state_items<'a>(
+    params: &'a Params,
+    grads: &'a Grads,
+    adam: &'a Adam,
+    ema: &'a Ema,
+) -> Vec<Option<crate::kernels::adam::AdamEmaItem<'a>>> {
+    let (g, m, v) = (
+        aligned(params, grads),
+        aligned(params, &adam.m),
+        aligned(params, &adam.v),
+    );
+    let (t, w) = (aligned(params, &adam.steps), aligned(params, &ema.weights));
+    params
+        .values()
+        .enumerate()
+        .map(|(i, p)| match (g[i], m[i], v[i], t[i], w[i]) {
+            (Some(g), Some(m), Some(v), Some(t), Some(w)) => {
+                Some(crate::kernels::adam::AdamEmaItem {
+                    p,
+                    g,
+                    m,
+                    v,
+                    w,
+                    step: t + 1,
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// [`clip_adam_ema`] through the fused kernel for every parameter it can take (f32, contiguous,
 /// CUDA); the others get the twin's candle ops. Same results as [`clip_adam_ema_twin`].
+///
+/// Host work per step is linear in the number of parameters: the name-keyed maps are walked in
+/// lockstep ([`aligned`]) rather than looked up name by name.
 pub fn clip_adam_ema_fused(
     adam: &mut Adam,
     ema: &mut Ema,
@@ -233,7 +294,7 @@ pub fn clip_adam_ema_fused(
     max_norm: f64,
     lr: f64,
 ) -> Result<f64> {
-    use crate::kernels::adam::{adam_ema_fused, eligible, AdamEmaHyper, AdamEmaItem};
+    use crate::kernels::adam::{adam_ema_fused_unchecked, eligible, AdamEmaHyper, AdamEmaItem};
     let clip = clip_scale(norm, max_norm);
     let hyper = AdamEmaHyper {
         beta1: adam.beta1,
@@ -243,91 +304,101 @@ pub fn clip_adam_ema_fused(
         ema_decay: ema.decay,
         clip,
     };
-    // Which parameters the kernel takes (all operands f32/contiguous/CUDA/same shape).
-    let mut fused_names: Vec<&String> = Vec::new();
-    let mut twin_names: Vec<&String> = Vec::new();
-    for (name, p) in params {
-        let Some(g) = grads.get(name) else { continue };
-        let (Some(m), Some(v), Some(t), Some(w)) = (
-            adam.m.get(name),
-            adam.v.get(name),
-            adam.steps.get(name),
-            ema.weights.get(name),
-        ) else {
-            // Let the twin report the missing state.
-            twin_names.push(name);
-            continue;
-        };
-        let item = AdamEmaItem {
-            p,
-            g,
-            m,
-            v,
-            w,
-            step: t + 1,
-        };
-        if eligible(&item) {
-            fused_names.push(name);
-        } else {
-            twin_names.push(name);
+    // Which parameters the kernel takes (all operands f32/contiguous/CUDA/same shape); the
+    // others with a gradient go to the twin (which also reports missing state).
+    let has_grad: Vec<bool> = aligned(params, grads).iter().map(Option::is_some).collect();
+    let mut fused = vec![false; params.len()];
+    let first = {
+        let mut items = Vec::with_capacity(params.len());
+        for (i, item) in state_items(params, grads, adam, ema)
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(item) = item.filter(eligible) {
+                fused[i] = true;
+                items.push(item);
+            }
         }
-    }
-    let run = |adam: &Adam, ema: &Ema| -> Result<()> {
-        let mut items = Vec::with_capacity(fused_names.len());
-        for name in &fused_names {
-            let state = (
-                params.get(*name),
-                grads.get(*name),
-                adam.m.get(*name),
-                adam.v.get(*name),
-                adam.steps.get(*name),
-                ema.weights.get(*name),
-            );
-            let (Some(p), Some(g), Some(m), Some(v), Some(t), Some(w)) = state else {
-                return Err(Error::Train(format!("fused Adam: no state for `{name}`")));
-            };
-            items.push(AdamEmaItem {
-                p,
-                g,
-                m,
-                v,
-                w,
-                step: t + 1,
-            });
-        }
-        adam_ema_fused(&items, &hyper)
+        adam_ema_fused_unchecked(&items, &hyper)
     };
     // The kernel writes the moments and EMA weights in place and refuses overlapping buffers
     // (checked before any write): then give every state tensor its own storage and retry.
-    if run(adam, ema).is_err() {
-        for name in &fused_names {
+    if first.is_err() {
+        let names: Vec<&String> = params
+            .keys()
+            .zip(&fused)
+            .filter(|(_, f)| **f)
+            .map(|(n, _)| n)
+            .collect();
+        for name in names {
             for map in [&mut adam.m, &mut adam.v, &mut ema.weights] {
-                if let Some(t) = map.get_mut(*name) {
+                if let Some(t) = map.get_mut(name) {
                     *t = t.copy()?;
                 }
             }
         }
-        run(adam, ema)?;
+        let items: Vec<AdamEmaItem> = state_items(params, grads, adam, ema)
+            .into_iter()
+            .zip(&fused)
+            .filter_map(|(it, f)| it.filter(|_| *f))
+            .collect();
+        if items.len() != fused.iter().filter(|f| **f).count() {
+            return Err(Error::Train("fused Adam: state lost on retry".into()));
+        }
+        adam_ema_fused_unchecked(&items, &hyper)?;
     }
-    for name in &fused_names {
-        if let Some(t) = adam.steps.get_mut(*name) {
-            *t += 1;
+    // Step counts of the fused parameters (lockstep walk of `adam.steps`).
+    let mut steps = adam.steps.iter_mut().peekable();
+    for (name, f) in params.keys().zip(&fused) {
+        if !*f {
+            continue;
+        }
+        while let Some((k, t)) = steps.peek_mut() {
+            match k.as_str().cmp(name.as_str()) {
+                std::cmp::Ordering::Less => {
+                    steps.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    **t += 1;
+                    steps.next();
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
         }
     }
-    for name in twin_names {
-        let (Some(p), Some(g)) = (params.get(name), grads.get(name)) else {
+    let n_twin = has_grad
+        .iter()
+        .zip(&fused)
+        .filter(|(g, f)| **g && !**f)
+        .count();
+    if n_twin > 0 {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::warn!(
+                "fused Adam: {n_twin} of {} parameters are not f32/contiguous/same-shape on \
+                 CUDA; they take per-tensor candle ops (slow)",
+                params.len()
+            )
+        });
+    }
+    for (i, (name, p)) in params.iter().enumerate() {
+        if fused[i] {
             continue;
-        };
-        let g = match clip {
-            Some(c) => g.affine(c, 0.0)?,
-            None => g.clone(),
-        };
-        adam.step_one(name, p, &g, lr)?;
-        ema.update_one(name, p)?;
+        }
+        if has_grad[i] {
+            let Some(g) = grads.get(name) else { continue };
+            let g = match clip {
+                Some(c) => g.affine(c, 0.0)?,
+                None => g.clone(),
+            };
+            adam.step_one(name, p, &g, lr)?;
+            ema.update_one(name, p)?;
+        }
     }
     // Parameters without gradient: EMA only (as the twin).
-    for (name, p) in params {
-        if !grads.contains_key(name) {
+    for (i, (name, p)) in params.iter().enumerate() {
+        if !has_grad[i] {
             ema.update_one(name, p)?;
         }
     }
@@ -378,7 +449,7 @@ impl Ema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn params(vals: &[(&str, Vec<f32>)]) -> Params {
         vals.iter()
@@ -522,6 +593,60 @@ mod tests {
         assert!(!global_grad_norm(&g3).unwrap().is_finite());
         let g4 = grads(&[("a", vec![f32::INFINITY, 1.0])]);
         assert!(!global_grad_norm(&g4).unwrap().is_finite());
+    }
+
+    #[test]
+    fn aligned_walks_sorted_maps() {
+        let p = params(&[("a", vec![1.0]), ("c", vec![2.0]), ("e", vec![3.0])]);
+        let m: BTreeMap<String, u32> = [("0", 0u32), ("a", 1), ("b", 2), ("e", 5), ("f", 6)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(aligned(&p, &m), vec![Some(&1), None, Some(&5)]);
+        let empty: BTreeMap<String, u32> = BTreeMap::new();
+        assert_eq!(aligned(&p, &empty), vec![None, None, None]);
+    }
+
+    /// On the CPU the "fused" entry point takes the candle ops for every parameter: bitwise
+    /// the twin, including parameters without gradient (EMA only) and a gradient for an
+    /// unknown name (ignored by both).
+    #[test]
+    fn fused_entry_on_cpu_is_twin() {
+        let mk = || {
+            params(&[
+                ("a", vec![0.5, -1.0, 2.0]),
+                ("b", vec![3.0]),
+                ("c", vec![-0.25, 0.75]),
+            ])
+        };
+        let (pf, pt) = (mk(), mk());
+        let cfg = OptimConfig::default();
+        let (mut af, mut ef) = (Adam::new(&pf, &cfg).unwrap(), Ema::new(&pf, 0.9).unwrap());
+        let (mut at, mut et) = (Adam::new(&pt, &cfg).unwrap(), Ema::new(&pt, 0.9).unwrap());
+        let g1 = grads(&[("a", vec![0.1, -0.2, 0.3]), ("c", vec![5.0, -4.0])]);
+        let g2 = grads(&[
+            ("a", vec![1.0, 1.0, -2.0]),
+            ("b", vec![0.5]),
+            ("zz", vec![1.0]),
+        ]);
+        for (g, lr) in [(&g1, 1e-2), (&g2, 5e-3)] {
+            let n = global_grad_norm(g).unwrap();
+            let cf = clip_adam_ema_fused(&mut af, &mut ef, &pf, g, n, 1.0, lr).unwrap();
+            let ct = clip_adam_ema_twin(&mut at, &mut et, &pt, g, n, 1.0, lr).unwrap();
+            assert_eq!(cf.to_bits(), ct.to_bits());
+        }
+        for n in ["a", "b", "c"] {
+            assert_eq!(vals(&pf, n), vals(&pt, n), "{n}");
+            for (x, y) in [(&af.m, &at.m), (&af.v, &at.v), (&ef.weights, &et.weights)] {
+                assert_eq!(
+                    x[n].to_vec1::<f32>().unwrap(),
+                    y[n].to_vec1::<f32>().unwrap(),
+                    "{n}"
+                );
+            }
+        }
+        assert_eq!(af.steps, at.steps);
+        assert_eq!(af.steps["b"], 1);
     }
 
     #[test]
