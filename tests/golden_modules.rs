@@ -33,7 +33,7 @@ use common::golden::{errors, fixtures_in, Fixture, Report};
 use ferrofold::config::StackConfig;
 use ferrofold::geometry::rigid::Rigid;
 use ferrofold::model::embedders::{InputEmbedder, RecyclingEmbedder};
-use ferrofold::model::evoformer::{BlockConfig, EvoformerBlock, EvoformerStack};
+use ferrofold::model::evoformer::{BlockConfig, EvoformerBlock, EvoformerStack, MsaBlock};
 use ferrofold::model::extra_msa::ExtraMsaBlock;
 use ferrofold::model::heads::{
     DistogramHead, ExperimentallyResolvedHead, MaskedMsaHead, PerResidueLddtCaPredictor,
@@ -604,9 +604,9 @@ fn run_evoformer_block_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let block = EvoformerBlock::new(h.vb(), &block_config(fx)?)?;
     let (m, z) = (h.input("m")?, h.input("z")?);
     let (mm, pm) = (h.input("msa_mask")?, h.input("pair_mask")?);
-    let (m, z, saved) = block.forward_saved(&m, &z, &mm, &pm, None)?;
+    let (m, z, saved) = block.parts().forward_saved(&m, &z, &mm, &pm, None)?;
     h.finish_manual(vec![("m", m), ("z", z)], |cot, g| {
-        let (dm, dz) = block.backward_saved(saved, &cot[0], &cot[1], None, g)?;
+        let (dm, dz) = block.parts().backward(saved, &cot[0], &cot[1], None, g)?;
         Ok(vec![("m", dm), ("z", dz)])
     })
 }
@@ -616,9 +616,9 @@ fn run_extra_msa_block_manual(fx: &Fixture, dt: DType) -> Result<Outcome> {
     let block = ExtraMsaBlock::new(h.vb(), &block_config(fx)?)?;
     let (m, z) = (h.input("m")?, h.input("z")?);
     let (mm, pm) = (h.input("msa_mask")?, h.input("pair_mask")?);
-    let (m, z, saved) = block.forward_saved(&m, &z, &mm, &pm, None)?;
+    let (m, z, saved) = block.parts().forward_saved(&m, &z, &mm, &pm, None)?;
     h.finish_manual(vec![("m", m), ("z", z)], |cot, g| {
-        let (dm, dz) = block.backward_saved(saved, &cot[0], &cot[1], None, g)?;
+        let (dm, dz) = block.parts().backward(saved, &cot[0], &cot[1], None, g)?;
         Ok(vec![("m", dm), ("z", dz)])
     })
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ferrofold::config::{StackConfig, TrunkBackward};
 use ferrofold::model::dropout::DropoutCtx;
-use ferrofold::model::evoformer::{BlockConfig, EvoformerBlock};
+use ferrofold::model::evoformer::{BlockConfig, EvoformerBlock, MsaBlock};
 use ferrofold::model::params::sorted_vars;
 use ferrofold::model::remat::{backward_vars, vjp_loss};
 
@@ -150,11 +150,13 @@ fn collect(vm: &VarMap, store: &GradStore, out: [(&str, Tensor); 4]) -> Results 
 
 fn manual(vm: &VarMap, block: &EvoformerBlock, x: &Inputs, ctx: &DropoutCtx) -> Results {
     let (m, z, saved) = block
+        .parts()
         .forward_saved(&x.m, &x.z, &x.msa_mask, &x.pair_mask, Some(ctx))
         .unwrap();
     let mut store = GradStore::default();
     let (dm, dz) = block
-        .backward_saved(saved, &x.dm, &x.dz, Some(ctx), &mut store)
+        .parts()
+        .backward(saved, &x.dm, &x.dz, Some(ctx), &mut store)
         .unwrap();
     let out = [("out.m", m), ("out.z", z), ("grad.m", dm), ("grad.z", dz)];
     collect(vm, &store, out)

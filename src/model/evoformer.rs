@@ -280,18 +280,49 @@ impl EvoformerBlock {
     }
 }
 
-/// What [`EvoformerBlock::backward_saved`] keeps from [`EvoformerBlock::forward_saved`].
-pub struct EvoformerBlockSaved {
+/// The column-wise MSA module of a block with a hand-written backward: Algorithm 8 (Evoformer)
+/// or Algorithm 19 (extra MSA).
+pub trait MsaColumnModule {
+    type Saved;
+    fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, Self::Saved)>;
+    fn backward(&self, s: Self::Saved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor>;
+}
+
+impl MsaColumnModule for MsaColumnAttention {
+    type Saved = MsaColSaved;
+    fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaColSaved)> {
+        MsaColumnAttention::forward_saved(self, m, mask)
+    }
+    fn backward(&self, s: MsaColSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        MsaColumnAttention::backward(self, s, dy, grads)
+    }
+}
+
+/// The sub-modules of Algorithm 6 / Algorithm 18 in order, for the hand-written forward and
+/// backward both blocks share.
+pub struct MsaBlockParts<'a, C> {
+    pub msa_att_row: &'a MsaRowAttentionWithPairBias,
+    pub msa_att_col: &'a C,
+    pub msa_transition: &'a MsaTransition,
+    /// The extra-MSA block masks its MSA transition; the Evoformer block does not.
+    pub mask_msa_transition: bool,
+    pub outer_product_mean: &'a OuterProductMean,
+    pub pair_stack: &'a PairStack,
+    pub msa_dropout: f64,
+}
+
+/// What [`MsaBlockParts::backward`] keeps from [`MsaBlockParts::forward_saved`].
+pub struct MsaBlockSaved<S> {
     msa_att_row: MsaRowSaved,
-    msa_att_col: MsaColSaved,
+    msa_att_col: S,
     msa_transition: TransitionSaved,
     outer_product_mean: OpmSaved,
     pair_stack: PairStackSaved,
 }
 
-impl EvoformerBlock {
-    /// [`Self::forward`] without a graph, keeping what [`Self::backward_saved`] needs (hand-written
-    /// backward, see [`super::vjp`]).
+impl<C: MsaColumnModule> MsaBlockParts<'_, C> {
+    /// The block's forward without a graph, keeping what [`Self::backward`] needs (hand-written
+    /// backward, see [`super::vjp`]). Same dropout masks as the blocks' `forward`.
     pub fn forward_saved(
         &self,
         m: &Tensor,
@@ -299,19 +330,20 @@ impl EvoformerBlock {
         msa_mask: &Tensor,
         pair_mask: &Tensor,
         dropout: Option<&DropoutCtx>,
-    ) -> Result<(Tensor, Tensor, EvoformerBlockSaved)> {
+    ) -> Result<(Tensor, Tensor, MsaBlockSaved<C::Saved>)> {
         let (m, z) = (m.detach(), z.detach());
         let d0 = dropout.map(|c| c.fork(0));
         let (row, msa_att_row) = self.msa_att_row.forward_saved(&m, &z, msa_mask)?;
         let m = residual_dropout_nograd(&m, &row, self.msa_dropout, 0, d0.as_ref())?;
         let (col, msa_att_col) = self.msa_att_col.forward_saved(&m, msa_mask)?;
         let m = (m + col)?;
-        let (tr, msa_transition) = self.msa_transition.forward_saved(&m, None)?;
+        let tmask = self.mask_msa_transition.then_some(msa_mask);
+        let (tr, msa_transition) = self.msa_transition.forward_saved(&m, tmask)?;
         let m = (m + tr)?;
         let (opm, outer_product_mean) = self.outer_product_mean.forward_saved(&m, msa_mask)?;
         let z = (z + opm)?;
         let (z, pair_stack) = self.pair_stack.forward_saved(&z, pair_mask, dropout)?;
-        let saved = EvoformerBlockSaved {
+        let saved = MsaBlockSaved {
             msa_att_row,
             msa_att_col,
             msa_transition,
@@ -323,9 +355,9 @@ impl EvoformerBlock {
 
     /// Backward of [`Self::forward_saved`] (same `dropout`): parameter gradients into `grads`,
     /// returns the gradients of the block's inputs `(dm, dz)` in the activation dtype.
-    pub fn backward_saved(
+    pub fn backward(
         &self,
-        s: EvoformerBlockSaved,
+        s: MsaBlockSaved<C::Saved>,
         dm: &Tensor,
         dz: &Tensor,
         dropout: Option<&DropoutCtx>,
@@ -346,11 +378,30 @@ impl EvoformerBlock {
     }
 }
 
-impl TrunkBlock for EvoformerBlock {
-    type Saved = EvoformerBlockSaved;
+/// An Evoformer-like block (Algorithm 6 or 18): its sub-modules in order and its autograd
+/// forward. Every such block is a [`TrunkBlock`].
+pub trait MsaBlock {
+    type Col: MsaColumnModule;
+    /// The sub-modules in order (see [`MsaBlockParts`]).
+    fn parts(&self) -> MsaBlockParts<'_, Self::Col>;
+    /// How training differentiates the block.
+    fn backward_mode(&self) -> TrunkBackward;
+    /// The block's forward through candle ops (differentiable by autograd).
+    fn forward_graph(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor)>;
+}
+
+impl<B: MsaBlock> TrunkBlock for B {
+    type Saved = MsaBlockSaved<<B::Col as MsaColumnModule>::Saved>;
 
     fn manual_backward(&self) -> bool {
-        self.backward == TrunkBackward::Manual
+        self.backward_mode() == TrunkBackward::Manual
     }
 
     fn forward_block_saved(
@@ -361,7 +412,8 @@ impl TrunkBlock for EvoformerBlock {
         pair_mask: &Tensor,
         dropout: Option<&DropoutCtx>,
     ) -> Result<(Tensor, Tensor, Self::Saved)> {
-        self.forward_saved(m, z, msa_mask, pair_mask, dropout)
+        self.parts()
+            .forward_saved(m, z, msa_mask, pair_mask, dropout)
     }
 
     fn backward_block(
@@ -372,10 +424,41 @@ impl TrunkBlock for EvoformerBlock {
         dropout: Option<&DropoutCtx>,
         grads: &mut GradStore,
     ) -> Result<(Tensor, Tensor)> {
-        self.backward_saved(saved, dm, dz, dropout, grads)
+        self.parts().backward(saved, dm, dz, dropout, grads)
     }
 
     fn forward_block(
+        &self,
+        m: &Tensor,
+        z: &Tensor,
+        msa_mask: &Tensor,
+        pair_mask: &Tensor,
+        dropout: Option<&DropoutCtx>,
+    ) -> Result<(Tensor, Tensor)> {
+        self.forward_graph(m, z, msa_mask, pair_mask, dropout)
+    }
+}
+
+impl MsaBlock for EvoformerBlock {
+    type Col = MsaColumnAttention;
+
+    fn parts(&self) -> MsaBlockParts<'_, MsaColumnAttention> {
+        MsaBlockParts {
+            msa_att_row: &self.msa_att_row,
+            msa_att_col: &self.msa_att_col,
+            msa_transition: &self.msa_transition,
+            mask_msa_transition: false,
+            outer_product_mean: &self.outer_product_mean,
+            pair_stack: &self.pair_stack,
+            msa_dropout: self.msa_dropout,
+        }
+    }
+
+    fn backward_mode(&self) -> TrunkBackward {
+        self.backward
+    }
+
+    fn forward_graph(
         &self,
         m: &Tensor,
         z: &Tensor,

@@ -5,18 +5,15 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::dropout::{add_dropout_rowwise, DropoutCtx};
-use super::evoformer::{BlockConfig, PairStack, PairStackSaved, TrunkGrads};
-use super::msa::{
-    MsaColumnGlobalAttention, MsaGlobalColSaved, MsaRowAttentionWithPairBias, MsaRowSaved,
+use super::evoformer::{
+    BlockConfig, MsaBlock, MsaBlockParts, MsaColumnModule, PairStack, TrunkGrads,
 };
-use super::outer_product_mean::{OpmSaved, OuterProductMean};
-use super::primitives::cast;
-use super::remat::{forward_blocks, BlocksTape, TrunkBlock};
-use super::transition::{MsaTransition, TransitionSaved};
-use super::vjp::residual_dropout_nograd;
+use super::msa::{MsaColumnGlobalAttention, MsaGlobalColSaved, MsaRowAttentionWithPairBias};
+use super::outer_product_mean::OuterProductMean;
+use super::remat::{forward_blocks, BlocksTape};
+use super::transition::MsaTransition;
 use crate::config::{Remat, TrunkBackward};
 use crate::error::Result;
-use crate::kernels::dropout_residual::dropout_grad;
 
 /// One extra-MSA block (OpenFold `ExtraMSABlock`).
 #[derive(Debug, Clone)]
@@ -86,101 +83,37 @@ impl ExtraMsaBlock {
     }
 }
 
-/// What [`ExtraMsaBlock::backward_saved`] keeps from [`ExtraMsaBlock::forward_saved`].
-pub struct ExtraMsaBlockSaved {
-    msa_att_row: MsaRowSaved,
-    msa_att_col: MsaGlobalColSaved,
-    msa_transition: TransitionSaved,
-    outer_product_mean: OpmSaved,
-    pair_stack: PairStackSaved,
-}
-
-impl ExtraMsaBlock {
-    /// [`Self::forward`] without a graph, keeping what [`Self::backward_saved`] needs.
-    pub fn forward_saved(
-        &self,
-        m: &Tensor,
-        z: &Tensor,
-        msa_mask: &Tensor,
-        pair_mask: &Tensor,
-        dropout: Option<&DropoutCtx>,
-    ) -> Result<(Tensor, Tensor, ExtraMsaBlockSaved)> {
-        let (m, z) = (m.detach(), z.detach());
-        let d0 = dropout.map(|c| c.fork(0));
-        let (row, msa_att_row) = self.msa_att_row.forward_saved(&m, &z, msa_mask)?;
-        let m = residual_dropout_nograd(&m, &row, self.msa_dropout, 0, d0.as_ref())?;
-        let (col, msa_att_col) = self.msa_att_col.forward_saved(&m, msa_mask)?;
-        let m = (m + col)?;
-        let (tr, msa_transition) = self.msa_transition.forward_saved(&m, Some(msa_mask))?;
-        let m = (m + tr)?;
-        let (opm, outer_product_mean) = self.outer_product_mean.forward_saved(&m, msa_mask)?;
-        let z = (z + opm)?;
-        let (z, pair_stack) = self.pair_stack.forward_saved(&z, pair_mask, dropout)?;
-        let saved = ExtraMsaBlockSaved {
-            msa_att_row,
-            msa_att_col,
-            msa_transition,
-            outer_product_mean,
-            pair_stack,
-        };
-        Ok((m, z, saved))
+impl MsaColumnModule for MsaColumnGlobalAttention {
+    type Saved = MsaGlobalColSaved;
+    fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaGlobalColSaved)> {
+        MsaColumnGlobalAttention::forward_saved(self, m, mask)
     }
-
-    /// Backward of [`Self::forward_saved`] (same `dropout`): parameter gradients into `grads`,
-    /// returns `(dm, dz)`.
-    pub fn backward_saved(
-        &self,
-        s: ExtraMsaBlockSaved,
-        dm: &Tensor,
-        dz: &Tensor,
-        dropout: Option<&DropoutCtx>,
-        grads: &mut GradStore,
-    ) -> Result<(Tensor, Tensor)> {
-        let d0 = dropout.map(|c| c.fork(0));
-        let dz = self.pair_stack.backward(s.pair_stack, dz, dropout, grads)?;
-        let dm = cast(&dm.detach(), dz.dtype())?;
-        let dm = (&dm
-            + self
-                .outer_product_mean
-                .backward(s.outer_product_mean, &dz, grads)?)?;
-        let dm = (&dm + self.msa_transition.backward(s.msa_transition, &dm, grads)?)?;
-        let dm = (&dm + self.msa_att_col.backward(s.msa_att_col, &dm, grads)?)?;
-        let du = dropout_grad(&dm, self.msa_dropout, 0, d0.as_ref())?;
-        let (dm_row, dz_row) = self.msa_att_row.backward(s.msa_att_row, &du, grads)?;
-        Ok(((dm + dm_row)?, (dz + dz_row)?))
+    fn backward(&self, s: MsaGlobalColSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        MsaColumnGlobalAttention::backward(self, s, dy, grads)
     }
 }
 
-impl TrunkBlock for ExtraMsaBlock {
-    type Saved = ExtraMsaBlockSaved;
+impl MsaBlock for ExtraMsaBlock {
+    type Col = MsaColumnGlobalAttention;
 
-    fn manual_backward(&self) -> bool {
-        self.backward == TrunkBackward::Manual
+    /// The MSA transition of the extra-MSA block is masked.
+    fn parts(&self) -> MsaBlockParts<'_, MsaColumnGlobalAttention> {
+        MsaBlockParts {
+            msa_att_row: &self.msa_att_row,
+            msa_att_col: &self.msa_att_col,
+            msa_transition: &self.msa_transition,
+            mask_msa_transition: true,
+            outer_product_mean: &self.outer_product_mean,
+            pair_stack: &self.pair_stack,
+            msa_dropout: self.msa_dropout,
+        }
     }
 
-    fn forward_block_saved(
-        &self,
-        m: &Tensor,
-        z: &Tensor,
-        msa_mask: &Tensor,
-        pair_mask: &Tensor,
-        dropout: Option<&DropoutCtx>,
-    ) -> Result<(Tensor, Tensor, Self::Saved)> {
-        self.forward_saved(m, z, msa_mask, pair_mask, dropout)
+    fn backward_mode(&self) -> TrunkBackward {
+        self.backward
     }
 
-    fn backward_block(
-        &self,
-        saved: Self::Saved,
-        dm: &Tensor,
-        dz: &Tensor,
-        dropout: Option<&DropoutCtx>,
-        grads: &mut GradStore,
-    ) -> Result<(Tensor, Tensor)> {
-        self.backward_saved(saved, dm, dz, dropout, grads)
-    }
-
-    fn forward_block(
+    fn forward_graph(
         &self,
         m: &Tensor,
         z: &Tensor,
