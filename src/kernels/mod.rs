@@ -30,6 +30,7 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 }
 
 pub mod adam;
+pub mod bias_act;
 pub mod check;
 pub mod dropout_residual;
 pub mod gate;
@@ -40,6 +41,7 @@ pub mod layer_norm;
 pub mod nvrtc;
 pub mod pool;
 pub mod softmax;
+pub mod tri_gate;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -51,6 +53,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     (gate::MODULE, gate::SOURCE),
     (dropout_residual::MODULE, dropout_residual::SOURCE),
     (adam::MODULE, adam::SOURCE),
+    (bias_act::MODULE, bias_act::SOURCE),
+    (tri_gate::MODULE, tri_gate::SOURCE),
 ];
 
 /// Process-wide switch: 0 = not decided yet (read `FERROFOLD_FUSED_KERNELS`), 1 = on, 2 = off.
