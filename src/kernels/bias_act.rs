@@ -132,13 +132,14 @@ pub fn bias_act(
     let x = x.detach();
     let bias = bias.map(|b| b.detach());
     let row_scale = row_scale.map(|s| s.detach());
-    if super::fused_for(&x) && fused_applies(&x, bias.as_ref(), row_scale.as_ref()) {
+    if super::fused_for(&x)
+        && super::epilogues_enabled()
+        && fused_applies(&x, bias.as_ref(), row_scale.as_ref())
+    {
         #[cfg(feature = "cuda")]
         {
             let y = match x.dtype() {
-                DType::F32 => {
-                    cuda::bias_act_t::<f32>(&x, bias.as_ref(), row_scale.as_ref(), relu)?
-                }
+                DType::F32 => cuda::bias_act_t::<f32>(&x, bias.as_ref(), row_scale.as_ref(), relu)?,
                 DType::BF16 => {
                     cuda::bias_act_t::<half::bf16>(&x, bias.as_ref(), row_scale.as_ref(), relu)?
                 }
@@ -174,9 +175,7 @@ fn fused_applies(x: &Tensor, bias: Option<&Tensor>, s: Option<&Tensor>) -> bool 
     }
     let dev_ok = |t: &Tensor| t.device().same_device(x.device());
     let b_ok = bias.is_none_or(|b| {
-        dev_ok(b)
-            && b.elem_count() == c
-            && (b.dtype() == DType::F32 || b.dtype() == x.dtype())
+        dev_ok(b) && b.elem_count() == c && (b.dtype() == DType::F32 || b.dtype() == x.dtype())
     });
     let s_ok = s.is_none_or(|s| dev_ok(s) && s.elem_count() == n / c && s.dtype() == x.dtype());
     b_ok && s_ok
@@ -192,6 +191,7 @@ pub fn relu_bwd_twin(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// on); the twin otherwise.
 pub fn relu_bwd(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if super::fused_for(y)
+        && super::epilogues_enabled()
         && y.shape() == dy.shape()
         && y.dtype() == dy.dtype()
         && y.elem_count() > 0
@@ -366,8 +366,7 @@ mod cuda {
         let dev = sy.device();
         let (ry, rd) = (range(ly)?, range(ld)?);
         let w = wide(y.dtype());
-        let v = if n.is_multiple_of(w) && ry.start.is_multiple_of(w) && rd.start.is_multiple_of(w)
-        {
+        let v = if n.is_multiple_of(w) && ry.start.is_multiple_of(w) && rd.start.is_multiple_of(w) {
             w
         } else {
             1
@@ -418,13 +417,69 @@ struct ActCase {
 /// `dev` (a CUDA device).
 pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
     let cases = [
-        ActCase { rows: 7, c: 13, ld: 13, off: 0, bias: Some(DType::F32), scale: false, relu: false },
-        ActCase { rows: 15, c: 40, ld: 40, off: 0, bias: Some(DType::F32), scale: true, relu: true },
-        ActCase { rows: 33, c: 24, ld: 96, off: 72, bias: Some(DType::F32), scale: false, relu: false },
-        ActCase { rows: 33, c: 24, ld: 97, off: 71, bias: None, scale: true, relu: false },
-        ActCase { rows: 64, c: 1000, ld: 1000, off: 0, bias: Some(DType::BF16), scale: false, relu: true },
-        ActCase { rows: 2048, c: 256, ld: 256, off: 0, bias: None, scale: true, relu: false },
-        ActCase { rows: 4096, c: 640, ld: 640, off: 0, bias: Some(DType::F32), scale: false, relu: false },
+        ActCase {
+            rows: 7,
+            c: 13,
+            ld: 13,
+            off: 0,
+            bias: Some(DType::F32),
+            scale: false,
+            relu: false,
+        },
+        ActCase {
+            rows: 15,
+            c: 40,
+            ld: 40,
+            off: 0,
+            bias: Some(DType::F32),
+            scale: true,
+            relu: true,
+        },
+        ActCase {
+            rows: 33,
+            c: 24,
+            ld: 96,
+            off: 72,
+            bias: Some(DType::F32),
+            scale: false,
+            relu: false,
+        },
+        ActCase {
+            rows: 33,
+            c: 24,
+            ld: 97,
+            off: 71,
+            bias: None,
+            scale: true,
+            relu: false,
+        },
+        ActCase {
+            rows: 64,
+            c: 1000,
+            ld: 1000,
+            off: 0,
+            bias: Some(DType::BF16),
+            scale: false,
+            relu: true,
+        },
+        ActCase {
+            rows: 2048,
+            c: 256,
+            ld: 256,
+            off: 0,
+            bias: None,
+            scale: true,
+            relu: false,
+        },
+        ActCase {
+            rows: 4096,
+            c: 640,
+            ld: 640,
+            off: 0,
+            bias: Some(DType::F32),
+            scale: false,
+            relu: false,
+        },
     ];
     let mut out = Vec::new();
     for (k, a) in cases.iter().enumerate() {
@@ -447,6 +502,11 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
             } else {
                 None
             };
+            if !(super::fused_for(&x) && fused_applies(&x, b.as_ref(), s.as_ref())) {
+                return Err(crate::error::Error::Msg(format!(
+                    "bias_act self-check: the fused kernel does not take case {k} ({dtype:?})"
+                )));
+            }
             let yf = bias_act(&x, b.as_ref(), s.as_ref(), a.relu)?;
             let yt = bias_act_twin(&x, b.as_ref(), s.as_ref(), a.relu)?;
             let what = format!(
@@ -509,9 +569,14 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
         }
     }
     // relu backward alone, odd and non-multiple-of-vector lengths.
-    for (k, shape) in [&[3usize, 5, 7][..], &[2, 33, 64], &[129, 1031], &[1024, 1024]]
-        .iter()
-        .enumerate()
+    for (k, shape) in [
+        &[3usize, 5, 7][..],
+        &[2, 33, 64],
+        &[129, 1031],
+        &[1024, 1024],
+    ]
+    .iter()
+    .enumerate()
     {
         for dtype in [DType::F32, DType::BF16] {
             let seed = 0x4e10_0000 + k as u64;
@@ -540,7 +605,16 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
     let cases: [Row; 6] = [
         ("bias_add", 32768, 256, 256, 0, true, false, false),
         ("bias_add", 65536, 640, 640, 0, true, false, false),
-        ("bias_add g-slice", 32768, 256, 1024, 768, true, false, false),
+        (
+            "bias_add g-slice",
+            32768,
+            256,
+            1024,
+            768,
+            true,
+            false,
+            false,
+        ),
         ("bias_relu", 32768, 1024, 1024, 0, true, false, false),
         ("bias_add ·mask", 32768, 256, 256, 0, true, true, false),
         ("row_scale", 65536, 128, 128, 0, false, true, false),
@@ -550,12 +624,22 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
         let buf = super::uniform_tensor(&[nr, ld], 2.0, 10 + k as u64, dt, dev)?;
         let x = buf.narrow(1, off, c)?;
         let b = if has_b {
-            Some(super::uniform_tensor(&[c], 1.0, 20 + k as u64, DType::F32, dev)?)
+            Some(super::uniform_tensor(
+                &[c],
+                1.0,
+                20 + k as u64,
+                DType::F32,
+                dev,
+            )?)
         } else {
             None
         };
         let s = if has_s {
-            Some(super::uniform_tensor(&[nr], 1.0, 30, dt, dev)?.ge(-0.5)?.to_dtype(dt)?)
+            Some(
+                super::uniform_tensor(&[nr], 1.0, 30, dt, dev)?
+                    .ge(-0.5)?
+                    .to_dtype(dt)?,
+            )
         } else {
             None
         };

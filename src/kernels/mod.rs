@@ -101,6 +101,19 @@ pub(crate) fn fused_for(t: &candle_core::Tensor) -> bool {
         && fused_enabled()
 }
 
+/// Whether the fused epilogue kernels of [`bias_act`] and [`tri_gate`] may be used (on top of
+/// [`fused_for`]). Default on; `FERROFOLD_FUSED_EPILOGUES=0` (or `false`/`off`) turns only these
+/// off, for A/B timings against candle's broadcast ops with every other fused kernel on.
+pub fn epilogues_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("FERROFOLD_FUSED_EPILOGUES").as_deref(),
+            Ok("0") | Ok("false") | Ok("off")
+        )
+    })
+}
+
 /// One fused-vs-twin comparison of a `self_check`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ElemCheck {

@@ -171,7 +171,10 @@ fn check_args(proj: &Tensor, mask: &Tensor, part: &GatedPart) -> Result<(usize, 
     let (n, ld) = proj.dims2()?;
     let bad = |m: String| Err(Error::Model(format!("tri_gate: {m}")));
     if n != part.perm.a * part.perm.b {
-        return bad(format!("{n} rows for a {}×{} pair grid", part.perm.a, part.perm.b));
+        return bad(format!(
+            "{n} rows for a {}×{} pair grid",
+            part.perm.a, part.perm.b
+        ));
     }
     if mask.elem_count() != n {
         return bad(format!("mask of {} values for {n} rows", mask.elem_count()));
@@ -220,6 +223,7 @@ pub fn tri_gate_fwd(proj: &Tensor, mask: &Tensor, part: &GatedPart) -> Result<Te
 fn fused_ok(proj: &Tensor, mask: &Tensor, part: &GatedPart) -> bool {
     let (a, b) = (part.perm.a, part.perm.b);
     super::fused_for(proj)
+        && super::epilogues_enabled()
         && proj.elem_count() > 0
         && part.c > 0
         && mask.device().same_device(proj.device())
@@ -237,7 +241,12 @@ pub struct PartGrad<'a> {
 
 /// Checks of [`tri_gate_bwd`]: every column of `[0, ld)` covered exactly once by the parts'
 /// `p` and `g` columns and the `extra` blocks.
-fn check_cover(ld: usize, n: usize, parts: &[PartGrad<'_>], extra: &[(usize, &Tensor)]) -> Result<()> {
+fn check_cover(
+    ld: usize,
+    n: usize,
+    parts: &[PartGrad<'_>],
+    extra: &[(usize, &Tensor)],
+) -> Result<()> {
     let mut blocks: Vec<(usize, usize)> = Vec::new();
     for pg in parts {
         blocks.push((pg.part.off_p, pg.part.c));
@@ -372,7 +381,11 @@ mod cuda {
 
     fn tile_cfg(r: usize, c: usize, t: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (r.div_ceil(32).max(1) as u32, c.div_ceil(32).max(1) as u32, t.max(1) as u32),
+            grid_dim: (
+                r.div_ceil(32).max(1) as u32,
+                c.div_ceil(32).max(1) as u32,
+                t.max(1) as u32,
+            ),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         }
@@ -389,7 +402,12 @@ mod cuda {
         let (sm, lm) = mask.storage_and_layout();
         let (sp, sm) = (cuda_storage(&sp)?, cuda_storage(&sm)?);
         let dev = sp.device();
-        let f = func(dev, MODULE, SOURCE, &format!("tri_gate_fwd_{}", suffix(proj.dtype())?))?;
+        let f = func(
+            dev,
+            MODULE,
+            SOURCE,
+            &format!("tri_gate_fwd_{}", suffix(proj.dtype())?),
+        )?;
         let pv = sp.as_cuda_slice::<T>()?.slice(range(lp)?);
         let mv = sm.as_cuda_slice::<T>()?.slice(range(lm)?);
         // SAFETY: every element is written by the kernel (the tiles cover [C] × [R] × [T]).
@@ -413,7 +431,11 @@ mod cuda {
         // SAFETY: argument types match the kernel; `proj` holds `n · ld` elements and the part's
         // columns lie inside `ld` (checked by `check_args`), `mask` `n`, `out` `n · c`.
         unsafe { b.launch(tile_cfg(r, c, t)) }.w()?;
-        Ok(tensor_from_slice(out, dev, &part.perm.out_dims(c).to_vec().into()))
+        Ok(tensor_from_slice(
+            out,
+            dev,
+            &part.perm.out_dims(c).to_vec().into(),
+        ))
     }
 
     pub(super) fn bwd_t<T: CudaDType + DeviceRepr>(
@@ -429,7 +451,12 @@ mod cuda {
         let (sm, lm) = mask.storage_and_layout();
         let (sp, sm) = (cuda_storage(&sp)?, cuda_storage(&sm)?);
         let dev = sp.device();
-        let fb = func(dev, MODULE, SOURCE, &format!("tri_gate_bwd_{}", suffix(dt)?))?;
+        let fb = func(
+            dev,
+            MODULE,
+            SOURCE,
+            &format!("tri_gate_bwd_{}", suffix(dt)?),
+        )?;
         let pv = sp.as_cuda_slice::<T>()?.slice(range(lp)?);
         let mv = sm.as_cuda_slice::<T>()?.slice(range(lm)?);
         // SAFETY: every column of every row is written: the parts' p and g columns by the gated
@@ -478,11 +505,21 @@ mod cuda {
                 1
             };
             let sv = ss.as_cuda_slice::<T>()?.slice(rs_);
-            let fc = func(dev, MODULE, SOURCE, &format!("copy_cols_{}_v{v}", suffix(dt)?))?;
+            let fc = func(
+                dev,
+                MODULE,
+                SOURCE,
+                &format!("copy_cols_{}_v{v}", suffix(dt)?),
+            )?;
             let cg = (w / v) as u32;
             let groups = (n * w / v) as u32;
             let mut b = stream.launch_builder(&fc);
-            b.arg(&sv).arg(&mut out).arg(&ld).arg(off).arg(&cg).arg(&groups);
+            b.arg(&sv)
+                .arg(&mut out)
+                .arg(&ld)
+                .arg(off)
+                .arg(&cg)
+                .arg(&groups);
             // SAFETY: `src` holds `n · w` elements, the block `off..off + w` lies inside `ld`
             // (`check_cover`), all v-aligned when v > 1.
             unsafe { b.launch(nvrtc::grid_1d(groups as usize, BLOCK)) }.w()?;
@@ -495,11 +532,29 @@ mod cuda {
 /// the four gated blocks.
 fn parts_for(a: usize, b: usize, c: usize, outgoing: bool) -> [GatedPart; 2] {
     // Outgoing: a → [C, a, b], b → [C, b, a]; incoming the other way round.
-    let pa = PairPerm { a, b, swap: !outgoing };
-    let pb = PairPerm { a, b, swap: outgoing };
+    let pa = PairPerm {
+        a,
+        b,
+        swap: !outgoing,
+    };
+    let pb = PairPerm {
+        a,
+        b,
+        swap: outgoing,
+    };
     [
-        GatedPart { off_p: 0, off_g: c, c, perm: pa },
-        GatedPart { off_p: 2 * c, off_g: 3 * c, c, perm: pb },
+        GatedPart {
+            off_p: 0,
+            off_g: c,
+            c,
+            perm: pa,
+        },
+        GatedPart {
+            off_p: 2 * c,
+            off_g: 3 * c,
+            c,
+            perm: pb,
+        },
     ]
 }
 
@@ -508,9 +563,13 @@ fn parts_for(a: usize, b: usize, c: usize, outgoing: bool) -> [GatedPart; 2] {
 /// incoming, f32 and bf16, odd sizes, on `dev` (a CUDA device).
 pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
     let mut out = Vec::new();
-    for (k, &(a, b, c, extra)) in [(7usize, 5usize, 9usize, 3usize), (33, 31, 40, 17), (64, 48, 128, 128)]
-        .iter()
-        .enumerate()
+    for (k, &(a, b, c, extra)) in [
+        (7usize, 5usize, 9usize, 3usize),
+        (33, 31, 40, 17),
+        (64, 48, 128, 128),
+    ]
+    .iter()
+    .enumerate()
     {
         for outgoing in [true, false] {
             for dtype in [DType::F32, DType::BF16] {
@@ -522,8 +581,14 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
                     .ge(-0.6)?
                     .to_dtype(dtype)?;
                 let parts = parts_for(a, b, c, outgoing);
-                let name = |w: &str| format!("tri_gate {w} {}", if outgoing { "out" } else { "in" });
+                let name =
+                    |w: &str| format!("tri_gate {w} {}", if outgoing { "out" } else { "in" });
                 let cs = format!("[{a}, {b}] c {c} ld {ld} {dtype:?}");
+                if !parts.iter().all(|p| fused_ok(&proj, &mask, p)) {
+                    return Err(Error::Msg(format!(
+                        "tri_gate self-check: the fused kernel does not take {cs}"
+                    )));
+                }
                 let mut ds = Vec::new();
                 for (i, part) in parts.iter().enumerate() {
                     let yf = tri_gate_fwd(&proj, &mask, part)?;
@@ -563,7 +628,12 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
                     .get(pv.as_tensor())
                     .ok_or_else(|| Error::Msg("tri_gate: no gradient".into()))?;
                 let tol = if dtype == DType::BF16 { 2e-2 } else { 2e-6 };
-                for (what, off, w) in [("d_ap", 0, c), ("d_ag", c, c), ("d_bp", 2 * c, c), ("d_bg", 3 * c, c)] {
+                for (what, off, w) in [
+                    ("d_ap", 0, c),
+                    ("d_ag", c, c),
+                    ("d_bp", 2 * c, c),
+                    ("d_bg", 3 * c, c),
+                ] {
                     out.push(ElemCheck {
                         op: name(&format!("bwd {what}")),
                         case: cs.clone(),
@@ -597,7 +667,9 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
     let (r, c, cz) = (256usize, 128usize, 128usize);
     let (n, ld) = (r * r, 4 * c + cz);
     let proj = super::uniform_tensor(&[n, ld], 3.0, 1, dt, dev)?;
-    let mask = super::uniform_tensor(&[n], 1.0, 2, dt, dev)?.ge(-0.9)?.to_dtype(dt)?;
+    let mask = super::uniform_tensor(&[n], 1.0, 2, dt, dev)?
+        .ge(-0.9)?
+        .to_dtype(dt)?;
     let dg = super::uniform_tensor(&[n, cz], 1.0, 3, dt, dev)?;
     let mut rows = Vec::new();
     for outgoing in [true, false] {
@@ -621,12 +693,19 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
             super::uniform_tensor(&parts[1].perm.out_dims(c), 1.0, 5, dt, dev)?,
         ];
         let pgs = [
-            PartGrad { part: parts[0], d: &ds[0] },
-            PartGrad { part: parts[1], d: &ds[1] },
+            PartGrad {
+                part: parts[0],
+                d: &ds[0],
+            },
+            PartGrad {
+                part: parts[1],
+                d: &ds[1],
+            },
         ];
         let extras = [(4 * c, &dg)];
-        let fused_ms =
-            super::median_ms(dev, 3, iters, || tri_gate_bwd(&proj, &mask, &pgs, &extras).map(|_| ()))?;
+        let fused_ms = super::median_ms(dev, 3, iters, || {
+            tri_gate_bwd(&proj, &mask, &pgs, &extras).map(|_| ())
+        })?;
         let twin_ms = super::median_ms(dev, 3, iters, || {
             tri_gate_bwd_twin(&proj, &mask, &pgs, &extras).map(|_| ())
         })?;
@@ -672,10 +751,23 @@ mod tests {
             let parts = parts_for(a, b, c, outgoing);
             // Forward = sigmoid(g) · mask · p, permuted.
             let y = tri_gate_fwd(&proj, &mask, &parts[1]).unwrap();
-            let p = proj.narrow(1, 2 * c, c).unwrap().reshape((a, b, c)).unwrap();
-            let g = proj.narrow(1, 3 * c, c).unwrap().reshape((a, b, c)).unwrap();
+            let p = proj
+                .narrow(1, 2 * c, c)
+                .unwrap()
+                .reshape((a, b, c))
+                .unwrap();
+            let g = proj
+                .narrow(1, 3 * c, c)
+                .unwrap()
+                .reshape((a, b, c))
+                .unwrap();
             let m = mask.reshape((a, b, 1)).unwrap();
-            let want = sigmoid(&g).unwrap().broadcast_mul(&m).unwrap().mul(&p).unwrap();
+            let want = sigmoid(&g)
+                .unwrap()
+                .broadcast_mul(&m)
+                .unwrap()
+                .mul(&p)
+                .unwrap();
             let want = if outgoing {
                 want.permute((2, 1, 0)).unwrap()
             } else {
@@ -688,13 +780,22 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
-                    super::super::uniform_tensor(&p.perm.out_dims(c), 1.0, 5 + i as u64, DType::F64, &dev)
-                        .unwrap()
+                    super::super::uniform_tensor(
+                        &p.perm.out_dims(c),
+                        1.0,
+                        5 + i as u64,
+                        DType::F64,
+                        &dev,
+                    )
+                    .unwrap()
                 })
                 .collect();
             let ex = super::super::uniform_tensor(&[n, extra], 1.0, 9, DType::F64, &dev).unwrap();
-            let pgs: Vec<PartGrad<'_>> =
-                parts.iter().zip(&ds).map(|(p, d)| PartGrad { part: *p, d }).collect();
+            let pgs: Vec<PartGrad<'_>> = parts
+                .iter()
+                .zip(&ds)
+                .map(|(p, d)| PartGrad { part: *p, d })
+                .collect();
             let got = tri_gate_bwd(&proj, &mask, &pgs, &[(4 * c, &ex)]).unwrap();
             let pv = candle_core::Var::from_tensor(&proj).unwrap();
             let mut loss = Tensor::zeros((), DType::F64, &dev).unwrap();

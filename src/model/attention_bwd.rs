@@ -168,9 +168,10 @@ impl Attention {
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?); // [B·H, N, C]
         let g = match (&self.linear_g.bias, crate::kernels::fused_for(&y)) {
             // Fused: bias added to the gate columns of the joint projection in one pass.
-            (Some(bg), true) => {
-                bias_add(&y.reshape((b * n, 4 * h * c))?.narrow(1, 3 * h * c, h * c)?, bg)?
-            }
+            (Some(bg), true) => bias_add(
+                &y.reshape((b * n, 4 * h * c))?.narrow(1, 3 * h * c, h * c)?,
+                bg,
+            )?,
             _ => {
                 let g = y.narrow(2, 3, 1)?; // [B, N, 1, H, C]
                 match bias_as(&self.linear_g, &[1, 1, 1, h, c], &x)? {

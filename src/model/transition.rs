@@ -115,7 +115,9 @@ impl Transition {
         let dy = super::primitives::cast(&dy.detach(), s.a.dtype())?;
         let dy = match &s.mask {
             // One pass over dy with fused kernels (a per-row scale).
-            Some(m) if crate::kernels::fused_for(&dy) => crate::kernels::bias_act::row_scale(&dy, m)?,
+            Some(m) if crate::kernels::fused_for(&dy) => {
+                crate::kernels::bias_act::row_scale(&dy, m)?
+            }
             Some(m) => dy.broadcast_mul(m)?,
             None => dy,
         };

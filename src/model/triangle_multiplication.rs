@@ -108,11 +108,29 @@ impl TriangleMultiplication {
         let m1 = mask3.flatten_all()?;
         // Outgoing: a[i,k] → [C, I, K], b[j,k] → [C, K, J]; incoming: a[k,i] → [C, I, K],
         // b[k,j] → [C, K, J] (pair rows are z's [I, J]).
-        let pa = PairPerm { a: i, b: j, swap: !self.outgoing };
-        let pb = PairPerm { a: i, b: j, swap: self.outgoing };
+        let pa = PairPerm {
+            a: i,
+            b: j,
+            swap: !self.outgoing,
+        };
+        let pb = PairPerm {
+            a: i,
+            b: j,
+            swap: self.outgoing,
+        };
         let parts = [
-            GatedPart { off_p: 0, off_g: c, c, perm: pa },
-            GatedPart { off_p: 2 * c, off_g: 3 * c, c, perm: pb },
+            GatedPart {
+                off_p: 0,
+                off_g: c,
+                c,
+                perm: pa,
+            },
+            GatedPart {
+                off_p: 2 * c,
+                off_g: 3 * c,
+                c,
+                perm: pb,
+            },
         ];
         Ok((proj2, m1, parts))
     }
@@ -170,7 +188,10 @@ impl TriangleMultiplication {
         let (a_cik, b_ckj) = if crate::kernels::fused_for(&proj) {
             // Fused: gating, mask and the channel-first transpose in one kernel per operand.
             let (proj2, m1, [pa, pb]) = self.gated_parts(&proj, &mask3, c)?;
-            (tri_gate_fwd(&proj2, &m1, &pa)?, tri_gate_fwd(&proj2, &m1, &pb)?)
+            (
+                tri_gate_fwd(&proj2, &m1, &pa)?,
+                tri_gate_fwd(&proj2, &m1, &pb)?,
+            )
         } else {
             let part = |k: usize| proj.narrow(2, k * c, c);
             // a = sigmoid(a_g) · mask · a_p, b likewise: [I, J, C].
@@ -242,8 +263,14 @@ impl TriangleMultiplication {
             let (n, c_z) = (proj2.dims2()?.0, dg.dim(2)?);
             let dg2 = dg.reshape((n, c_z))?;
             let parts = [
-                PartGrad { part: pa, d: &da_cik },
-                PartGrad { part: pb, d: &db_ckj },
+                PartGrad {
+                    part: pa,
+                    d: &da_cik,
+                },
+                PartGrad {
+                    part: pb,
+                    d: &db_ckj,
+                },
             ];
             let dproj = tri_gate_bwd(&proj2, &m1, &parts, &[(4 * c, &dg2)])?;
             drop((da_cik, db_ckj, dg, dg2, proj, proj2));

@@ -24,8 +24,8 @@ use candle_core::{CustomOp3, DType, Tensor, Var, D};
 use super::fused::LayerNormOp;
 use super::primitives::{cast, LayerNorm, Linear};
 use super::remat::{backward_vars, vjp_loss};
-use crate::kernels::bias_act::bias_add;
 use crate::error::{Error, Result};
+use crate::kernels::bias_act::bias_add;
 
 /// The first tensor of `v` (a closure's single output or input gradient).
 pub fn first(v: Vec<Tensor>) -> Result<Tensor> {
