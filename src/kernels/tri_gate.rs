@@ -102,6 +102,26 @@ __device__ __forceinline__ void copy_cols(const T* src, T* dst, size_t ldd, size
         reinterpret_cast<const Pack<T, V>*>(src)[i];
 }
 
+// y[b, c, r] = x[b, r, c] (exact copy through fp32 tiles). Grid (ceil(C/32), ceil(R/32), B).
+template <typename T>
+__device__ __forceinline__ void transpose(const T* x, T* y, unsigned R, unsigned C) {
+    __shared__ float tile[32][33];
+    unsigned c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    size_t base = (size_t)blockIdx.z * R * C;
+    unsigned tx = threadIdx.x, ty = threadIdx.y;
+#pragma unroll
+    for (int k = 0; k < 32; k += 8) {
+        unsigned r = r0 + ty + k, c = c0 + tx;
+        if (r < R && c < C) tile[ty + k][tx] = ld(x, base + (size_t)r * C + c);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 32; k += 8) {
+        unsigned c = c0 + ty + k, r = r0 + tx;
+        if (r < R && c < C) st(y, base + (size_t)c * R + r, tile[tx][ty + k]);
+    }
+}
+
 #define TRI(SUF, T) \
 extern "C" __global__ void tri_gate_fwd_##SUF(const T* proj, size_t ldp, size_t off_p, size_t off_g, \
         const T* mask, T* out, unsigned R, unsigned C, size_t rs, size_t ts, size_t ots, size_t n) { \
@@ -111,6 +131,10 @@ extern "C" __global__ void tri_gate_bwd_##SUF(const T* d, const T* proj, size_t 
     tri_gate_bwd<T>(d, proj, ldp, off_p, off_g, mask, dproj, R, C, rs, ts, ots, n); }
 TRI(f32, float)
 TRI(bf16, __nv_bfloat16)
+extern "C" __global__ void transpose_f32(const float* x, float* y, unsigned R, unsigned C) { transpose<float>(x, y, R, C); }
+extern "C" __global__ void transpose_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, unsigned R, unsigned C) {
+    transpose<__nv_bfloat16>(x, y, R, C);
+}
 
 #define COPY(SUF, T, V) \
 extern "C" __global__ void copy_cols_##SUF##_v##V(const T* src, T* dst, size_t ldd, size_t off, unsigned cg, unsigned n) { \
@@ -231,6 +255,35 @@ fn fused_ok(proj: &Tensor, mask: &Tensor, part: &GatedPart) -> bool {
         && (!part.perm.swap || b <= 65535)
         && part.c.div_ceil(32) <= 65535
         && (a * b).div_ceil(32) < i32::MAX as usize
+}
+
+/// Plain-candle twin of [`transpose12`]: `x.transpose(1, 2).contiguous()`.
+pub fn transpose12_twin(x: &Tensor) -> Result<Tensor> {
+    Ok(x.transpose(1, 2)?.contiguous()?)
+}
+
+/// `x` `[B, R, C]` → `[B, C, R]` contiguous (the layout changes of the triangle product between
+/// channel-first `[C, I·J]` and pair `[I·J, C]`). A tiled-transpose kernel on CUDA (f32/bf16,
+/// fused kernels on; an exact copy), candle's strided copy otherwise.
+pub fn transpose12(x: &Tensor) -> Result<Tensor> {
+    let (b, r, c) = x.dims3()?;
+    if super::fused_for(x)
+        && super::epilogues_enabled()
+        && x.elem_count() > 0
+        && r.div_ceil(32) <= 65535
+        && b <= 65535
+        && x.elem_count() < u32::MAX as usize
+    {
+        #[cfg(feature = "cuda")]
+        {
+            let x = x.detach().contiguous()?;
+            return Ok(match x.dtype() {
+                DType::F32 => cuda::transpose_t::<f32>(&x, b, r, c)?,
+                _ => cuda::transpose_t::<half::bf16>(&x, b, r, c)?,
+            });
+        }
+    }
+    transpose12_twin(x)
 }
 
 /// The cotangent of one gated part: `d` in the part's channel-first layout.
@@ -436,6 +489,42 @@ mod cuda {
             dev,
             &part.perm.out_dims(c).to_vec().into(),
         ))
+    }
+
+    pub(super) fn transpose_t<T: CudaDType + DeviceRepr>(
+        x: &Tensor,
+        b: usize,
+        r: usize,
+        c: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (sx, lx) = x.storage_and_layout();
+        let sx = cuda_storage(&sx)?;
+        let dev = sx.device();
+        let f = func(
+            dev,
+            MODULE,
+            SOURCE,
+            &format!("transpose_{}", suffix(x.dtype())?),
+        )?;
+        let xv = sx.as_cuda_slice::<T>()?.slice(range(lx)?);
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(b * r * c)? };
+        let (r32, c32) = (r as u32, c as u32);
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&xv).arg(&mut y).arg(&r32).arg(&c32);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                c.div_ceil(32).max(1) as u32,
+                r.div_ceil(32).max(1) as u32,
+                b.max(1) as u32,
+            ),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match; `x` and `y` hold `b · r · c` elements.
+        unsafe { lb.launch(cfg) }.w()?;
+        Ok(tensor_from_slice(y, dev, &(b, c, r).into()))
     }
 
     pub(super) fn bwd_t<T: CudaDType + DeviceRepr>(
@@ -656,6 +745,20 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
             }
         }
     }
+    for (k, shape) in [[1usize, 7, 5], [3, 33, 40], [1, 128, 4096], [2, 1000, 96]]
+        .iter()
+        .enumerate()
+    {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = super::uniform_tensor(shape, 1.0, 0x7e_0000 + k as u64, dtype, dev)?;
+            out.push(ElemCheck {
+                op: "transpose12".into(),
+                case: format!("{shape:?} {dtype:?}"),
+                max_err: super::rel_err(&transpose12(&x)?, &transpose12_twin(&x)?)?,
+                tol: 0.0,
+            });
+        }
+    }
     Ok(out)
 }
 
@@ -672,6 +775,18 @@ pub fn bench_rows(dev: &Device, iters: usize) -> Result<Vec<ElemBenchRow>> {
         .to_dtype(dt)?;
     let dg = super::uniform_tensor(&[n, cz], 1.0, 3, dt, dev)?;
     let mut rows = Vec::new();
+    for shape in [[1usize, c, n], [1, n, c]] {
+        let x = super::uniform_tensor(&shape, 1.0, 6, dt, dev)?;
+        let fused_ms = super::median_ms(dev, 3, iters, || transpose12(&x).map(|_| ()))?;
+        let twin_ms = super::median_ms(dev, 3, iters, || transpose12_twin(&x).map(|_| ()))?;
+        rows.push(ElemBenchRow {
+            op: "transpose12".into(),
+            case: format!("{shape:?} {dt:?}"),
+            fused_ms,
+            twin_ms,
+            max_err: super::rel_err(&transpose12(&x)?, &transpose12_twin(&x)?)?,
+        });
+    }
     for outgoing in [true, false] {
         let parts = parts_for(r, r, c, outgoing);
         let dir = if outgoing { "out" } else { "in" };

@@ -9,7 +9,9 @@ use super::vjp::{
     gate_bwd, gate_nograd, linear_cat_backward, linear_cat_nograd, sigmoid_bwd_from_output,
 };
 use crate::error::{Error, Result};
-use crate::kernels::tri_gate::{tri_gate_bwd, tri_gate_fwd, GatedPart, PairPerm, PartGrad};
+use crate::kernels::tri_gate::{
+    transpose12, tri_gate_bwd, tri_gate_fwd, GatedPart, PairPerm, PartGrad,
+};
 
 /// Triangle multiplicative update (OpenFold `TriangleMultiplicativeUpdate`); `outgoing` selects
 /// Algorithm 11 (`x[i,j] = Σ_k a[i,k] b[j,k]`) or Algorithm 12 (`x[i,j] = Σ_k a[k,i] b[k,j]`).
@@ -185,7 +187,8 @@ impl TriangleMultiplication {
         let mask3 = cast(&mask.detach(), z.dtype())?.unsqueeze(2)?; // [I, J, 1]
         let zln = self.layer_norm_in.forward_nograd(&z)?; // [I, J, c_z]
         let proj = linear_cat_nograd(&self.projections(), &zln)?; // [I, J, 4C + c_z]
-        let (a_cik, b_ckj) = if crate::kernels::fused_for(&proj) {
+        let fused = crate::kernels::fused_for(&proj);
+        let (a_cik, b_ckj) = if fused {
             // Fused: gating, mask and the channel-first transpose in one kernel per operand.
             let (proj2, m1, [pa, pb]) = self.gated_parts(&proj, &mask3, c)?;
             (
@@ -199,7 +202,14 @@ impl TriangleMultiplication {
             let b = sigmoid(&part(3)?)?.broadcast_mul(&mask3)?.mul(&part(2)?)?;
             self.channel_first(&a, &b)?
         };
-        let x = triangle_product(&a_cik, &b_ckj)?; // [I, J, C]
+        let x = if fused {
+            // [C, I, J] → [I, J, C] by the tiled transpose kernel.
+            let (ci, i, j) = (a_cik.dim(0)?, a_cik.dim(1)?, b_ckj.dim(2)?);
+            let x = a_cik.matmul(&b_ckj)?.reshape((1, ci, i * j))?;
+            transpose12(&x)?.reshape((i, j, ci))?
+        } else {
+            triangle_product(&a_cik, &b_ckj)? // [I, J, C]
+        };
         let xo = self.layer_norm_out.forward_nograd(&x)?;
         let y0 = self.linear_z.forward_nograd(&xo)?; // [I, J, c_z]
         let g = proj.narrow(2, 4 * c, c_z)?.contiguous()?;
@@ -250,7 +260,12 @@ impl TriangleMultiplication {
         drop((xo, dy0));
         let dx = self.layer_norm_out.backward(&x, &dxo, grads)?; // [I, J, C]
         drop((x, dxo));
-        let dx_cij = dx.permute((2, 0, 1))?.contiguous()?; // [C, I, J]
+        let dx_cij = if crate::kernels::fused_for(&dx) {
+            let (i, j, ci) = dx.dims3()?;
+            transpose12(&dx.reshape((1, i * j, ci))?)?.reshape((ci, i, j))?
+        } else {
+            dx.permute((2, 0, 1))?.contiguous()?
+        }; // [C, I, J]
         drop(dx);
         let da_cik = dx_cij.matmul(&b_ckj.transpose(1, 2)?)?; // [C, I, K]
         drop(b_ckj);
