@@ -273,6 +273,7 @@ pub fn transpose12(x: &Tensor) -> Result<Tensor> {
         && r.div_ceil(32) <= 65535
         && b <= 65535
         && x.elem_count() < u32::MAX as usize
+        && c > 0
     {
         #[cfg(feature = "cuda")]
         {
@@ -846,6 +847,18 @@ mod tests {
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         let m = b.abs().unwrap().max_all().unwrap();
         d.to_scalar::<f64>().unwrap() / m.to_scalar::<f64>().unwrap().max(1e-300)
+    }
+
+    #[test]
+    fn transpose12_on_cpu() {
+        let x = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        let y = transpose12(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 3]);
+        let v = y.to_vec3::<f32>().unwrap();
+        assert_eq!(v[1][2], vec![14.0, 18.0, 22.0]);
     }
 
     /// CPU: the dispatching entry points are the twins, whose backward matches autograd; the
