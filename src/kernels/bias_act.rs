@@ -8,7 +8,9 @@
 //! - [`bias_act`]: `x` `[*, c]` may be a column slice of a wider row-major buffer (row stride
 //!   `≥ c`, e.g. the gate part of a joint q/k/v/g projection); the output is contiguous. `b` `[c]`
 //!   is f32 or `x`'s dtype, `s` `[*]` (one value per row, e.g. a mask) has `x`'s dtype; both
-//!   optional. fp32 math, one rounding per output.
+//!   optional. fp32 math, rounded to `x`'s dtype after each step exactly as the twin's candle
+//!   ops round (the bias cast to `x`'s dtype first, as `Linear::forward` does): the fused result
+//!   is bitwise the twin's, so the hand-written path computes the same function as autograd's.
 //! - [`relu_bwd`]: `dy · [y > 0]` (a select: bitwise equal to the twin).
 //!
 //! Twins (`*_twin`): the plain candle chains (`broadcast_add`, `broadcast_mul`, `relu`, `gt`).
@@ -28,6 +30,11 @@ pub const MODULE: &str = "ferrofold_bias_act";
 pub const SOURCE: &str = concat!(
     elem_prelude!(),
     r#"
+// Round to T's precision (identity for f32): each step rounds as the twin's candle op does.
+template <typename T> __device__ __forceinline__ float rt(float v);
+template <> __device__ __forceinline__ float rt<float>(float v) { return v; }
+template <> __device__ __forceinline__ float rt<__nv_bfloat16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
 template <typename T, typename B, int V, bool RELU>
 __device__ __forceinline__ void bias_act(const T* x, size_t ldx, const B* b, const T* s, T* y,
                                          unsigned cg, unsigned n_groups) {
@@ -41,8 +48,8 @@ __device__ __forceinline__ void bias_act(const T* x, size_t ldx, const B* b, con
 #pragma unroll
     for (int j = 0; j < V; j++) {
         float v = ld(xv.v, j);
-        if (b) v += ld(b, col + j);
-        v *= sc;
+        if (b) v = rt<T>(v + rt<T>(ld(b, col + j)));
+        if (s) v = rt<T>(v * sc);
         if (RELU) v = fmaxf(v, 0.0f);
         st(out.v, j, v);
     }
@@ -543,7 +550,11 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
                 )?;
                 let grads = (&y * &dy)?.sum_all()?.backward()?;
                 let missing = || crate::error::Error::Msg("bias_act: no gradient".into());
-                let dx_t = grads.get(xv.as_tensor()).ok_or_else(missing)?;
+                // candle's relu backward uses `x ≥ 0`, the output-based one `y > 0`: they
+                // differ only where `x + b == 0` exactly (common in bf16), a subgradient choice.
+                let dx_t = (grads.get(xv.as_tensor()).ok_or_else(missing)?
+                    * yt.gt(0.0)?.to_dtype(dtype)?)?;
+                let dx_t = &dx_t;
                 // dx = relu_bwd(y, dy) · s (the scale, when present, is applied by row_scale).
                 let mut dx_f = relu_bwd(&yf, &dy)?;
                 if let Some(s) = &s {
@@ -556,7 +567,10 @@ pub fn self_check(dev: &Device) -> Result<Vec<ElemCheck>> {
                     tol: tol(dtype),
                 });
                 if let Some(bv) = &bv {
-                    let db_t = grads.get(bv.as_tensor()).ok_or_else(missing)?;
+                    // Σ_rows of the reference dx (f32 accumulation); autograd's own db
+                    // carries the x + b == 0 terms.
+                    let _ = grads.get(bv.as_tensor()).ok_or_else(missing)?;
+                    let db_t = &dx_t.to_dtype(DType::F32)?.sum(0)?;
                     let db_f = crate::model::vjp::bias_grad(&dx_f)?;
                     out.push(ElemCheck {
                         op: "bias_relu bwd db".into(),

@@ -6,7 +6,8 @@
 //! `[n, ld]` (`n = I·J` pair rows; columns `a_p, a_g, b_p, b_g, g`). Unfused, each of `a`, `b`
 //! costs a `sigmoid`, a broadcast mask multiply, a multiply and a permuted copy, and the backward
 //! as many again plus a concatenation of the five projection cotangents. Fused (CUDA, f32/bf16,
-//! fp32 math, one rounding per output, no atomics):
+//! fp32 math rounded to the activation dtype after each step as the twin's candle ops round, so
+//! the hand-written path computes what autograd computes; no atomics):
 //! - [`tri_gate_fwd`]: one tiled-transpose kernel reads `p`, `g` (strided column slices of
 //!   `proj`) and `mask`, and writes `[C, A, B]` or `[C, B, A]` (see [`PairPerm`]).
 //! - [`tri_gate_bwd`]: reads the cotangents in that channel-first layout and writes
@@ -33,6 +34,10 @@ pub const SOURCE: &str = concat!(
     elem_prelude!(),
     r#"
 __device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+// Round to T's precision (identity for f32): each step rounds as the twin's candle op does.
+template <typename T> __device__ __forceinline__ float rt(float v);
+template <> __device__ __forceinline__ float rt<float>(float v) { return v; }
+template <> __device__ __forceinline__ float rt<__nv_bfloat16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 // Element (c, t, r) of the channel-first tensor sits at c·n + t·ots + r; its pair row in `proj`
 // is r·rs + t·ts. Grid (ceil(R/32), ceil(C/32), T).
@@ -49,7 +54,9 @@ __device__ __forceinline__ void tri_gate_fwd(const T* proj, size_t ldp, size_t o
         if (r < R && c < C) {
             size_t row = (size_t)r * rs + t * ts;
             const T* pr = proj + row * ldp;
-            tile[ty + k][tx] = sigm(ld(pr, off_g + c)) * ld(mask, row) * ld(pr, off_p + c);
+            // Twin: (sigmoid(g) · mask) · p, each op rounded.
+            float sg = rt<T>(sigm(ld(pr, off_g + c)));
+            tile[ty + k][tx] = rt<T>(sg * ld(mask, row)) * ld(pr, off_p + c);
         }
     }
     __syncthreads();
@@ -80,12 +87,13 @@ __device__ __forceinline__ void tri_gate_bwd(const T* d, const T* proj, size_t l
         if (r < R && c < C) {
             size_t row = (size_t)r * rs + t * ts;
             const T* pr = proj + row * ldp;
-            float dm = tile[tx][ty + k] * ld(mask, row);
-            float s = sigm(ld(pr, off_g + c));
+            // Twin: dm = d·mask, d_p = dm·s, d_g = ((dm·p)·s)·(1 − s), each op rounded.
+            float dm = rt<T>(tile[tx][ty + k] * ld(mask, row));
+            float s = rt<T>(sigm(ld(pr, off_g + c)));
             float p = ld(pr, off_p + c);
             T* dr = dproj + row * ldp;
             st(dr, off_p + c, dm * s);
-            st(dr, off_g + c, dm * p * s * (1.0f - s));
+            st(dr, off_g + c, rt<T>(rt<T>(dm * p) * s) * rt<T>(1.0f - s));
         }
     }
 }
