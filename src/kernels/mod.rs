@@ -8,9 +8,12 @@
 //! [`set_fused`] (or the environment variable `FERROFOLD_FUSED_KERNELS=0`) switches the model back
 //! to the composite candle twins, for benchmarks and A/B checks.
 //!
-//! Element-wise kernels (this file's `gate`, `dropout_residual`, `adam` modules): each public
-//! entry point dispatches to the fused kernel on a CUDA device when [`fused_enabled`] and to its
-//! plain-candle twin (`*_twin`) everywhere else, so CPU results never change.
+//! Element-wise kernels (this file's `gate`, `dropout_residual`, `adam`, `bias_act`, `tri_gate`
+//! modules): each public entry point dispatches to the fused kernel on a CUDA device when
+//! [`fused_enabled`] and to its plain-candle twin (`*_twin`) everywhere else, so CPU results never
+//! change. `bias_act` (bias + relu / row-scale epilogues, relu backward) and `tri_gate`
+//! (triangle-multiplication gating, tiled transposes) serve the hand-written backward path and
+//! can be switched off alone with `FERROFOLD_FUSED_EPILOGUES=0` ([`epilogues_enabled`]).
 
 /// CUDA C prelude of the element-wise kernels (a literal, for `concat!`): fp32 load/store of
 /// f32 and bf16 elements.
