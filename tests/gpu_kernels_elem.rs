@@ -1,5 +1,6 @@
 //! Fused element-wise CUDA kernels against their plain-candle twins (forward and backward), at
-//! small and AF2 shapes, f32 and bf16: gated output, dropout + residual, clip + Adam + EMA, and
+//! small and AF2 shapes, f32 and bf16: gated output, dropout + residual, clip + Adam + EMA, bias +
+//! activation epilogues and relu backward, triangle-multiplication gating, and
 //! one Evoformer block with the fused kernels switched on vs off.
 //!
 //! Needs the `cuda` feature and a GPU; skips (with a message) when no CUDA device opens. Tests
@@ -60,6 +61,18 @@ fn dropout_residual_fused_matches_twin_fwd_bwd() {
 fn adam_ema_fused_is_bitwise_twin() {
     let Some(dev) = cuda() else { return };
     assert_all_ok("adam", &kernels::adam::self_check(&dev).unwrap());
+}
+
+#[test]
+fn bias_act_relu_bwd_fused_matches_twin() {
+    let Some(dev) = cuda() else { return };
+    assert_all_ok("bias_act", &kernels::bias_act::self_check(&dev).unwrap());
+}
+
+#[test]
+fn tri_gate_fused_matches_twin_fwd_bwd() {
+    let Some(dev) = cuda() else { return };
+    assert_all_ok("tri_gate", &kernels::tri_gate::self_check(&dev).unwrap());
 }
 
 /// The fused residual dropout on the GPU draws the same masks as the CPU twin: f32 results are

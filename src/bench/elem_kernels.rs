@@ -1,5 +1,6 @@
 //! `ferrofold bench elem-kernels`: the fused element-wise CUDA kernels (gated output, dropout +
-//! residual, clip + Adam + EMA, the global gradient norm) against their plain-candle twins: correctness self-checks, then
+//! residual, clip + Adam + EMA, the global gradient norm, bias + activation epilogues,
+//! triangle-multiplication gating) against their plain-candle twins: correctness self-checks, then
 //! median times, speedups and max relative errors at AF2 shapes.
 
 use clap::Args;
@@ -31,6 +32,8 @@ pub fn run_elem_kernels(a: &ElemKernelsArgs) -> Result<(Vec<ElemCheck>, Vec<Elem
     checks.extend(crate::kernels::dropout_residual::self_check(&dev)?);
     checks.extend(crate::kernels::adam::self_check(&dev)?);
     checks.extend(crate::kernels::grad_norm::self_check(&dev)?);
+    checks.extend(crate::kernels::bias_act::self_check(&dev)?);
+    checks.extend(crate::kernels::tri_gate::self_check(&dev)?);
     let mut rows = Vec::new();
     if !a.check_only {
         rows.extend(crate::kernels::gate::bench_rows(&dev, a.iters)?);
@@ -39,6 +42,8 @@ pub fn run_elem_kernels(a: &ElemKernelsArgs) -> Result<(Vec<ElemCheck>, Vec<Elem
             &dev,
             a.adam_iters.max(5),
         )?);
+        rows.extend(crate::kernels::bias_act::bench_rows(&dev, a.iters)?);
+        rows.extend(crate::kernels::tri_gate::bench_rows(&dev, a.iters)?);
         rows.extend(crate::kernels::adam::bench_rows(&dev, a.adam_iters)?);
     }
     Ok((checks, rows))
@@ -47,14 +52,14 @@ pub fn run_elem_kernels(a: &ElemKernelsArgs) -> Result<(Vec<ElemCheck>, Vec<Elem
 /// The self-check table (failures marked) and whether all passed.
 pub fn format_checks(checks: &[ElemCheck]) -> (String, bool) {
     let mut s = format!(
-        "{:<24} {:<36} {:>10} {:>8}  ok\n",
+        "{:<32} {:<40} {:>10} {:>8}  ok\n",
         "check", "case", "max_err", "tol"
     );
     let mut all = true;
     for c in checks {
         all &= c.ok();
         s += &format!(
-            "{:<24} {:<36} {:>10.2e} {:>8.0e}  {}\n",
+            "{:<32} {:<40} {:>10.2e} {:>8.0e}  {}\n",
             c.op,
             c.case,
             c.max_err,

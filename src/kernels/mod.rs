@@ -8,9 +8,12 @@
 //! [`set_fused`] (or the environment variable `FERROFOLD_FUSED_KERNELS=0`) switches the model back
 //! to the composite candle twins, for benchmarks and A/B checks.
 //!
-//! Element-wise kernels (this file's `gate`, `dropout_residual`, `adam` modules): each public
-//! entry point dispatches to the fused kernel on a CUDA device when [`fused_enabled`] and to its
-//! plain-candle twin (`*_twin`) everywhere else, so CPU results never change.
+//! Element-wise kernels (this file's `gate`, `dropout_residual`, `adam`, `bias_act`, `tri_gate`
+//! modules): each public entry point dispatches to the fused kernel on a CUDA device when
+//! [`fused_enabled`] and to its plain-candle twin (`*_twin`) everywhere else, so CPU results never
+//! change. `bias_act` (bias + relu / row-scale epilogues, relu backward) and `tri_gate`
+//! (triangle-multiplication gating, tiled transposes) serve the hand-written backward path and
+//! can be switched off alone with `FERROFOLD_FUSED_EPILOGUES=0` ([`epilogues_enabled`]).
 
 /// CUDA C prelude of the element-wise kernels (a literal, for `concat!`): fp32 load/store of
 /// f32 and bf16 elements.
@@ -30,6 +33,7 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 }
 
 pub mod adam;
+pub mod bias_act;
 pub mod check;
 pub mod dropout_residual;
 pub mod gate;
@@ -41,6 +45,7 @@ pub mod layer_norm;
 pub mod nvrtc;
 pub mod pool;
 pub mod softmax;
+pub mod tri_gate;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -53,6 +58,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     (dropout_residual::MODULE, dropout_residual::SOURCE),
     (adam::MODULE, adam::SOURCE),
     (grad_norm::MODULE, grad_norm::SOURCE),
+    (bias_act::MODULE, bias_act::SOURCE),
+    (tri_gate::MODULE, tri_gate::SOURCE),
 ];
 
 /// Process-wide switch: 0 = not decided yet (read `FERROFOLD_FUSED_KERNELS`), 1 = on, 2 = off.
@@ -97,6 +104,19 @@ pub(crate) fn fused_for(t: &candle_core::Tensor) -> bool {
             candle_core::DType::F32 | candle_core::DType::BF16
         )
         && fused_enabled()
+}
+
+/// Whether the fused epilogue kernels of [`bias_act`] and [`tri_gate`] may be used (on top of
+/// [`fused_for`]). Default on; `FERROFOLD_FUSED_EPILOGUES=0` (or `false`/`off`) turns only these
+/// off, for A/B timings against candle's broadcast ops with every other fused kernel on.
+pub fn epilogues_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("FERROFOLD_FUSED_EPILOGUES").as_deref(),
+            Ok("0") | Ok("false") | Ok("off")
+        )
+    })
 }
 
 /// One fused-vs-twin comparison of a `self_check`.

@@ -21,6 +21,7 @@ use super::vjp::{
     add_param_grad, bias_grad, gate_bwd, gate_nograd, sigmoid_bwd_from_output, softmax_bwd, sum_to,
 };
 use crate::error::{Error, Result};
+use crate::kernels::bias_act::bias_add;
 
 /// Linear layers reading the same input, run as one GEMM on their row-concatenated (scaled)
 /// weights. Biases are not applied by [`Self::forward`] (the caller adds them to its part);
@@ -165,12 +166,21 @@ impl Attention {
                 .reshape((b * h, n, c))?)
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?); // [B·H, N, C]
-        let g = y.narrow(2, 3, 1)?; // [B, N, 1, H, C]
-        let g = match bias_as(&self.linear_g, &[1, 1, 1, h, c], &x)? {
-            Some(bg) => g.broadcast_add(&bg)?,
-            None => g.contiguous()?,
-        }
-        .reshape((b * n, h * c))?;
+        let g = match (&self.linear_g.bias, crate::kernels::fused_for(&y)) {
+            // Fused: bias added to the gate columns of the joint projection in one pass.
+            (Some(bg), true) => bias_add(
+                &y.reshape((b * n, 4 * h * c))?.narrow(1, 3 * h * c, h * c)?,
+                bg,
+            )?,
+            _ => {
+                let g = y.narrow(2, 3, 1)?; // [B, N, 1, H, C]
+                match bias_as(&self.linear_g, &[1, 1, 1, h, c], &x)? {
+                    Some(bg) => g.broadcast_add(&bg)?,
+                    None => g.contiguous()?,
+                }
+                .reshape((b * n, h * c))?
+            }
+        };
         drop(y);
         let bs: Vec<Tensor> = biases.iter().map(|(t, _)| t.detach()).collect();
         let brefs: Vec<&Tensor> = bs.iter().collect();
@@ -325,9 +335,12 @@ impl GlobalAttention {
         let k = y.narrow(1, 0, c)?.contiguous()?.reshape((b, n, c))?;
         let v = y.narrow(1, c, c)?.contiguous()?.reshape((b, n, c))?;
         let g = y.narrow(1, 2 * c, h * c)?;
-        let g = match bias_as(&self.linear_g, &[1, h * c], &m)? {
-            Some(bg) => g.broadcast_add(&bg)?,
-            None => g.contiguous()?,
+        let g = match (&self.linear_g.bias, crate::kernels::fused_for(&g)) {
+            (Some(bg), true) => bias_add(&g, bg)?,
+            _ => match bias_as(&self.linear_g, &[1, h * c], &m)? {
+                Some(bg) => g.broadcast_add(&bg)?,
+                None => g.contiguous()?,
+            },
         };
         drop(y);
         let s_g = sigmoid(&g)?.reshape((b, n, h, c))?;

@@ -61,6 +61,11 @@ impl Transition {
     ) -> Result<(Tensor, TransitionSaved)> {
         let x = x.detach();
         let x_ln = self.layer_norm.forward_nograd(&x)?;
+        if crate::kernels::fused_for(&x_ln) {
+            if let (Some(b1), Some(b2)) = (&self.linear_1.bias, &self.linear_2.bias) {
+                return self.forward_saved_fused(x, x_ln, b1, b2, mask);
+            }
+        }
         let a = self.linear_1.forward_nograd(&x_ln)?.relu()?;
         let mut y = self.linear_2.forward_nograd(&a)?;
         let mask = match mask {
@@ -76,6 +81,30 @@ impl Transition {
         Ok((y, TransitionSaved { x, x_ln, a, mask }))
     }
 
+    /// [`Self::forward_saved`] with the fused epilogues ([`crate::kernels::bias_act`]):
+    /// `relu(x W₁ᵀ + b₁)` and `(a W₂ᵀ + b₂) · mask` each one pass after their GEMM.
+    fn forward_saved_fused(
+        &self,
+        x: Tensor,
+        x_ln: Tensor,
+        b1: &Tensor,
+        b2: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, TransitionSaved)> {
+        use crate::kernels::bias_act::{bias_act, bias_relu};
+        let a = bias_relu(&self.linear_1.matmul_nograd(&x_ln)?, b1)?; // [*, n·c]
+        let y0 = self.linear_2.matmul_nograd(&a)?; // [*, c]
+        let mask = match mask {
+            Some(m) => {
+                let m = super::primitives::cast(&m.detach(), y0.dtype())?;
+                Some(m.unsqueeze(m.rank())?)
+            }
+            None => None,
+        };
+        let y = bias_act(&y0, Some(b2), mask.as_ref(), false)?;
+        Ok((y, TransitionSaved { x, x_ln, a, mask }))
+    }
+
     /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns `dx`.
     pub fn backward(
         &self,
@@ -85,6 +114,10 @@ impl Transition {
     ) -> Result<Tensor> {
         let dy = super::primitives::cast(&dy.detach(), s.a.dtype())?;
         let dy = match &s.mask {
+            // One pass over dy with fused kernels (a per-row scale).
+            Some(m) if crate::kernels::fused_for(&dy) => {
+                crate::kernels::bias_act::row_scale(&dy, m)?
+            }
             Some(m) => dy.broadcast_mul(m)?,
             None => dy,
         };

@@ -9,6 +9,9 @@ use super::vjp::{
     gate_bwd, gate_nograd, linear_cat_backward, linear_cat_nograd, sigmoid_bwd_from_output,
 };
 use crate::error::{Error, Result};
+use crate::kernels::tri_gate::{
+    transpose12, tri_gate_bwd, tri_gate_fwd, GatedPart, PairPerm, PartGrad,
+};
 
 /// Triangle multiplicative update (OpenFold `TriangleMultiplicativeUpdate`); `outgoing` selects
 /// Algorithm 11 (`x[i,j] = Σ_k a[i,k] b[j,k]`) or Algorithm 12 (`x[i,j] = Σ_k a[k,i] b[k,j]`).
@@ -94,6 +97,46 @@ impl TriangleMultiplication {
         Ok((a_cik.contiguous()?, b_ckj.contiguous()?))
     }
 
+    /// The joint projection as `[n, 4C + c_z]` rows (`n = I·J`), the mask as `[n]`, and the
+    /// gated parts `a`, `b` of [`tri_gate_fwd`] (columns and channel-first permutations).
+    fn gated_parts(
+        &self,
+        proj: &Tensor,
+        mask3: &Tensor,
+        c: usize,
+    ) -> Result<(Tensor, Tensor, [GatedPart; 2])> {
+        let (i, j, ld) = proj.dims3()?;
+        let proj2 = proj.reshape((i * j, ld))?;
+        let m1 = mask3.flatten_all()?;
+        // Outgoing: a[i,k] → [C, I, K], b[j,k] → [C, K, J]; incoming: a[k,i] → [C, I, K],
+        // b[k,j] → [C, K, J] (pair rows are z's [I, J]).
+        let pa = PairPerm {
+            a: i,
+            b: j,
+            swap: !self.outgoing,
+        };
+        let pb = PairPerm {
+            a: i,
+            b: j,
+            swap: self.outgoing,
+        };
+        let parts = [
+            GatedPart {
+                off_p: 0,
+                off_g: c,
+                c,
+                perm: pa,
+            },
+            GatedPart {
+                off_p: 2 * c,
+                off_g: 3 * c,
+                c,
+                perm: pb,
+            },
+        ];
+        Ok((proj2, m1, parts))
+    }
+
     /// The five projections of `LN_in(z)`, in the order of the joint GEMM of
     /// [`Self::forward_saved`]: `a_p, a_g, b_p, b_g` (`c_hidden` each) and the gate `g` (`c_z`).
     fn projections(&self) -> [&Linear; 5] {
@@ -144,13 +187,29 @@ impl TriangleMultiplication {
         let mask3 = cast(&mask.detach(), z.dtype())?.unsqueeze(2)?; // [I, J, 1]
         let zln = self.layer_norm_in.forward_nograd(&z)?; // [I, J, c_z]
         let proj = linear_cat_nograd(&self.projections(), &zln)?; // [I, J, 4C + c_z]
-        let part = |k: usize| proj.narrow(2, k * c, c);
-        // a = sigmoid(a_g) · mask · a_p, b likewise: [I, J, C].
-        let a = sigmoid(&part(1)?)?.broadcast_mul(&mask3)?.mul(&part(0)?)?;
-        let b = sigmoid(&part(3)?)?.broadcast_mul(&mask3)?.mul(&part(2)?)?;
-        let (a_cik, b_ckj) = self.channel_first(&a, &b)?;
-        drop((a, b));
-        let x = triangle_product(&a_cik, &b_ckj)?; // [I, J, C]
+        let fused = crate::kernels::fused_for(&proj);
+        let (a_cik, b_ckj) = if fused {
+            // Fused: gating, mask and the channel-first transpose in one kernel per operand.
+            let (proj2, m1, [pa, pb]) = self.gated_parts(&proj, &mask3, c)?;
+            (
+                tri_gate_fwd(&proj2, &m1, &pa)?,
+                tri_gate_fwd(&proj2, &m1, &pb)?,
+            )
+        } else {
+            let part = |k: usize| proj.narrow(2, k * c, c);
+            // a = sigmoid(a_g) · mask · a_p, b likewise: [I, J, C].
+            let a = sigmoid(&part(1)?)?.broadcast_mul(&mask3)?.mul(&part(0)?)?;
+            let b = sigmoid(&part(3)?)?.broadcast_mul(&mask3)?.mul(&part(2)?)?;
+            self.channel_first(&a, &b)?
+        };
+        let x = if fused {
+            // [C, I, J] → [I, J, C] by the tiled transpose kernel.
+            let (ci, i, j) = (a_cik.dim(0)?, a_cik.dim(1)?, b_ckj.dim(2)?);
+            let x = a_cik.matmul(&b_ckj)?.reshape((1, ci, i * j))?;
+            transpose12(&x)?.reshape((i, j, ci))?
+        } else {
+            triangle_product(&a_cik, &b_ckj)? // [I, J, C]
+        };
         let xo = self.layer_norm_out.forward_nograd(&x)?;
         let y0 = self.linear_z.forward_nograd(&xo)?; // [I, J, c_z]
         let g = proj.narrow(2, 4 * c, c_z)?.contiguous()?;
@@ -201,12 +260,40 @@ impl TriangleMultiplication {
         drop((xo, dy0));
         let dx = self.layer_norm_out.backward(&x, &dxo, grads)?; // [I, J, C]
         drop((x, dxo));
-        let dx_cij = dx.permute((2, 0, 1))?.contiguous()?; // [C, I, J]
+        let dx_cij = if crate::kernels::fused_for(&dx) {
+            let (i, j, ci) = dx.dims3()?;
+            transpose12(&dx.reshape((1, i * j, ci))?)?.reshape((ci, i, j))?
+        } else {
+            dx.permute((2, 0, 1))?.contiguous()?
+        }; // [C, I, J]
         drop(dx);
         let da_cik = dx_cij.matmul(&b_ckj.transpose(1, 2)?)?; // [C, I, K]
         drop(b_ckj);
         let db_ckj = a_cik.transpose(1, 2)?.matmul(&dx_cij)?; // [C, K, J]
         drop((a_cik, dx_cij));
+        if crate::kernels::fused_for(&proj) {
+            // Fused: the gated cotangents straight from the channel-first layout into the
+            // joint projection's cotangent (the gate's columns copied in), no concatenation.
+            let (proj2, m1, [pa, pb]) = self.gated_parts(&proj, &mask3, c)?;
+            let (n, c_z) = (proj2.dims2()?.0, dg.dim(2)?);
+            let dg2 = dg.reshape((n, c_z))?;
+            let parts = [
+                PartGrad {
+                    part: pa,
+                    d: &da_cik,
+                },
+                PartGrad {
+                    part: pb,
+                    d: &db_ckj,
+                },
+            ];
+            let dproj = tri_gate_bwd(&proj2, &m1, &parts, &[(4 * c, &dg2)])?;
+            drop((da_cik, db_ckj, dg, dg2, proj, proj2));
+            let dzln = linear_cat_backward(&self.projections(), &zln, &dproj, grads, true)?
+                .ok_or_else(missing)?;
+            drop((zln, dproj));
+            return self.layer_norm_in.backward(&z, &dzln, grads);
+        }
         // Back to the pair layout (views): outgoing a[i,k,c], b[j,k,c]; incoming a[k,i,c], b[k,j,c].
         let (da, db) = if self.outgoing {
             (da_cik.permute((1, 2, 0))?, db_ckj.permute((2, 1, 0))?)

@@ -25,6 +25,7 @@ use super::fused::LayerNormOp;
 use super::primitives::{cast, LayerNorm, Linear};
 use super::remat::{backward_vars, vjp_loss};
 use crate::error::{Error, Result};
+use crate::kernels::bias_act::bias_add;
 
 /// The first tensor of `v` (a closure's single output or input gradient).
 pub fn first(v: Vec<Tensor>) -> Result<Tensor> {
@@ -65,10 +66,26 @@ fn column_sum(x2: &Tensor) -> Result<Tensor> {
 
 impl Linear {
     /// [`Linear::forward`] without a graph: the input and the parameters are read detached.
+    ///
+    /// With fused kernels (CUDA, f32/bf16) the bias is added by one [`bias_add`] pass over the
+    /// GEMM output instead of candle's `broadcast_add`.
     pub fn forward_nograd(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(b), true) = (&self.bias, crate::kernels::fused_for(x)) {
+            return bias_add(&self.matmul_nograd(x)?, b);
+        }
         Linear {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(|b| b.detach()),
+        }
+        .forward(&x.detach())
+    }
+
+    /// `x Wᵀ` without the bias and without a graph: `x` `[*, c_in]` → `[*, c_out]` (the weight
+    /// cast to `x`'s dtype).
+    pub fn matmul_nograd(&self, x: &Tensor) -> Result<Tensor> {
+        Linear {
+            weight: self.weight.detach(),
+            bias: None,
         }
         .forward(&x.detach())
     }
@@ -224,7 +241,11 @@ pub fn sigmoid_bwd_from_output(dy: &Tensor, s: &Tensor) -> Result<Tensor> {
 }
 
 /// `dy · 1[y > 0]`: the backward of `y = relu(x)` from its output.
+/// One fused pass on CUDA ([`crate::kernels::bias_act::relu_bwd`]), `gt` + cast + `mul` elsewhere.
 pub fn relu_bwd_from_output(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if crate::kernels::fused_for(y) && y.dtype() == dy.dtype() {
+        return crate::kernels::bias_act::relu_bwd(&y.detach(), &dy.detach());
+    }
     let keep = y.gt(0.0)?.to_dtype(dy.dtype())?;
     Ok((dy * keep)?)
 }
@@ -313,6 +334,26 @@ pub fn linear_cat_nograd(parts: &[&Linear], x: &Tensor) -> Result<Tensor> {
         .iter()
         .map(|l| cast(&l.weight.detach(), dt))
         .collect::<Result<Vec<_>>>()?;
+    if crate::kernels::fused_for(x) && parts.iter().any(|l| l.bias.is_some()) {
+        // GEMM without bias, then one fused bias pass (the f32 biases concatenated).
+        let bdt = parts
+            .iter()
+            .find_map(|l| l.bias.as_ref().map(|b| b.dtype()))
+            .unwrap_or(DType::F32);
+        let bs = parts
+            .iter()
+            .map(|l| match &l.bias {
+                Some(b) => cast(&b.detach(), bdt),
+                None => Ok(Tensor::zeros(l.out_dim(), bdt, x.device())?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = Linear {
+            weight: Tensor::cat(&ws, 0)?,
+            bias: None,
+        }
+        .forward(&x.detach())?;
+        return bias_add(&y, &Tensor::cat(&bs, 0)?);
+    }
     let bias = if parts.iter().any(|l| l.bias.is_some()) {
         let bs = parts
             .iter()
