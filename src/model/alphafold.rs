@@ -341,13 +341,27 @@ impl AlphaFold {
         })
     }
 
-    /// Trunk precision (`train.precision`): bf16 runs the Evoformer and extra-MSA stacks on bf16
-    /// activations; fp32 keeps the parameters' dtype.
     /// Run the Evoformer and extra-MSA stacks with DAP over `dap`'s group (every rank of the group
     /// passes the same batch and dropout seed). [`AlphaFold::loss_and_grads`] then runs them
     /// through the DAP tapes ([`crate::parallel::dap_remat`]) with `model.remat`, and the
     /// recycling cycles without gradient block by block.
+    ///
+    /// The DAP tapes differentiate the sharded blocks with candle's autograd: `model.backward =
+    /// "manual"` applies to single-rank (and data-parallel) trunks only.
     pub fn set_dap(&mut self, dap: Option<crate::parallel::Dap>) {
+        if let Some(d) = dap.as_ref().filter(|d| d.size() > 1) {
+            let manual = self
+                .evoformer
+                .blocks
+                .first()
+                .is_some_and(|b| b.backward == crate::config::TrunkBackward::Manual);
+            if manual {
+                tracing::warn!(
+                    "DAP-{}: the sharded trunk is differentiated with candle's autograd (the hand-written backward of model.backward = \"manual\" is not used under DAP); on one node a DAP step can be slower than a single GPU",
+                    d.size()
+                );
+            }
+        }
         self.dap = dap;
     }
 
@@ -386,6 +400,8 @@ impl AlphaFold {
         }
     }
 
+    /// Trunk precision (`train.precision`): bf16 runs the Evoformer and extra-MSA stacks on bf16
+    /// activations; fp32 keeps the parameters' dtype.
     pub fn set_precision(&mut self, p: Precision) {
         self.trunk_dtype = match p {
             Precision::Fp32 => None,
