@@ -49,8 +49,13 @@ pick_ports() {
   if [ -n "${FERROFOLD_SLURM_PORT:-}" ]; then
     p=$FERROFOLD_SLURM_PORT
   else
+    # Below the kernel's ephemeral range (outgoing connections, e.g. mpirun's, take ports from
+    # there and could grab ours between this check and the daemons' bind).
+    local lo
+    lo=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    [ "${lo:-0}" -gt 12000 ] 2>/dev/null || lo=32768
     for _ in $(seq 50); do
-      p=$((20000 + RANDOM % 30000))
+      p=$((10000 + RANDOM % (lo - 10002)))
       if port_free "$p" && port_free $((p + 1)); then break; fi
     done
   fi
