@@ -3,7 +3,7 @@
 //! protocol.
 //!
 //! Self-attention only (every trunk use has `q_x == kv_x`): the projections that read the same
-//! input run as one GEMM on the row-concatenated weights ([`FusedProj`]), in the forward and in
+//! input run as one GEMM on the row-concatenated weights ([`LinearCat`]), in the forward and in
 //! both GEMMs of the backward (`dW = dYᵀ X`, `dX = dY W`); the weight gradient is split back per
 //! parameter (OpenFold names are unchanged).
 //!
@@ -17,74 +17,9 @@ use candle_core::Tensor;
 
 use super::attention::{Attention, GlobalAttention};
 use super::primitives::{cast, mask_bias, sigmoid, softmax_with_biases, Linear};
-use super::vjp::{
-    add_param_grad, bias_grad, gate_bwd, gate_nograd, sigmoid_bwd_from_output, softmax_bwd, sum_to,
-};
+use super::vjp::{gate_bwd, gate_nograd, sigmoid_bwd_from_output, softmax_bwd, sum_to, LinearCat};
 use crate::error::{Error, Result};
 use crate::kernels::bias_act::bias_add;
-
-/// Linear layers reading the same input, run as one GEMM on their row-concatenated (scaled)
-/// weights. Biases are not applied by [`Self::forward`] (the caller adds them to its part);
-/// [`Self::backward`] gives every part its weight gradient and, where it has a bias, its bias
-/// gradient.
-struct FusedProj<'a> {
-    /// `(layer, scale)`: the part computes `scale · x Wᵀ`.
-    parts: Vec<(&'a Linear, f64)>,
-}
-
-impl FusedProj<'_> {
-    /// `[Σ out, c_in]` in `dtype` (scaled in the parameters' dtype, then cast).
-    fn weight(&self, dtype: candle_core::DType) -> Result<Tensor> {
-        let ws = self
-            .parts
-            .iter()
-            .map(|(l, s)| {
-                let w = l.weight.detach();
-                if *s == 1.0 {
-                    Ok(w)
-                } else {
-                    Ok((w * *s)?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        cast(&Tensor::cat(&ws, 0)?, dtype)
-    }
-
-    /// `x` `[*, c_in]` → `[n, Σ out]` (2-D, `n` = rows of `x`), without biases.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c_in = *x.dims().last().unwrap_or(&0);
-        let n = x.elem_count() / c_in.max(1);
-        let w = self.weight(x.dtype())?;
-        Ok(x.detach().reshape((n, c_in))?.matmul(&w.t()?)?)
-    }
-
-    /// Backward at input `x` for the parts' output cotangents `dys` (each `[n, out_i]`, in order):
-    /// adds the parameter gradients to `grads`, returns `dx` (shape of `x`).
-    fn backward(&self, x: &Tensor, dys: &[Tensor], grads: &mut GradStore) -> Result<Tensor> {
-        let c_in = *x.dims().last().unwrap_or(&0);
-        let n = x.elem_count() / c_in.max(1);
-        let dt = x.dtype();
-        let dys = dys
-            .iter()
-            .map(|d| Ok(cast(d, dt)?.contiguous()?))
-            .collect::<Result<Vec<_>>>()?;
-        let dy = Tensor::cat(&dys, 1)?; // [n, Σ out]
-        let x2 = x.detach().reshape((n, c_in))?;
-        let dw = dy.t()?.matmul(&x2)?; // [Σ out, c_in]
-        let mut off = 0;
-        for ((lin, s), d) in self.parts.iter().zip(&dys) {
-            let o = lin.out_dim();
-            let dwi = cast(&dw.narrow(0, off, o)?, lin.weight.dtype())?;
-            let dwi = if *s == 1.0 { dwi } else { (dwi * *s)? };
-            add_param_grad(grads, &lin.weight, &dwi)?;
-            if let Some(b) = &lin.bias {
-                add_param_grad(grads, b, &bias_grad(d)?)?;
-            }
-            off += o;
-        }
-        Ok(dy.matmul(&self.weight(dt)?)?.reshape(x.dims())?)
-    }
-}
 
 /// `[B, N, H·C]`-layout rows `[B·N, H·C]` → heads `[B·H, N, C]` (contiguous).
 fn split_heads(t: &Tensor, b: usize, n: usize, h: usize, c: usize) -> Result<Tensor> {
@@ -157,7 +92,7 @@ impl Attention {
         let (b, n, _) = x.dims3()?;
         let (h, c) = (self.no_heads, self.c_hidden);
         // [B·N, 4·H·C] = [B, N, {q, k, v, g}, H, C]; q carries the 1/√c scale.
-        let y = self.qkvg().forward(&x)?.reshape((b, n, 4, h, c))?;
+        let y = self.qkvg().matmul_nograd(&x)?.reshape((b, n, 4, h, c))?;
         let heads = |i: usize| -> Result<Tensor> {
             Ok(y.narrow(2, i, 1)?
                 .squeeze(2)?
@@ -272,13 +207,13 @@ impl Attention {
             d_g,
         ];
         drop((dq, dk, dv));
-        let dx = self.qkvg().backward(&s.x, &dys, grads)?;
+        let dx = self.qkvg().backward_parts(&s.x, &dys, grads)?;
         Ok(AttentionGrads { dx, d_biases })
     }
 
     /// `linear_q` (scaled by `c_hidden^-1/2`), `linear_k`, `linear_v`, `linear_g` as one GEMM.
-    fn qkvg(&self) -> FusedProj<'_> {
-        FusedProj {
+    fn qkvg(&self) -> LinearCat<'_> {
+        LinearCat {
             parts: vec![
                 (&self.linear_q, 1.0 / (self.c_hidden as f64).sqrt()),
                 (&self.linear_k, 1.0),
@@ -331,7 +266,7 @@ impl GlobalAttention {
         let q_avg = num.broadcast_div(&den)?;
         let q = (self.linear_q.forward_nograd(&q_avg)? * (c as f64).powf(-0.5))?;
         let q = q.reshape((b, h, c))?; // [B, H, C]
-        let y = self.kvg().forward(&m)?; // [B·N, 2C + H·C]
+        let y = self.kvg().matmul_nograd(&m)?; // [B·N, 2C + H·C]
         let k = y.narrow(1, 0, c)?.contiguous()?.reshape((b, n, c))?;
         let v = y.narrow(1, c, c)?.contiguous()?.reshape((b, n, c))?;
         let g = y.narrow(1, 2 * c, h * c)?;
@@ -404,13 +339,13 @@ impl GlobalAttention {
             dv.reshape((b * n, c))?,
             d_glin.reshape((b * n, h * c))?,
         ];
-        let dm = self.kvg().backward(&s.m, &dys, grads)?;
+        let dm = self.kvg().backward_parts(&s.m, &dys, grads)?;
         Ok((dm + dm_q)?)
     }
 
     /// `linear_k`, `linear_v`, `linear_g` as one GEMM.
-    fn kvg(&self) -> FusedProj<'_> {
-        FusedProj {
+    fn kvg(&self) -> LinearCat<'_> {
+        LinearCat {
             parts: vec![
                 (&self.linear_k, 1.0),
                 (&self.linear_v, 1.0),

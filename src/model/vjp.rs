@@ -324,59 +324,155 @@ impl AutogradVjp {
     }
 }
 
-/// Several [`Linear`]s reading the same input, applied as one GEMM: the weights (detached, cast
-/// to `x`'s dtype) are concatenated along the output dimension in `parts` order, so the output is
-/// `[*, Σ c_out]` with part `k` at columns `offset_k..offset_k + c_out_k`. A part without a bias
-/// gets zeros there. No graph is built.
-pub fn linear_cat_nograd(parts: &[&Linear], x: &Tensor) -> Result<Tensor> {
-    let dt = x.dtype();
-    let ws = parts
-        .iter()
-        .map(|l| cast(&l.weight.detach(), dt))
-        .collect::<Result<Vec<_>>>()?;
-    if crate::kernels::fused_for(x) && parts.iter().any(|l| l.bias.is_some()) {
-        // GEMM without bias, then one fused bias pass (the f32 biases concatenated).
-        let bdt = parts
+/// Several [`Linear`]s reading the same input, applied as one GEMM on their row-concatenated
+/// weights, in the forward and in both backward GEMMs. Part `k` computes `s_k · x W_kᵀ (+ b_k)`
+/// (the scale is for attention's `1/√c` on q; scaled parts have no bias) and occupies columns
+/// `offset_k..offset_k + c_out_k` of the output; its weight (and bias) gradient is split back under
+/// its own parameters, so the OpenFold names are unchanged.
+pub struct LinearCat<'a> {
+    /// `(layer, scale)`.
+    pub parts: Vec<(&'a Linear, f64)>,
+}
+
+impl<'a> LinearCat<'a> {
+    /// Unscaled parts.
+    pub fn new(parts: &[&'a Linear]) -> Self {
+        Self {
+            parts: parts.iter().map(|l| (*l, 1.0)).collect(),
+        }
+    }
+
+    /// `[Σ c_out, c_in]` in `dtype` (scaled in the parameters' dtype, then cast), detached.
+    fn weight(&self, dtype: DType) -> Result<Tensor> {
+        let ws = self
+            .parts
             .iter()
-            .find_map(|l| l.bias.as_ref().map(|b| b.dtype()))
-            .unwrap_or(DType::F32);
-        let bs = parts
+            .map(|(l, s)| {
+                let w = l.weight.detach();
+                if *s == 1.0 {
+                    cast(&w, dtype)
+                } else {
+                    cast(&(w * *s)?, dtype)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&ws, 0)?)
+    }
+
+    /// `x W_catᵀ` without biases, 2-D `[n, Σ c_out]` (`n` = rows of `x`). No graph is built.
+    pub fn matmul_nograd(&self, x: &Tensor) -> Result<Tensor> {
+        let c_in = *x.dims().last().unwrap_or(&0);
+        let n = x.elem_count() / c_in.max(1);
+        let w = self.weight(x.dtype())?;
+        Ok(x.detach().reshape((n, c_in))?.matmul(&w.t()?)?)
+    }
+
+    /// The parts' outputs with their biases, `[*, Σ c_out]` (a part without a bias gets zeros
+    /// there; one fused bias pass on CUDA). No graph is built.
+    pub fn forward_nograd(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out_dims = x.dims().to_vec();
+        let c_out: usize = self.parts.iter().map(|(l, _)| l.out_dim()).sum();
+        if let Some(last) = out_dims.last_mut() {
+            *last = c_out;
+        }
+        let y = self.matmul_nograd(x)?;
+        if !self.parts.iter().any(|(l, _)| l.bias.is_some()) {
+            return Ok(y.reshape(out_dims)?);
+        }
+        let fused = crate::kernels::fused_for(x);
+        // The fused kernel takes the f32 biases; the composite adds them in `x`'s dtype (as
+        // `Linear::forward` does).
+        let bdt = if fused {
+            self.parts
+                .iter()
+                .find_map(|(l, _)| l.bias.as_ref().map(|b| b.dtype()))
+                .unwrap_or(DType::F32)
+        } else {
+            x.dtype()
+        };
+        let bs = self
+            .parts
             .iter()
-            .map(|l| match &l.bias {
-                Some(b) => cast(&b.detach(), bdt),
+            .map(|(l, s)| match &l.bias {
+                Some(b) if *s == 1.0 => cast(&b.detach(), bdt),
+                Some(_) => Err(Error::Model("LinearCat: a scaled part with a bias".into())),
                 None => Ok(Tensor::zeros(l.out_dim(), bdt, x.device())?),
             })
             .collect::<Result<Vec<_>>>()?;
-        let y = Linear {
-            weight: Tensor::cat(&ws, 0)?,
-            bias: None,
+        let b = Tensor::cat(&bs, 0)?;
+        let y = if fused {
+            bias_add(&y, &b)?
+        } else {
+            y.broadcast_add(&b)?
+        };
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// Backward at input `x` with the output cotangent `dy` `[*, Σ c_out]`: one `dyᵀ x` GEMM split
+    /// into each part's (scaled) weight gradient and one column sum for the biases, added to
+    /// `grads`; returns `dx = dy W_cat` when `need_dx`.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut GradStore,
+        need_dx: bool,
+    ) -> Result<Option<Tensor>> {
+        let dims = x.dims();
+        let c_in = *dims.last().unwrap_or(&0);
+        let c_out: usize = self.parts.iter().map(|(l, _)| l.out_dim()).sum();
+        let n = x.elem_count() / c_in.max(1);
+        let dt = x.dtype();
+        let x2 = x.detach().reshape((n, c_in))?;
+        let dy2 = cast(&dy.detach(), dt)?.contiguous()?.reshape((n, c_out))?;
+        let dw = dy2.t()?.matmul(&x2)?; // [Σ c_out, c_in]
+        let db = if self.parts.iter().any(|(l, _)| l.bias.is_some()) {
+            Some(column_sum(&dy2)?)
+        } else {
+            None
+        };
+        let mut off = 0;
+        for (l, s) in &self.parts {
+            let k = l.out_dim();
+            let dwk = cast(&dw.narrow(0, off, k)?, l.weight.dtype())?;
+            let dwk = if *s == 1.0 { dwk } else { (dwk * *s)? };
+            add_param_grad(grads, &l.weight, &dwk.contiguous()?)?;
+            if let (Some(b), Some(db)) = (&l.bias, &db) {
+                add_param_grad(grads, b, &db.narrow(0, off, k)?.contiguous()?)?;
+            }
+            off += k;
         }
-        .forward(&x.detach())?;
-        return bias_add(&y, &Tensor::cat(&bs, 0)?);
+        if !need_dx {
+            return Ok(None);
+        }
+        Ok(Some(dy2.matmul(&self.weight(dt)?)?.reshape(dims)?))
     }
-    let bias = if parts.iter().any(|l| l.bias.is_some()) {
-        let bs = parts
+
+    /// [`Self::backward`] with one cotangent per part (each `[n, c_out_k]`, in order), returning
+    /// `dx` in `x`'s shape.
+    pub fn backward_parts(
+        &self,
+        x: &Tensor,
+        dys: &[Tensor],
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let dt = x.dtype();
+        let dys = dys
             .iter()
-            .map(|l| match &l.bias {
-                Some(b) => cast(&b.detach(), dt),
-                None => Ok(Tensor::zeros(l.out_dim(), dt, x.device())?),
-            })
+            .map(|d| Ok(cast(d, dt)?.contiguous()?))
             .collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&bs, 0)?)
-    } else {
-        None
-    };
-    Linear {
-        weight: Tensor::cat(&ws, 0)?,
-        bias,
+        let dy = Tensor::cat(&dys, 1)?; // [n, Σ c_out]
+        self.backward(x, &dy, grads, true)?
+            .ok_or_else(|| Error::Model("LinearCat: no input gradient".into()))
     }
-    .forward(&x.detach())
 }
 
-/// Backward of [`linear_cat_nograd`] at input `x` with the output cotangent `dy` `[*, Σ c_out]`:
-/// one `dyᵀ x` GEMM whose rows are split into each part's weight gradient (and one column sum for
-/// the biases), added to `grads` under each part's own parameters; returns `dx = dy W_cat` when
-/// `need_dx`.
+/// [`LinearCat::forward_nograd`] of unscaled `parts`.
+pub fn linear_cat_nograd(parts: &[&Linear], x: &Tensor) -> Result<Tensor> {
+    LinearCat::new(parts).forward_nograd(x)
+}
+
+/// [`LinearCat::backward`] of unscaled `parts`.
 pub fn linear_cat_backward(
     parts: &[&Linear],
     x: &Tensor,
@@ -384,37 +480,7 @@ pub fn linear_cat_backward(
     grads: &mut GradStore,
     need_dx: bool,
 ) -> Result<Option<Tensor>> {
-    let dims = x.dims();
-    let c_in = *dims.last().unwrap_or(&0);
-    let c_out: usize = parts.iter().map(|l| l.out_dim()).sum();
-    let n = x.elem_count() / c_in.max(1);
-    let dt = x.dtype();
-    let x2 = x.detach().reshape((n, c_in))?;
-    let dy2 = cast(&dy.detach(), dt)?.contiguous()?.reshape((n, c_out))?;
-    let dw = dy2.t()?.matmul(&x2)?; // [Σ c_out, c_in]
-    let db = if parts.iter().any(|l| l.bias.is_some()) {
-        Some(column_sum(&dy2)?)
-    } else {
-        None
-    };
-    let mut off = 0;
-    for l in parts {
-        let k = l.out_dim();
-        add_param_grad(grads, &l.weight, &dw.narrow(0, off, k)?.contiguous()?)?;
-        if let (Some(b), Some(db)) = (&l.bias, &db) {
-            add_param_grad(grads, b, &db.narrow(0, off, k)?.contiguous()?)?;
-        }
-        off += k;
-    }
-    if !need_dx {
-        return Ok(None);
-    }
-    let ws = parts
-        .iter()
-        .map(|l| cast(&l.weight.detach(), dt))
-        .collect::<Result<Vec<_>>>()?;
-    let w = Tensor::cat(&ws, 0)?; // [Σ c_out, c_in]
-    Ok(Some(dy2.matmul(&w)?.reshape(dims)?))
+    LinearCat::new(parts).backward(x, dy, grads, need_dx)
 }
 
 /// Test helper: the hand-written backward of a module against candle's autograd on the same
