@@ -527,13 +527,7 @@ mod cuda {
             }
             return dx.contiguous()?.apply_op1(SumLead { lead })?.reshape(bd);
         }
-        let mut acc = dx.to_dtype(DType::F32)?;
-        for i in 0..n {
-            if bp[i] == 1 && xd[i] != 1 {
-                acc = acc.sum_keepdim(i)?;
-            }
-        }
-        acc.reshape(bd)?.to_dtype(dt)
+        crate::model::vjp::sum_to_composite(dx, bd, dt).map_err(cerr)
     }
 
     fn no_cpu(name: &str) -> candle_core::Result<(CpuStorage, Shape)> {

@@ -15,7 +15,7 @@
 //!
 //! This file holds the shared pieces: the backward of [`Linear`], [`LayerNorm`], softmax, the gate
 //! and residual dropout (fused CUDA kernels where they apply, the same formulas as candle ops
-//! elsewhere), and [`AutogradVjp`], which runs any closure under candle's autograd for the paths
+//! elsewhere), and [`autograd_vjp`], which runs a closure under candle's autograd for the paths
 //! that have no hand-written backward (the twins with fused kernels off, f64 LayerNorm on CUDA).
 
 use candle_core::backprop::GradStore;
@@ -65,29 +65,20 @@ fn column_sum(x2: &Tensor) -> Result<Tensor> {
 }
 
 impl Linear {
-    /// [`Linear::forward`] without a graph: the input and the parameters are read detached.
-    ///
-    /// With fused kernels (CUDA, f32/bf16) the bias is added by one [`bias_add`] pass over the
-    /// GEMM output instead of candle's `broadcast_add`.
+    /// [`Linear::forward`] without a graph: the input and the parameters are read detached (see
+    /// [`LinearCat::forward_nograd`]: one fused bias pass on CUDA).
     pub fn forward_nograd(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(b), true) = (&self.bias, crate::kernels::fused_for(x)) {
-            return bias_add(&self.matmul_nograd(x)?, b);
-        }
-        Linear {
-            weight: self.weight.detach(),
-            bias: self.bias.as_ref().map(|b| b.detach()),
-        }
-        .forward(&x.detach())
+        LinearCat::new(&[self]).forward_nograd(x)
     }
 
     /// `x Wᵀ` without the bias and without a graph: `x` `[*, c_in]` → `[*, c_out]` (the weight
     /// cast to `x`'s dtype).
     pub fn matmul_nograd(&self, x: &Tensor) -> Result<Tensor> {
-        Linear {
-            weight: self.weight.detach(),
-            bias: None,
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_dim();
         }
-        .forward(&x.detach())
+        Ok(LinearCat::new(&[self]).matmul_nograd(x)?.reshape(dims)?)
     }
 
     /// Backward of [`Linear::forward`] at input `x` with output cotangent `dy`: adds `dW = dyᵀ x`
@@ -99,24 +90,7 @@ impl Linear {
         grads: &mut GradStore,
         need_dx: bool,
     ) -> Result<Option<Tensor>> {
-        let dims = x.dims();
-        let c_in = *dims.last().unwrap_or(&0);
-        let c_out = self.out_dim();
-        let n = x.elem_count() / c_in.max(1);
-        let x2 = x.detach().reshape((n, c_in))?;
-        let dy2 = cast(&dy.detach(), x.dtype())?
-            .contiguous()?
-            .reshape((n, c_out))?;
-        let dw = dy2.t()?.matmul(&x2)?; // [c_out, c_in]
-        add_param_grad(grads, &self.weight, &dw)?;
-        if let Some(b) = &self.bias {
-            add_param_grad(grads, b, &column_sum(&dy2)?)?;
-        }
-        if !need_dx {
-            return Ok(None);
-        }
-        let w = cast(&self.weight.detach(), x.dtype())?;
-        Ok(Some(dy2.matmul(&w)?.reshape(dims)?))
+        LinearCat::new(&[self]).backward(x, dy, grads, need_dx)
     }
 }
 
@@ -158,10 +132,7 @@ impl LayerNorm {
             return Ok(dx);
         }
         // Twin path (fused kernels off, or a dtype/size the kernel does not take).
-        let mut d =
-            AutogradVjp::run(&[&x], |v| Ok(vec![self.forward(&v[0])?]))?.backward(&[dy], grads)?;
-        d.pop()
-            .ok_or_else(|| Error::Model("layer norm backward: missing gradient".into()))
+        autograd_vjp(&x, dy, grads, |x| self.forward(x))
     }
 }
 
@@ -191,6 +162,12 @@ pub fn sum_to(dx: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if let Some(r) = crate::kernels::softmax::reduce_bias_grad(dx, dims)? {
         return Ok(r);
     }
+    sum_to_composite(dx, dims, dx.dtype())
+}
+
+/// [`sum_to`] with candle sums (f32 accumulation for bf16/f16), result in `dt`: every device and
+/// broadcast pattern; the CUDA reduction falls back to it for patterns its kernel does not take.
+pub(crate) fn sum_to_composite(dx: &Tensor, dims: &[usize], dt: DType) -> Result<Tensor> {
     let xd = dx.dims().to_vec();
     let n = xd.len();
     if dims.len() > n {
@@ -200,8 +177,7 @@ pub fn sum_to(dx: &Tensor, dims: &[usize]) -> Result<Tensor> {
     }
     let mut padded = vec![1usize; n - dims.len()];
     padded.extend_from_slice(dims);
-    let dt = dx.dtype();
-    let mut acc = if dt == DType::BF16 || dt == DType::F16 {
+    let mut acc = if matches!(dx.dtype(), DType::BF16 | DType::F16) {
         dx.to_dtype(DType::F32)?
     } else {
         dx.clone()
@@ -267,61 +243,24 @@ pub fn residual_dropout_nograd(
     )
 }
 
-/// A closure run under candle's autograd for a later vector-Jacobian product: the fallback for
-/// code paths without a hand-written backward. Keeps the closure's graph until
-/// [`AutogradVjp::backward`].
-pub struct AutogradVjp {
-    inputs: Vec<Var>,
-    outputs: Vec<Tensor>,
-}
-
-impl AutogradVjp {
-    /// Run `f` on the (detached) `inputs` wrapped as fresh `Var`s; `f` may use the module's
-    /// parameters, whose gradients [`Self::backward`] adds to the store.
-    pub fn run(
-        inputs: &[&Tensor],
-        f: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
-    ) -> Result<Self> {
-        let inputs = inputs
-            .iter()
-            .map(|t| Ok(Var::from_tensor(&t.detach())?))
-            .collect::<Result<Vec<_>>>()?;
-        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-        let outputs = f(&ts)?;
-        Ok(Self { inputs, outputs })
-    }
-
-    /// The closure's outputs, detached.
-    pub fn outputs(&self) -> Vec<Tensor> {
-        self.outputs.iter().map(|t| t.detach()).collect()
-    }
-
-    /// Backpropagate the output cotangents `d_outs` (one per output): adds the parameter
-    /// gradients to `grads`, returns the input gradients (zeros for inputs the outputs do not
-    /// depend on).
-    pub fn backward(self, d_outs: &[&Tensor], grads: &mut GradStore) -> Result<Vec<Tensor>> {
-        if d_outs.len() != self.outputs.len() {
-            return Err(Error::Model(format!(
-                "autograd vjp: {} cotangents for {} outputs",
-                d_outs.len(),
-                self.outputs.len()
-            )));
-        }
-        let pairs: Vec<(&Tensor, &Tensor)> =
-            self.outputs.iter().zip(d_outs.iter().copied()).collect();
-        let mut g = backward_vars(&vjp_loss(&pairs)?)?;
-        let d_in = self
-            .inputs
-            .iter()
-            .map(|v| match g.remove(v.as_tensor()) {
-                Some(d) => Ok(d),
-                None => Ok(v.as_tensor().zeros_like()?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // What is left are parameter gradients: added to the store where it holds one.
-        grads.extend(g)?;
-        Ok(d_in)
-    }
+/// `dx` of `f` at `x` for the output cotangent `dy` under candle's autograd, adding the gradients
+/// of the parameters `f` uses to `grads`: the fallback where no hand-written rule applies.
+pub fn autograd_vjp(
+    x: &Tensor,
+    dy: &Tensor,
+    grads: &mut GradStore,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let xv = Var::from_tensor(&x.detach())?;
+    let y = f(xv.as_tensor())?;
+    let mut g = backward_vars(&vjp_loss(&[(&y, dy)])?)?;
+    let dx = match g.remove(xv.as_tensor()) {
+        Some(d) => d,
+        None => x.zeros_like()?,
+    };
+    // What is left are parameter gradients: added to the store where it holds one.
+    grads.extend(g)?;
+    Ok(dx)
 }
 
 /// Several [`Linear`]s reading the same input, applied as one GEMM on their row-concatenated
