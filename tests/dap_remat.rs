@@ -1,8 +1,11 @@
 //! Activation recomputation ("remat") of the DAP-sharded stacks (`ferrofold::parallel::dap_remat`):
 //! - `ferrofold-selftest dap-remat` under `mpirun -np 1|2|4`: the DAP stacks' training tapes with
-//!   `model.remat` = `block` and `none` equal the single-rank stack (Evoformer and extra-MSA;
-//!   outputs, every parameter gradient, input gradients; f32 rel <= 1e-5, f64 rel <= 1e-10;
-//!   padded `n_seq`/`n_res`; `parallel.overlap` on and off; seeded dropout);
+//!   `model.remat` = `block` and `none` and `model.backward` = `manual` (hand-written sharded
+//!   backward) and `autograd` equal the single-rank stack (Evoformer and extra-MSA; outputs, every
+//!   parameter gradient, input gradients; f32 rel <= 1e-5, f64 rel <= 1e-10; padded
+//!   `n_seq`/`n_res`; `parallel.overlap` on and off; seeded dropout); the manual runs also equal
+//!   the single-rank hand-written trunk and DAP-1 manual, and every sharded parameter gets a
+//!   gradient;
 //! - AF2 training with DAP-2 and `model.remat = "block"` through the `ferrofold` binary equals
 //!   `remat = "none"` bitwise and resumes bitwise exactly.
 

@@ -1,6 +1,6 @@
 //! `ferrofold bench elem-kernels`: the fused element-wise CUDA kernels (gated output, dropout +
 //! residual, clip + Adam + EMA, the global gradient norm, bias + activation epilogues,
-//! triangle-multiplication gating) against their plain-candle twins: correctness self-checks, then
+//! triangle-multiplication gating, strided copies) against their plain-candle twins: correctness self-checks, then
 //! median times, speedups and max relative errors at AF2 shapes.
 
 use clap::Args;
@@ -20,6 +20,10 @@ pub struct ElemKernelsArgs {
     /// Skip the timings (self-checks only).
     #[arg(long)]
     pub check_only: bool,
+    /// Only the kernel families whose name contains this (gate, dropout_residual, adam,
+    /// grad_norm, bias_act, tri_gate, permute).
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// Run every self-check and bench on CUDA device 0.
@@ -28,23 +32,69 @@ pub fn run_elem_kernels(a: &ElemKernelsArgs) -> Result<(Vec<ElemCheck>, Vec<Elem
     if !dev.is_cuda() {
         return Err(Error::Msg("bench elem-kernels needs a CUDA device".into()));
     }
-    let mut checks = crate::kernels::gate::self_check(&dev)?;
-    checks.extend(crate::kernels::dropout_residual::self_check(&dev)?);
-    checks.extend(crate::kernels::adam::self_check(&dev)?);
-    checks.extend(crate::kernels::grad_norm::self_check(&dev)?);
-    checks.extend(crate::kernels::bias_act::self_check(&dev)?);
-    checks.extend(crate::kernels::tri_gate::self_check(&dev)?);
+    let want = |name: &str| a.only.as_deref().is_none_or(|o| name.contains(o));
+    let mut checks = Vec::new();
+    type Check = fn(&candle_core::Device) -> Result<Vec<ElemCheck>>;
+    let all_checks: [(&str, Check); 10] = [
+        ("gate", crate::kernels::gate::self_check),
+        (
+            "dropout_residual",
+            crate::kernels::dropout_residual::self_check,
+        ),
+        ("adam", crate::kernels::adam::self_check),
+        ("grad_norm", crate::kernels::grad_norm::self_check),
+        ("bias_act", crate::kernels::bias_act::self_check),
+        ("tri_gate", crate::kernels::tri_gate::self_check),
+        ("permute", crate::kernels::permute::self_check),
+        ("add", crate::kernels::add::self_check),
+        ("softmax", crate::kernels::softmax::vec_self_check),
+        (
+            "layer_norm",
+            crate::kernels::layer_norm::wb_final_self_check,
+        ),
+    ];
+    for (name, f) in all_checks {
+        if want(name) {
+            checks.extend(f(&dev)?);
+        }
+    }
     let mut rows = Vec::new();
     if !a.check_only {
-        rows.extend(crate::kernels::gate::bench_rows(&dev, a.iters)?);
-        rows.extend(crate::kernels::dropout_residual::bench_rows(&dev, a.iters)?);
-        rows.extend(crate::kernels::grad_norm::bench_rows(
-            &dev,
-            a.adam_iters.max(5),
-        )?);
-        rows.extend(crate::kernels::bias_act::bench_rows(&dev, a.iters)?);
-        rows.extend(crate::kernels::tri_gate::bench_rows(&dev, a.iters)?);
-        rows.extend(crate::kernels::adam::bench_rows(&dev, a.adam_iters)?);
+        if want("gate") {
+            rows.extend(crate::kernels::gate::bench_rows(&dev, a.iters)?);
+        }
+        if want("dropout_residual") {
+            rows.extend(crate::kernels::dropout_residual::bench_rows(&dev, a.iters)?);
+        }
+        if want("grad_norm") {
+            rows.extend(crate::kernels::grad_norm::bench_rows(
+                &dev,
+                a.adam_iters.max(5),
+            )?);
+        }
+        if want("bias_act") {
+            rows.extend(crate::kernels::bias_act::bench_rows(&dev, a.iters)?);
+        }
+        if want("tri_gate") {
+            rows.extend(crate::kernels::tri_gate::bench_rows(&dev, a.iters)?);
+        }
+        if want("permute") {
+            rows.extend(crate::kernels::permute::bench_rows(&dev, a.iters)?);
+        }
+        if want("add") {
+            rows.extend(crate::kernels::add::bench_rows(&dev, a.iters)?);
+        }
+        if want("softmax") {
+            rows.extend(crate::kernels::softmax::bench_rows(&dev, a.iters)?);
+        }
+        if want("layer_norm") {
+            rows.extend(crate::kernels::layer_norm::wb_final_bench_rows(
+                &dev, a.iters,
+            )?);
+        }
+        if want("adam") {
+            rows.extend(crate::kernels::adam::bench_rows(&dev, a.adam_iters)?);
+        }
     }
     Ok((checks, rows))
 }

@@ -5,11 +5,47 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
-use super::{build_blocks, gpu_mem, make_inputs, median, BenchPasses, EvoformerBenchArgs, Inputs};
-use crate::config::Remat;
+use super::{
+    build_blocks_with, gpu_mem, make_inputs, median, BenchBlockKind, BenchPasses,
+    EvoformerBenchArgs, Inputs,
+};
+use crate::config::{Remat, TrunkBackward};
 use crate::error::{Error, Result};
-use crate::model::evoformer::{BlockConfig, EvoformerBlock};
-use crate::model::remat::forward_blocks;
+use crate::model::evoformer::{BlockConfig, EvoformerBlock, MsaBlock, MsaColumnModule};
+use crate::model::extra_msa::ExtraMsaBlock;
+use crate::model::remat::{forward_blocks, TrunkBlock};
+
+/// What `bench evoformer` needs of a block beyond [`MsaBlock`]: the autograd forward of its
+/// column attention (the one sub-module whose type differs) and the knobs `--check-backward`
+/// turns.
+trait BenchBlock: MsaBlock + TrunkBlock + Clone {
+    /// Autograd forward of the column attention (update only).
+    fn col_forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor>;
+    /// Backward mode and dropout rates (MSA, pair).
+    fn configure(&mut self, mode: TrunkBackward, msa_dropout: f64, pair_dropout: f64);
+}
+
+impl BenchBlock for EvoformerBlock {
+    fn col_forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.msa_att_col.forward(m, mask)
+    }
+    fn configure(&mut self, mode: TrunkBackward, msa_dropout: f64, pair_dropout: f64) {
+        self.backward = mode;
+        self.msa_dropout = msa_dropout;
+        self.pair_stack.pair_dropout = pair_dropout;
+    }
+}
+
+impl BenchBlock for ExtraMsaBlock {
+    fn col_forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.msa_att_col.forward(m, mask)
+    }
+    fn configure(&mut self, mode: TrunkBackward, msa_dropout: f64, pair_dropout: f64) {
+        self.backward = mode;
+        self.msa_dropout = msa_dropout;
+        self.pair_stack.pair_dropout = pair_dropout;
+    }
+}
 
 /// Timing of one pass kind.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +105,34 @@ pub const BLOCK_OPS: [&str; 9] = [
     "pair_transition",
 ];
 
+/// Forward matmul FLOPs of one extra-MSA block (Algorithm 18; global column attention) at
+/// `n_seq × n_res` (elementwise ops not counted).
+pub fn extra_block_flops(n_seq: usize, n_res: usize, cfg: &BlockConfig) -> f64 {
+    extra_op_flops(n_seq, n_res, cfg)
+        .iter()
+        .map(|(_, f)| f)
+        .sum()
+}
+
+/// [`evoformer_op_flops`] of the extra-MSA block: the column attention is global (one query per
+/// column: the masked mean), with single-head keys and values of width `c_hidden`.
+pub fn extra_op_flops(n_seq: usize, n_res: usize, cfg: &BlockConfig) -> Vec<(&'static str, f64)> {
+    let (s, r) = (n_seq as f64, n_res as f64);
+    let cm = cfg.c_m as f64;
+    let st = &cfg.stack;
+    let (nh, c) = (st.no_heads_msa as f64, st.c_hidden_msa_att as f64);
+    let mm = |m: f64, n: f64, k: f64| 2.0 * m * n * k;
+    // k, v (c each) and the gate (H·c) from every row, q from the column means, logits and
+    // values (H queries × S keys × c per column), output projection.
+    let col = mm(s * r, 2.0 * c + nh * c, cm)
+        + mm(r, nh * c, cm)
+        + 2.0 * r * mm(nh, s, c)
+        + mm(s * r, cm, nh * c);
+    let mut v = evoformer_op_flops(n_seq, n_res, cfg);
+    v[1].1 = col;
+    v
+}
+
 /// Forward matmul FLOPs of each sub-module of one block (names as [`BLOCK_OPS`]).
 pub fn evoformer_op_flops(
     n_seq: usize,
@@ -109,8 +173,8 @@ pub fn evoformer_op_flops(
 }
 
 /// One pass over the stack; returns the outputs (and the input gradients for forward+backward).
-fn run_pass(
-    blocks: &[EvoformerBlock],
+fn run_pass<B: BenchBlock>(
+    blocks: &[B],
     x: &Inputs,
     remat: Remat,
     backward: bool,
@@ -122,6 +186,18 @@ fn run_pass(
     let mut grads = candle_core::backprop::GradStore::default();
     let (dm, dz) = tape.backward(&x.dm, &x.dz, &mut grads)?;
     Ok(vec![m, z, dm, dz])
+}
+
+/// The block configuration of `a` (`--block extra`: AF2's extra-MSA widths).
+pub fn bench_block_config(a: &EvoformerBenchArgs) -> BlockConfig {
+    let mut dims = a.dims.clone();
+    if a.block == BenchBlockKind::Extra {
+        dims.c_m = 64;
+        dims.c_hidden_msa = 8;
+    }
+    let mut cfg = dims.block_config(a.blocks);
+    cfg.backward = a.backward.into();
+    cfg
 }
 
 /// Run `bench evoformer` and return the measurements.
@@ -136,14 +212,34 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
     if a.tf32 {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
     }
-    let mut cfg = a.dims.block_config(a.blocks);
-    cfg.backward = a.backward.into();
-    let (vm, blocks) = build_blocks(&cfg, &dev, a.seed)?;
-    let x = make_inputs(a.n_seq, a.n_res, &cfg, a.dtype.dtype(), &dev, a.seed)?;
+    let cfg = bench_block_config(a);
+    match a.block {
+        BenchBlockKind::Evoformer => {
+            let (vm, blocks) = build_blocks_with(&cfg, &dev, a.seed, EvoformerBlock::new)?;
+            let flops = evoformer_op_flops(a.n_seq, a.n_res, &cfg);
+            bench_blocks(a, &cfg, &dev, &vm, &blocks, flops)
+        }
+        BenchBlockKind::Extra => {
+            let (vm, blocks) = build_blocks_with(&cfg, &dev, a.seed, ExtraMsaBlock::new)?;
+            let flops = extra_op_flops(a.n_seq, a.n_res, &cfg);
+            bench_blocks(a, &cfg, &dev, &vm, &blocks, flops)
+        }
+    }
+}
+
+fn bench_blocks<B: BenchBlock>(
+    a: &EvoformerBenchArgs,
+    cfg: &BlockConfig,
+    dev: &Device,
+    vm: &candle_nn::VarMap,
+    blocks: &[B],
+    op_flops: Vec<(&'static str, f64)>,
+) -> Result<EvoformerBench> {
+    let x = make_inputs(a.n_seq, a.n_res, cfg, a.dtype.dtype(), dev, a.seed)?;
     dev.synchronize()?;
-    let mem = gpu_mem::PoolWatch::new(&dev)?;
+    let mem = gpu_mem::PoolWatch::new(dev)?;
     let resident_bytes = mem.as_ref().map(|w| w.used_now()).transpose()?;
-    let block_flops = evoformer_block_flops(a.n_seq, a.n_res, &cfg);
+    let block_flops: f64 = op_flops.iter().map(|(_, f)| f).sum();
     let remat: Remat = a.remat.into();
     let kinds: &[bool] = match a.passes {
         BenchPasses::Fwd => &[false],
@@ -151,14 +247,14 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
         BenchPasses::Both => &[false, true],
     };
     let check = if a.check_backward {
-        check_backward(&vm, &blocks, &x, a.seed)?
+        check_backward(vm, blocks, &x, a.seed)?
     } else {
         Vec::new()
     };
     let mut passes = Vec::new();
     for &backward in kinds {
         for _ in 0..a.warmup {
-            drop(run_pass(&blocks, &x, remat, backward)?);
+            drop(run_pass(blocks, &x, remat, backward)?);
             dev.synchronize()?;
         }
         if let Some(w) = &mem {
@@ -167,7 +263,7 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
         let mut ms = Vec::with_capacity(a.iters);
         for _ in 0..a.iters {
             let t0 = Instant::now();
-            let out = run_pass(&blocks, &x, remat, backward)?;
+            let out = run_pass(blocks, &x, remat, backward)?;
             dev.synchronize()?;
             ms.push(t0.elapsed().as_secs_f64() * 1e3);
             drop(out);
@@ -183,8 +279,7 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
     }
     let mut breakdown = Vec::new();
     if a.breakdown {
-        let flops = evoformer_op_flops(a.n_seq, a.n_res, &cfg);
-        for (i, &(name, f)) in flops.iter().enumerate() {
+        for (i, &(name, f)) in op_flops.iter().enumerate() {
             let mut t = [None, None];
             for (k, backward) in [false, true].into_iter().enumerate() {
                 for _ in 0..a.warmup {
@@ -212,7 +307,7 @@ pub fn bench_evoformer(a: &EvoformerBenchArgs) -> Result<EvoformerBench> {
         }
     }
     Ok(EvoformerBench {
-        device: describe_device(&dev),
+        device: describe_device(dev),
         check,
         passes,
         resident_bytes,
@@ -236,19 +331,21 @@ fn timing(pass: &'static str, mut ms: Vec<f64>, flops: f64, peak_bytes: Option<u
 
 /// Sub-module `op` (index into [`BLOCK_OPS`]) of `b` alone on the bench inputs (its update only,
 /// no residual); with `backward`, also the gradients of its inputs and parameters.
-fn run_op(b: &EvoformerBlock, op: usize, x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
-    if backward && b.backward == crate::config::TrunkBackward::Manual {
+fn run_op<B: BenchBlock>(b: &B, op: usize, x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
+    if backward && b.backward_mode() == TrunkBackward::Manual {
         return run_op_manual(b, op, x);
     }
     let m = candle_core::Var::from_tensor(&x.m)?;
     let z = candle_core::Var::from_tensor(&x.z)?;
     let (m, z) = (m.as_tensor(), z.as_tensor());
-    let ps = &b.pair_stack;
+    let p = b.parts();
+    let ps = p.pair_stack;
+    let tmask = p.mask_msa_transition.then_some(&x.msa_mask);
     let out = match op {
-        0 => b.msa_att_row.forward(m, z, &x.msa_mask)?,
-        1 => b.msa_att_col.forward(m, &x.msa_mask)?,
-        2 => b.msa_transition.forward(m, None)?,
-        3 => b.outer_product_mean.forward(m, &x.msa_mask)?,
+        0 => p.msa_att_row.forward(m, z, &x.msa_mask)?,
+        1 => b.col_forward(m, &x.msa_mask)?,
+        2 => p.msa_transition.forward(m, tmask)?,
+        3 => p.outer_product_mean.forward(m, &x.msa_mask)?,
         4 => ps.tri_mul_out.forward(z, &x.pair_mask)?,
         5 => ps.tri_mul_in.forward(z, &x.pair_mask)?,
         6 => ps.tri_att_start.forward(z, &x.pair_mask)?,
@@ -275,13 +372,12 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// `--check-backward`: the stack's forward + backward with the hand-written backward and with
 /// candle's autograd (dropout on, masked first sequence and last residue), compared per tensor.
 /// Returns `(name, relative L2 error)` rows: outputs, input gradients, then the worst parameter.
-fn check_backward(
+fn check_backward<B: BenchBlock>(
     vm: &candle_nn::VarMap,
-    blocks: &[EvoformerBlock],
+    blocks: &[B],
     x: &Inputs,
     seed: u64,
 ) -> Result<Vec<(String, f64)>> {
-    use crate::config::TrunkBackward;
     use crate::model::dropout::DropoutCtx;
     let (s, r) = x.msa_mask.dims2()?;
     // Mask the first sequence's last residue column and the last pair row.
@@ -297,13 +393,11 @@ fn check_backward(
     pmv[(r - 1) * r..].iter_mut().for_each(|v| *v = 0.0);
     let pair_mask = Tensor::from_vec(pmv, (r, r), dev)?.to_dtype(dt)?;
     let run = |mode: TrunkBackward| -> Result<(Vec<Tensor>, GradStore)> {
-        let bs: Vec<EvoformerBlock> = blocks
+        let bs: Vec<B> = blocks
             .iter()
             .map(|b| {
                 let mut b = b.clone();
-                b.backward = mode;
-                b.msa_dropout = 0.15;
-                b.pair_stack.pair_dropout = 0.25;
+                b.configure(mode, 0.15, 0.25);
                 b
             })
             .collect();
@@ -374,28 +468,30 @@ fn check_backward(
 }
 
 /// [`run_op`] forward+backward through the hand-written backward (`forward_saved` + `backward`).
-fn run_op_manual(b: &EvoformerBlock, op: usize, x: &Inputs) -> Result<Vec<Tensor>> {
+fn run_op_manual<B: BenchBlock>(b: &B, op: usize, x: &Inputs) -> Result<Vec<Tensor>> {
     let mut g = candle_core::backprop::GradStore::default();
-    let ps = &b.pair_stack;
+    let p = b.parts();
+    let ps = p.pair_stack;
     let (m, z) = (&x.m, &x.z);
     let (mm, pm) = (&x.msa_mask, &x.pair_mask);
+    let tmask = p.mask_msa_transition.then_some(mm);
     let (out, d) = match op {
         0 => {
-            let (o, s) = b.msa_att_row.forward_saved(m, z, mm)?;
-            let (dm, _dz) = b.msa_att_row.backward(s, &x.dm, &mut g)?;
+            let (o, s) = p.msa_att_row.forward_saved(m, z, mm)?;
+            let (dm, _dz) = p.msa_att_row.backward(s, &x.dm, &mut g)?;
             (o, dm)
         }
         1 => {
-            let (o, s) = b.msa_att_col.forward_saved(m, mm)?;
-            (o, b.msa_att_col.backward(s, &x.dm, &mut g)?)
+            let (o, s) = p.msa_att_col.forward_saved(m, mm)?;
+            (o, p.msa_att_col.backward(s, &x.dm, &mut g)?)
         }
         2 => {
-            let (o, s) = b.msa_transition.forward_saved(m, None)?;
-            (o, b.msa_transition.backward(s, &x.dm, &mut g)?)
+            let (o, s) = p.msa_transition.forward_saved(m, tmask)?;
+            (o, p.msa_transition.backward(s, &x.dm, &mut g)?)
         }
         3 => {
-            let (o, s) = b.outer_product_mean.forward_saved(m, mm)?;
-            (o, b.outer_product_mean.backward(s, &x.dz, &mut g)?)
+            let (o, s) = p.outer_product_mean.forward_saved(m, mm)?;
+            (o, p.outer_product_mean.backward(s, &x.dz, &mut g)?)
         }
         4 => {
             let (o, s) = ps.tri_mul_out.forward_saved(z, pm)?;
@@ -437,8 +533,8 @@ fn mib(b: Option<u64>) -> String {
 /// The printed report of `bench evoformer` (a table plus one `RESULT` line per pass).
 pub fn format_evoformer(a: &EvoformerBenchArgs, b: &EvoformerBench) -> String {
     let mut s = format!(
-        "bench evoformer: device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} backward={:?} iters={} warmup={} tf32={}\n",
-        b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.backward, a.iters, a.warmup, a.tf32
+        "bench evoformer: block={:?} device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} backward={:?} iters={} warmup={} tf32={}\n",
+        a.block, b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.backward, a.iters, a.warmup, a.tf32
     )
     .to_lowercase();
     s += &format!(
@@ -488,8 +584,8 @@ pub fn format_evoformer(a: &EvoformerBenchArgs, b: &EvoformerBench) -> String {
     }
     for p in &b.passes {
         s += &format!(
-            "RESULT bench=evoformer device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} backward={:?} pass={} median_ms={:.3} tflops={:.2} peak_mib={}\n",
-            b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.backward, p.pass, p.median_ms, p.tflops(), mib(p.peak_bytes)
+            "RESULT bench=evoformer device={} dtype={:?} n_seq={} n_res={} blocks={} remat={:?} backward={:?} pass={} median_ms={:.3} tflops={:.2} peak_mib={} block={:?}\n",
+            b.device, a.dtype, a.n_seq, a.n_res, a.blocks, a.remat, a.backward, p.pass, p.median_ms, p.tflops(), mib(p.peak_bytes), a.block
         )
         .to_lowercase()
         .replace("result bench", "RESULT bench");

@@ -43,8 +43,8 @@ use crate::model::evoformer::{BlockConfig, EvoformerBlock};
 
 pub use elem_kernels::{format_checks, format_rows, run_elem_kernels, ElemKernelsArgs};
 pub use evoformer::{
-    bench_evoformer, evoformer_block_flops, evoformer_op_flops, format_evoformer, EvoformerBench,
-    PassTiming, BLOCK_OPS,
+    bench_block_config, bench_evoformer, evoformer_block_flops, evoformer_op_flops,
+    extra_block_flops, extra_op_flops, format_evoformer, EvoformerBench, PassTiming, BLOCK_OPS,
 };
 pub use kernels::{bench_kernels, format_kernels, KernelCase, KernelTiming, KernelsArgs};
 pub use ops::{bench_ops, format_ops, OpTiming};
@@ -278,8 +278,20 @@ pub struct EvoformerBenchArgs {
     /// Also time each sub-module of the first block alone (forward and forward+backward).
     #[arg(long)]
     pub breakdown: bool,
+    /// Which block: the Evoformer block (Algorithm 6) or the extra-MSA block (Algorithm 18).
+    /// `extra` uses AF2's extra-MSA widths `c_m = 64`, `c_hidden_msa = 8` (overriding `--c-m` and
+    /// `--c-hidden-msa`) and global column attention.
+    #[arg(long, value_enum, default_value_t = BenchBlockKind::Evoformer)]
+    pub block: BenchBlockKind,
     #[command(flatten)]
     pub dims: BlockDims,
+}
+
+/// Which block `bench evoformer` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBlockKind {
+    Evoformer,
+    Extra,
 }
 
 /// `ferrofold bench parity`.
@@ -368,11 +380,25 @@ pub(crate) fn build_blocks(
     dev: &Device,
     seed: u64,
 ) -> Result<(VarMap, Vec<EvoformerBlock>)> {
-    let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
+    build_blocks_with(cfg, dev, seed, EvoformerBlock::new)
+}
+
+/// [`build_blocks`] for any block constructor (e.g. `ExtraMsaBlock::new`).
+pub(crate) fn build_blocks_with<B>(
+    cfg: &BlockConfig,
+    dev: &Device,
+    seed: u64,
+    new: impl Fn(VarBuilder, &BlockConfig) -> Result<B>,
+) -> Result<(VarMap, Vec<B>)> {
+    // Initial values from the seeded CPU generator (candle's `VarMap` would draw them with cuRAND
+    // on a CUDA device, whose seeding kernel then shows in kernel profiles); all are overwritten
+    // by `randomize` anyway.
+    let svm = crate::model::init::SeededVarMap::new(seed);
+    let vb = svm.builder(DType::F32, dev);
     let blocks = (0..cfg.stack.num_blocks)
-        .map(|i| EvoformerBlock::new(vb.pp("blocks").pp(i), cfg))
+        .map(|i| new(vb.pp("blocks").pp(i), cfg))
         .collect::<Result<Vec<_>>>()?;
+    let vm = svm.varmap.clone();
     randomize(&vm, seed)?;
     Ok((vm, blocks))
 }

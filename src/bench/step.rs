@@ -76,6 +76,9 @@ pub struct StepBenchArgs {
     pub precision: StepPrecision,
     #[arg(long, value_enum, default_value_t = super::BenchRemat::Block)]
     pub remat: super::BenchRemat,
+    /// Recomputation policy of the extra-MSA stack alone (default: as `--remat`).
+    #[arg(long, value_enum)]
+    pub extra_remat: Option<super::BenchRemat>,
     /// Hand-written trunk backward (`manual`) or candle's autograd.
     #[arg(long, value_enum, default_value_t = super::BenchBackward::Manual)]
     pub backward: super::BenchBackward,
@@ -175,6 +178,7 @@ pub fn step_config(a: &StepBenchArgs) -> Config {
     m.structure.no_blocks = a.sm_layers;
     m.recycling.max_iters = a.recycles;
     m.remat = Remat::from(a.remat);
+    m.extra_msa_remat = a.extra_remat.map(Remat::from);
     m.backward = a.backward.into();
     if a.tiny {
         m.c_m = 16;

@@ -17,6 +17,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::permute::Contig;
 use super::{ElemBenchRow, ElemCheck};
 use crate::error::Result;
 use crate::model::primitives::cast;
@@ -206,7 +208,7 @@ pub fn relu_bwd(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     {
         #[cfg(feature = "cuda")]
         {
-            let (y, dy) = (y.detach().contiguous()?, dy.detach().contiguous()?);
+            let (y, dy) = (y.detach().contig()?, dy.detach().contig()?);
             return Ok(match y.dtype() {
                 DType::F32 => cuda::relu_bwd_t::<f32>(&y, &dy)?,
                 DType::BF16 => cuda::relu_bwd_t::<half::bf16>(&y, &dy)?,
@@ -262,6 +264,7 @@ mod cuda {
     use super::super::launch::{cerr, cuda_storage, func, range, suffix, tensor_from_slice, BLOCK};
     use super::super::nvrtc;
     use super::{row_layout, MODULE, SOURCE};
+    use crate::kernels::permute::Contig;
 
     fn wide(dt: DType) -> usize {
         if dt == DType::BF16 {
@@ -280,18 +283,18 @@ mod cuda {
     ) -> candle_core::Result<Tensor> {
         let x = match row_layout(x.layout()) {
             Some(_) => x.clone(),
-            None => x.contiguous()?,
+            None => x.contig()?,
         };
         let (start, rows, c, ldx) =
             row_layout(x.layout()).ok_or_else(|| cerr("bias_act: no row layout"))?;
         let dt = x.dtype();
         let bias = match bias {
-            Some(b) if b.dtype() == DType::F32 || b.dtype() == dt => Some(b.contiguous()?),
-            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
+            Some(b) if b.dtype() == DType::F32 || b.dtype() == dt => Some(b.contig()?),
+            Some(b) => Some(b.to_dtype(DType::F32)?.contig()?),
             None => None,
         };
         let s = match s {
-            Some(s) => Some(s.to_dtype(dt)?.contiguous()?),
+            Some(s) => Some(s.to_dtype(dt)?.contig()?),
             None => None,
         };
         let bdt = bias.as_ref().map_or(DType::F32, |b| b.dtype());

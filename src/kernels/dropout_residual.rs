@@ -21,6 +21,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::permute::Contig;
 use super::{ElemBenchRow, ElemCheck};
 use crate::error::Result;
 use crate::model::dropout::{dropout_shared, DropoutCtx};
@@ -145,6 +147,11 @@ pub fn residual_dropout(
             return residual_dropout_fused(residual, update, rate, shared_dim, ctx);
         }
     }
+    if ctx.is_none() || rate <= 0.0 {
+        // Eval mode (no dropout): a plain add, by the fast add kernel where it applies
+        // (bitwise candle's add; candle's add for graphs, broadcasts and the CPU).
+        return super::add::add(residual, update);
+    }
     residual_dropout_twin(residual, update, rate, shared_dim, ctx)
 }
 
@@ -172,7 +179,7 @@ pub fn dropout_grad(
             scale: mask_scale(rate, dy.dtype()),
             shared_dim,
         };
-        let dy = dy.detach().contiguous()?;
+        let dy = dy.detach().contig()?;
         return Ok(match dy.dtype() {
             DType::F32 => op.bwd_t::<f32>(&dy)?,
             _ => op.bwd_t::<half::bf16>(&dy)?,
@@ -198,9 +205,7 @@ pub fn residual_dropout_fused(
             scale: mask_scale(rate, update.dtype()),
             shared_dim,
         };
-        Ok(residual
-            .contiguous()?
-            .apply_op2(&update.contiguous()?, op)?)
+        Ok(residual.contig()?.apply_op2(&update.contig()?, op)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -232,6 +237,7 @@ mod cuda {
 
     use super::super::launch::{cuda_storage, func, range, suffix, tensor_from_slice, BLOCK};
     use super::{mask_geometry, MODULE, ROWS, SOURCE};
+    use crate::kernels::permute::Contig;
 
     /// `residual + update * mask(seed, rate)` with the mask shared along `shared_dim`.
     pub(super) struct DropResOp {
@@ -368,7 +374,7 @@ mod cuda {
             _res: &Tensor,
             dy: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-            let dy = dy.to_dtype(residual.dtype())?.contiguous()?;
+            let dy = dy.to_dtype(residual.dtype())?.contig()?;
             let du = match dy.dtype() {
                 DType::F32 => self.bwd_t::<f32>(&dy)?,
                 DType::BF16 => self.bwd_t::<half::bf16>(&dy)?,

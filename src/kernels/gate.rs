@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::permute::Contig;
 use super::{ElemBenchRow, ElemCheck};
 use crate::error::Result;
 
@@ -88,7 +90,7 @@ pub fn gate(o: &Tensor, g: &Tensor) -> Result<Tensor> {
 pub fn gate_fused(o: &Tensor, g: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        Ok(o.contiguous()?.apply_op2(&g.contiguous()?, cuda::GateOp)?)
+        Ok(o.contig()?.apply_op2(&g.contig()?, cuda::GateOp)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -113,8 +115,8 @@ pub fn gate_bwd(o: &Tensor, g: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, T
     }
     #[cfg(feature = "cuda")]
     {
-        let dy = dy.detach().to_dtype(o.dtype())?.contiguous()?;
-        let (o, g) = (o.detach().contiguous()?, g.detach().contiguous()?);
+        let dy = dy.detach().to_dtype(o.dtype())?.contig()?;
+        let (o, g) = (o.detach().contig()?, g.detach().contig()?);
         let r = match o.dtype() {
             candle_core::DType::F32 => cuda::bwd_t::<f32>(&o, &g, &dy)?,
             candle_core::DType::BF16 => cuda::bwd_t::<half::bf16>(&o, &g, &dy)?,
@@ -139,6 +141,7 @@ mod cuda {
     use super::super::launch::{cuda_storage, func, range, suffix, tensor_from_slice, BLOCK};
     use super::super::nvrtc;
     use super::{MODULE, SOURCE};
+    use crate::kernels::permute::Contig;
 
     /// `o * sigmoid(g)` with an analytic backward.
     pub(super) struct GateOp;
@@ -257,7 +260,7 @@ mod cuda {
             _res: &Tensor,
             dy: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-            let dy = dy.to_dtype(o.dtype())?.contiguous()?;
+            let dy = dy.to_dtype(o.dtype())?.contig()?;
             let (d_o, d_g) = match o.dtype() {
                 DType::F32 => bwd_t::<f32>(o, g, &dy)?,
                 DType::BF16 => bwd_t::<half::bf16>(o, g, &dy)?,

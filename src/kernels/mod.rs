@@ -33,6 +33,8 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 }
 
 pub mod adam;
+pub mod add;
+pub mod batch_col_scale;
 pub mod bias_act;
 pub mod check;
 pub mod dropout_residual;
@@ -43,7 +45,9 @@ pub(crate) mod launch;
 pub mod layer_norm;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+pub mod permute;
 pub mod pool;
+pub mod row_attention;
 pub mod softmax;
 pub mod tri_gate;
 
@@ -60,6 +64,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (grad_norm::MODULE, grad_norm::SOURCE),
     (bias_act::MODULE, bias_act::SOURCE),
     (tri_gate::MODULE, tri_gate::SOURCE),
+    (row_attention::MODULE, row_attention::SOURCE),
+    (batch_col_scale::MODULE, batch_col_scale::SOURCE),
+    (permute::MODULE, permute::SOURCE),
+    (add::MODULE, add::SOURCE),
 ];
 
 /// Process-wide switch: 0 = not decided yet (read `FERROFOLD_FUSED_KERNELS`), 1 = on, 2 = off.
@@ -190,6 +198,24 @@ pub fn median_ms(
     }
     t.sort_by(|a, b| a.total_cmp(b));
     Ok(t[t.len() / 2])
+}
+
+/// [`median_ms`] of `reps` back-to-back runs of `f` per sample, divided by `reps`: the time of
+/// one run without the launch-to-synchronise latency dominating short kernels.
+pub fn median_ms_per_rep(
+    dev: &candle_core::Device,
+    iters: usize,
+    reps: usize,
+    mut f: impl FnMut() -> crate::error::Result<()>,
+) -> crate::error::Result<f64> {
+    let reps = reps.max(1);
+    let ms = median_ms(dev, 2, iters, || {
+        for _ in 0..reps {
+            f()?;
+        }
+        Ok(())
+    })?;
+    Ok(ms / reps as f64)
 }
 
 /// Deterministic uniform values in `[-scale, scale)` as a `dtype` tensor on `dev` (generated on the

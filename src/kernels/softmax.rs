@@ -24,6 +24,7 @@ pub const MODULE: &str = "ff_softmax";
 pub const SRC: &str = concat!(
     crate::ff_cuda_prelude!(),
     r#"
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
 struct SmBias { long long off; long long st[4]; long long sk; };
 struct SmParams { SmBias b1; SmBias b2; int d[4]; int nb; int k; };
 
@@ -83,6 +84,89 @@ __device__ void sm_fwd(const T* __restrict__ x, const T* __restrict__ b1, const 
     for (int i = 0; i < V; ++i) {
         int j = lane + 32 * i;
         if (j < k) yr[j] = from_f<T>(v[i] * inv);
+    }
+}
+
+// Vectorised forward for rows of exactly k = 32·V elements: lane `l` holds the NP = V / W packs
+// of W elements (16 bytes at most) at element offsets (q·32 + l)·W, loaded as single 8/16-byte
+// accesses from x and from both biases (whose row offsets and strides are multiples of W and
+// whose last-dim stride is 1, checked on the host). Each warp takes R consecutive rows and
+// issues all their loads before the reductions (more bytes in flight per warp); statistics f32.
+template <typename T, int V, int R>
+__device__ void sm_fwd_vec(const T* __restrict__ x, const T* __restrict__ b1, const T* __restrict__ b2,
+                           T* __restrict__ y, long long rows, SmParams p) {
+    constexpr int W = (V * (int)sizeof(T) > 16) ? 16 / (int)sizeof(T) : V;
+    constexpr int NP = V / W;
+    constexpr int K = 32 * V;
+    typedef Pack<T, W> P;
+    long long row0 = ((long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+    int lane = threadIdx.x & 31;
+    if (row0 >= rows) return;
+    float v[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        long long row = row0 + r;
+        if (row >= rows) break;  // warp-uniform
+        long long o1, o2;
+        bias_offsets(p, row, o1, o2);
+        const T* xr = x + row * K;
+#pragma unroll
+        for (int q = 0; q < NP; ++q) {
+            int e = (q * 32 + lane) * W;
+            P xv = *reinterpret_cast<const P*>(xr + e);
+#pragma unroll
+            for (int w = 0; w < W; ++w) v[r][q * W + w] = to_f(xv.v[w]);
+            if (p.nb > 0) {
+                P bv = *reinterpret_cast<const P*>(b1 + o1 + e);
+#pragma unroll
+                for (int w = 0; w < W; ++w) v[r][q * W + w] += to_f(bv.v[w]);
+            }
+            if (p.nb > 1) {
+                P bv = *reinterpret_cast<const P*>(b2 + o2 + e);
+#pragma unroll
+                for (int w = 0; w < W; ++w) v[r][q * W + w] += to_f(bv.v[w]);
+            }
+        }
+    }
+    float m[R], s[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        m[r] = -FF_INF;
+#pragma unroll
+        for (int i = 0; i < V; ++i) m[r] = fmaxf(m[r], v[r][i]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], o));
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        s[r] = 0.f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            v[r][i] = __expf(v[r][i] - m[r]);
+            s[r] += v[r][i];
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        long long row = row0 + r;
+        if (row >= rows) break;
+        float inv = 1.f / s[r];
+        T* yr = y + row * K;
+#pragma unroll
+        for (int q = 0; q < NP; ++q) {
+            P out;
+#pragma unroll
+            for (int w = 0; w < W; ++w) out.v[w] = from_f<T>(v[r][q * W + w] * inv);
+            *reinterpret_cast<P*>(yr + (q * 32 + lane) * W) = out;
+        }
     }
 }
 
@@ -158,6 +242,26 @@ __device__ void sum_lead(const T* __restrict__ a, T* __restrict__ out, long long
     out[i] = from_f<T>(s);
 }
 
+// sum_lead with 4 consecutive outputs per thread (8- or 16-byte loads): each output is summed in
+// the same order with the same f32 accumulation as `sum_lead` (bitwise the same result).
+template <typename T>
+__device__ void sum_lead4(const T* __restrict__ a, T* __restrict__ out, long long lead, long long m) {
+    long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i >= m) return;
+    typedef Pack<T, 4> P;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+    for (long long l = 0; l < lead; ++l) {
+        P v = *reinterpret_cast<const P*>(a + l * m + i);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) s[w] += to_f(v.v[w]);
+    }
+    P o;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) o.v[w] = from_f<T>(s[w]);
+    *reinterpret_cast<P*>(out + i) = o;
+}
+
 #define SM_INST(T, TN, V)                                                                          \
     extern "C" __global__ void sm_fwd_##TN##_##V(const T* x, const T* b1, const T* b2, T* y,        \
                                                  long long rows, SmParams p) {                      \
@@ -166,6 +270,10 @@ __device__ void sum_lead(const T* __restrict__ a, T* __restrict__ out, long long
     extern "C" __global__ void sm_bwd_##TN##_##V(const T* y, const T* g, T* dx, long long rows,     \
                                                  int k) {                                           \
         sm_bwd<T, V>(y, g, dx, rows, k);                                                           \
+    }                                                                                              \
+    extern "C" __global__ void sm_fwdv_##TN##_##V(const T* x, const T* b1, const T* b2, T* y,       \
+                                                  long long rows, SmParams p) {                     \
+        sm_fwd_vec<T, V, (V <= 4 ? 8 : (V == 8 ? 4 : (V == 16 ? 2 : 1)))>(x, b1, b2, y, rows, p);   \
     }
 #define SM_ALL(T, TN)                                                                              \
     SM_INST(T, TN, 1) SM_INST(T, TN, 2) SM_INST(T, TN, 4) SM_INST(T, TN, 8) SM_INST(T, TN, 16)      \
@@ -180,11 +288,28 @@ __device__ void sum_lead(const T* __restrict__ a, T* __restrict__ out, long long
     }                                                                                              \
     extern "C" __global__ void sum_lead_##TN(const T* a, T* out, long long lead, long long m) {     \
         sum_lead<T>(a, out, lead, m);                                                              \
+    }                                                                                              \
+    extern "C" __global__ void sum_lead4_##TN(const T* a, T* out, long long lead, long long m) {    \
+        sum_lead4<T>(a, out, lead, m);                                                             \
     }
 SM_ALL(float, f32)
 SM_ALL(bf16, bf16)
 "#
 );
+
+/// Whether the forward may use the vectorised multi-row kernel (default on; [`set_vectorised`]).
+static VEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Switch the vectorised forward kernel on or off for the whole process (off: the one-row-per-warp
+/// scalar kernel for every shape; for A/B benchmarks and tests).
+pub fn set_vectorised(on: bool) {
+    VEC.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_vectorised`].
+pub fn vectorised() -> bool {
+    VEC.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Row dims (all but the last) of the kernels after merging: at most this many.
 pub const MAX_ROW_DIMS: usize = 4;
@@ -352,6 +477,181 @@ pub fn reduce_bias_grad(dx: &Tensor, bias_dims: &[usize]) -> Result<Option<Tenso
     }
 }
 
+/// Attention-like inputs on `dev`: logits `xd`, optional mask bias `[B, 1, .., K]` (some keys
+/// masked with `-1e9`) and pair bias `[1, H, Q, K]` (for rank-4 `xd`).
+fn vec_case_inputs(
+    xd: &[usize],
+    biases: usize,
+    dt: candle_core::DType,
+    dev: &candle_core::Device,
+    seed: u64,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let x = super::uniform_tensor(xd, 4.0, seed, dt, dev)?;
+    let n = xd.len();
+    let mut bs = Vec::new();
+    if biases > 0 {
+        let mut md = vec![1usize; n];
+        md[0] = xd[0];
+        md[n - 1] = xd[n - 1];
+        let u = super::uniform_tensor(&md, 1.0, seed ^ 1, dt, dev)?;
+        let mask = u.ge(-0.8)?.to_dtype(dt)?;
+        bs.push(crate::model::primitives::mask_bias(&mask, 1e9)?);
+    }
+    if biases > 1 {
+        let mut pd = xd.to_vec();
+        pd[0] = 1;
+        bs.push(super::uniform_tensor(&pd, 2.0, seed ^ 2, dt, dev)?);
+    }
+    Ok((x, bs))
+}
+
+/// The vectorised multi-row forward against the scalar one-row-per-warp kernel and against the
+/// plain-candle twin, f32 and bf16, every vectorised row length (32..1024), row counts that are
+/// not a multiple of the rows per warp, the attention biases, a misaligned bias view (scalar
+/// fallback); plus a bitwise rerun check. Leaves the vectorised kernel switched on.
+pub fn vec_self_check(dev: &candle_core::Device) -> Result<Vec<super::ElemCheck>> {
+    use candle_core::DType;
+    let mut out = Vec::new();
+    let cases: [(&[usize], usize); 9] = [
+        (&[4, 8, 64, 256], 2),
+        (&[6, 8, 32, 128], 1),
+        (&[3, 5, 7, 128], 2),
+        (&[5, 3, 64], 1),
+        (&[7, 32], 0),
+        (&[9, 512], 1),
+        (&[5, 1024], 1),
+        (&[3, 3, 1024], 0),
+        (&[2, 4, 9, 256], 2),
+    ];
+    for (ci, &(xd, nb)) in cases.iter().enumerate() {
+        for dt in [DType::F32, DType::BF16] {
+            let (x, bs) = vec_case_inputs(xd, nb, dt, dev, 0x50f7 + 16 * ci as u64)?;
+            let brefs: Vec<&Tensor> = bs.iter().collect();
+            let missing = || crate::error::Error::Msg("softmax: fused kernel did not run".into());
+            set_vectorised(true);
+            let yv = softmax_with_biases(&x, &brefs)?.ok_or_else(missing)?;
+            let yv2 = softmax_with_biases(&x, &brefs)?.ok_or_else(missing)?;
+            set_vectorised(false);
+            let ys = softmax_with_biases(&x, &brefs)?.ok_or_else(missing)?;
+            set_vectorised(true);
+            let yt = crate::model::primitives::softmax_with_biases_twin(&x, &brefs)?;
+            let tol = if dt == DType::BF16 { 2e-2 } else { 1e-5 };
+            let case = format!("x{xd:?} {nb} bias {dt:?}");
+            out.push(super::ElemCheck {
+                op: "softmax fwd vec vs twin".into(),
+                case: case.clone(),
+                max_err: super::rel_err(&yv, &yt)?,
+                tol,
+            });
+            out.push(super::ElemCheck {
+                op: "softmax fwd vec vs scalar".into(),
+                case: case.clone(),
+                max_err: super::rel_err(&yv, &ys)?,
+                tol,
+            });
+            out.push(super::ElemCheck {
+                op: "softmax fwd vec rerun".into(),
+                case,
+                max_err: super::rel_err(&yv, &yv2)?,
+                tol: 0.0,
+            });
+        }
+    }
+    // The pair-bias gradient (sum over the leading dim): 4 outputs per thread vs one, bitwise.
+    for (ci, (xd, bd)) in [
+        ([16usize, 8, 64, 256], [1usize, 8, 64, 256]),
+        ([7, 3, 5, 77], [1, 3, 5, 77]),
+        ([33, 2, 4, 128], [1, 1, 4, 128]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for dt in [DType::F32, DType::BF16] {
+            let dx = super::uniform_tensor(xd, 1.0, 0x5e1d + ci as u64, dt, dev)?;
+            let missing = || crate::error::Error::Msg("softmax: no bias reduction".into());
+            set_vectorised(true);
+            let a = reduce_bias_grad(&dx, bd)?.ok_or_else(missing)?;
+            set_vectorised(false);
+            let b = reduce_bias_grad(&dx, bd)?.ok_or_else(missing)?;
+            set_vectorised(true);
+            let t = crate::model::vjp::sum_to_composite(&dx, bd, dt)?;
+            let case = format!("dx{xd:?} -> {bd:?} {dt:?}");
+            out.push(super::ElemCheck {
+                op: "bias grad sum_lead4 vs scalar".into(),
+                case: case.clone(),
+                max_err: super::rel_err(&a, &b)?,
+                tol: 0.0,
+            });
+            out.push(super::ElemCheck {
+                op: "bias grad vs candle sum".into(),
+                case,
+                max_err: super::rel_err(&a, &t)?,
+                tol: if dt == DType::BF16 { 2e-2 } else { 1e-5 },
+            });
+        }
+    }
+    // A pair bias viewed at an odd element offset: not 16-byte aligned, the scalar kernel runs.
+    let dt = DType::BF16;
+    let (x, bs) = vec_case_inputs(&[2, 4, 16, 256], 1, dt, dev, 0x50f8)?;
+    let buf = super::uniform_tensor(&[4 * 16 * 256 + 1], 2.0, 0x50f9, dt, dev)?;
+    let pb = buf.narrow(0, 1, 4 * 16 * 256)?.reshape((1, 4, 16, 256))?;
+    let missing = || crate::error::Error::Msg("softmax: fused kernel did not run".into());
+    let y = softmax_with_biases(&x, &[&bs[0], &pb])?.ok_or_else(missing)?;
+    let yt = crate::model::primitives::softmax_with_biases_twin(&x, &[&bs[0], &pb])?;
+    out.push(super::ElemCheck {
+        op: "softmax fwd misaligned bias".into(),
+        case: "x[2, 4, 16, 256] pair @1 BF16".into(),
+        max_err: super::rel_err(&y, &yt)?,
+        tol: 2e-2,
+    });
+    Ok(out)
+}
+
+/// Timings of the forward at the Evoformer's attention shapes (bf16, 128 × 256): MSA row
+/// attention with mask + pair bias, column attention with the mask, triangle attention with mask +
+/// triangle bias. Fused = vectorised kernel (DRAM GB/s and the scalar kernel's time in the case
+/// column; 5 back-to-back launches per sample), twin = the plain-candle composite.
+pub fn bench_rows(dev: &candle_core::Device, iters: usize) -> Result<Vec<super::ElemBenchRow>> {
+    use candle_core::DType;
+    let dt = DType::BF16;
+    let mut rows = Vec::new();
+    let cases: [(&str, [usize; 4], usize); 3] = [
+        ("softmax fwd row+pair", [128, 8, 256, 256], 2),
+        ("softmax fwd col", [256, 8, 128, 128], 1),
+        ("softmax fwd tri", [256, 4, 256, 256], 2),
+    ];
+    for (i, (name, xd, nb)) in cases.iter().enumerate() {
+        let (x, bs) = vec_case_inputs(xd, *nb, dt, dev, 90 + i as u64)?;
+        let brefs: Vec<&Tensor> = bs.iter().collect();
+        let f = || softmax_with_biases(&x, &brefs).map(|_| ());
+        set_vectorised(false);
+        let scalar_ms = super::median_ms_per_rep(dev, iters, 5, f)?;
+        set_vectorised(true);
+        let fused_ms = super::median_ms_per_rep(dev, iters, 5, f)?;
+        let twin_ms = super::median_ms(dev, 1, iters.min(5), || {
+            crate::model::primitives::softmax_with_biases_twin(&x, &brefs).map(|_| ())
+        })?;
+        let bytes = 2.0 * x.elem_count() as f64 * dt.size_in_bytes() as f64;
+        let y = softmax_with_biases(&x, &brefs)?
+            .ok_or_else(|| crate::error::Error::Msg("softmax: fused kernel did not run".into()))?;
+        rows.push(super::ElemBenchRow {
+            op: (*name).into(),
+            case: format!(
+                "{xd:?} {:.0} GB/s; scalar {:.3} ms",
+                bytes / (fused_ms * 1e-3) / 1e9,
+                scalar_ms
+            ),
+            fused_ms,
+            twin_ms,
+            max_err: super::rel_err(
+                &y,
+                &crate::model::primitives::softmax_with_biases_twin(&x, &brefs)?,
+            )?,
+        });
+    }
+    Ok(rows)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -363,6 +663,7 @@ mod cuda {
     use super::{sm_params, SmParams, MODULE, SRC};
     use crate::error::Result;
     use crate::kernels::launch::{cerr, dtype_suffix, func, values_per_lane, warp_rows};
+    use crate::kernels::permute::Contig;
 
     // SAFETY: plain-old-data `#[repr(C)]` struct of integers, mirrored by `SmParams` in the source.
     unsafe impl DeviceRepr for SmParams {}
@@ -377,7 +678,7 @@ mod cuda {
         if x.dims().last().copied().unwrap_or(0) == 0 || biases.len() > 2 {
             return Ok(None);
         }
-        let x = x.contiguous()?;
+        let x = x.contig()?;
         let bs = biases
             .iter()
             .map(|b| crate::model::primitives::cast(b, x.dtype()))
@@ -407,8 +708,8 @@ mod cuda {
         {
             return Ok(None);
         }
-        let y = y.detach().contiguous()?;
-        let g = g.detach().to_dtype(y.dtype())?.contiguous()?;
+        let y = y.detach().contig()?;
+        let g = g.detach().to_dtype(y.dtype())?.contig()?;
         Ok(Some(y.apply_op2(&g, SoftmaxBwdCuda)?))
     }
 
@@ -447,16 +748,57 @@ mod cuda {
         let p = sm_params(dims, &lay[..nb]).ok_or_else(|| cerr("softmax kernel: bias layout"))?;
         let x = view::<T>(xs, xl)?;
         let (b1, b2) = (s1.as_cuda_slice::<T>()?, s2.as_cuda_slice::<T>()?);
-        let f = func(&dev, MODULE, SRC, &kernel_name("sm_fwd", xs.dtype(), k)?)?;
-        // SAFETY: every element is written (one warp per row covers its row).
+        let x_start = xl.start_offset();
+        let vec = super::vectorised()
+            .then(|| vec_rows_per_warp(&p, k, x_start, std::mem::size_of::<T>()))
+            .flatten();
+        let (name, warps) = match vec {
+            Some(r) => (kernel_name("sm_fwdv", xs.dtype(), k)?, rows.div_ceil(r)),
+            None => (kernel_name("sm_fwd", xs.dtype(), k)?, rows),
+        };
+        let f = func(&dev, MODULE, SRC, &name)?;
+        // SAFETY: every element is written (each warp covers its rows).
         let y = unsafe { dev.alloc::<T>(rows * k)? };
         let rows_i = rows as i64;
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&f);
         a.arg(&x).arg(b1).arg(b2).arg(&y).arg(&rows_i).arg(&p);
-        // SAFETY: the arguments match the kernel signature.
-        unsafe { a.launch(warp_rows(rows, WARPS)) }.map_err(cerr)?;
+        // SAFETY: the arguments match the kernel signature; the vectorised kernel's alignment
+        // and row-length conditions were checked by `vec_rows_per_warp`.
+        unsafe { a.launch(warp_rows(warps, WARPS)) }.map_err(cerr)?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
+    /// Rows per warp of the vectorised forward `sm_fwdv_*` when it takes these parameters
+    /// (row length exactly `32·V`, `x` and every bias row `W`-aligned with unit last-dim stride,
+    /// `W` = elements per 16-byte pack); `None` for the scalar kernel.
+    pub(crate) fn vec_rows_per_warp(
+        p: &SmParams,
+        k: usize,
+        x_start: usize,
+        elem_bytes: usize,
+    ) -> Option<usize> {
+        let v = values_per_lane(k)?;
+        if k != 32 * v {
+            return None;
+        }
+        let w = v.min(16 / elem_bytes.max(1)) as i64;
+        if (x_start as i64) % w != 0 {
+            return None;
+        }
+        let biases = [&p.b1, &p.b2];
+        for b in biases.iter().take(p.nb.max(0) as usize) {
+            if b.sk != 1 || b.off % w != 0 || b.st.iter().any(|st| st % w != 0) {
+                return None;
+            }
+        }
+        // R · V ≤ 32 values per lane in registers (mirrors the kernel instantiation).
+        Some(match v {
+            32 => 1,
+            16 => 2,
+            8 => 4,
+            _ => 8,
+        })
     }
 
     fn bwd<T: CudaDType + DeviceRepr>(
@@ -487,15 +829,22 @@ mod cuda {
         let m = l.shape().elem_count() / lead.max(1);
         let a = view::<T>(s, l)?;
         let sfx = dtype_suffix(s.dtype()).ok_or_else(|| cerr("sum_lead: dtype"))?;
-        let f = func(&dev, MODULE, SRC, &format!("sum_lead_{sfx}"))?;
-        // SAFETY: one thread per output element.
+        // Four outputs per thread (bitwise the same sums) when the rows are 4-aligned.
+        let four = super::vectorised() && m.is_multiple_of(4) && l.start_offset().is_multiple_of(4);
+        let (name, threads) = if four {
+            (format!("sum_lead4_{sfx}"), m / 4)
+        } else {
+            (format!("sum_lead_{sfx}"), m)
+        };
+        let f = func(&dev, MODULE, SRC, &name)?;
+        // SAFETY: every output element is written (one thread per 1 or 4 outputs).
         let out = unsafe { dev.alloc::<T>(m)? };
         let (lead_i, m_i) = (lead as i64, m as i64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&a).arg(&out).arg(&lead_i).arg(&m_i);
-        // SAFETY: the arguments match the kernel signature.
-        unsafe { b.launch(crate::kernels::nvrtc::grid_1d(m, 256)) }.map_err(cerr)?;
+        // SAFETY: the arguments match the kernel signature; 4-alignment checked above.
+        unsafe { b.launch(crate::kernels::nvrtc::grid_1d(threads, 256)) }.map_err(cerr)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
@@ -525,7 +874,7 @@ mod cuda {
             if lead == 1 {
                 return dx.reshape(bd);
             }
-            return dx.contiguous()?.apply_op1(SumLead { lead })?.reshape(bd);
+            return dx.contig()?.apply_op1(SumLead { lead })?.reshape(bd);
         }
         crate::model::vjp::sum_to_composite(dx, bd, dt).map_err(cerr)
     }
@@ -584,7 +933,7 @@ mod cuda {
             g: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let y = res.detach();
-            let g = g.detach().to_dtype(y.dtype())?.contiguous()?;
+            let g = g.detach().to_dtype(y.dtype())?.contig()?;
             let dx = y.apply_op2(&g, SoftmaxBwdCuda)?;
             let d1 = if self.nb > 0 && b1.track_op() {
                 Some(reduce_to(&dx, b1)?)
@@ -667,6 +1016,37 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which parameters take the vectorised forward, and how many rows per warp.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn vectorised_kernel_conditions() {
+        use super::cuda::vec_rows_per_warp as vr;
+        // MSA row attention: x [B, H, Q, K = 256], mask [B, 1, 1, K], pair [1, H, Q, K].
+        let x = [4usize, 8, 64, 256];
+        let mb = ([4usize, 1, 1, 256], [256usize, 256, 256, 1]);
+        let pb = ([1usize, 8, 64, 256], [131072usize, 16384, 256, 1]);
+        let p = sm_params(&x, &[(&mb.0, &mb.1, 0), (&pb.0, &pb.1, 0)]).unwrap();
+        assert_eq!(vr(&p, 256, 0, 2), Some(4));
+        assert_eq!(vr(&p, 256, 0, 4), Some(4));
+        // x view not 16-byte aligned (bf16: 8 elements per pack).
+        assert_eq!(vr(&p, 256, 4, 2), None);
+        assert_eq!(vr(&p, 256, 8, 2), Some(4));
+        // Pair bias at an odd offset, or a permuted pair bias (last-dim stride H).
+        let p_off = sm_params(&x, &[(&mb.0, &mb.1, 0), (&pb.0, &pb.1, 3)]).unwrap();
+        assert_eq!(vr(&p_off, 256, 0, 2), None);
+        let perm = ([1usize, 8, 64, 256], [131072usize, 1, 2048, 8]);
+        let p_perm = sm_params(&x, &[(&mb.0, &mb.1, 0), (&perm.0, &perm.1, 0)]).unwrap();
+        assert_eq!(vr(&p_perm, 256, 0, 2), None);
+        // Row lengths: exactly 32·V only; rows per warp by V.
+        let plain = |k: usize| sm_params(&[3, k], &[]).unwrap();
+        assert_eq!(vr(&plain(200), 200, 0, 2), None);
+        assert_eq!(vr(&plain(32), 32, 0, 2), Some(8));
+        assert_eq!(vr(&plain(128), 128, 0, 2), Some(8));
+        assert_eq!(vr(&plain(512), 512, 0, 2), Some(2));
+        assert_eq!(vr(&plain(1024), 1024, 0, 4), Some(1));
+        assert_eq!(vr(&plain(2048), 2048, 0, 4), None);
+    }
 
     #[test]
     fn params_of_attention_biases() {

@@ -20,6 +20,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::permute::Contig;
 use super::{ElemBenchRow, ElemCheck};
 use crate::error::{Error, Result};
 use crate::model::primitives::{cast, sigmoid};
@@ -242,7 +244,7 @@ pub fn tri_gate_fwd(proj: &Tensor, mask: &Tensor, part: &GatedPart) -> Result<Te
     if fused_ok(&proj, &mask, part) {
         #[cfg(feature = "cuda")]
         {
-            let (proj, mask) = (proj.contiguous()?, cast(&mask, proj.dtype())?.contiguous()?);
+            let (proj, mask) = (proj.contig()?, cast(&mask, proj.dtype())?.contig()?);
             return Ok(match proj.dtype() {
                 DType::F32 => cuda::fwd_t::<f32>(&proj, &mask, part)?,
                 _ => cuda::fwd_t::<half::bf16>(&proj, &mask, part)?,
@@ -285,7 +287,7 @@ pub fn transpose12(x: &Tensor) -> Result<Tensor> {
     {
         #[cfg(feature = "cuda")]
         {
-            let x = x.detach().contiguous()?;
+            let x = x.detach().contig()?;
             return Ok(match x.dtype() {
                 DType::F32 => cuda::transpose_t::<f32>(&x, b, r, c)?,
                 _ => cuda::transpose_t::<half::bf16>(&x, b, r, c)?,
@@ -410,15 +412,15 @@ pub fn tri_gate_bwd(
         #[cfg(feature = "cuda")]
         {
             let dt = proj.dtype();
-            let proj = proj.detach().contiguous()?;
-            let mask = cast(&mask.detach(), dt)?.contiguous()?;
+            let proj = proj.detach().contig()?;
+            let mask = cast(&mask.detach(), dt)?.contig()?;
             let ds = parts
                 .iter()
-                .map(|pg| Ok(cast(&pg.d.detach(), dt)?.contiguous()?))
+                .map(|pg| Ok(cast(&pg.d.detach(), dt)?.contig()?))
                 .collect::<Result<Vec<_>>>()?;
             let ex = extra
                 .iter()
-                .map(|(o, t)| Ok((*o, cast(&t.detach(), dt)?.contiguous()?)))
+                .map(|(o, t)| Ok((*o, cast(&t.detach(), dt)?.contig()?)))
                 .collect::<Result<Vec<_>>>()?;
             let ps: Vec<GatedPart> = parts.iter().map(|pg| pg.part).collect();
             return Ok(match dt {

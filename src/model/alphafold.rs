@@ -346,22 +346,10 @@ impl AlphaFold {
     /// through the DAP tapes ([`crate::parallel::dap_remat`]) with `model.remat`, and the
     /// recycling cycles without gradient block by block.
     ///
-    /// The DAP tapes differentiate the sharded blocks with candle's autograd: `model.backward =
-    /// "manual"` applies to single-rank (and data-parallel) trunks only.
+    /// With `model.backward = "manual"` the DAP tapes run the sharded blocks graph-free and
+    /// differentiate them with the hand-written backward (the collectives' adjoints issued
+    /// explicitly); with `"autograd"`, through candle's autograd and the differentiable DAP ops.
     pub fn set_dap(&mut self, dap: Option<crate::parallel::Dap>) {
-        if let Some(d) = dap.as_ref().filter(|d| d.size() > 1) {
-            let manual = self
-                .evoformer
-                .blocks
-                .first()
-                .is_some_and(|b| b.backward == crate::config::TrunkBackward::Manual);
-            if manual {
-                tracing::warn!(
-                    "DAP-{}: the sharded trunk is differentiated with candle's autograd (the hand-written backward of model.backward = \"manual\" is not used under DAP); on one node a DAP step can be slower than a single GPU",
-                    d.size()
-                );
-            }
-        }
         self.dap = dap;
     }
 
@@ -712,6 +700,7 @@ impl AlphaFold {
         loss_fn: impl FnOnce(&AlphaFoldOutput) -> Result<(Tensor, T)>,
     ) -> Result<LossAndGradsOnDevice<T>> {
         let remat = self.cfg.remat;
+        let extra_remat = self.cfg.extra_msa_remat.unwrap_or(remat);
         let recycled = self.recycle(batch, num_recycles, dropout)?;
         let f = &batch.cycles[num_recycles].to_device(&self.device())?;
         let prev = match recycled.last() {
@@ -726,8 +715,14 @@ impl AlphaFold {
             // DAP: the sharded stacks' tapes (every rank of the group runs the same steps).
             Some(dap) => {
                 let extra = crate::parallel::DapExtraMsa::new(&self.extra_msa_stack, dap.clone());
-                let (z1, extra_tape) =
-                    extra.forward_train(&e.a, &e.z, &e.extra_mask, &e.pair_mask, d1, remat)?;
+                let (z1, extra_tape) = extra.forward_train(
+                    &e.a,
+                    &e.z,
+                    &e.extra_mask,
+                    &e.pair_mask,
+                    d1,
+                    extra_remat,
+                )?;
                 let evo = crate::parallel::DapEvoformer::new(&self.evoformer, dap.clone());
                 let (out, evo_tape) =
                     evo.forward_train(&e.m, &z1, &e.msa_mask, &e.pair_mask, d2, remat)?;
@@ -740,7 +735,7 @@ impl AlphaFold {
                     &e.extra_mask,
                     &e.pair_mask,
                     d1,
-                    remat,
+                    extra_remat,
                 )?;
                 let (out, evo_tape) = self.evoformer.forward_train(
                     &e.m,

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 
 use super::primitives::{sigmoid, softmax_with_biases, Linear, LinearInit};
 use crate::error::{Error, Result};
+use crate::kernels::permute::Contig;
 
 /// Gated multi-head attention (OpenFold `Attention`; used by Algorithms 7, 8, 13, 14).
 ///
@@ -57,7 +58,7 @@ impl Attention {
         let (b, n, _) = x.dims3()?;
         Ok(x.reshape((b, n, self.no_heads, self.c_hidden))?
             .transpose(1, 2)?
-            .contiguous()?
+            .contig()?
             .reshape((b * self.no_heads, n, self.c_hidden))?)
     }
 
@@ -89,7 +90,7 @@ impl Attention {
         let o = o
             .reshape((b, h, nq, c))?
             .transpose(1, 2)?
-            .contiguous()?
+            .contig()?
             .reshape((b, nq, h * c))?; // [B, Q, H*C]
                                        // o * sigmoid(linear_g(q_x)): one fused kernel on CUDA.
         let g = self.linear_g.forward(q_x)?;

@@ -19,13 +19,15 @@ use super::attention::{Attention, GlobalAttention};
 use super::primitives::{cast, mask_bias, sigmoid, softmax_with_biases, Linear};
 use super::vjp::{gate_bwd, gate_nograd, sigmoid_bwd_from_output, softmax_bwd, sum_to, LinearCat};
 use crate::error::{Error, Result};
+use crate::kernels::batch_col_scale::batch_col_scale;
 use crate::kernels::bias_act::bias_add;
+use crate::kernels::permute::Contig;
 
 /// `[B, N, H·C]`-layout rows `[B·N, H·C]` → heads `[B·H, N, C]` (contiguous).
 fn split_heads(t: &Tensor, b: usize, n: usize, h: usize, c: usize) -> Result<Tensor> {
     Ok(t.reshape((b, n, h, c))?
         .transpose(1, 2)?
-        .contiguous()?
+        .contig()?
         .reshape((b * h, n, c))?)
 }
 
@@ -33,8 +35,14 @@ fn split_heads(t: &Tensor, b: usize, n: usize, h: usize, c: usize) -> Result<Ten
 fn merge_heads(t: &Tensor, b: usize, n: usize, h: usize, c: usize) -> Result<Tensor> {
     Ok(t.reshape((b, h, n, c))?
         .transpose(1, 2)?
-        .contiguous()?
+        .contig()?
         .reshape((b * n, h * c))?)
+}
+
+/// Heads `[B·H, N, C]` as a `[B, N, H, C]` view (rows `[B·N, H·C]` in row-major order, not
+/// copied: [`LinearCat::backward_parts`] merges and concatenates in one pass).
+fn merged_view(t: &Tensor, b: usize, n: usize, h: usize, c: usize) -> Result<Tensor> {
+    Ok(t.reshape((b, h, n, c))?.transpose(1, 2)?)
 }
 
 /// The bias of `lin` (or zeros) reshaped to `dims`, in `dtype`, detached.
@@ -97,7 +105,7 @@ impl Attention {
             Ok(y.narrow(2, i, 1)?
                 .squeeze(2)?
                 .transpose(1, 2)?
-                .contiguous()?
+                .contig()?
                 .reshape((b * h, n, c))?)
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?); // [B·H, N, C]
@@ -111,7 +119,7 @@ impl Attention {
                 let g = y.narrow(2, 3, 1)?; // [B, N, 1, H, C]
                 match bias_as(&self.linear_g, &[1, 1, 1, h, c], &x)? {
                     Some(bg) => g.broadcast_add(&bg)?,
-                    None => g.contiguous()?,
+                    None => g.contig()?,
                 }
                 .reshape((b * n, h * c))?
             }
@@ -201,9 +209,9 @@ impl Attention {
             .collect::<Result<Vec<_>>>()?;
         drop((ds, ds4));
         let dys = [
-            merge_heads(&dq, b, n, h, c)?,
-            merge_heads(&dk, b, n, h, c)?,
-            merge_heads(&dv, b, n, h, c)?,
+            merged_view(&dq, b, n, h, c)?,
+            merged_view(&dk, b, n, h, c)?,
+            merged_view(&dv, b, n, h, c)?,
             d_g,
         ];
         drop((dq, dk, dv));
@@ -261,20 +269,20 @@ impl GlobalAttention {
         let (b, n, _) = m.dims3()?;
         let (h, c) = (self.no_heads, self.c_hidden);
         let mask3 = mask.unsqueeze(2)?; // [B, N, 1]
-        let num = m.broadcast_mul(&mask3)?.sum(1)?; // [B, c_in]
+        let num = mask.unsqueeze(1)?.matmul(&m)?.squeeze(1)?; // [B, c_in]: Σ_n mask·m as a GEMM
         let den = (mask.sum_keepdim(1)? + self.eps)?; // [B, 1]
         let q_avg = num.broadcast_div(&den)?;
         let q = (self.linear_q.forward_nograd(&q_avg)? * (c as f64).powf(-0.5))?;
         let q = q.reshape((b, h, c))?; // [B, H, C]
         let y = self.kvg().matmul_nograd(&m)?; // [B·N, 2C + H·C]
-        let k = y.narrow(1, 0, c)?.contiguous()?.reshape((b, n, c))?;
-        let v = y.narrow(1, c, c)?.contiguous()?.reshape((b, n, c))?;
+        let k = y.narrow(1, 0, c)?.contig()?.reshape((b, n, c))?;
+        let v = y.narrow(1, c, c)?.contig()?.reshape((b, n, c))?;
         let g = y.narrow(1, 2 * c, h * c)?;
         let g = match (&self.linear_g.bias, crate::kernels::fused_for(&g)) {
             (Some(bg), true) => bias_add(&g, bg)?,
             _ => match bias_as(&self.linear_g, &[1, h * c], &m)? {
                 Some(bg) => g.broadcast_add(&bg)?,
-                None => g.contiguous()?,
+                None => g.contig()?,
             },
         };
         drop(y);
@@ -282,9 +290,7 @@ impl GlobalAttention {
         let bias = mask_bias(&mask, self.inf)?.unsqueeze(1)?; // [B, 1, N]
         let a = softmax_with_biases(&q.matmul(&k.t()?)?, &[&bias])?; // [B, H, N]
         let o = a.matmul(&v)?; // [B, H, C]
-        let o2 = s_g
-            .broadcast_mul(&o.unsqueeze(1)?)?
-            .reshape((b, n, h * c))?;
+        let o2 = batch_col_scale(&s_g.reshape((b, n, h * c))?, &o.reshape((b, h * c))?)?;
         let out = self.linear_o.forward_nograd(&o2)?;
         let saved = GlobalAttentionSaved {
             m,
@@ -318,7 +324,8 @@ impl GlobalAttention {
             .reshape((b, n, h, c))?;
         drop(s.o2);
         // o2 = s_g · o (o broadcast over N).
-        let d_glin = sigmoid_bwd_from_output(&d_o2.broadcast_mul(&s.o.unsqueeze(1)?)?, &s.s_g)?;
+        let d_o2o = batch_col_scale(&d_o2.reshape((b, n, h * c))?, &s.o.reshape((b, h * c))?)?;
+        let d_glin = sigmoid_bwd_from_output(&d_o2o.reshape((b, n, h, c))?, &s.s_g)?;
         let d_o = sum_to(&(&d_o2 * &s.s_g)?, &[b, 1, h, c])?.reshape((b, h, c))?;
         drop((d_o2, s.s_g));
         let dv = s.a.t()?.matmul(&d_o)?; // [B, N, C]
@@ -333,14 +340,14 @@ impl GlobalAttention {
             .ok_or_else(|| missing("d_q_avg"))?; // [B, c_in]
                                                  // q_avg = Σ_n m·mask / den (den depends on the mask only).
         let d_num = d_qavg.broadcast_div(&s.den)?.unsqueeze(1)?; // [B, 1, c_in]
-        let dm_q = s.mask3.broadcast_mul(&d_num)?; // [B, N, c_in]
+        let dm_q = s.mask3.matmul(&d_num)?; // [B, N, c_in]: mask ⊗ d_num as a rank-1 GEMM
         let dys = [
             dk.reshape((b * n, c))?,
             dv.reshape((b * n, c))?,
             d_glin.reshape((b * n, h * c))?,
         ];
         let dm = self.kvg().backward_parts(&s.m, &dys, grads)?;
-        Ok((dm + dm_q)?)
+        crate::kernels::add::add(&dm, &dm_q)
     }
 
     /// `linear_k`, `linear_v`, `linear_g` as one GEMM.

@@ -16,6 +16,7 @@ use super::triangle_multiplication::{TriMulSaved, TriangleMultiplication};
 use super::vjp::residual_dropout_nograd;
 use crate::config::{ModelConfig, Remat, StackConfig, TrunkBackward};
 use crate::error::Result;
+use crate::kernels::add::add;
 use crate::kernels::dropout_residual::dropout_grad;
 
 /// Dimensions of one Evoformer-like block (main Evoformer or extra-MSA stack).
@@ -173,7 +174,7 @@ impl PairStack {
         let (u, tri_att_end) = self.tri_att_end.forward_saved(&z, pair_mask)?;
         let z = residual_dropout_nograd(&z, &u, p, 1, d(4).as_ref())?;
         let (u, pair_transition) = self.pair_transition.forward_saved(&z, None)?;
-        let z = (z + u)?;
+        let z = add(&z, &u)?;
         let saved = PairStackSaved {
             dtype: z.dtype(),
             tri_mul_out,
@@ -198,18 +199,23 @@ impl PairStack {
         let p = self.pair_dropout;
         let dz = &cast(&dz.detach(), s.dtype)?;
         // Each step is `z_out = z_in + drop(f(z_in))`: dz_in = dz_out + f'(drop'(dz_out)).
-        let dz = (dz
-            + self
+        let dz = add(
+            dz,
+            &self
                 .pair_transition
-                .backward(s.pair_transition, dz, grads)?)?;
+                .backward(s.pair_transition, dz, grads)?,
+        )?;
         let du = dropout_grad(&dz, p, 1, d(4).as_ref())?;
-        let dz = (&dz + self.tri_att_end.backward(s.tri_att_end, &du, grads)?)?;
+        let dz = add(&dz, &self.tri_att_end.backward(s.tri_att_end, &du, grads)?)?;
         let du = dropout_grad(&dz, p, 0, d(3).as_ref())?;
-        let dz = (&dz + self.tri_att_start.backward(s.tri_att_start, &du, grads)?)?;
+        let dz = add(
+            &dz,
+            &self.tri_att_start.backward(s.tri_att_start, &du, grads)?,
+        )?;
         let du = dropout_grad(&dz, p, 0, d(2).as_ref())?;
-        let dz = (&dz + self.tri_mul_in.backward(s.tri_mul_in, &du, grads)?)?;
+        let dz = add(&dz, &self.tri_mul_in.backward(s.tri_mul_in, &du, grads)?)?;
         let du = dropout_grad(&dz, p, 0, d(1).as_ref())?;
-        Ok((&dz + self.tri_mul_out.backward(s.tri_mul_out, &du, grads)?)?)
+        add(&dz, &self.tri_mul_out.backward(s.tri_mul_out, &du, grads)?)
     }
 }
 
@@ -336,12 +342,12 @@ impl<C: MsaColumnModule> MsaBlockParts<'_, C> {
         let (row, msa_att_row) = self.msa_att_row.forward_saved(&m, &z, msa_mask)?;
         let m = residual_dropout_nograd(&m, &row, self.msa_dropout, 0, d0.as_ref())?;
         let (col, msa_att_col) = self.msa_att_col.forward_saved(&m, msa_mask)?;
-        let m = (m + col)?;
+        let m = add(&m, &col)?;
         let tmask = self.mask_msa_transition.then_some(msa_mask);
         let (tr, msa_transition) = self.msa_transition.forward_saved(&m, tmask)?;
-        let m = (m + tr)?;
+        let m = add(&m, &tr)?;
         let (opm, outer_product_mean) = self.outer_product_mean.forward_saved(&m, msa_mask)?;
-        let z = (z + opm)?;
+        let z = add(&z, &opm)?;
         let (z, pair_stack) = self.pair_stack.forward_saved(&z, pair_mask, dropout)?;
         let saved = MsaBlockSaved {
             msa_att_row,
@@ -366,15 +372,20 @@ impl<C: MsaColumnModule> MsaBlockParts<'_, C> {
         let d0 = dropout.map(|c| c.fork(0));
         let dz = self.pair_stack.backward(s.pair_stack, dz, dropout, grads)?;
         let dm = cast(&dm.detach(), dz.dtype())?;
-        let dm = (&dm
-            + self
+        let dm = add(
+            &dm,
+            &self
                 .outer_product_mean
-                .backward(s.outer_product_mean, &dz, grads)?)?;
-        let dm = (&dm + self.msa_transition.backward(s.msa_transition, &dm, grads)?)?;
-        let dm = (&dm + self.msa_att_col.backward(s.msa_att_col, &dm, grads)?)?;
+                .backward(s.outer_product_mean, &dz, grads)?,
+        )?;
+        let dm = add(
+            &dm,
+            &self.msa_transition.backward(s.msa_transition, &dm, grads)?,
+        )?;
+        let dm = add(&dm, &self.msa_att_col.backward(s.msa_att_col, &dm, grads)?)?;
         let du = dropout_grad(&dm, self.msa_dropout, 0, d0.as_ref())?;
         let (dm_row, dz_row) = self.msa_att_row.backward(s.msa_att_row, &du, grads)?;
-        Ok(((dm + dm_row)?, (dz + dz_row)?))
+        Ok((add(&dm, &dm_row)?, add(&dz, &dz_row)?))
     }
 }
 

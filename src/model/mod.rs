@@ -7,6 +7,7 @@
 pub mod alphafold;
 pub mod attention;
 pub mod attention_bwd;
+pub mod attention_fused;
 pub mod dropout;
 pub mod dropout_pool;
 pub mod embedders;

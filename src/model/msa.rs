@@ -7,8 +7,10 @@ use candle_nn::VarBuilder;
 
 use super::attention::{Attention, GlobalAttention};
 use super::attention_bwd::{AttentionSaved, GlobalAttentionSaved};
+use super::attention_fused::FusedAttentionSaved;
 use super::primitives::{cast, LayerNorm, Linear, LinearInit};
 use crate::error::Result;
+use crate::kernels::permute::Contig;
 
 /// Algorithm 7: MSA row-wise gated self-attention with pair bias.
 #[derive(Debug, Clone)]
@@ -55,7 +57,7 @@ impl MsaRowAttentionWithPairBias {
     pub fn forward_with_bias(&self, m: &Tensor, bias: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let m = self.layer_norm_m.forward(m)?;
         // [R, R, H] → [1, H, R, R]: bias[h, i, j] shared over sequences.
-        let zb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?;
+        let zb = bias.permute((2, 0, 1))?.contig()?.unsqueeze(0)?;
         // Mask bias [S, 1, 1, R] first, then the pair bias.
         self.mha.forward_masked(&m, mask, self.inf, &[&zb])
     }
@@ -113,10 +115,10 @@ impl MsaColumnAttention {
 
     /// `m` `[S, R, c_m]`, `mask` `[S, R]` → update `[S, R, c_m]`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let mt = m.transpose(0, 1)?.contiguous()?; // [R, S, c_m]
-        let maskt = mask.t()?.contiguous()?; // [R, S]
+        let mt = m.transpose(0, 1)?.contig()?; // [R, S, c_m]
+        let maskt = mask.t()?.contig()?; // [R, S]
         let out = self.msa_att.forward(&mt, &maskt)?;
-        Ok(out.transpose(0, 1)?.contiguous()?)
+        Ok(out.transpose(0, 1)?.contig()?)
     }
 }
 
@@ -152,11 +154,11 @@ impl MsaColumnGlobalAttention {
 
     /// `m` `[S, R, c]`, `mask` `[S, R]` → update `[S, R, c]`.
     pub fn forward(&self, m: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let mt = m.transpose(0, 1)?.contiguous()?; // [R, S, c]
-        let maskt = mask.t()?.contiguous()?; // [R, S]
+        let mt = m.transpose(0, 1)?.contig()?; // [R, S, c]
+        let maskt = mask.t()?.contig()?; // [R, S]
         let mt = self.layer_norm_m.forward(&mt)?;
         let out = self.global_attention.forward(&mt, &maskt)?;
-        Ok(out.transpose(0, 1)?.contiguous()?)
+        Ok(out.transpose(0, 1)?.contig()?)
     }
 }
 
@@ -191,18 +193,18 @@ impl MsaColumnAttention {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
     /// [`super::vjp`]).
     pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaColSaved)> {
-        let mt = m.detach().transpose(0, 1)?.contiguous()?; // [R, S, c_m]
-        let maskt = mask.detach().t()?.contiguous()?; // [R, S]
+        let mt = m.detach().transpose(0, 1)?.contig()?; // [R, S, c_m]
+        let maskt = mask.detach().t()?.contig()?; // [R, S]
         let (out, s) = self.msa_att.forward_saved(&mt, &maskt)?;
-        Ok((out.transpose(0, 1)?.contiguous()?, MsaColSaved(s)))
+        Ok((out.transpose(0, 1)?.contig()?, MsaColSaved(s)))
     }
 
     /// Backward of [`Self::forward_saved`]: parameter gradients into `grads`, returns the input
     /// gradient.
     pub fn backward(&self, s: MsaColSaved, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        let dyt = dy.detach().transpose(0, 1)?.contiguous()?; // [R, S, c_m]
+        let dyt = dy.detach().transpose(0, 1)?.contig()?; // [R, S, c_m]
         let dmt = self.msa_att.backward(s.0, &dyt, grads)?;
-        Ok(dmt.transpose(0, 1)?.contiguous()?)
+        Ok(dmt.transpose(0, 1)?.contig()?)
     }
 }
 
@@ -217,12 +219,12 @@ impl MsaColumnGlobalAttention {
     /// [`Self::forward`] without a graph, keeping what [`Self::backward`] needs (see
     /// [`super::vjp`]).
     pub fn forward_saved(&self, m: &Tensor, mask: &Tensor) -> Result<(Tensor, MsaGlobalColSaved)> {
-        let mt = m.detach().transpose(0, 1)?.contiguous()?; // [R, S, c]
-        let maskt = mask.detach().t()?.contiguous()?; // [R, S]
+        let mt = m.detach().transpose(0, 1)?.contig()?; // [R, S, c]
+        let maskt = mask.detach().t()?.contig()?; // [R, S]
         let m_ln = self.layer_norm_m.forward_nograd(&mt)?;
         let (out, att) = self.global_attention.forward_saved(&m_ln, &maskt)?;
         Ok((
-            out.transpose(0, 1)?.contiguous()?,
+            out.transpose(0, 1)?.contig()?,
             MsaGlobalColSaved { mt, att },
         ))
     }
@@ -236,10 +238,10 @@ impl MsaColumnGlobalAttention {
         grads: &mut GradStore,
     ) -> Result<Tensor> {
         let dt = s.mt.dtype();
-        let dyt = cast(&dy.detach(), dt)?.transpose(0, 1)?.contiguous()?; // [R, S, c]
+        let dyt = cast(&dy.detach(), dt)?.transpose(0, 1)?.contig()?; // [R, S, c]
         let d_ln = self.global_attention.backward(s.att, &dyt, grads)?;
         let dmt = self.layer_norm_m.backward(&s.mt, &d_ln, grads)?;
-        Ok(dmt.transpose(0, 1)?.contiguous()?)
+        Ok(dmt.transpose(0, 1)?.contig()?)
     }
 }
 
@@ -251,7 +253,14 @@ pub struct MsaRowSaved {
     z: Tensor,
     /// `LN_z(z)` `[R, R, c_z]`.
     z_ln: Tensor,
-    mha: AttentionSaved,
+    mha: RowMhaSaved,
+}
+
+/// The attention state of [`MsaRowSaved`]: composite, or the fused small-head core
+/// ([`super::attention_fused`], extra-MSA stack on CUDA).
+enum RowMhaSaved {
+    Composite(AttentionSaved),
+    Fused(FusedAttentionSaved),
 }
 
 impl MsaRowAttentionWithPairBias {
@@ -266,12 +275,21 @@ impl MsaRowAttentionWithPairBias {
         let (m, z) = (m.detach(), z.detach());
         let z_ln = self.layer_norm_z.forward_nograd(&z)?;
         let bias = self.linear_z.forward_nograd(&z_ln)?; // [R, R, H]
-        let zb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, R, R]
+        let zb = bias.permute((2, 0, 1))?.contig()?.unsqueeze(0)?; // [1, H, R, R]
         drop(bias);
         let m_ln = self.layer_norm_m.forward_nograd(&m)?;
-        let (y, mha) = self
+        let (y, mha) = match self
             .mha
-            .forward_masked_saved(&m_ln, mask, self.inf, &[(&zb, true)])?;
+            .forward_pair_fused_saved(&m_ln, mask, self.inf, &zb)?
+        {
+            Some((y, f)) => (y, RowMhaSaved::Fused(f)),
+            None => {
+                let (y, a) =
+                    self.mha
+                        .forward_masked_saved(&m_ln, mask, self.inf, &[(&zb, true)])?;
+                (y, RowMhaSaved::Composite(a))
+            }
+        };
         Ok((y, MsaRowSaved { m, z, z_ln, mha }))
     }
 
@@ -282,11 +300,20 @@ impl MsaRowAttentionWithPairBias {
         dy: &Tensor,
         grads: &mut GradStore,
     ) -> Result<(Tensor, Tensor)> {
-        let g = self.mha.backward(s.mha, dy, grads)?;
-        let dm = self.layer_norm_m.backward(&s.m, &g.dx, grads)?;
-        let d_zb = g.d_biases.into_iter().next().ok_or_else(|| {
-            crate::error::Error::Model("msa row attention backward: no pair-bias gradient".into())
-        })?; // [1, H, R, R]
+        let (dx, d_zb) = match s.mha {
+            RowMhaSaved::Fused(f) => f.backward(&self.mha, dy, grads)?,
+            RowMhaSaved::Composite(a) => {
+                let g = self.mha.backward(a, dy, grads)?;
+                let d = g.d_biases.into_iter().next().ok_or_else(|| {
+                    crate::error::Error::Model(
+                        "msa row attention backward: no pair-bias gradient".into(),
+                    )
+                })?;
+                (g.dx, d)
+            }
+        };
+        let dm = self.layer_norm_m.backward(&s.m, &dx, grads)?;
+        // d_zb: [1, H, R, R]
         let d_bias = d_zb.squeeze(0)?.permute((1, 2, 0))?; // [R, R, H]
         let d_zln = self
             .linear_z
@@ -296,5 +323,85 @@ impl MsaRowAttentionWithPairBias {
             })?;
         let dz = self.layer_norm_z.backward(&s.z, &d_zln, grads)?;
         Ok((dm, dz))
+    }
+}
+
+/// What [`MsaRowAttentionWithPairBias::pair_bias_backward`] keeps from
+/// [`MsaRowAttentionWithPairBias::pair_bias_saved`] (the DAP hook with a hand-written backward).
+pub struct PairBiasSaved {
+    /// Pair rows `[Rq, Rk, c_z]` and `LN_z` of them.
+    z: Tensor,
+    z_ln: Tensor,
+}
+
+/// What [`MsaRowAttentionWithPairBias::backward_with_bias`] keeps from
+/// [`MsaRowAttentionWithPairBias::forward_with_bias_saved`].
+pub struct MsaRowBiasSaved {
+    /// Input `[S, R, c_m]`.
+    m: Tensor,
+    mha: AttentionSaved,
+}
+
+impl MsaRowAttentionWithPairBias {
+    /// [`Self::pair_bias`] without a graph, keeping what [`Self::pair_bias_backward`] needs
+    /// (same math as [`Self::forward_saved`]'s bias).
+    pub fn pair_bias_saved(&self, z: &Tensor) -> Result<(Tensor, PairBiasSaved)> {
+        let z = z.detach();
+        let z_ln = self.layer_norm_z.forward_nograd(&z)?;
+        let bias = self.linear_z.forward_nograd(&z_ln)?; // [Rq, Rk, H]
+        Ok((bias, PairBiasSaved { z, z_ln }))
+    }
+
+    /// Backward of [`Self::pair_bias_saved`] for the bias cotangent `d_bias` `[Rq, Rk, H]`:
+    /// parameter gradients into `grads`, returns `dz`.
+    pub fn pair_bias_backward(
+        &self,
+        s: PairBiasSaved,
+        d_bias: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let d_zln = self
+            .linear_z
+            .backward(&s.z_ln, d_bias, grads, true)?
+            .ok_or_else(|| crate::error::Error::Model("pair bias backward: no dz".into()))?;
+        self.layer_norm_z.backward(&s.z, &d_zln, grads)
+    }
+
+    /// [`Self::forward_with_bias`] without a graph, keeping what [`Self::backward_with_bias`]
+    /// needs (same math as [`Self::forward_saved`]).
+    pub fn forward_with_bias_saved(
+        &self,
+        m: &Tensor,
+        bias: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, MsaRowBiasSaved)> {
+        let m = m.detach();
+        let zb = bias
+            .detach()
+            .permute((2, 0, 1))?
+            .contiguous()?
+            .unsqueeze(0)?; // [1, H, R, R]
+        let m_ln = self.layer_norm_m.forward_nograd(&m)?;
+        let (y, mha) = self
+            .mha
+            .forward_masked_saved(&m_ln, mask, self.inf, &[(&zb, true)])?;
+        Ok((y, MsaRowBiasSaved { m, mha }))
+    }
+
+    /// Backward of [`Self::forward_with_bias_saved`]: parameter gradients into `grads`, returns
+    /// `(dm, d_bias)` with `d_bias` `[R, R, H]` (contiguous).
+    pub fn backward_with_bias(
+        &self,
+        s: MsaRowBiasSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)> {
+        let g = self.mha.backward(s.mha, dy, grads)?;
+        let d_zb = g.d_biases.into_iter().next().ok_or_else(|| {
+            crate::error::Error::Model("msa row attention backward: no pair-bias gradient".into())
+        })?; // [1, H, R, R]
+        let d_bias = d_zb.squeeze(0)?.permute((1, 2, 0))?.contiguous()?; // [R, R, H]
+        let dm = self.layer_norm_m.backward(&s.m, &g.dx, grads)?;
+        Ok((dm, d_bias))
     }
 }

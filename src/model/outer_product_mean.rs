@@ -7,6 +7,8 @@ use candle_nn::VarBuilder;
 use super::primitives::{cast, mul_const, LayerNorm, Linear, LinearInit};
 use super::vjp::{linear_cat_backward, linear_cat_nograd};
 use crate::error::{Error, Result};
+use crate::kernels::bias_act::row_scale;
+use crate::kernels::permute::Contig;
 
 /// Algorithm 10 (OpenFold `OuterProductMean`).
 #[derive(Debug, Clone)]
@@ -85,7 +87,7 @@ fn outer_flat(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         .matmul(&b2)? // [Ri*C (i,c1), Rj*C (j,c2)]
         .reshape((ri, c, rj, c))?
         .transpose(1, 2)? // [Ri, Rj, c1, c2]
-        .contiguous()?
+        .contig()?
         .reshape((ri, rj, c * c))?) // index c1*C + c2
 }
 
@@ -116,15 +118,15 @@ impl OuterProductMean {
         let ln = self.layer_norm.forward_nograd(&m)?; // [S, R, c_m]
         let mask3 = mask.unsqueeze(2)?; // [S, R, 1]
         let ab = linear_cat_nograd(&[&self.linear_1, &self.linear_2], &ln)?; // [S, R, 2C]
-        let a = ab.narrow(2, 0, c)?.broadcast_mul(&mask3)?; // [S, R, C]
-        let b = ab.narrow(2, c, c)?.broadcast_mul(&mask3)?; // [S, R, C]
+        let a = row_scale(&ab.narrow(2, 0, c)?, &mask)?; // [S, R, C] (· mask3)
+        let b = row_scale(&ab.narrow(2, c, c)?, &mask)?; // [S, R, C] (· mask3)
         drop(ab);
         let outer = outer_flat(&a, &b)?; // [R, R, C*C]
         let y0 = self.linear_out.forward_nograd(&outer)?; // [R, R, c_z]
         let inv_norm = (mask.t()?.matmul(&mask)? + self.eps)?
             .recip()?
             .unsqueeze(2)?; // [R, R, 1]
-        let y = y0.broadcast_mul(&inv_norm)?;
+        let y = row_scale(&y0, &inv_norm)?; // y0 · inv_norm
         let saved = OpmSaved {
             m,
             ln,
@@ -157,7 +159,121 @@ impl OuterProductMean {
         let dt = a.dtype();
         let (sn, ri, c) = a.dims3()?;
         let rj = b.dims()[1];
-        let dy0 = cast(&dy.detach(), dt)?.broadcast_mul(&inv_norm)?; // [Ri, Rj, c_z]
+        let dy0 = row_scale(&cast(&dy.detach(), dt)?, &inv_norm)?; // [Ri, Rj, c_z]
+        let d_outer = self
+            .linear_out
+            .backward(&outer, &dy0, grads, true)?
+            .ok_or_else(missing)?; // [Ri, Rj, C*C]
+        drop((outer, dy0));
+        let d2 = d_outer
+            .reshape((ri, rj, c, c))?
+            .transpose(1, 2)? // [Ri, c1, Rj, c2]
+            .contig()?
+            .reshape((ri * c, rj * c))?;
+        drop(d_outer);
+        let a2 = a.reshape((sn, ri * c))?; // [S, Ri*C]
+        let b2 = b.reshape((sn, rj * c))?; // [S, Rj*C]
+        let da = b2.matmul(&d2.t()?)?.reshape((sn, ri, c))?; // [S, Ri, C]
+        let db = a2.matmul(&d2)?.reshape((sn, rj, c))?; // [S, Rj, C]
+        drop(d2);
+        // Masked rows: the projections' cotangents vanish there.
+        let dab = row_scale(&Tensor::cat(&[&da, &db], 2)?, &mask3)?; // [S, R, 2C] (· mask3)
+        drop((da, db));
+        let dln = linear_cat_backward(&[&self.linear_1, &self.linear_2], &ln, &dab, grads, true)?
+            .ok_or_else(missing)?;
+        drop(dab);
+        self.layer_norm.backward(&m, &dln, grads)
+    }
+}
+
+/// What [`OuterProductMean::project_backward`] keeps from [`OuterProductMean::project_saved`]
+/// (the DAP hooks with a hand-written backward).
+pub struct OpmProjSaved {
+    /// Input `[S, R, c_m]`, `LN(m)` and `mask[..., None]` `[S, R, 1]`.
+    m: Tensor,
+    ln: Tensor,
+    mask3: Tensor,
+}
+
+/// What [`OuterProductMean::combine_backward`] keeps from [`OuterProductMean::combine_saved`].
+pub struct OpmCombSaved {
+    /// Operands `[S, Ri, C]`, `[S, Rj, C]`, outer products `[Ri, Rj, C·C]`, `1 / norm`
+    /// `[Ri, Rj, 1]`.
+    a: Tensor,
+    b: Tensor,
+    outer: Tensor,
+    inv_norm: Tensor,
+}
+
+impl OuterProductMean {
+    /// [`Self::project`] without a graph → `(a, b, saved)`, each `[S, R, C]` contiguous (same
+    /// math as [`Self::forward_saved`]).
+    pub fn project_saved(
+        &self,
+        m: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, Tensor, OpmProjSaved)> {
+        let m = m.detach();
+        let mask = cast(&mask.detach(), m.dtype())?; // [S, R]
+        let c = self.c_hidden;
+        let ln = self.layer_norm.forward_nograd(&m)?; // [S, R, c_m]
+        let mask3 = mask.unsqueeze(2)?; // [S, R, 1]
+        let ab = linear_cat_nograd(&[&self.linear_1, &self.linear_2], &ln)?; // [S, R, 2C]
+        let a = ab.narrow(2, 0, c)?.broadcast_mul(&mask3)?; // [S, R, C]
+        let b = ab.narrow(2, c, c)?.broadcast_mul(&mask3)?; // [S, R, C]
+        Ok((
+            a.contiguous()?,
+            b.contiguous()?,
+            OpmProjSaved { m, ln, mask3 },
+        ))
+    }
+
+    /// [`Self::combine`] without a graph (same math as [`Self::forward_saved`]).
+    pub fn combine_saved(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        mask_a: &Tensor,
+        mask_b: &Tensor,
+    ) -> Result<(Tensor, OpmCombSaved)> {
+        let (a, b) = (a.detach(), b.detach());
+        let mask_a = cast(&mask_a.detach(), a.dtype())?;
+        let mask_b = cast(&mask_b.detach(), a.dtype())?;
+        let outer = outer_flat(&a, &b)?; // [Ri, Rj, C*C]
+        let y0 = self.linear_out.forward_nograd(&outer)?; // [Ri, Rj, c_z]
+        let inv_norm = (mask_a.t()?.matmul(&mask_b)? + self.eps)?
+            .recip()?
+            .unsqueeze(2)?; // [Ri, Rj, 1]
+        let y = y0.broadcast_mul(&inv_norm)?;
+        Ok((
+            y,
+            OpmCombSaved {
+                a,
+                b,
+                outer,
+                inv_norm,
+            },
+        ))
+    }
+
+    /// Backward of [`Self::combine_saved`]: parameter gradients into `grads`, returns
+    /// `(da, db)` (the operands' shapes).
+    pub fn combine_backward(
+        &self,
+        s: OpmCombSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)> {
+        let missing = || Error::Model("outer product mean backward: no dx".into());
+        let OpmCombSaved {
+            a,
+            b,
+            outer,
+            inv_norm,
+        } = s;
+        let (sn, ri, c) = a.dims3()?;
+        let rj = b.dims()[1];
+        let dy0 = cast(&dy.detach(), a.dtype())?.broadcast_mul(&inv_norm)?; // [Ri, Rj, c_z]
         let d_outer = self
             .linear_out
             .backward(&outer, &dy0, grads, true)?
@@ -168,19 +284,29 @@ impl OuterProductMean {
             .transpose(1, 2)? // [Ri, c1, Rj, c2]
             .contiguous()?
             .reshape((ri * c, rj * c))?;
-        drop(d_outer);
         let a2 = a.reshape((sn, ri * c))?; // [S, Ri*C]
         let b2 = b.reshape((sn, rj * c))?; // [S, Rj*C]
         let da = b2.matmul(&d2.t()?)?.reshape((sn, ri, c))?; // [S, Ri, C]
         let db = a2.matmul(&d2)?.reshape((sn, rj, c))?; // [S, Rj, C]
-        drop(d2);
+        Ok((da, db))
+    }
+
+    /// Backward of [`Self::project_saved`] given the cotangents of `a`, `b` `[S, R, C]`:
+    /// parameter gradients into `grads`, returns `dm`.
+    pub fn project_backward(
+        &self,
+        p: OpmProjSaved,
+        da: &Tensor,
+        db: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let missing = || Error::Model("outer product mean backward: no dm".into());
         // Masked rows: the projections' cotangents vanish there.
-        let dab = Tensor::cat(&[&da, &db], 2)?.broadcast_mul(&mask3)?; // [S, R, 2C]
-        drop((da, db));
-        let dln = linear_cat_backward(&[&self.linear_1, &self.linear_2], &ln, &dab, grads, true)?
+        let dab = Tensor::cat(&[da, db], 2)?.broadcast_mul(&p.mask3)?; // [S, R, 2C]
+        let dln = linear_cat_backward(&[&self.linear_1, &self.linear_2], &p.ln, &dab, grads, true)?
             .ok_or_else(missing)?;
         drop(dab);
-        self.layer_norm.backward(&m, &dln, grads)
+        self.layer_norm.backward(&p.m, &dln, grads)
     }
 }
 

@@ -9,6 +9,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::fused::{BiasedSoftmax, LayerNormOp, MulConst, SoftmaxLastDim};
 use crate::error::Result;
+use crate::kernels::permute::Contig;
 
 /// AF2 initialisation schemes (supplement section 1.11.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +92,7 @@ impl Linear {
         let n: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let w = cast(&self.weight, x.dtype())?;
         // Flatten to 2-D: matmul of rank >= 5 is not supported, and 2-D is the fastest path.
-        let x2 = x.reshape((n, c_in))?;
+        let x2 = x.contig()?.reshape((n, c_in))?;
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&cast(b, x.dtype())?)?;
@@ -143,9 +144,9 @@ impl LayerNorm {
             let w = cast(&self.weight, stat_dtype)?;
             let b = cast(&self.bias, stat_dtype)?;
             // One fused op with an analytic backward: the graph keeps only x (and the output).
-            let y = xs.contiguous()?.apply_op3(
-                &w.contiguous()?,
-                &b.contiguous()?,
+            let y = xs.contig()?.apply_op3(
+                &w.contig()?,
+                &b.contig()?,
                 LayerNormOp { eps: self.eps },
             )?;
             return cast(&y, dtype);
@@ -192,7 +193,7 @@ pub fn layer_norm_twin(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> 
 /// switched off; otherwise candle's composite softmax ([`softmax_twin`]).
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() > 0 {
-        return Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?);
+        return Ok(x.contig()?.apply_op1(SoftmaxLastDim)?);
     }
     if !x.device().is_cpu() && crate::kernels::fused_enabled() {
         if let Some(y) = crate::kernels::softmax::softmax(x)? {
@@ -221,7 +222,7 @@ pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
         return Ok(x.broadcast_mul(&c)?);
     }
     let cb = c.broadcast_as(x.shape())?;
-    Ok(x.contiguous()?.apply_op2(&cb, MulConst)?)
+    Ok(x.contig()?.apply_op2(&cb, MulConst)?)
 }
 
 /// `softmax(x + b_1 + b_2 + ...)` over the last dimension, the biases added in the given order
@@ -251,8 +252,7 @@ pub fn softmax_with_biases(x: &Tensor, biases: &[&Tensor]) -> Result<Tensor> {
             None => Ok(Tensor::zeros((), x.dtype(), x.device())?.broadcast_as(shape.clone())?),
         }
     };
-    Ok(x.contiguous()?
-        .apply_op3(&bias(0)?, &bias(1)?, BiasedSoftmax)?)
+    Ok(x.contig()?.apply_op3(&bias(0)?, &bias(1)?, BiasedSoftmax)?)
 }
 
 /// Composite `softmax(x + b_1 + ...)` (broadcast adds in `x`'s dtype, then [`softmax`] on CPU or

@@ -8,6 +8,7 @@ use super::attention::Attention;
 use super::attention_bwd::AttentionSaved;
 use super::primitives::{LayerNorm, Linear, LinearInit};
 use crate::error::Result;
+use crate::kernels::permute::Contig;
 
 /// Triangle attention (OpenFold `TriangleAttention`). `starting = true` is Algorithm 13; `false` is
 /// Algorithm 14, computed as the starting-node math on the transposed pair (and mask), transposed
@@ -46,12 +47,9 @@ impl TriangleAttention {
         if self.starting {
             self.forward_starting(x, mask)
         } else {
-            let xt = x.transpose(0, 1)?.contiguous()?;
-            let mt = mask.t()?.contiguous()?;
-            Ok(self
-                .forward_starting(&xt, &mt)?
-                .transpose(0, 1)?
-                .contiguous()?)
+            let xt = x.transpose(0, 1)?.contig()?;
+            let mt = mask.t()?.contig()?;
+            Ok(self.forward_starting(&xt, &mt)?.transpose(0, 1)?.contig()?)
         }
     }
 
@@ -71,8 +69,8 @@ impl TriangleAttention {
     /// and the full triangle bias `bias` `[J, J, H]` (queries × keys).
     pub fn attend_starting(&self, x: &Tensor, mask: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let mask = &super::primitives::cast(mask, x.dtype())?;
-        let tb = bias.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, Q, K]
-                                                                       // Mask bias [I, 1, 1, K] first, then the triangle bias.
+        let tb = bias.permute((2, 0, 1))?.contig()?.unsqueeze(0)?; // [1, H, Q, K]
+                                                                   // Mask bias [I, 1, 1, K] first, then the triangle bias.
         self.mha.forward_masked(x, mask, self.inf, &[&tb])
     }
 }
@@ -94,18 +92,18 @@ impl TriangleAttention {
         let (x, mask) = if self.starting {
             (x, mask)
         } else {
-            (x.transpose(0, 1)?.contiguous()?, mask.t()?.contiguous()?)
+            (x.transpose(0, 1)?.contig()?, mask.t()?.contig()?)
         };
         let x_ln = self.layer_norm.forward_nograd(&x)?;
         let tb = self.linear.forward_nograd(&x_ln)?; // [Q, K, H]
-        let tb = tb.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?; // [1, H, Q, K]
+        let tb = tb.permute((2, 0, 1))?.contig()?.unsqueeze(0)?; // [1, H, Q, K]
         let (y, mha) = self
             .mha
             .forward_masked_saved(&x_ln, &mask, self.inf, &[(&tb, true)])?;
         let y = if self.starting {
             y
         } else {
-            y.transpose(0, 1)?.contiguous()?
+            y.transpose(0, 1)?.contig()?
         };
         Ok((y, TriAttSaved { x, x_ln, mha }))
     }
@@ -117,7 +115,7 @@ impl TriangleAttention {
         let dy = if self.starting {
             dy
         } else {
-            dy.transpose(0, 1)?.contiguous()?
+            dy.transpose(0, 1)?.contig()?
         };
         let g = self.mha.backward(s.mha, &dy, grads)?;
         let d_tb = g.d_biases.into_iter().next().ok_or_else(|| {
@@ -130,12 +128,94 @@ impl TriangleAttention {
             .ok_or_else(|| {
                 crate::error::Error::Model("triangle attention backward: no dx".into())
             })?;
-        let d_ln = (g.dx + d_ln)?;
+        let d_ln = crate::kernels::add::add(&g.dx, &d_ln)?;
         let dx = self.layer_norm.backward(&s.x, &d_ln, grads)?;
         if self.starting {
             Ok(dx)
         } else {
-            Ok(dx.transpose(0, 1)?.contiguous()?)
+            Ok(dx.transpose(0, 1)?.contig()?)
         }
+    }
+}
+
+/// What [`TriangleAttention::triangle_bias_backward`] keeps from
+/// [`TriangleAttention::triangle_bias_saved`] (the DAP hooks with a hand-written backward).
+pub struct TriBiasSaved {
+    /// Rows in the starting-node frame `[I, J, c]` and `LN` of them.
+    x: Tensor,
+    x_ln: Tensor,
+}
+
+/// What [`TriangleAttention::attend_starting_backward`] keeps from
+/// [`TriangleAttention::attend_starting_saved`].
+pub struct TriAttendSaved {
+    mha: AttentionSaved,
+}
+
+impl TriangleAttention {
+    /// `LN(x)` and [`Self::triangle_bias`] of rows `x` `[I, J, c]` (starting-node frame) without
+    /// a graph → `(LN(x), bias [I, J, H], saved)` (same math as [`Self::forward_saved`]).
+    pub fn triangle_bias_saved(&self, x: &Tensor) -> Result<(Tensor, Tensor, TriBiasSaved)> {
+        let x = x.detach();
+        let x_ln = self.layer_norm.forward_nograd(&x)?;
+        let tb = self.linear.forward_nograd(&x_ln)?; // [I, J, H]
+        Ok((x_ln.clone(), tb, TriBiasSaved { x, x_ln }))
+    }
+
+    /// [`Self::attend_starting`] without a graph, keeping what
+    /// [`Self::attend_starting_backward`] needs.
+    pub fn attend_starting_saved(
+        &self,
+        x_ln: &Tensor,
+        mask: &Tensor,
+        bias: &Tensor,
+    ) -> Result<(Tensor, TriAttendSaved)> {
+        let tb = bias
+            .detach()
+            .permute((2, 0, 1))?
+            .contiguous()?
+            .unsqueeze(0)?; // [1, H, Q, K]
+        let (y, mha) = self.mha.forward_masked_saved(
+            &x_ln.detach(),
+            &mask.detach(),
+            self.inf,
+            &[(&tb, true)],
+        )?;
+        Ok((y, TriAttendSaved { mha }))
+    }
+
+    /// Backward of [`Self::attend_starting_saved`]: parameter gradients into `grads`, returns
+    /// `(d LN(x), d_bias [Q, K, H])` (contiguous).
+    pub fn attend_starting_backward(
+        &self,
+        s: TriAttendSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor)> {
+        let g = self.mha.backward(s.mha, dy, grads)?;
+        let d_tb = g.d_biases.into_iter().next().ok_or_else(|| {
+            crate::error::Error::Model("triangle attention backward: no bias gradient".into())
+        })?; // [1, H, Q, K]
+        let d_tb = d_tb.squeeze(0)?.permute((1, 2, 0))?.contiguous()?; // [Q, K, H]
+        Ok((g.dx, d_tb))
+    }
+
+    /// Backward of [`Self::triangle_bias_saved`] given the cotangents of `LN(x)` (from the
+    /// attention) and of this rank's bias rows `d_bias` `[I, J, H]`: returns `dx`.
+    pub fn triangle_bias_backward(
+        &self,
+        s: TriBiasSaved,
+        d_ln: &Tensor,
+        d_bias: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let d_ln2 = self
+            .linear
+            .backward(&s.x_ln, d_bias, grads, true)?
+            .ok_or_else(|| {
+                crate::error::Error::Model("triangle attention backward: no dx".into())
+            })?;
+        let d_ln = (d_ln + d_ln2)?;
+        self.layer_norm.backward(&s.x, &d_ln, grads)
     }
 }

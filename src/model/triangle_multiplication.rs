@@ -9,6 +9,7 @@ use super::vjp::{
     gate_bwd, gate_nograd, linear_cat_backward, linear_cat_nograd, sigmoid_bwd_from_output,
 };
 use crate::error::{Error, Result};
+use crate::kernels::permute::Contig;
 use crate::kernels::tri_gate::{
     transpose12, tri_gate_bwd, tri_gate_fwd, GatedPart, PairPerm, PartGrad,
 };
@@ -94,7 +95,7 @@ impl TriangleMultiplication {
         } else {
             (a.permute((2, 1, 0))?, b.permute((2, 0, 1))?)
         };
-        Ok((a_cik.contiguous()?, b_ckj.contiguous()?))
+        Ok((a_cik.contig()?, b_ckj.contig()?))
     }
 
     /// The joint projection as `[n, 4C + c_z]` rows (`n = I·J`), the mask as `[n]`, and the
@@ -152,7 +153,7 @@ impl TriangleMultiplication {
 
 /// Channel-first batched matmul `[C, I, K] × [C, K, J] → [C, I, J]`, returned as `[I, J, C]`.
 fn triangle_product(a_cik: &Tensor, b_ckj: &Tensor) -> Result<Tensor> {
-    Ok(a_cik.matmul(b_ckj)?.permute((1, 2, 0))?.contiguous()?)
+    Ok(a_cik.matmul(b_ckj)?.permute((1, 2, 0))?.contig()?)
 }
 
 /// What [`TriangleMultiplication::backward`] keeps from [`TriangleMultiplication::forward_saved`].
@@ -212,7 +213,7 @@ impl TriangleMultiplication {
         };
         let xo = self.layer_norm_out.forward_nograd(&x)?;
         let y0 = self.linear_z.forward_nograd(&xo)?; // [I, J, c_z]
-        let g = proj.narrow(2, 4 * c, c_z)?.contiguous()?;
+        let g = proj.narrow(2, 4 * c, c_z)?.contig()?;
         let y = gate_nograd(&y0, &g)?;
         let saved = TriMulSaved {
             z,
@@ -264,7 +265,7 @@ impl TriangleMultiplication {
             let (i, j, ci) = dx.dims3()?;
             transpose12(&dx.reshape((1, i * j, ci))?)?.reshape((ci, i, j))?
         } else {
-            dx.permute((2, 0, 1))?.contiguous()?
+            dx.permute((2, 0, 1))?.contig()?
         }; // [C, I, J]
         drop(dx);
         let da_cik = dx_cij.matmul(&b_ckj.transpose(1, 2)?)?; // [C, I, K]
@@ -319,6 +320,148 @@ impl TriangleMultiplication {
             .ok_or_else(missing)?;
         drop((zln, dproj));
         self.layer_norm_in.backward(&z, &dzln, grads)
+    }
+}
+
+/// What [`TriangleMultiplication::project_backward`] keeps from
+/// [`TriangleMultiplication::project_saved`] (the DAP hooks with a hand-written backward).
+pub struct TriMulProjSaved {
+    /// Input `[I, J, c_z]`, `LN_in(z)`, the joint projection `[I, J, 4C + c_z]` and the mask
+    /// `[I, J, 1]` (as in [`TriMulSaved`]).
+    z: Tensor,
+    zln: Tensor,
+    proj: Tensor,
+    mask3: Tensor,
+}
+
+/// What [`TriangleMultiplication::combine_backward`] keeps from
+/// [`TriangleMultiplication::combine_saved`].
+pub struct TriMulCombSaved {
+    /// Gate logits `[I, J, c_z]`.
+    g: Tensor,
+    /// Einsum operands, channel-first: `[C, I, K]` and `[C, K, J]`.
+    a_cik: Tensor,
+    b_ckj: Tensor,
+    /// Triangle product `[I, J, C]`, `LN_out` of it, `linear_z` of that `[I, J, c_z]`.
+    x: Tensor,
+    xo: Tensor,
+    y0: Tensor,
+}
+
+impl TriangleMultiplication {
+    /// [`Self::forward_saved`] up to the einsum operands, for the pair entries `z` `[I, J, c_z]`
+    /// this rank holds: `(a_cik [C, I, K], b_ckj [C, K, J], saved)`, channel-first as there
+    /// (outgoing: `a` `[C, I, J]`, `b` `[C, J, I]`; incoming: `a` `[C, J, I]`, `b` `[C, I, J]`;
+    /// under DAP one of them is all-gathered along its local pair axis). The gating kernel
+    /// ([`tri_gate_fwd`]) on CUDA, its twin elsewhere: the math of [`Self::forward_saved`].
+    pub fn project_saved(
+        &self,
+        z: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, Tensor, TriMulProjSaved)> {
+        let z = z.detach();
+        let c = self.layer_norm_out.weight.dims1()?;
+        let mask3 = cast(&mask.detach(), z.dtype())?.unsqueeze(2)?; // [I, J, 1]
+        let zln = self.layer_norm_in.forward_nograd(&z)?; // [I, J, c_z]
+        let proj = linear_cat_nograd(&self.projections(), &zln)?; // [I, J, 4C + c_z]
+        let (proj2, m1, [pa, pb]) = self.gated_parts(&proj, &mask3, c)?;
+        let a_cik = tri_gate_fwd(&proj2, &m1, &pa)?;
+        let b_ckj = tri_gate_fwd(&proj2, &m1, &pb)?;
+        let saved = TriMulProjSaved {
+            z,
+            zln,
+            proj,
+            mask3,
+        };
+        Ok((a_cik, b_ckj, saved))
+    }
+
+    /// The rest of [`Self::forward_saved`] from the (possibly gathered) channel-first operands:
+    /// triangle product, `LN_out`, `linear_z`, the gate from `p`'s projection.
+    pub fn combine_saved(
+        &self,
+        p: &TriMulProjSaved,
+        a_cik: &Tensor,
+        b_ckj: &Tensor,
+    ) -> Result<(Tensor, TriMulCombSaved)> {
+        let c = self.layer_norm_out.weight.dims1()?;
+        let c_z = self.linear_g.out_dim();
+        let (a_cik, b_ckj) = (a_cik.detach(), b_ckj.detach());
+        // [C, I, J] → [I, J, C] (tiled transpose kernel on CUDA, a strided copy elsewhere).
+        let (ci, i, j) = (a_cik.dim(0)?, a_cik.dim(1)?, b_ckj.dim(2)?);
+        let x = a_cik.matmul(&b_ckj)?.reshape((1, ci, i * j))?;
+        let x = transpose12(&x)?.reshape((i, j, ci))?;
+        let xo = self.layer_norm_out.forward_nograd(&x)?;
+        let y0 = self.linear_z.forward_nograd(&xo)?; // [I, J, c_z]
+        let g = p.proj.narrow(2, 4 * c, c_z)?.contiguous()?;
+        let y = gate_nograd(&y0, &g)?;
+        let saved = TriMulCombSaved {
+            g,
+            a_cik,
+            b_ckj,
+            x,
+            xo,
+            y0,
+        };
+        Ok((y, saved))
+    }
+
+    /// Backward of [`Self::combine_saved`]: parameter gradients into `grads`, returns the
+    /// cotangents `(da_cik, db_ckj, dg)` of the channel-first operands and the gate logits.
+    pub fn combine_backward(
+        &self,
+        s: TriMulCombSaved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let missing = || Error::Model("triangle multiplication backward: no dx".into());
+        let dy = cast(&dy.detach(), s.x.dtype())?;
+        let (dy0, dg) = gate_bwd(&s.y0, &s.g, &dy)?;
+        let dxo = self
+            .linear_z
+            .backward(&s.xo, &dy0, grads, true)?
+            .ok_or_else(missing)?;
+        let dx = self.layer_norm_out.backward(&s.x, &dxo, grads)?; // [I, J, C]
+        let (i, j, ci) = dx.dims3()?;
+        let dx_cij = transpose12(&dx.reshape((1, i * j, ci))?)?.reshape((ci, i, j))?;
+        let da_cik = dx_cij.matmul(&s.b_ckj.transpose(1, 2)?)?; // [C, I, K]
+        let db_ckj = s.a_cik.transpose(1, 2)?.matmul(&dx_cij)?; // [C, K, J]
+        Ok((da_cik, db_ckj, dg))
+    }
+
+    /// Backward of [`Self::project_saved`] given the cotangents of this rank's channel-first
+    /// operands and of the gate logits `dg` `[I, J, c_z]` (the gating backward kernel
+    /// [`tri_gate_bwd`] on CUDA, its twin elsewhere): parameter gradients into `grads`, returns
+    /// `dz`.
+    pub fn project_backward(
+        &self,
+        p: TriMulProjSaved,
+        da_cik: &Tensor,
+        db_ckj: &Tensor,
+        dg: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let missing = || Error::Model("triangle multiplication backward: no dz".into());
+        let c = self.layer_norm_out.weight.dims1()?;
+        let (proj2, m1, [pa, pb]) = self.gated_parts(&p.proj, &p.mask3, c)?;
+        let (n, c_z) = (proj2.dims2()?.0, dg.dim(2)?);
+        let dg2 = dg.reshape((n, c_z))?;
+        let parts = [
+            PartGrad {
+                part: pa,
+                d: da_cik,
+            },
+            PartGrad {
+                part: pb,
+                d: db_ckj,
+            },
+        ];
+        let dproj = tri_gate_bwd(&proj2, &m1, &parts, &[(4 * c, &dg2)])?;
+        drop((proj2, dg2));
+        let dzln = linear_cat_backward(&self.projections(), &p.zln, &dproj, grads, true)?
+            .ok_or_else(missing)?;
+        drop(dproj);
+        self.layer_norm_in.backward(&p.z, &dzln, grads)
     }
 }
 

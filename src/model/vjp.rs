@@ -26,6 +26,7 @@ use super::primitives::{cast, LayerNorm, Linear};
 use super::remat::{backward_vars, vjp_loss};
 use crate::error::{Error, Result};
 use crate::kernels::bias_act::bias_add;
+use crate::kernels::permute::Contig;
 
 /// The first tensor of `v` (a closure's single output or input gradient).
 pub fn first(v: Vec<Tensor>) -> Result<Tensor> {
@@ -59,7 +60,7 @@ fn column_sum(x2: &Tensor) -> Result<Tensor> {
     let (n, c) = x2.dims2()?;
     if x2.device().is_cuda() {
         let ones = Tensor::ones((1, n), x2.dtype(), x2.device())?;
-        return Ok(ones.matmul(&x2.contiguous()?)?.reshape(c)?);
+        return Ok(ones.matmul(&x2.contig()?)?.reshape(c)?);
     }
     Ok(x2.sum(0)?)
 }
@@ -112,10 +113,10 @@ impl LayerNorm {
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             // Same analytic formulas as the CPU op's own backward.
             let sd = x.dtype();
-            let xs = x.contiguous()?;
-            let w = cast(&self.weight.detach(), sd)?.contiguous()?;
-            let b = cast(&self.bias.detach(), sd)?.contiguous()?;
-            let g = cast(&dy.detach(), sd)?.contiguous()?;
+            let xs = x.contig()?;
+            let w = cast(&self.weight.detach(), sd)?.contig()?;
+            let b = cast(&self.bias.detach(), sd)?.contig()?;
+            let g = cast(&dy.detach(), sd)?.contig()?;
             let (dx, dw, db) = LayerNormOp { eps: self.eps }.bwd(&xs, &w, &b, &xs, &g)?;
             let missing = || Error::Model("layer norm backward: missing gradient".into());
             add_param_grad(grads, &self.weight, &dw.ok_or_else(missing)?)?;
@@ -282,20 +283,27 @@ impl<'a> LinearCat<'a> {
     }
 
     /// `[Σ c_out, c_in]` in `dtype` (scaled in the parameters' dtype, then cast), detached.
+    /// Parts of one dtype are concatenated first and cast once (one cast launch per call, not
+    /// one per part; the same values).
     fn weight(&self, dtype: DType) -> Result<Tensor> {
+        let one_dtype = self
+            .parts
+            .windows(2)
+            .all(|p| p[0].0.weight.dtype() == p[1].0.weight.dtype());
         let ws = self
             .parts
             .iter()
             .map(|(l, s)| {
                 let w = l.weight.detach();
-                if *s == 1.0 {
-                    cast(&w, dtype)
+                let w = if *s == 1.0 { w } else { (w * *s)? };
+                if one_dtype {
+                    Ok(w)
                 } else {
-                    cast(&(w * *s)?, dtype)
+                    cast(&w, dtype)
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&ws, 0)?)
+        cast(&Tensor::cat(&ws, 0)?, dtype)
     }
 
     /// `x W_catᵀ` without biases, 2-D `[n, Σ c_out]` (`n` = rows of `x`). No graph is built.
@@ -303,7 +311,7 @@ impl<'a> LinearCat<'a> {
         let c_in = *x.dims().last().unwrap_or(&0);
         let n = x.elem_count() / c_in.max(1);
         let w = self.weight(x.dtype())?;
-        Ok(x.detach().reshape((n, c_in))?.matmul(&w.t()?)?)
+        Ok(x.detach().contig()?.reshape((n, c_in))?.matmul(&w.t()?)?)
     }
 
     /// The parts' outputs with their biases, `[*, Σ c_out]` (a part without a bias gets zeros
@@ -362,22 +370,49 @@ impl<'a> LinearCat<'a> {
         let c_out: usize = self.parts.iter().map(|(l, _)| l.out_dim()).sum();
         let n = x.elem_count() / c_in.max(1);
         let dt = x.dtype();
-        let x2 = x.detach().reshape((n, c_in))?;
-        let dy2 = cast(&dy.detach(), dt)?.contiguous()?.reshape((n, c_out))?;
+        let x2 = x.detach().contig()?.reshape((n, c_in))?;
+        let dy2 = cast(&dy.detach(), dt)?.contig()?.reshape((n, c_out))?;
         let dw = dy2.t()?.matmul(&x2)?; // [Σ c_out, c_in]
         let db = if self.parts.iter().any(|(l, _)| l.bias.is_some()) {
             Some(column_sum(&dy2)?)
         } else {
             None
         };
+        // One cast of the joint gradients to the parameters' dtype (not one per part).
+        let dw = match self.parts.first() {
+            Some((l0, _))
+                if self
+                    .parts
+                    .iter()
+                    .all(|(l, _)| l.weight.dtype() == l0.weight.dtype()) =>
+            {
+                cast(&dw, l0.weight.dtype())?
+            }
+            _ => dw,
+        };
+        let bdt = self
+            .parts
+            .iter()
+            .find_map(|(l, _)| l.bias.as_ref().map(|b| b.dtype()));
+        let db = match (db, bdt) {
+            (Some(db), Some(bd))
+                if self
+                    .parts
+                    .iter()
+                    .all(|(l, _)| l.bias.as_ref().is_none_or(|b| b.dtype() == bd)) =>
+            {
+                Some(cast(&db, bd)?)
+            }
+            (db, _) => db,
+        };
         let mut off = 0;
         for (l, s) in &self.parts {
             let k = l.out_dim();
             let dwk = cast(&dw.narrow(0, off, k)?, l.weight.dtype())?;
             let dwk = if *s == 1.0 { dwk } else { (dwk * *s)? };
-            add_param_grad(grads, &l.weight, &dwk.contiguous()?)?;
+            add_param_grad(grads, &l.weight, &dwk.contig()?)?;
             if let (Some(b), Some(db)) = (&l.bias, &db) {
-                add_param_grad(grads, b, &db.narrow(0, off, k)?.contiguous()?)?;
+                add_param_grad(grads, b, &db.narrow(0, off, k)?.contig()?)?;
             }
             off += k;
         }
@@ -387,8 +422,8 @@ impl<'a> LinearCat<'a> {
         Ok(Some(dy2.matmul(&self.weight(dt)?)?.reshape(dims)?))
     }
 
-    /// [`Self::backward`] with one cotangent per part (each `[n, c_out_k]`, in order), returning
-    /// `dx` in `x`'s shape.
+    /// [`Self::backward`] with one cotangent per part (each `[n, c_out_k]`, or any view of
+    /// `n · c_out_k` elements in that row-major order, in order), returning `dx` in `x`'s shape.
     pub fn backward_parts(
         &self,
         x: &Tensor,
@@ -398,9 +433,10 @@ impl<'a> LinearCat<'a> {
         let dt = x.dtype();
         let dys = dys
             .iter()
-            .map(|d| Ok(cast(d, dt)?.contiguous()?))
+            .map(|d| cast(d, dt))
             .collect::<Result<Vec<_>>>()?;
-        let dy = Tensor::cat(&dys, 1)?; // [n, Σ c_out]
+        let n = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        let dy = crate::kernels::permute::cat_cols(&dys, n)?; // [n, Σ c_out]
         self.backward(x, &dy, grads, true)?
             .ok_or_else(|| Error::Model("LinearCat: no input gradient".into()))
     }
@@ -498,5 +534,5 @@ pub(crate) fn assert_manual_matches_autograd(
 pub fn bias_grad(dy: &Tensor) -> Result<Tensor> {
     let c = *dy.dims().last().unwrap_or(&0);
     let n = dy.elem_count() / c.max(1);
-    column_sum(&dy.detach().contiguous()?.reshape((n, c))?)
+    column_sum(&dy.detach().contig()?.reshape((n, c))?)
 }

@@ -251,6 +251,94 @@ impl Dap {
     }
 }
 
+/// Graph-free forms of the collectives (no autograd node), for the hand-written DAP backward
+/// (`super::dap_manual`): the caller applies each forward collective's adjoint itself, with the
+/// values of the differentiable ops' `bwd` (gather ↔ own chunk, gather_sharded ↔ group sum + own
+/// chunk as a reduce-scatter, all-to-all ↔ the inverse all-to-all). A group of one rank:
+/// identities.
+impl Dap {
+    /// All-gather along `dim` (the forward of [`Dap::gather`] / [`Dap::gather_sharded`]).
+    pub fn all_gather_raw(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        check_dim(x, dim, "all_gather_raw", self.rank())?;
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        self.comm.all_gather(&x.contiguous()?, dim)
+    }
+
+    /// Sum over the group, keep this rank's chunk of `dim` (a reduce-scatter): the adjoint of
+    /// [`Dap::all_gather_raw`] when the gathered copy fed sharded compute (the value of
+    /// [`Dap::gather_sharded`]'s backward, all-reduce + own chunk). Done as one all-to-all that
+    /// brings every rank's chunk `r` to rank `r` (in the activation dtype: a quarter of the bytes
+    /// of a bf16 all-reduce, which runs in f32 on the wire), then summed locally in rank order
+    /// (f32 accumulation for 16-bit floats, rounded once, as the all-reduce; for two ranks the
+    /// result is bitwise the all-reduce's).
+    pub fn reduce_own_chunk(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        check_dim(x, dim, "reduce_own_chunk", self.rank())?;
+        let n = self.size();
+        if n == 1 {
+            return Ok(x.clone());
+        }
+        // [1, .., D, ..] → all-to-all (split D, concat the new axis) → [n, .., D/n, ..]: entry q
+        // is rank q's chunk `rank`.
+        let parts = self
+            .comm
+            .all_to_all(&x.unsqueeze(0)?.contiguous()?, dim + 1, 0)?;
+        let dt = x.dtype();
+        let acc = match dt {
+            DType::BF16 | DType::F16 => parts.to_dtype(DType::F32)?,
+            _ => parts,
+        };
+        let mut sum = acc.get(0)?;
+        for q in 1..n {
+            sum = (sum + acc.get(q)?)?;
+        }
+        Ok(sum.to_dtype(dt)?.contiguous()?)
+    }
+
+    /// This rank's chunk of `dim` (the adjoint of [`Dap::gather`]; no communication).
+    pub fn own_chunk(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        own_chunk(x, dim, self.rank(), self.size().max(1))
+    }
+
+    /// All-to-all (split `split_dim`, concat `concat_dim`); its adjoint is the same call with the
+    /// dims swapped.
+    pub fn all_to_all_raw(
+        &self,
+        x: &Tensor,
+        split_dim: usize,
+        concat_dim: usize,
+    ) -> Result<Tensor> {
+        check_all_to_all(x, split_dim, concat_dim, self.size(), self.rank())?;
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        self.comm
+            .all_to_all(&x.contiguous()?, split_dim, concat_dim)
+    }
+
+    /// Asynchronous [`Dap::all_to_all_raw`] (duality async; completes at once with
+    /// `parallel.overlap = off`).
+    pub fn start_all_to_all_raw(
+        &self,
+        x: &Tensor,
+        split_dim: usize,
+        concat_dim: usize,
+    ) -> Result<CommHandle> {
+        check_all_to_all(x, split_dim, concat_dim, self.size(), self.rank())?;
+        let x = x.contiguous()?;
+        if self.size() == 1 {
+            Ok(CommHandle::ready(x))
+        } else if self.overlap == Overlap::Off {
+            Ok(CommHandle::ready(
+                self.comm.all_to_all(&x, split_dim, concat_dim)?,
+            ))
+        } else {
+            self.comm.start_all_to_all(&x, split_dim, concat_dim)
+        }
+    }
+}
+
 /// A DAP collective in flight (duality async). Dropping it completes the transfer.
 #[must_use = "call wait() to get the result"]
 pub struct DapPending {

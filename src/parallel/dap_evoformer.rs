@@ -36,7 +36,9 @@
 //!
 //! Training: [`DapEvoformer::forward`] builds one graph through the differentiable collectives;
 //! `forward_train` (in [`super::dap_remat`]) returns a tape with per-block recomputation
-//! (`model.remat`), which [`crate::model::alphafold::AlphaFold::loss_and_grads`] uses.
+//! (`model.remat`), which [`crate::model::alphafold::AlphaFold::loss_and_grads`] uses. With
+//! `model.backward = "manual"` the tape runs the blocks graph-free and differentiates them by
+//! hand (`super::dap_manual`: same layout, same collectives, their adjoints issued explicitly).
 //!
 //! Dropout: each shared mask is drawn for the *unpadded, unsharded* logical shape from the same
 //! [`DropoutCtx`] as the single-rank stack (every rank of the group must pass the same seed),
@@ -50,7 +52,7 @@ use candle_core::{DType, Tensor};
 
 use super::dap::{padded_len, Dap};
 use super::groups::ProcessGroups;
-use crate::config::ParallelConfig;
+use crate::config::{ParallelConfig, TrunkBackward};
 use crate::error::Result;
 use crate::model::dropout::{dropout_shared, DropoutCtx};
 use crate::model::evoformer::{EvoformerBlock, EvoformerOutput, EvoformerStack, PairStack};
@@ -101,17 +103,17 @@ impl DapLayout {
 /// The masks of one sample in every layout the block needs (padded, this rank's slices).
 pub(super) struct Masks {
     /// `[Sp, Rp]`
-    msa_full: Tensor,
+    pub(super) msa_full: Tensor,
     /// `[Sp/n, Rp]`
-    msa_row: Tensor,
+    pub(super) msa_row: Tensor,
     /// `[Sp, Rp/n]`
-    msa_col: Tensor,
+    pub(super) msa_col: Tensor,
     /// `[Rp/n, Rp]`
-    pair_row: Tensor,
+    pub(super) pair_row: Tensor,
     /// `[Rp, Rp/n]`
-    pair_col: Tensor,
+    pub(super) pair_col: Tensor,
     /// `pair_col` transposed `[Rp/n, Rp]` (rows of the transposed pair mask).
-    pair_col_t: Tensor,
+    pub(super) pair_col_t: Tensor,
 }
 
 impl Masks {
@@ -143,7 +145,7 @@ fn pad2(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
 }
 
 /// Zero-pad every dim of `x` at the end to `dims`.
-fn pad_to(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+pub(super) fn pad_to(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     let mut x = x.clone();
     for (d, &n) in dims.iter().enumerate() {
         let have = x.dims()[d];
@@ -183,7 +185,7 @@ fn dap_dropout(
 
 /// The column attention of a block: Algorithm 8 (Evoformer) or 19 (extra MSA).
 #[derive(Clone, Copy)]
-enum ColumnAttention<'b> {
+pub(super) enum ColumnAttention<'b> {
     Local(&'b MsaColumnAttention),
     Global(&'b MsaColumnGlobalAttention),
 }
@@ -200,16 +202,19 @@ impl ColumnAttention<'_> {
 /// The parts of one Evoformer-like block (main Evoformer block or extra-MSA block).
 #[derive(Clone, Copy)]
 pub(super) struct BlockParts<'b> {
-    msa_att_row: &'b MsaRowAttentionWithPairBias,
+    pub(super) msa_att_row: &'b MsaRowAttentionWithPairBias,
     /// MSA column attention (Algorithm 8) or global column attention (Algorithm 19) on
     /// column-sharded m `[Sp, Rp/n, c]` with its mask `[Sp, Rp/n]`.
-    msa_att_col: ColumnAttention<'b>,
-    msa_transition: &'b MsaTransition,
+    pub(super) msa_att_col: ColumnAttention<'b>,
+    pub(super) msa_transition: &'b MsaTransition,
     /// The extra-MSA block masks its MSA transition; the Evoformer block does not.
-    mask_msa_transition: bool,
-    outer_product_mean: &'b OuterProductMean,
-    pair_stack: &'b PairStack,
-    msa_dropout: f64,
+    pub(super) mask_msa_transition: bool,
+    pub(super) outer_product_mean: &'b OuterProductMean,
+    pub(super) pair_stack: &'b PairStack,
+    pub(super) msa_dropout: f64,
+    /// `model.backward = manual`: graph-free forward + hand-written backward
+    /// ([`super::dap_manual`]) instead of autograd through the differentiable collectives.
+    pub(super) manual: bool,
 }
 
 impl<'b> From<&'b EvoformerBlock> for BlockParts<'b> {
@@ -223,6 +228,7 @@ impl<'b> From<&'b EvoformerBlock> for BlockParts<'b> {
             outer_product_mean: &b.outer_product_mean,
             pair_stack: &b.pair_stack,
             msa_dropout: b.msa_dropout,
+            manual: b.backward == TrunkBackward::Manual,
         }
     }
 }
@@ -238,6 +244,7 @@ impl<'b> From<&'b ExtraMsaBlock> for BlockParts<'b> {
             outer_product_mean: &b.outer_product_mean,
             pair_stack: &b.pair_stack,
             msa_dropout: b.msa_dropout,
+            manual: b.backward == TrunkBackward::Manual,
         }
     }
 }
@@ -246,17 +253,18 @@ impl<'b> From<&'b ExtraMsaBlock> for BlockParts<'b> {
 /// remat backward adds to them too).
 #[derive(Debug, Default)]
 pub(super) struct Timers {
-    /// Nanoseconds spent waiting for m's asynchronous `col_to_row` (after the pair stack).
-    wait_ns: AtomicU64,
+    /// Nanoseconds spent waiting for m's asynchronous `col_to_row` (after the pair stack; with
+    /// the manual backward also for its adjoint, the `row_to_col` of m's cotangent).
+    pub(super) wait_ns: AtomicU64,
     /// Nanoseconds spent issuing it (the whole transfer when `parallel.overlap = off`).
-    start_ns: AtomicU64,
+    pub(super) start_ns: AtomicU64,
 }
 
 /// The sharded block loop shared by [`DapEvoformer`] and [`DapExtraMsa`], with the overlap timers.
 #[derive(Debug, Clone)]
 pub(super) struct DapTrunk {
     pub(super) dap: Dap,
-    timers: Arc<Timers>,
+    pub(super) timers: Arc<Timers>,
 }
 
 impl DapTrunk {

@@ -11,6 +11,12 @@
 //! - [`Remat::Block`]: every block runs on detached inputs and its graph is dropped at once; only
 //!   the block inputs (this rank's shards of m and z) are kept.
 //!
+//! With `model.backward = "manual"` (every block) the forward is the graph-free sharded block of
+//! `super::dap_manual` instead: `remat = none` keeps each block's saved state, `block` keeps the
+//! block inputs and the backward recomputes block `i` with the saved state, then runs its
+//! hand-written backward (explicit adjoint collectives; same collective order on every rank).
+//! The no-gradient forward (recycles) then runs graph-free too.
+//!
 //! # Backward (gradient convention of [`super::dap`])
 //! The upstream gradients of the replicated outputs are complete on every rank; the gather's
 //! backward keeps this rank's rows of them (padded, no communication). Walking the blocks in
@@ -50,6 +56,7 @@ use candle_core::{Tensor, Var};
 
 use super::dap::Dap;
 use super::dap_evoformer::{BlockParts, DapEvoformer, DapExtraMsa, DapLayout, DapTrunk, Masks};
+use super::dap_manual::{profile, DapBlockSaved};
 use crate::config::Remat;
 use crate::error::Result;
 use crate::model::dropout::DropoutCtx;
@@ -58,6 +65,8 @@ use crate::model::remat::{accumulate, backward_vars, block_dropout, vjp_loss};
 
 /// What a DAP training forward keeps for its backward pass (row-sharded tensors of this rank).
 enum Saved {
+    /// Every block's hand-written-backward state (`model.backward = manual`, no remat).
+    Manual(Vec<DapBlockSaved>),
     /// One graph from the input shards (`Var`s) to the output shards.
     Graph {
         m_in: Var,
@@ -129,7 +138,21 @@ impl DapTrunk {
         let masks = Masks::new(msa_mask, pair_mask, &l, m.dtype())?;
         // Detached inputs: the scatter is then a local slice, no graph.
         let (m_row, z_row) = self.shard(&m.detach(), &z.detach(), &l)?;
+        let manual = blocks.iter().all(|b| b.manual);
+        let mut last = None;
         let saved = match remat {
+            Remat::None if manual => {
+                let mut v = Vec::with_capacity(blocks.len());
+                let (mut mc, mut zc) = (m_row, z_row);
+                for (i, b) in blocks.iter().enumerate() {
+                    let d = block_dropout(dropout.as_ref(), i);
+                    let (mn, zn, s) = self.block_saved(b, &mc, &zc, &masks, &l, d.as_ref())?;
+                    v.push(s);
+                    (mc, zc) = (mn, zn);
+                }
+                last = Some((mc, zc));
+                Saved::Manual(v)
+            }
             Remat::None => {
                 let m_in = Var::from_tensor(&m_row)?;
                 let z_in = Var::from_tensor(&z_row)?;
@@ -150,7 +173,14 @@ impl DapTrunk {
                 let (mut mc, mut zc) = (m_row, z_row);
                 for (i, b) in blocks.iter().enumerate() {
                     let d = block_dropout(dropout.as_ref(), i);
-                    let (mn, zn) = self.block(b, &mc, &zc, &masks, &l, d.as_ref())?;
+                    // Manual: the graph-free forward (its saved state is dropped at once; the
+                    // backward's recompute repeats it bitwise).
+                    let (mn, zn) = if manual {
+                        let (mn, zn, _) = self.block_saved(b, &mc, &zc, &masks, &l, d.as_ref())?;
+                        (mn, zn)
+                    } else {
+                        self.block(b, &mc, &zc, &masks, &l, d.as_ref())?
+                    };
                     inputs.push((mc, zc));
                     // Detaching drops this block's graph as soon as `mn`/`zn` go out of scope.
                     (mc, zc) = (mn.detach(), zn.detach());
@@ -160,6 +190,10 @@ impl DapTrunk {
             }
         };
         let (m_last, z_last) = match &saved {
+            Saved::Manual(_) => match last {
+                Some(mz) => mz,
+                None => return Err(crate::error::Error::Model("dap remat: no outputs".into())),
+            },
             Saved::Graph { m_out, z_out, .. } => (m_out.detach(), z_out.detach()),
             Saved::Inputs(v) => match v.last() {
                 Some((m, z)) => (m.clone(), z.clone()),
@@ -195,7 +229,13 @@ impl DapTrunk {
         let (mut mc, mut zc) = self.shard(&m.detach(), &z.detach(), &l)?;
         for (i, b) in blocks.iter().enumerate() {
             let d = dropout.map(|c| c.fork(i as u64));
-            let (mn, zn) = self.block(b, &mc, &zc, &masks, &l, d.as_ref())?;
+            let (mn, zn) = if b.manual {
+                // Graph-free (the saved state is dropped at once).
+                let (mn, zn, _) = self.block_saved(b, &mc, &zc, &masks, &l, d.as_ref())?;
+                (mn, zn)
+            } else {
+                self.block(b, &mc, &zc, &masks, &l, d.as_ref())?
+            };
             (mc, zc) = (mn.detach(), zn.detach());
         }
         self.unshard(&mc, &zc, &l)
@@ -212,6 +252,11 @@ impl DapTape<'_> {
         let mut dm_row = own_rows(dm, l.sp, l.rp, dap)?; // [Sp/n, Rp, c_m]
         let mut dz_row = own_rows(dz, l.rp, l.rp, dap)?; // [Rp/n, Rp, c_z]
         match self.saved {
+            Saved::Manual(saved) => {
+                for (b, s) in self.blocks.iter().zip(saved).rev() {
+                    (dm_row, dz_row) = self.trunk.block_backward(b, s, &dm_row, &dz_row, grads)?;
+                }
+            }
             Saved::Graph {
                 m_in,
                 z_in,
@@ -226,6 +271,18 @@ impl DapTape<'_> {
             Saved::Inputs(inputs) => {
                 for (i, b) in self.blocks.iter().enumerate().rev() {
                     let (m0, z0) = &inputs[i];
+                    if b.manual {
+                        // Recompute with saved state, then the hand-written backward (the
+                        // recompute re-issues the block's forward collectives on every rank).
+                        let d = block_dropout(self.dropout.as_ref(), i);
+                        let (_, _, s) = profile::timed(m0.device(), profile::RECOMPUTE, || {
+                            self.trunk
+                                .block_saved(b, m0, z0, &self.masks, &l, d.as_ref())
+                        })?;
+                        (dm_row, dz_row) =
+                            self.trunk.block_backward(b, s, &dm_row, &dz_row, grads)?;
+                        continue;
+                    }
                     let m_in = Var::from_tensor(m0)?;
                     let z_in = Var::from_tensor(z0)?;
                     let d = block_dropout(self.dropout.as_ref(), i);
@@ -274,9 +331,10 @@ impl<'a> DapEvoformer<'a> {
     ) -> Result<(EvoformerOutput, DapEvoformerTape<'a>)> {
         let stack: &'a EvoformerStack = self.stack;
         let blocks = stack.blocks.iter().map(BlockParts::from).collect();
-        let (m_out, z_out, tape) = self
-            .trunk
-            .forward_train(blocks, m, z, msa_mask, pair_mask, dropout, remat)?;
+        let (m_out, z_out, tape) = profile::timed(m.device(), profile::EVO_FWD, || {
+            self.trunk
+                .forward_train(blocks, m, z, msa_mask, pair_mask, dropout, remat)
+        })?;
         let s = stack.single(&m_out)?.detach();
         let out = EvoformerOutput {
             m: m_out.clone(),
@@ -325,7 +383,9 @@ impl DapEvoformerTape<'_> {
             Some(g) => (dm.detach() + g)?,
             None => dm.detach(),
         };
-        let (dm, dz) = self.blocks.backward(&dm_total, dz, &mut params)?;
+        let (dm, dz) = profile::timed(dz.device(), profile::EVO_BWD, || {
+            self.blocks.backward(&dm_total, dz, &mut params)
+        })?;
         Ok(TrunkGrads { params, dm, dz })
     }
 }
@@ -350,9 +410,10 @@ impl<'a> DapExtraMsa<'a> {
         remat: Remat,
     ) -> Result<(Tensor, DapExtraMsaTape<'a>)> {
         let blocks = self.stack.blocks.iter().map(BlockParts::from).collect();
-        let (m_out, z_out, tape) = self
-            .trunk
-            .forward_train(blocks, m, z, msa_mask, pair_mask, dropout, remat)?;
+        let (m_out, z_out, tape) = profile::timed(m.device(), profile::EVO_FWD + 2, || {
+            self.trunk
+                .forward_train(blocks, m, z, msa_mask, pair_mask, dropout, remat)
+        })?;
         Ok((
             z_out,
             DapExtraMsaTape {
@@ -393,7 +454,9 @@ impl DapExtraMsaTape<'_> {
     /// Like [`DapExtraMsaTape::backward`] with an upstream gradient of the MSA output too.
     pub fn backward_msa_pair(self, dm: &Tensor, dz: &Tensor) -> Result<TrunkGrads> {
         let mut params = GradStore::default();
-        let (dm, dz) = self.blocks.backward(dm, dz, &mut params)?;
+        let (dm, dz) = profile::timed(dz.device(), profile::EVO_BWD + 2, || {
+            self.blocks.backward(dm, dz, &mut params)
+        })?;
         Ok(TrunkGrads { params, dm, dz })
     }
 }

@@ -12,6 +12,8 @@
 //! - [`ddp`]: bucketed gradient all-reduce ([`GradSync`]), global grad norm, metric averaging.
 //! - [`dap`]: DAP collectives as differentiable ops ([`Dap`]), padding helpers.
 //! - [`dap_evoformer`]: the Evoformer stack sharded over a DAP group ([`DapEvoformer`]).
+//! - `dap_manual`: the graph-free sharded block forward and its hand-written backward
+//!   (`model.backward = "manual"`).
 //! - [`dap_remat`]: training forward/backward of the DAP stacks with activation recomputation
 //!   (`model.remat`; [`DapEvoformerTape`], [`DapExtraMsaTape`]).
 
@@ -20,6 +22,7 @@ pub mod comm;
 pub mod ctx;
 pub mod dap;
 pub mod dap_evoformer;
+mod dap_manual;
 pub mod dap_remat;
 pub mod ddp;
 pub mod groups;
@@ -32,6 +35,7 @@ pub use comm::{CommHandle, Communicator, PendingOp, ReduceOp};
 pub use ctx::{ParallelCtx, TopologySource};
 pub use dap::{pad_mask, pad_to_multiple, padded_len, unpad, Dap, DapPending};
 pub use dap_evoformer::{DapEvoformer, DapExtraMsa, DapLayout};
+pub use dap_manual::profile as dap_profile;
 pub use dap_remat::{DapEvoformerTape, DapExtraMsaTape};
 pub use ddp::{dap_grad_scale, global_grad_norm, mean_to_root, sorted_grads, GradSync};
 pub use groups::{GridCoords, ProcessGroups};

@@ -91,6 +91,7 @@ pub fn model_config(fx: &Fixture, remat: Remat) -> ModelConfig {
             ..HeadsConfig::default()
         },
         remat,
+        extra_msa_remat: None,
         backward: TrunkBackward::Manual,
         inf: f(&evo["inf"]),
         eps_opm: 1e-3,

@@ -811,12 +811,22 @@ pub fn dap_evo_bench(ctx: &ParallelCtx) -> Result<()> {
             bw.stall()?;
             de.reset_timers();
             let t0 = Instant::now();
-            let out = de.forward(&b.m, &b.z, &b.mm, &b.pm, Some(&dctx))?;
+            // fwd+bwd: the training tape (`model.remat` = `BENCH_REMAT`; the blocks' `manual`
+            // backward = the hand-written sharded backward), as the trainer runs it.
+            let (out, tape) = if fwd_only {
+                (de.forward(&b.m, &b.z, &b.mm, &b.pm, Some(&dctx))?, None)
+            } else {
+                let (o, t) =
+                    de.forward_train(&b.m, &b.z, &b.mm, &b.pm, Some(dctx), bench_remat()?)?;
+                (o, Some(t))
+            };
             crate::sync_dev()?;
             let t1 = t0.elapsed().as_secs_f64() * 1e3;
             let sf = bw.stall()?;
-            if !fwd_only {
-                vjp_loss(&[(&out.m, &b.cm), (&out.z, &b.cz)])?.backward()?;
+            if let Some(tape) = tape {
+                let ds = out.s.zeros_like()?;
+                let g = tape.backward(&b.cm, &b.cz, &ds)?;
+                drop_all(g)?;
                 crate::sync_dev()?;
             }
             drop(out);

@@ -81,6 +81,7 @@ fn bench_args() -> Result<StepBenchArgs> {
         recycles: env_usize("STEP_RECYCLES", 0),
         precision,
         remat: remat_of(&env_str("STEP_REMAT", "block"))?,
+        extra_remat: None,
         backward: match env_str("STEP_BACKWARD", "manual").as_str() {
             "manual" => ferrofold::bench::BenchBackward::Manual,
             "autograd" => ferrofold::bench::BenchBackward::Autograd,
@@ -111,7 +112,11 @@ fn check_args(base: &StepBenchArgs) -> StepBenchArgs {
         extra_blocks: 1,
         sm_layers: 2,
         recycles: 1,
-        precision: StepPrecision::Fp32,
+        // `CHECK_PRECISION=bf16`: the bf16 trunk (looser tolerances, see `check`).
+        precision: match std::env::var("CHECK_PRECISION").as_deref() {
+            Ok("bf16") => StepPrecision::Bf16,
+            _ => StepPrecision::Fp32,
+        },
         remat: BenchRemat::Block,
         no_dropout: false,
         tiny: true,
@@ -323,7 +328,12 @@ fn check(ctx: &ParallelCtx, w: &World, base: &StepBenchArgs) -> Result<()> {
             at = k.clone();
         }
     }
-    let ok = loss_rel <= 1e-5 && worst <= 1e-4;
+    // bf16 activations: DAP sums in another order, so only bf16-level agreement.
+    let (tl, tg) = match a.precision {
+        StepPrecision::Fp32 => (1e-5, 1e-4),
+        _ => (2e-2, 1e-1),
+    };
+    let ok = loss_rel <= tl && worst <= tg;
     if ctx.is_root() || !ok {
         println!(
             "STEPCHECK dap-{n} vs single n_res={} {:?}: loss {l1:.8} vs {ln:.8} rel {loss_rel:.3e}; \
@@ -336,8 +346,8 @@ fn check(ctx: &ParallelCtx, w: &World, base: &StepBenchArgs) -> Result<()> {
     }
     ensure!(
         ok,
-        "DAP-{n} step differs from the single-rank step: loss rel {loss_rel:.3e} (tol 1e-5), \
-         grad rel {worst:.3e} at {at} (tol 1e-4)"
+        "DAP-{n} step differs from the single-rank step: loss rel {loss_rel:.3e} (tol {tl:e}), \
+         grad rel {worst:.3e} at {at} (tol {tg:e})"
     );
     Ok(())
 }
@@ -425,9 +435,21 @@ fn run_mode(
             sync_dev()?;
             w.stall()?;
             let t0 = Instant::now();
+            let _ = ferrofold::parallel::dap_profile::take();
             let (l, grads) = rig.loss_and_grads(&feats, stream, it as u64)?;
             sync_dev()?;
             let t1 = t0.elapsed().as_secs_f64() * 1e3;
+            // `FERROFOLD_DAP_PROFILE=1`: the DAP trunk's synchronised phase times of this step.
+            if kind == "dap"
+                && ferrofold::parallel::dap_profile::enabled()
+                && it + 1 == a.warmup + a.iters
+            {
+                let ph: Vec<String> = ferrofold::parallel::dap_profile::take()
+                    .into_iter()
+                    .map(|(n, ms, c)| format!("{n}={ms:.1}/{c}"))
+                    .collect();
+                println!("DAPPROF rank={rank} fwdbwd_ms={t1:.1} {}", ph.join(" "));
+            }
             let grads = if world_ranks > 1 {
                 reduce(&sync, grads, dap_size)?
             } else {
