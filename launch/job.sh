@@ -192,6 +192,10 @@ ferrofold_job() {
     mpirun)
       command -v mpirun >/dev/null || ferrofold_die "mpirun not found"
       read -r -a more <<<"${FERROFOLD_MPIRUN_ARGS:-}"
+      # Open MPI 4.x races when two mpiruns on one node create the shared per-user session
+      # directory at once ("A call to mkdir was unable to create ... File exists", open-mpi/ompi#8510;
+      # job arrays, shared nodes): a session base per job and attempt.
+      export OMPI_MCA_orte_tmpdir_base=${OMPI_MCA_orte_tmpdir_base:-${TMPDIR:-/tmp}/ferrofold-ompi.${SLURM_JOB_ID:-$$}.$FERROFOLD_ATTEMPT}
       launch=(mpirun -np "${SLURM_NTASKS:-1}" --bind-to none ${more[@]+"${more[@]}"})
       ;;
     *) ferrofold_die "FERROFOLD_LAUNCHER must be srun or mpirun, not '$FERROFOLD_LAUNCHER'" ;;

@@ -94,11 +94,8 @@ fn dap_args(manifest: &Path, run_dir: &Path, steps: u64, remat: &str) -> Vec<Str
 }
 
 fn mpirun(args: &[String]) -> Output {
-    Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", bin()])
+    common::mpi::mpirun(2, bin())
         .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .current_dir(repo())
         .output()
         .expect("spawn mpirun")

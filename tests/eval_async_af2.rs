@@ -139,8 +139,7 @@ fn np2_sharded_equals_single_process_eval(tag: &str, extra: &[&str]) {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let o = std::process::Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", bin()])
+    let o = common::mpi::mpirun(2, bin())
         .arg("train")
         .args(&common)
         .args([

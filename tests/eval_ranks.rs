@@ -31,17 +31,7 @@ fn describe(o: &Output) -> String {
 /// `ferrofold train` on `np` ranks (`None`: no mpirun) with the tiny config plus `sets`.
 fn train(np: Option<usize>, manifest: &Path, run: &Path, sets: &[&str]) -> Output {
     let mut cmd = match np {
-        Some(n) => {
-            let mut c = Command::new("mpirun");
-            c.args([
-                "--allow-run-as-root",
-                "--oversubscribe",
-                "-np",
-                &n.to_string(),
-            ])
-            .arg(bin());
-            c
-        }
+        Some(n) => common::mpi::mpirun(n, bin()),
         None => Command::new(bin()),
     };
     cmd.arg("train")
@@ -269,8 +259,7 @@ fn eval_ranks_sigusr1_stops_with_checkpoint() {
     let d = run_dir("evalranks-sig");
     let manifest = manifest_subset(&d, &["2q2k_A", "3u8v_A"]);
     let run = d.join("run");
-    let mut child = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3", bin()])
+    let mut child = common::mpi::mpirun(3, bin())
         .arg("train")
         .args([
             "--config",

@@ -1,5 +1,7 @@
 //! The `ferrofold` binary: `info` as a singleton and under `mpirun -np 2`, and config errors.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -27,18 +29,9 @@ fn text(o: &Output) -> (String, String) {
 }
 
 fn mpirun(np: usize, args: &[&str]) -> Output {
-    Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            &np.to_string(),
-            bin(),
-        ])
+    common::mpi::mpirun(np, bin())
         .args(args)
         .current_dir(repo())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .output()
         .expect("spawn mpirun")
 }

@@ -1,10 +1,12 @@
-//! Device-round bundle: the GPU suites the kernel-tuning work must keep green, compiled into one
-//! test binary so a single upload runs them all (`gpu_ktune_bundle --test-threads=1`). Each
-//! module is the unchanged suite file; on its own each is also a normal integration test.
+//! Device-round bundle: every GPU suite compiled into one test binary, so a single upload runs them
+//! all (`gpu_ktune_bundle --test-threads=1`). Each module is the unchanged suite file; on its own
+//! each is also a normal integration test.
 #![cfg(feature = "cuda")]
 
 #[path = "gpu_graphs.rs"]
 mod gpu_graphs;
+#[path = "gpu_grad_norm.rs"]
+mod gpu_grad_norm;
 #[path = "gpu_kernels.rs"]
 mod gpu_kernels;
 #[path = "gpu_kernels_elem.rs"]
@@ -15,3 +17,5 @@ mod gpu_ktune;
 mod gpu_manual_backward;
 #[path = "gpu_permute.rs"]
 mod gpu_permute;
+#[path = "gpu_row_attention.rs"]
+mod gpu_row_attention;

@@ -654,11 +654,8 @@ fn slurm_preempted_training_requeues_and_matches_uninterrupted_run() {
     ];
     args.extend(extra.split_whitespace().map(str::to_string));
     args.extend(["--run-dir".into(), reference.to_str().unwrap().into()]);
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", bin()])
+    let o = common::mpi::mpirun(2, bin())
         .args(&args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .current_dir(repo())
         .output()
         .unwrap();

@@ -67,11 +67,8 @@ fn run(args: &[String]) -> Output {
 }
 
 fn mpirun(args: &[String]) -> Output {
-    Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", bin()])
+    common::mpi::mpirun(2, bin())
         .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .current_dir(repo())
         .output()
         .expect("spawn mpirun")

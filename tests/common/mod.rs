@@ -3,4 +3,5 @@
 
 pub mod data;
 pub mod golden;
+pub mod mpi;
 pub mod selftest;

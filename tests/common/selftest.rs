@@ -56,20 +56,13 @@ fn stop(child: &mut Child) {
 /// directory is always passed on).
 pub fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Outcome {
     let start = Instant::now();
-    let mut cmd = Command::new("mpirun");
-    cmd.args([
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        &np.to_string(),
-    ])
-    .arg(env!("CARGO_BIN_EXE_ferrofold-selftest"))
-    .args(args)
-    .env("FERROFOLD_GOLDEN_DIR", super::golden::golden_dir())
-    .env("RUST_BACKTRACE", "0")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut cmd = super::mpi::mpirun(np, env!("CARGO_BIN_EXE_ferrofold-selftest"));
+    cmd.args(args)
+        .env("FERROFOLD_GOLDEN_DIR", super::golden::golden_dir())
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
