@@ -3,10 +3,10 @@
 //! each is also a normal integration test.
 #![cfg(feature = "cuda")]
 
-#[path = "gpu_graphs.rs"]
-mod gpu_graphs;
 #[path = "gpu_grad_norm.rs"]
 mod gpu_grad_norm;
+#[path = "gpu_graphs.rs"]
+mod gpu_graphs;
 #[path = "gpu_kernels.rs"]
 mod gpu_kernels;
 #[path = "gpu_kernels_elem.rs"]
