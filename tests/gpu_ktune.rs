@@ -81,3 +81,62 @@ fn row_scale_is_bitwise_broadcast_mul() {
         }
     }
 }
+
+/// `kernels::wgrad::matmul_tn_f32` (cuBLAS GemmEx, 16-bit in, f32 out) against an f64 host
+/// reference: at the trunk's weight-gradient shapes (long `n`), odd widths, a non-zero start
+/// offset, bf16 and f16. The f32 output keeps what the twin's bf16 output rounds away: its error
+/// must be far below the twin's.
+#[test]
+fn weight_gradient_gemm_writes_f32_accumulator() {
+    use ferrofold::kernels::wgrad::{matmul_tn_f32, matmul_tn_f32_twin};
+    let Some(dev) = cuda() else { return };
+    for (k, &(n, p, q)) in [
+        (32768usize, 256usize, 128usize),
+        (4096, 1, 1024),
+        (777, 33, 5),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for dt in [DType::BF16, DType::F16] {
+            let seed = 0x9e00 + k as u64;
+            // A narrowed view of a longer tensor: the operands start at an offset.
+            let a = kernels::uniform_tensor(&[n + 3, p], 1.0, seed, dt, &dev)
+                .unwrap()
+                .narrow(0, 3, n)
+                .unwrap();
+            let b = kernels::uniform_tensor(&[n, q], 1.0, seed + 1, dt, &dev).unwrap();
+            let want = a
+                .to_dtype(DType::F64)
+                .unwrap()
+                .t()
+                .unwrap()
+                .matmul(&b.to_dtype(DType::F64).unwrap())
+                .unwrap();
+            let got = matmul_tn_f32(&a, &b).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            assert_eq!(got.dims(), &[p, q]);
+            let twin = matmul_tn_f32_twin(&a, &b).unwrap();
+            let e_got = kernels::rel_err(&got, &want).unwrap();
+            let e_twin = kernels::rel_err(&twin, &want).unwrap();
+            eprintln!("wgrad {dt:?} {n}x{p}x{q}: f32-out err {e_got:.3e}, twin err {e_twin:.3e}");
+            assert!(e_got < 1e-5, "{dt:?} {n}x{p}x{q}: {e_got:e}");
+            assert!(
+                e_got <= e_twin,
+                "{dt:?} {n}x{p}x{q}: {e_got:e} > twin {e_twin:e}"
+            );
+            // Deterministic.
+            let again = matmul_tn_f32(&a, &b).unwrap();
+            let bits = |t: &candle_core::Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert!(bits(&got) == bits(&again));
+        }
+    }
+}

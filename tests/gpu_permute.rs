@@ -309,7 +309,7 @@ fn cat_cols_matches_candle_bitwise() {
     }
     // Autograd: a tracked part falls back to candle's cat (gradient kept).
     let w = Var::from_tensor(&u(&[4, 6], 9, DType::F32)).unwrap();
-    let other = u(&[4, 2], 10, DType::F32);
+    let other = u(&[4, 6], 10, DType::F32);
     let y = cat_cols(&[w.as_tensor().t().unwrap(), other.t().unwrap()], 6).unwrap();
     assert_eq!(y.dims(), &[6, 8]);
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();

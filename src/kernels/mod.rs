@@ -50,6 +50,7 @@ pub mod pool;
 pub mod row_attention;
 pub mod softmax;
 pub mod tri_gate;
+pub mod wgrad;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

@@ -27,6 +27,7 @@ use super::remat::{backward_vars, vjp_loss};
 use crate::error::{Error, Result};
 use crate::kernels::bias_act::bias_add;
 use crate::kernels::permute::Contig;
+use crate::kernels::wgrad::matmul_tn_f32;
 
 /// The first tensor of `v` (a closure's single output or input gradient).
 pub fn first(v: Vec<Tensor>) -> Result<Tensor> {
@@ -56,9 +57,15 @@ pub fn add_param_grad(grads: &mut GradStore, param: &Tensor, g: &Tensor) -> Resu
 
 /// `Σ_rows x` of a 2-D `[n, c]` tensor → `[c]`. On CUDA a `[1, n] × [n, c]` matmul (f32
 /// accumulation in cuBLAS, deterministic); elsewhere candle's sum.
-fn column_sum(x2: &Tensor) -> Result<Tensor> {
+/// `in_f32`: a 16-bit `x2`'s sum returned in f32 (on CUDA from the GEMM's f32 accumulator, see
+/// [`crate::kernels::wgrad`]).
+fn column_sum(x2: &Tensor, in_f32: bool) -> Result<Tensor> {
     let (n, c) = x2.dims2()?;
     if x2.device().is_cuda() {
+        if in_f32 && matches!(x2.dtype(), DType::BF16 | DType::F16) {
+            let ones = Tensor::ones((n, 1), x2.dtype(), x2.device())?;
+            return Ok(matmul_tn_f32(&ones, x2)?.reshape(c)?);
+        }
         let ones = Tensor::ones((1, n), x2.dtype(), x2.device())?;
         return Ok(ones.matmul(&x2.contig()?)?.reshape(c)?);
     }
@@ -372,9 +379,19 @@ impl<'a> LinearCat<'a> {
         let dt = x.dtype();
         let x2 = x.detach().contig()?.reshape((n, c_in))?;
         let dy2 = cast(&dy.detach(), dt)?.contig()?.reshape((n, c_out))?;
-        let dw = dy2.t()?.matmul(&x2)?; // [Σ c_out, c_in]
+        // f32 parameters of a 16-bit pass: the gradients straight from cuBLAS's f32 accumulator.
+        let f32_grads = matches!(dt, DType::BF16 | DType::F16)
+            && self.parts.iter().all(|(l, _)| {
+                l.weight.dtype() == DType::F32
+                    && l.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
+            });
+        let dw = if f32_grads {
+            matmul_tn_f32(&dy2, &x2)?
+        } else {
+            dy2.t()?.matmul(&x2)?
+        }; // [Σ c_out, c_in]
         let db = if self.parts.iter().any(|(l, _)| l.bias.is_some()) {
-            Some(column_sum(&dy2)?)
+            Some(column_sum(&dy2, f32_grads)?)
         } else {
             None
         };
@@ -530,9 +547,10 @@ pub(crate) fn assert_manual_matches_autograd(
 }
 
 /// The gradient of a bias added over the last dimension: `dy` `[*, c]` summed over all leading
-/// dimensions → `[c]` (deterministic; a ones-vector matmul on CUDA, as in [`Linear::backward`]).
+/// dimensions → `[c]` (deterministic; a ones-vector matmul on CUDA, as in [`Linear::backward`];
+/// f32 there for a 16-bit `dy`).
 pub fn bias_grad(dy: &Tensor) -> Result<Tensor> {
     let c = *dy.dims().last().unwrap_or(&0);
     let n = dy.elem_count() / c.max(1);
-    column_sum(&dy.detach().contig()?.reshape((n, c))?)
+    column_sum(&dy.detach().contig()?.reshape((n, c))?, true)
 }
