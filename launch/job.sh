@@ -194,8 +194,12 @@ ferrofold_job() {
       read -r -a more <<<"${FERROFOLD_MPIRUN_ARGS:-}"
       # Open MPI 4.x races when two mpiruns on one node create the shared per-user session
       # directory at once ("A call to mkdir was unable to create ... File exists", open-mpi/ompi#8510;
-      # job arrays, shared nodes): a session base per job and attempt.
-      export OMPI_MCA_orte_tmpdir_base=${OMPI_MCA_orte_tmpdir_base:-${TMPDIR:-/tmp}/ferrofold-ompi.${SLURM_JOB_ID:-$$}.$FERROFOLD_ATTEMPT}
+      # job arrays, shared nodes): a session base per job and attempt, removed when the batch
+      # script exits (on other nodes Open MPI empties it; the empty directory stays).
+      if [ -z "${OMPI_MCA_orte_tmpdir_base:-}" ]; then
+        export OMPI_MCA_orte_tmpdir_base=${TMPDIR:-/tmp}/ferrofold-ompi.${SLURM_JOB_ID:-$$}.$FERROFOLD_ATTEMPT
+        trap 'rm -rf "$OMPI_MCA_orte_tmpdir_base"' EXIT
+      fi
       launch=(mpirun -np "${SLURM_NTASKS:-1}" --bind-to none ${more[@]+"${more[@]}"})
       ;;
     *) ferrofold_die "FERROFOLD_LAUNCHER must be srun or mpirun, not '$FERROFOLD_LAUNCHER'" ;;
