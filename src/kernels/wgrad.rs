@@ -25,8 +25,8 @@ pub fn matmul_tn_f32_twin(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `aᵀ b` in f32 for `a` `[n, p]` and `b` `[n, q]` (same dtype) → `[p, q]`, no graph.
 pub fn matmul_tn_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (n, _) = a.dims2()?;
-    let (nb, _) = b.dims2()?;
+    let (n, p) = a.dims2()?;
+    let (nb, q) = b.dims2()?;
     if n != nb || a.dtype() != b.dtype() {
         return Err(Error::Model(format!(
             "matmul_tn_f32: operands {:?} {:?} and {:?} {:?}",
@@ -40,7 +40,9 @@ pub fn matmul_tn_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && a.device().is_cuda()
         && matches!(a.dtype(), DType::BF16 | DType::F16)
         && super::fused_enabled()
-        && n > 0;
+        && n > 0
+        // cuBLAS takes `int` sizes.
+        && [n, p, q].iter().all(|&d| d <= i32::MAX as usize);
     if fast {
         #[cfg(feature = "cuda")]
         {
