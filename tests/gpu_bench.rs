@@ -196,3 +196,58 @@ fn bench_cuda_device_errors_cleanly_without_the_feature() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("without the `cuda` feature"), "{err}");
 }
+
+/// `--breakdown`: one row per sub-module with a forward and a forward+backward time, for the
+/// hand-written path (whose forward column times `forward_saved`) and for autograd.
+#[test]
+fn bench_evoformer_breakdown_times_every_module_both_backwards() {
+    for backward in ["manual", "autograd"] {
+        let o = run(&[
+            "bench",
+            "evoformer",
+            "--device",
+            "cpu",
+            "--n-seq",
+            "4",
+            "--n-res",
+            "8",
+            "--dtype",
+            "f32",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--backward",
+            backward,
+            "--breakdown",
+        ]);
+        let out = stdout(&o);
+        assert!(
+            o.status.success(),
+            "{backward}: {out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for op in [
+            "msa_att_row",
+            "msa_att_col",
+            "msa_transition",
+            "outer_product_mean",
+            "tri_mul_out",
+            "tri_mul_in",
+            "tri_att_start",
+            "tri_att_end",
+            "pair_transition",
+        ] {
+            let row = out
+                .lines()
+                .find(|l| l.starts_with(&format!("| {op} |")))
+                .unwrap_or_else(|| panic!("{backward}: no row for {op}\n{out}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            // | op | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | GFLOP fwd |
+            for i in [2, 4] {
+                let ms: f64 = cells[i].parse().unwrap_or_else(|_| panic!("{row}"));
+                assert!(ms > 0.0 && ms.is_finite(), "{backward}: {row}");
+            }
+        }
+    }
+}

@@ -332,8 +332,10 @@ fn timing(pass: &'static str, mut ms: Vec<f64>, flops: f64, peak_bytes: Option<u
 /// Sub-module `op` (index into [`BLOCK_OPS`]) of `b` alone on the bench inputs (its update only,
 /// no residual); with `backward`, also the gradients of its inputs and parameters.
 fn run_op<B: BenchBlock>(b: &B, op: usize, x: &Inputs, backward: bool) -> Result<Vec<Tensor>> {
-    if backward && b.backward_mode() == TrunkBackward::Manual {
-        return run_op_manual(b, op, x);
+    // The hand-written path times its own forward too (the autograd forward below builds a graph
+    // the training step never builds).
+    if b.backward_mode() == TrunkBackward::Manual {
+        return run_op_manual(b, op, x, backward);
     }
     let m = candle_core::Var::from_tensor(&x.m)?;
     let z = candle_core::Var::from_tensor(&x.z)?;
@@ -467,54 +469,78 @@ fn check_backward<B: BenchBlock>(
     Ok(rows)
 }
 
-/// [`run_op`] forward+backward through the hand-written backward (`forward_saved` + `backward`).
-fn run_op_manual<B: BenchBlock>(b: &B, op: usize, x: &Inputs) -> Result<Vec<Tensor>> {
+/// [`run_op`] on the hand-written path: `forward_saved` (what a training step's forward runs), then
+/// `backward` when `backward`.
+fn run_op_manual<B: BenchBlock>(
+    b: &B,
+    op: usize,
+    x: &Inputs,
+    backward: bool,
+) -> Result<Vec<Tensor>> {
+    /// The output, plus the input gradient `bwd(saved)` when `backward`.
+    fn fb<S>(
+        fwd: Result<(Tensor, S)>,
+        bwd: impl FnOnce(S) -> Result<Tensor>,
+        backward: bool,
+    ) -> Result<Vec<Tensor>> {
+        let (o, s) = fwd?;
+        Ok(if backward { vec![o, bwd(s)?] } else { vec![o] })
+    }
     let mut g = candle_core::backprop::GradStore::default();
+    let g = &mut g;
     let p = b.parts();
     let ps = p.pair_stack;
     let (m, z) = (&x.m, &x.z);
     let (mm, pm) = (&x.msa_mask, &x.pair_mask);
     let tmask = p.mask_msa_transition.then_some(mm);
-    let (out, d) = match op {
-        0 => {
-            let (o, s) = p.msa_att_row.forward_saved(m, z, mm)?;
-            let (dm, _dz) = p.msa_att_row.backward(s, &x.dm, &mut g)?;
-            (o, dm)
-        }
-        1 => {
-            let (o, s) = p.msa_att_col.forward_saved(m, mm)?;
-            (o, p.msa_att_col.backward(s, &x.dm, &mut g)?)
-        }
-        2 => {
-            let (o, s) = p.msa_transition.forward_saved(m, tmask)?;
-            (o, p.msa_transition.backward(s, &x.dm, &mut g)?)
-        }
-        3 => {
-            let (o, s) = p.outer_product_mean.forward_saved(m, mm)?;
-            (o, p.outer_product_mean.backward(s, &x.dz, &mut g)?)
-        }
-        4 => {
-            let (o, s) = ps.tri_mul_out.forward_saved(z, pm)?;
-            (o, ps.tri_mul_out.backward(s, &x.dz, &mut g)?)
-        }
-        5 => {
-            let (o, s) = ps.tri_mul_in.forward_saved(z, pm)?;
-            (o, ps.tri_mul_in.backward(s, &x.dz, &mut g)?)
-        }
-        6 => {
-            let (o, s) = ps.tri_att_start.forward_saved(z, pm)?;
-            (o, ps.tri_att_start.backward(s, &x.dz, &mut g)?)
-        }
-        7 => {
-            let (o, s) = ps.tri_att_end.forward_saved(z, pm)?;
-            (o, ps.tri_att_end.backward(s, &x.dz, &mut g)?)
-        }
-        _ => {
-            let (o, s) = ps.pair_transition.forward_saved(z, None)?;
-            (o, ps.pair_transition.backward(s, &x.dz, &mut g)?)
-        }
-    };
-    Ok(vec![out, d])
+    let (dm, dz) = (&x.dm, &x.dz);
+    match op {
+        0 => fb(
+            p.msa_att_row.forward_saved(m, z, mm),
+            |s| Ok(p.msa_att_row.backward(s, dm, g)?.0),
+            backward,
+        ),
+        1 => fb(
+            p.msa_att_col.forward_saved(m, mm),
+            |s| p.msa_att_col.backward(s, dm, g),
+            backward,
+        ),
+        2 => fb(
+            p.msa_transition.forward_saved(m, tmask),
+            |s| p.msa_transition.backward(s, dm, g),
+            backward,
+        ),
+        3 => fb(
+            p.outer_product_mean.forward_saved(m, mm),
+            |s| p.outer_product_mean.backward(s, dz, g),
+            backward,
+        ),
+        4 => fb(
+            ps.tri_mul_out.forward_saved(z, pm),
+            |s| ps.tri_mul_out.backward(s, dz, g),
+            backward,
+        ),
+        5 => fb(
+            ps.tri_mul_in.forward_saved(z, pm),
+            |s| ps.tri_mul_in.backward(s, dz, g),
+            backward,
+        ),
+        6 => fb(
+            ps.tri_att_start.forward_saved(z, pm),
+            |s| ps.tri_att_start.backward(s, dz, g),
+            backward,
+        ),
+        7 => fb(
+            ps.tri_att_end.forward_saved(z, pm),
+            |s| ps.tri_att_end.backward(s, dz, g),
+            backward,
+        ),
+        _ => fb(
+            ps.pair_transition.forward_saved(z, None),
+            |s| ps.pair_transition.backward(s, dz, g),
+            backward,
+        ),
+    }
 }
 
 fn describe_device(dev: &Device) -> String {
