@@ -8,8 +8,8 @@
 //! 16-bit GEMM) writes the f32 result directly, on candle's stream and cuBLAS handle (so it is
 //! captured into CUDA graphs like any candle matmul).
 //!
-//! [`matmul_tn_f32`] takes that path for contiguous CUDA operands of one 16-bit dtype with the
-//! fused kernels on; everything else (CPU, f32/f64 trunks, strided views) is the twin
+//! [`matmul_tn_f32`] takes that path for CUDA operands of one 16-bit dtype (made contiguous) with
+//! the fused kernels on; everything else (CPU, f32/f64 operands) is the twin
 //! [`matmul_tn_f32_twin`]: candle's `aᵀ b` cast to f32.
 
 use candle_core::{DType, Tensor};
